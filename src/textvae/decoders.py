@@ -1,0 +1,87 @@
+"""Autoregressive LSTM decoder p(x | z) (Bowman et al. 2016; He et al. 2019 configuration)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def shift_right(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Decoder inputs: ``<bos>`` followed by all but the last column. (B, T) -> (B, T).
+
+    With right padding, every real target (EOS included) is predicted from ``<bos>`` and the
+    real tokens before it; positions past a sentence's EOS are masked out of the loss.
+    """
+    bos = torch.full_like(input_ids[:, :1], bos_id)
+    return torch.cat([bos, input_ids[:, :-1]], dim=1)
+
+
+class LSTMDecoder(nn.Module):
+    """Embedding (+ z at every step) -> LSTM (state initialised from z) -> hidden states.
+
+    ``output`` is the vocabulary projection (H -> V); it is applied by the caller, so a
+    likelihood computes logits only at real positions (see objectives.sequence_log_prob).
+
+    Args:
+        latent_dim: D; 0 makes a plain LSTM language model.
+        z_init_state: c_0 = W z, h_0 = tanh(c_0) (He et al. 2019); else zeros.
+        z_every_step: z is concatenated to every input embedding.
+        dropout_in / dropout_out: dropout on input embeddings / LSTM outputs.
+        word_dropout: training-time probability of replacing an input token by ``unk_id``
+            (Bowman et al. 2016); the ``<bos>`` column is never replaced.
+
+    State: a tuple ``(h, c)`` of (N, H) tensors, batch first, so generation code can reorder it.
+    """
+
+    def __init__(
+        self, vocab_size: int, embed_dim: int, hidden_dim: int, latent_dim: int,
+        dropout_in: float = 0.5, dropout_out: float = 0.5, word_dropout: float = 0.0,
+        z_init_state: bool = True, z_every_step: bool = True, pad_id: int = 0, unk_id: int = 3,
+    ):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.z_every_step = z_every_step and latent_dim > 0
+        self.z_init_state = z_init_state and latent_dim > 0
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        in_dim = embed_dim + (latent_dim if self.z_every_step else 0)
+        self.lstm = nn.LSTM(in_dim, hidden_dim, batch_first=True)
+        self.init_state = nn.Linear(latent_dim, hidden_dim) if self.z_init_state else None
+        self.dropout_in = nn.Dropout(dropout_in)
+        self.dropout_out = nn.Dropout(dropout_out)
+        self.output = nn.Linear(hidden_dim, vocab_size)
+        self.word_dropout = word_dropout
+        self.unk_id = unk_id
+        self.hidden_dim = hidden_dim
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def initial_state(self, z: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_0, c_0), each (N, H), from z (N, D) or zeros."""
+        if self.init_state is None or z is None:
+            zeros = torch.zeros(n, self.hidden_dim, device=self.output.weight.device)
+            return zeros, zeros
+        c = self.init_state(z)
+        return torch.tanh(c), c
+
+    def forward(
+        self, inputs: torch.Tensor, z: torch.Tensor | None,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the decoder over ``inputs`` (N, T) with latent z (N, D) or None.
+
+        Returns:
+            hidden (N, T, H) (after output dropout; logits are ``self.output(hidden)``) and
+            the final state ((N, H), (N, H)).
+        """
+        n, t = inputs.shape
+        if self.training and self.word_dropout > 0:
+            drop = torch.rand(inputs.shape, device=inputs.device) < self.word_dropout
+            drop[:, 0] = False
+            inputs = inputs.masked_fill(drop, self.unk_id)
+        emb = self.dropout_in(self.embed(inputs))  # (N, T, E)
+        if self.z_every_step:
+            emb = torch.cat([emb, z.unsqueeze(1).expand(n, t, z.size(-1)).to(emb.dtype)], dim=-1)
+        if state is None:
+            state = self.initial_state(z, n)
+        h0, c0 = state
+        out, (h, c) = self.lstm(emb, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        return self.dropout_out(out), (h.squeeze(0), c.squeeze(0))

@@ -1,0 +1,102 @@
+"""Sentence encoders and masked temporal pooling (Long, Cao & Cheung 2019, arXiv 1911.03976).
+
+Pooling summarises encoder states h_1..h_T for the posterior heads. It is always masked:
+padded positions never contribute, so a sentence's summary does not depend on how much
+padding its batch has (the pooling bug of the public T5-VAE and DELLA code).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+POOLINGS = ("last", "mean", "max", "attention")
+
+
+class AttentionPool(nn.Module):
+    """Additive attention pooling: a_t = softmax_t(v^T tanh(W h_t)) over real positions."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.score(torch.tanh(self.proj(states))).squeeze(-1)  # (B, T)
+        scores = scores.float().masked_fill(mask == 0, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(states.dtype)  # (B, T)
+        return torch.einsum("bt,bth->bh", weights, states)
+
+
+def masked_pool(
+    states: torch.Tensor, mask: torch.Tensor, mode: str, attention: AttentionPool | None = None
+) -> torch.Tensor:
+    """Pool encoder states over time, ignoring padding.
+
+    Args:
+        states: (B, T, H) encoder states.
+        mask: (B, T) 1 on real tokens, 0 on padding; every row has at least one real token.
+        mode: ``last`` (state at the last real position), ``mean``, ``max`` or ``attention``.
+        attention: the :class:`AttentionPool` module when ``mode == "attention"``.
+
+    Returns:
+        (B, H), same dtype as ``states``.
+
+    Raises:
+        ValueError: unknown mode, or ``attention`` missing for attention pooling.
+    """
+    mask = mask.to(states.device)
+    if mode == "last":
+        last = mask.sum(1).long() - 1  # (B,)
+        return states[torch.arange(states.size(0), device=states.device), last]
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
+        return (states * m).sum(1) / m.sum(1)
+    if mode == "max":
+        return states.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(1).values
+    if mode == "attention":
+        if attention is None:
+            raise ValueError("attention pooling needs an AttentionPool module")
+        return attention(states, mask)
+    raise ValueError(f"unknown pooling '{mode}' (use one of {', '.join(POOLINGS)})")
+
+
+class LSTMEncoder(nn.Module):
+    """Embedding -> (bi)LSTM -> masked pooling.
+
+    ``forward(input_ids (B, T), attention_mask (B, T)) -> (B, H_out)`` with
+    ``H_out = hidden_dim * (2 if bidirectional else 1)``. A unidirectional LSTM runs on the
+    right-padded batch directly (states before the padding do not depend on it); a
+    bidirectional one is packed so its backward direction starts at each sentence's end.
+    For ``last`` pooling with a bidirectional LSTM the summary is [h_T forward; h_1 backward].
+    """
+
+    def __init__(
+        self, vocab_size: int, embed_dim: int, hidden_dim: int, pooling: str = "last",
+        bidirectional: bool = False, dropout_in: float = 0.0, pad_id: int = 0,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling '{pooling}' (use one of {', '.join(POOLINGS)})")
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True, bidirectional=bidirectional)
+        self.dropout_in = nn.Dropout(dropout_in)
+        self.pooling = pooling
+        self.bidirectional = bidirectional
+        self.out_dim = hidden_dim * (2 if bidirectional else 1)
+        self.attention = AttentionPool(self.out_dim) if pooling == "attention" else None
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        emb = self.dropout_in(self.embed(input_ids))  # (B, T, E)
+        if not self.bidirectional:
+            states, _ = self.lstm(emb)  # (B, T, H)
+            return masked_pool(states, attention_mask, self.pooling, self.attention)
+        lengths = attention_mask.sum(1).cpu()
+        packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.lstm(packed)
+        if self.pooling == "last":
+            return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=input_ids.size(1))
+        return masked_pool(states, attention_mask, self.pooling, self.attention)

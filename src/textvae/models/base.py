@@ -1,0 +1,57 @@
+"""What every model shares: the training forward (the objective) and ``encode(texts)``.
+
+The model interface (checked by one contract test over ``MODELS``):
+
+- ``has_latent`` (bool), ``latent_dim`` (D; 0 without latent).
+- ``posterior(batch) -> Distribution`` q(z|x): batch shape (B,), event shape (D,).
+- ``prior(batch=None) -> Distribution`` p(z): batch shape (B,) for a batch, () without.
+- ``log_likelihood(batch, z) -> Tensor (S, B)``: log p(x|z) in nats per sentence (EOS
+  counted, padding not), float32, for z of shape (S, B, D) (``None`` without latent: S = 1).
+- ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z (N, D)
+  or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
+  batch-first tensors (so beam search can reorder rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from textvae.data import encode_texts
+from textvae.objectives import elbo
+
+
+class TextVAE(nn.Module):
+    """Base of the models: holds the tokenizer's special ids and the generic entry points."""
+
+    has_latent: bool = True
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.pad_id = tokenizer.pad_token_id
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.unk_id = tokenizer.unk_token_id
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
+        free_bits_mode: str = "per_dim",
+    ) -> dict[str, torch.Tensor]:
+        """The training objective (negative ELBO with beta and free bits), see objectives.elbo."""
+        return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> Distribution:
+        """Posterior q(z|x) of raw sentences: ``.mean`` and ``.stddev`` are (B, D) float32.
+
+        Raises:
+            ValueError: the model has no latent variable.
+        """
+        if not self.has_latent:
+            raise ValueError(f"{type(self).__name__} has no latent variable to encode into")
+        device = next(self.parameters()).device
+        batch = {k: v.to(device) for k, v in encode_texts(self.tokenizer, texts).items()}
+        return self.posterior(batch)

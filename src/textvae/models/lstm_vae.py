@@ -1,0 +1,58 @@
+"""LSTM sentence VAE (Bowman et al. 2016) with masked pooling encoders (Long et al. 2019).
+
+He et al. 2019 configuration (``configs/ptb/lstm-vae.yaml``): 1-layer LSTM encoder and
+decoder, embedding 512, hidden 1024, latent 32, decoder dropout 0.5 in and out, z as the
+decoder's initial state and concatenated to every input embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Distribution
+
+from textvae.config import ModelConfig
+from textvae.decoders import LSTMDecoder, shift_right
+from textvae.encoders import LSTMEncoder
+from textvae.models.base import TextVAE
+from textvae.objectives import sequence_log_prob
+from textvae.posteriors import GaussianHead, standard_normal
+
+
+class LSTMVAE(TextVAE):
+    """q(z|x) from a pooled LSTM encoder; p(z) = N(0, I); p(x|z) an LSTM decoder."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer):
+        super().__init__(tokenizer)
+        self.latent_dim = cfg.latent_dim
+        self.encoder = LSTMEncoder(
+            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
+            cfg.enc_dropout_in, self.pad_id,
+        )
+        self.posterior_head = GaussianHead(self.encoder.out_dim, cfg.latent_dim)
+        self.decoder = LSTMDecoder(
+            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,
+            cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state, cfg.z_every_step,
+            self.pad_id, self.unk_id,
+        )
+
+    def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
+        h = self.encoder(batch["input_ids"], batch["attention_mask"])  # (B, H_out)
+        return self.posterior_head(h)
+
+    def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
+        shape = () if batch is None else (batch["input_ids"].size(0),)
+        return standard_normal(self.latent_dim, shape, self.decoder.output.weight.device)
+
+    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        s, b, d = z.shape
+        targets = batch["input_ids"].repeat(s, 1)  # (S*B, T), sample-major
+        mask = batch["attention_mask"].repeat(s, 1)
+        inputs = shift_right(targets, self.bos_id)
+        hidden, _ = self.decoder(inputs, z.reshape(s * b, d))  # (S*B, T, H)
+        return sequence_log_prob(
+            hidden, self.decoder.output, targets, mask, float32_softmax=not self.training
+        ).view(s, b)
+
+    def decode_step(self, z, input_ids, state):
+        hidden, state = self.decoder(input_ids.unsqueeze(1), z, state)  # (N, 1, H)
+        return self.decoder.output(hidden[:, -1]), state
