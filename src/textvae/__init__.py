@@ -1,0 +1,58 @@
+"""textvae: text variational autoencoders that keep their latent variables alive.
+
+Shape legend used in every docstring:
+
+    B batch (sentences), T tokens, V vocabulary, H hidden, D latent dimensions,
+    L layers, S importance (or Monte Carlo) samples, N rows of a flattened (S * B) batch.
+
+Units: log-likelihoods, KL terms, ELBO and NLL are in **nats per sentence** (summed over the
+sentence's predicted tokens, EOS counted, padding never) unless a name says per token or per
+word.
+
+Entry points: :func:`load` a trained run; ``textvae.train.train``; ``textvae.metrics.evaluate``;
+``textvae.generate`` (``sample_prior``, ``reconstruct``, ``interpolate``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load(run_dir: str | Path, which: str = "best"):
+    """Rebuild a trained model and its tokenizer from a run folder.
+
+    Args:
+        run_dir: a folder written by ``textvae train``.
+        which: ``best`` (best validation ELBO) or ``last`` checkpoint.
+
+    Returns:
+        (model, tokenizer): the model in eval mode on CPU, with ``model.encode(texts)`` giving
+        the posterior q(z|x) (``.mean``, ``.stddev``: (B, D)).
+
+    Raises:
+        textvae.train.RunDirError: no such checkpoint; FileNotFoundError: no config.yaml.
+    """
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from textvae.config import config_from_dict
+    from textvae.data import load_tokenizer
+    from textvae.models import MODELS
+    from textvae.train import checkpoint_dir
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
+    config = config_from_dict(OmegaConf.to_container(OmegaConf.load(config_path)))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = MODELS[config.model.name](config.model, tokenizer)
+    model.load_state_dict(load_file(str(checkpoint_dir(run_dir, which) / "model.safetensors")))
+    model.eval()
+    model.config = config
+    return model, tokenizer
+
+
+__all__ = ["load", "__version__"]

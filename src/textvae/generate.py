@@ -1,0 +1,176 @@
+"""Generation against the model interface: prior samples, reconstructions, interpolation.
+
+Every function decodes through ``model.decode_step`` (so prior samples pass through the same
+learned latent-to-decoder map as training) with one of three strategies:
+
+- ``greedy``: argmax at each step.
+- ``sample``: ancestral sampling from softmax(logits / temperature), optionally restricted to
+  the ``top_k`` tokens and/or the smallest set of tokens with probability >= ``top_p``.
+- ``beam``: batched beam search of width ``beam_size`` (all sentences and beams in one
+  (N * beam, ...) decoder batch), scored by total log-probability; finished hypotheses are
+  extended by padding at zero cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits (N, V) outside the top-k / nucleus (Holtzman et al. 2020) with -inf."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the first past top_p
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return logits
+
+
+def _select_rows(state, index: torch.Tensor):
+    return tuple(s.index_select(0, index) for s in state)
+
+
+@torch.no_grad()
+def decode(
+    model, z: torch.Tensor | None, n: int | None = None, strategy: str = "greedy",
+    max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    beam_size: int = 5,
+) -> list[list[int]]:
+    """Decode token ids from latent codes.
+
+    Args:
+        z: (N, D) latent codes, or None for a model without latent (then ``n`` sentences).
+        max_length: most tokens generated per sentence (EOS included).
+
+    Returns:
+        N lists of token ids, without ``<bos>``, cut before ``<eos>``.
+
+    Raises:
+        ValueError: unknown strategy, or neither z nor n given.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{strategy}' (use {', '.join(STRATEGIES)})")
+    if z is None and n is None:
+        raise ValueError("give z or n")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = z.size(0) if z is not None else n
+    if strategy == "beam":
+        out = _beam(model, z, n, max_length, beam_size, device)
+    else:
+        tokens = torch.full((n,), model.bos_id, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        state, rows = None, []
+        for _ in range(max_length):
+            logits, state = model.decode_step(z, tokens, state)  # (N, V)
+            logits = logits.float()
+            logits[:, model.pad_id] = float("-inf")
+            logits[:, model.bos_id] = float("-inf")
+            if strategy == "greedy":
+                tokens = logits.argmax(-1)
+            else:
+                logits = _filter_logits(logits / max(temperature, 1e-6), top_k, top_p)
+                tokens = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
+            tokens = tokens.masked_fill(done, model.eos_id)
+            rows.append(tokens)
+            done |= tokens == model.eos_id
+            if bool(done.all()):
+                break
+        out = torch.stack(rows, 1).tolist()
+    model.train(was_training)
+    return [seq[: seq.index(model.eos_id)] if model.eos_id in seq else seq for seq in out]
+
+
+def _beam(model, z, n, max_length, beam_size, device) -> list[list[int]]:
+    k = beam_size
+    zz = z.repeat_interleave(k, 0) if z is not None else None  # (N*k, D)
+    tokens = torch.full((n * k,), model.bos_id, dtype=torch.long, device=device)
+    scores = torch.full((n, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive
+    finished = torch.zeros(n * k, dtype=torch.bool, device=device)
+    history = torch.zeros(n * k, 0, dtype=torch.long, device=device)
+    state = None
+    for _ in range(max_length):
+        logits, state = model.decode_step(zz, tokens, state)
+        logp = torch.log_softmax(logits.float(), -1)  # (N*k, V)
+        logp[:, model.pad_id] = float("-inf")
+        logp[:, model.bos_id] = float("-inf")
+        # a finished hypothesis only continues with EOS at zero cost
+        logp[finished] = float("-inf")
+        logp[finished, model.eos_id] = 0.0
+        v = logp.size(-1)
+        cand = (scores.view(-1, 1) + logp).view(n, k * v)
+        scores, flat = cand.topk(k, dim=-1)  # (N, k)
+        origin = (flat // v) + torch.arange(n, device=device).unsqueeze(1) * k
+        origin = origin.view(-1)
+        tokens = (flat % v).view(-1)
+        state = _select_rows(state, origin)
+        history = torch.cat([history.index_select(0, origin), tokens.unsqueeze(1)], dim=1)
+        finished = finished.index_select(0, origin) | (tokens == model.eos_id)
+        if bool(finished.all()):
+            break
+    best = scores.argmax(-1) + torch.arange(n, device=device) * k
+    return history.index_select(0, best).tolist()
+
+
+def ids_to_text(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """Token ids to strings (special tokens dropped)."""
+    return [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+
+
+def _require_latent(model) -> None:
+    if not model.has_latent:
+        raise ValueError(f"{type(model).__name__} has no latent variable")
+
+
+@torch.no_grad()
+def sample_prior(model, n: int, **options) -> list[str]:
+    """n sentences decoded from z ~ p(z) (or from the LM with no latent). ``options``: see
+    :func:`decode` (strategy, max_length, temperature, top_k, top_p, beam_size)."""
+    device = next(model.parameters()).device
+    z = model.prior().sample((n,)).to(device) if model.has_latent else None
+    return ids_to_text(model.tokenizer, decode(model, z, n=n, **options))
+
+
+@torch.no_grad()
+def reconstruct(model, texts: list[str], use_mean: bool = True, **options) -> list[str]:
+    """Decode each sentence from its posterior mean (or a sample when ``use_mean`` is False)."""
+    _require_latent(model)
+    q = model.encode(texts)
+    z = q.mean if use_mean else q.sample()
+    return ids_to_text(model.tokenizer, decode(model, z, **options))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between (D,) vectors for weights t (M,) -> (M, D)."""
+    cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if float(omega) < 1e-6:
+        return torch.lerp(a.expand(t.size(0), -1), b.expand(t.size(0), -1), t.unsqueeze(1))
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so).unsqueeze(1) * a + (torch.sin(t * omega) / so).unsqueeze(1) * b
+
+
+@torch.no_grad()
+def interpolate(model, text_a: str, text_b: str, steps: int = 5, method: str = "linear", **options) -> list[str]:
+    """Decode ``steps`` points between the posterior means of two sentences (ends included).
+
+    Args:
+        method: ``linear`` or ``spherical`` (slerp, Shoemake 1985; White 2016 for latents).
+    """
+    _require_latent(model)
+    if method not in ("linear", "spherical"):
+        raise ValueError(f"unknown interpolation '{method}' (linear or spherical)")
+    mu = model.encode([text_a, text_b]).mean  # (2, D)
+    t = torch.linspace(0, 1, steps, device=mu.device)
+    if method == "linear":
+        z = torch.lerp(mu[0].expand(steps, -1), mu[1].expand(steps, -1), t.unsqueeze(1))
+    else:
+        z = slerp(mu[0], mu[1], t)
+    return ids_to_text(model.tokenizer, decode(model, z, **options))
