@@ -1,0 +1,190 @@
+"""CPU throughput of the PTB CPU preset: training tokens/s, IW-NLL sentences/s, FLOP/s.
+
+Measures, on the machine it runs on (results recorded in bench/RESULTS.md):
+
+1. the float32 and bfloat16 matrix-multiply rate for the model's dominant shape (the output
+   projection: rows x H times H x V);
+2. training throughput (predicted tokens/s, EOS counted) of ``configs/ptb/lstm-vae-cpu.yaml`` in
+   float32 and under bf16 autocast, with achieved FLOP/s from an analytic FLOP count;
+   optionally one full epoch of each from the same initialisation, to compare validation ELBO;
+3. IW evaluation (sentences/s at K) of ``textvae.metrics.evaluate`` (batched over sentences and
+   samples, in float32 and bf16) against a one-sentence-at-a-time loop like the public
+   implementations (batch of one sentence, 100 samples per chunk, encoder re-run per chunk),
+   with the NLL each gives.
+
+Usage:
+    TEXTVAE_DATA_DIR=../shared/data python bench/bench_cpu.py [--run-dir RUN] [--one-epoch]
+
+``--run-dir`` takes the weights of a trained run (the NLL comparison is then meaningful);
+without it the model is freshly initialised (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import textvae
+from textvae.config import load_config
+from textvae.data import TextDataset, build_tokenizer, load_split
+from textvae.metrics import evaluate
+from textvae.models import MODELS
+from textvae.objectives import iw_bound, iw_log_weights
+
+PRESET = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "lstm-vae-cpu.yaml"
+
+
+def matmul_rate(rows: int, h: int, v: int, dtype: torch.dtype, reps: int = 5) -> float:
+    """GFLOP/s of (rows, h) @ (h, v) in ``dtype``."""
+    a, w = torch.randn(rows, h, dtype=dtype), torch.randn(v, h, dtype=dtype)
+    a @ w.T
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ w.T
+    return 2 * rows * h * v * reps / (time.perf_counter() - start) / 1e9
+
+
+def forward_flops_per_token(e: int, h: int, d: int, v: int, decoder_only: bool = False) -> float:
+    """Multiply-adds x 2 of one predicted token: LSTM gates (4H x (input + H)) and the output."""
+    dec = 2 * 4 * h * (e + d + h) + 2 * h * v
+    return dec if decoder_only else dec + 2 * 4 * h * (e + h)
+
+
+def train_throughput(cfg, tok, ds, precision: str, n_batches: int, seed: int = 0) -> tuple[float, float]:
+    """(tokens/s, seconds) of n_batches optimizer steps (after 5 warm-up steps)."""
+    torch.manual_seed(seed)
+    model = MODELS[cfg.model.name](cfg.model, tok).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    batches = ds.batches(cfg.train.batch_size, True, seed, 0)
+    tokens, start = 0, 0.0
+    for i, idx in enumerate(batches[: n_batches + 5]):
+        if i == 5:
+            tokens, start = 0, time.perf_counter()
+        batch = ds.collate(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(batch, beta=0.5)
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        tokens += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - start
+    return tokens / seconds, seconds
+
+
+def one_epoch(cfg, tok, ds, valid, precision: str) -> dict:
+    """One epoch from a fixed init with the preset's optimizer; validation ELBO after it."""
+    torch.manual_seed(0)
+    model = MODELS[cfg.model.name](cfg.model, tok).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    from textvae.objectives import kl_weight
+
+    tokens, start = 0, time.perf_counter()
+    for step, idx in enumerate(ds.batches(cfg.train.batch_size, True, 0, 0)):
+        batch = ds.collate(idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(batch, beta=kl_weight(step, cfg.kl))
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        tokens += int(batch["attention_mask"].sum())
+    seconds = time.perf_counter() - start
+    r = evaluate(model, valid, iw_samples=0, precision="no")
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "valid_elbo": r["elbo"], "valid_kl": r["kl"]}
+
+
+@torch.no_grad()
+def reference_iw_loop(model, ds: TextDataset, k: int, per_chunk: int = 100) -> tuple[float, list[float]]:
+    """The public implementations' IW loop: one sentence at a time, ``per_chunk`` samples per
+    decoder call, the encoder re-run for every chunk. Returns (seconds, per-sentence nll)."""
+    model.eval()
+    nll = []
+    start = time.perf_counter()
+    for i in range(len(ds)):
+        batch = ds.collate([i])
+        log_w = []
+        for _ in range(math.ceil(k / per_chunk)):
+            q, p = model.posterior(batch), model.prior(batch)
+            lw, _ = iw_log_weights(model, batch, q, p, q.sample((per_chunk,)))
+            log_w.append(lw)
+        nll.append(-float(iw_bound(torch.cat(log_w)[:k])[0]))
+    return time.perf_counter() - start, nll
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", help="use the weights (and tokenizer) of a trained run")
+    parser.add_argument("--sentences", type=int, default=128, help="test sentences for IW timing")
+    parser.add_argument("--reference-sentences", type=int, default=16)
+    parser.add_argument("--iw-samples", type=int, default=500)
+    parser.add_argument("--train-batches", type=int, default=60)
+    parser.add_argument("--one-epoch", action="store_true", help="also train one epoch in fp32 and bf16")
+    args = parser.parse_args()
+
+    cfg = load_config(PRESET)
+    m = cfg.model
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    if args.run_dir:
+        model, tok = textvae.load(args.run_dir)
+        cfg = model.config
+    else:
+        tok = build_tokenizer(load_split(cfg.data, "train").texts)
+        torch.manual_seed(0)
+        model = MODELS[m.name](m, tok).eval()
+    v = len(tok)
+    print(f"model: embed {m.embed_dim}, hidden {m.hidden_dim}, latent {m.latent_dim}, vocab {v}, "
+          f"batch {cfg.train.batch_size}")
+
+    print(f"\n## matmul rate, output projection shape (16384 x {m.hidden_dim}) @ ({m.hidden_dim} x {v})")
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rates[name] = matmul_rate(16384, m.hidden_dim, v, dtype)
+        print(f"  {name}: {rates[name]:.0f} GFLOP/s")
+
+    train_texts = load_split(cfg.data, "train").texts
+    ds = TextDataset(train_texts, tok)
+    f_train = 3 * forward_flops_per_token(m.embed_dim, m.hidden_dim, m.latent_dim, v)
+    print(f"\n## training throughput ({args.train_batches} steps, {f_train / 1e6:.1f} MFLOP per token fwd+bwd)")
+    for precision in ("fp32", "bf16"):
+        tps, sec = train_throughput(cfg, tok, ds, "bf16" if precision == "bf16" else "no", args.train_batches)
+        print(f"  {precision}: {tps:.0f} tokens/s, {tps * f_train / 1e9:.0f} GFLOP/s achieved "
+              f"({100 * tps * f_train / 1e9 / rates[precision]:.0f}% of the {precision} matmul rate)")
+
+    if args.one_epoch:
+        valid = TextDataset(load_split(cfg.data, "valid").texts[:1000], tok)
+        print("\n## one epoch from the same init (validation: first 1000 valid sentences, 1-sample ELBO)")
+        for precision in ("no", "bf16"):
+            r = one_epoch(cfg, tok, ds, valid, precision)
+            print(f"  {precision}: {r['tokens_per_s']:.0f} tokens/s over {r['seconds']:.0f} s, "
+                  f"valid ELBO {r['valid_elbo']:.2f}, KL {r['valid_kl']:.2f} nats/sentence")
+
+    test = TextDataset(load_split(cfg.data, "test").texts[: args.sentences], tok)
+    k = args.iw_samples
+    f_eval = forward_flops_per_token(m.embed_dim, m.hidden_dim, m.latent_dim, v, decoder_only=True)
+    tokens_per_sentence = test.n_tokens / len(test)
+    print(f"\n## IW-NLL, K={k}, first {len(test)} PTB test sentences")
+    for precision in ("no", "bf16"):
+        start = time.perf_counter()
+        r = evaluate(model, test, iw_samples=k, precision=precision)
+        sec = time.perf_counter() - start
+        sps = len(test) / sec
+        gflops = sps * k * tokens_per_sentence * f_eval / 1e9
+        print(f"  textvae evaluate ({'fp32' if precision == 'no' else 'bf16'}): {sps:.2f} sentences/s, "
+              f"nll {r['nll']:.3f} +- {r['nll_stderr']:.3f}, {gflops:.0f} GFLOP/s achieved")
+    ref = TextDataset(test.texts[: args.reference_sentences], tok)
+    sec, nll = reference_iw_loop(model, ref, k)
+    batched = evaluate(model, ref, iw_samples=k)
+    print(f"  one-sentence loop (fp32, 100 samples/chunk, encoder re-run): "
+          f"{len(ref) / sec:.2f} sentences/s on the first {len(ref)}; its nll {sum(nll) / len(nll):.3f} "
+          f"vs batched {batched['nll']:.3f} +- {batched['nll_stderr']:.3f} on the same sentences")
+
+
+if __name__ == "__main__":
+    main()
