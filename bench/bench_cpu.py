@@ -55,11 +55,16 @@ def forward_flops_per_token(e: int, h: int, d: int, v: int, decoder_only: bool =
     return dec if decoder_only else dec + 2 * 4 * h * (e + h)
 
 
-def train_throughput(cfg, tok, ds, precision: str, n_batches: int, seed: int = 0) -> tuple[float, float]:
-    """(tokens/s, seconds) of n_batches optimizer steps (after 5 warm-up steps)."""
+def train_throughput(
+    cfg, tok, ds, precision: str, n_batches: int, seed: int = 0, compile_model: bool = False
+) -> tuple[float, float]:
+    """(tokens/s, seconds) of n_batches optimizer steps (after 5 warm-up steps, which include
+    the compilation when ``compile_model``)."""
     torch.manual_seed(seed)
     model = MODELS[cfg.model.name](cfg.model, tok).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    if compile_model:
+        model = torch.compile(model, dynamic=True)
     batches = ds.batches(cfg.train.batch_size, True, seed, 0)
     tokens, start = 0, 0.0
     for i, idx in enumerate(batches[: n_batches + 5]):
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--iw-samples", type=int, default=500)
     parser.add_argument("--train-batches", type=int, default=60)
     parser.add_argument("--one-epoch", action="store_true", help="also train one epoch in fp32 and bf16")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (bf16)")
     args = parser.parse_args()
 
     cfg = load_config(PRESET)
@@ -156,6 +162,15 @@ def main() -> None:
         tps, sec = train_throughput(cfg, tok, ds, "bf16" if precision == "bf16" else "no", args.train_batches)
         print(f"  {precision}: {tps:.0f} tokens/s, {tps * f_train / 1e9:.0f} GFLOP/s achieved "
               f"({100 * tps * f_train / 1e9 / rates[precision]:.0f}% of the {precision} matmul rate)")
+
+    if args.compile:
+        start = time.perf_counter()
+        try:
+            tps, sec = train_throughput(cfg, tok, ds, "bf16", args.train_batches, compile_model=True)
+            print(f"  bf16 + torch.compile: {tps:.0f} tokens/s "
+                  f"(warm-up incl. compilation {time.perf_counter() - start - sec:.0f} s)")
+        except Exception as err:  # report, do not hide: compile support varies by machine
+            print(f"  bf16 + torch.compile: failed ({type(err).__name__}: {str(err)[:200]})")
 
     if args.one_epoch:
         valid = TextDataset(load_split(cfg.data, "valid").texts[:1000], tok)

@@ -149,7 +149,9 @@ def evaluate(
             kl_dims_sum = dims.sum(0) if kl_dims_sum is None else kl_dims_sum + dims.sum(0)
             mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
             z1 = q.sample()  # (B, D): the MI samples
-            mus.append(mu.cpu()), logvars.append(logvar.cpu()), zs.append(z1.cpu())
+            mus.append(mu.cpu())
+            logvars.append(logvar.cpu())
+            zs.append(z1.cpu())
             mi_b.append((batch_mi(mu, logvar, z1), b))
             n_samples = iw_samples or 1
             step = max(1, chunk_tokens // (b * t))

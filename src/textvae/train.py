@@ -12,7 +12,8 @@ A run folder holds:
   safetensors, optimizer, RNG states, LR scheduler, :class:`TrainerState` with the step that
   drives the beta schedule and the data position), written at every validation.
 - ``checkpoints/best/model.safetensors``: the weights of the best validation ELBO.
-- ``samples.txt``: greedy decodings of prior samples at each validation.
+- ``samples.txt``: at each validation, greedy decodings of z ~ p(z) (ancestral samples for a
+  model without latent).
 
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
@@ -84,13 +85,17 @@ def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -
     return path
 
 
-def _replace_dir(final: Path, write) -> None:
-    """Write a folder atomically: ``write(tmp)`` then rename over ``final``."""
+def _temp_dir(final: Path) -> Path:
+    """The empty temporary twin of ``final`` (a partial write of ours is removed)."""
     tmp = final.with_name(final.name + ".tmp")
-    old = final.with_name(final.name + ".old")
-    if tmp.exists():  # a partial write of ours from an interrupted save
+    if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    return tmp
+
+
+def _commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written ``tmp`` over ``final`` (the old one survives as ``.old`` until then)."""
+    old = final.with_name(final.name + ".old")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
@@ -247,27 +252,34 @@ def train(
         loss = -m["elbo"]
         if scheduler is not None:
             scheduler.step(loss)
+        # greedy decoding of z ~ p(z) shows what z encodes; a model without z samples ancestrally
+        strategy = "greedy" if raw.has_latent else "sample"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed + state.step)
-            samples = sample_prior(raw, t.num_samples, strategy="greedy") if t.num_samples else []
+            samples = sample_prior(raw, t.num_samples, strategy=strategy) if t.num_samples else []
         state.last_valid_step = state.step
         if main:
             with open(run_dir / "samples.txt", "a") as fh:
-                fh.write(f"# step {state.step}, prior samples, greedy\n" + "".join(s + "\n" for s in samples))
+                fh.write(f"# step {state.step}, prior samples, {strategy}\n" + "".join(s + "\n" for s in samples))
         if loss < state.best_valid:
             state.best_valid = loss
             if main:
                 weights = {k: v.contiguous() for k, v in raw.state_dict().items()}
 
-                def write_best(tmp: Path) -> None:
-                    tmp.mkdir(parents=True)
-                    save_file(weights, str(tmp / "model.safetensors"))
-                    (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
-
-                _replace_dir(run_dir / "checkpoints" / "best", write_best)
+                best = run_dir / "checkpoints" / "best"
+                tmp = _temp_dir(best)
+                tmp.mkdir(parents=True)
+                save_file(weights, str(tmp / "model.safetensors"))
+                (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
+                _commit_dir(tmp, best)
+        # every process saves its own RNG state into the same folder; the main one commits it
+        last = run_dir / "checkpoints" / "last"
+        tmp = _temp_dir(last) if main else last.with_name("last.tmp")
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
-            _replace_dir(run_dir / "checkpoints" / "last", lambda tmp: accelerator.save_state(str(tmp)))
+            _commit_dir(tmp, last)
         return record
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
