@@ -34,7 +34,7 @@ from textvae.config import load_config
 from textvae.data import TextDataset, build_tokenizer, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import iw_bound, iw_log_weights
+from textvae.objectives import iw_bound, iw_log_weights, kl_weight
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "lstm-vae-cpu.yaml"
 
@@ -55,53 +55,33 @@ def forward_flops_per_token(e: int, h: int, d: int, v: int, decoder_only: bool =
     return dec if decoder_only else dec + 2 * 4 * h * (e + h)
 
 
-def train_throughput(
-    cfg, tok, ds, precision: str, n_batches: int, seed: int = 0, compile_model: bool = False
-) -> tuple[float, float]:
-    """(tokens/s, seconds) of n_batches optimizer steps (after 5 warm-up steps, which include
-    the compilation when ``compile_model``)."""
-    torch.manual_seed(seed)
-    model = MODELS[cfg.model.name](cfg.model, tok).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
-    if compile_model:
-        model = torch.compile(model, dynamic=True)
-    batches = ds.batches(cfg.train.batch_size, True, seed, 0)
-    tokens, start = 0, 0.0
-    for i, idx in enumerate(batches[: n_batches + 5]):
-        if i == 5:
-            tokens, start = 0, time.perf_counter()
-        batch = ds.collate(idx)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(batch, beta=0.5)
-        opt.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        tokens += int(batch["attention_mask"].sum())
-    seconds = time.perf_counter() - start
-    return tokens / seconds, seconds
-
-
-def one_epoch(cfg, tok, ds, valid, precision: str) -> dict:
-    """One epoch from a fixed init with the preset's optimizer; validation ELBO after it."""
+def train_steps(
+    cfg, tok, ds, precision: str, n_batches: int | None = None, warmup: int = 5,
+    compile_model: bool = False,
+) -> tuple[torch.nn.Module, float, float]:
+    """Train a fresh model (seed 0) with the preset's Adam, clip and beta schedule for
+    ``n_batches`` steps (None: one epoch) after ``warmup`` untimed steps (which include the
+    compilation when ``compile_model``). Returns (model, tokens/s, timed seconds)."""
     torch.manual_seed(0)
     model = MODELS[cfg.model.name](cfg.model, tok).train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
-    from textvae.objectives import kl_weight
-
+    step_fn = torch.compile(model, dynamic=True) if compile_model else model
+    batches = ds.batches(cfg.train.batch_size, True, 0, 0)
+    batches = batches[: warmup + n_batches] if n_batches is not None else batches
     tokens, start = 0, time.perf_counter()
-    for step, idx in enumerate(ds.batches(cfg.train.batch_size, True, 0, 0)):
+    for step, idx in enumerate(batches):
+        if step == warmup:
+            tokens, start = 0, time.perf_counter()
         batch = ds.collate(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(batch, beta=kl_weight(step, cfg.kl))
+            out = step_fn(batch, beta=kl_weight(step, cfg.kl))
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
-    r = evaluate(model, valid, iw_samples=0, precision="no")
-    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "valid_elbo": r["elbo"], "valid_kl": r["kl"]}
+    return model, tokens / seconds, seconds
 
 
 @torch.no_grad()
@@ -159,14 +139,14 @@ def main() -> None:
     f_train = 3 * forward_flops_per_token(m.embed_dim, m.hidden_dim, m.latent_dim, v)
     print(f"\n## training throughput ({args.train_batches} steps, {f_train / 1e6:.1f} MFLOP per token fwd+bwd)")
     for precision in ("fp32", "bf16"):
-        tps, sec = train_throughput(cfg, tok, ds, "bf16" if precision == "bf16" else "no", args.train_batches)
+        _, tps, sec = train_steps(cfg, tok, ds, precision, args.train_batches)
         print(f"  {precision}: {tps:.0f} tokens/s, {tps * f_train / 1e9:.0f} GFLOP/s achieved "
               f"({100 * tps * f_train / 1e9 / rates[precision]:.0f}% of the {precision} matmul rate)")
 
     if args.compile:
         start = time.perf_counter()
         try:
-            tps, sec = train_throughput(cfg, tok, ds, "bf16", args.train_batches, compile_model=True)
+            _, tps, sec = train_steps(cfg, tok, ds, "bf16", args.train_batches, compile_model=True)
             print(f"  bf16 + torch.compile: {tps:.0f} tokens/s "
                   f"(warm-up incl. compilation {time.perf_counter() - start - sec:.0f} s)")
         except Exception as err:  # report, do not hide: compile support varies by machine
@@ -175,23 +155,24 @@ def main() -> None:
     if args.one_epoch:
         valid = TextDataset(load_split(cfg.data, "valid").texts[:1000], tok)
         print("\n## one epoch from the same init (validation: first 1000 valid sentences, 1-sample ELBO)")
-        for precision in ("no", "bf16"):
-            r = one_epoch(cfg, tok, ds, valid, precision)
-            print(f"  {precision}: {r['tokens_per_s']:.0f} tokens/s over {r['seconds']:.0f} s, "
-                  f"valid ELBO {r['valid_elbo']:.2f}, KL {r['valid_kl']:.2f} nats/sentence")
+        for precision in ("fp32", "bf16"):
+            trained, tps, sec = train_steps(cfg, tok, ds, precision, None, warmup=0)
+            r = evaluate(trained, valid, iw_samples=0)
+            print(f"  {precision}: {tps:.0f} tokens/s over {sec:.0f} s, "
+                  f"valid ELBO {r['elbo']:.2f}, KL {r['kl']:.2f} nats/sentence")
 
     test = TextDataset(load_split(cfg.data, "test").texts[: args.sentences], tok)
     k = args.iw_samples
     f_eval = forward_flops_per_token(m.embed_dim, m.hidden_dim, m.latent_dim, v, decoder_only=True)
     tokens_per_sentence = test.n_tokens / len(test)
     print(f"\n## IW-NLL, K={k}, first {len(test)} PTB test sentences")
-    for precision in ("no", "bf16"):
+    for precision in ("fp32", "bf16"):
         start = time.perf_counter()
         r = evaluate(model, test, iw_samples=k, precision=precision)
         sec = time.perf_counter() - start
         sps = len(test) / sec
         gflops = sps * k * tokens_per_sentence * f_eval / 1e9
-        print(f"  textvae evaluate ({'fp32' if precision == 'no' else 'bf16'}): {sps:.2f} sentences/s, "
+        print(f"  textvae evaluate ({precision}): {sps:.2f} sentences/s, "
               f"nll {r['nll']:.3f} +- {r['nll_stderr']:.3f}, {gflops:.0f} GFLOP/s achieved")
     ref = TextDataset(test.texts[: args.reference_sentences], tok)
     sec, nll = reference_iw_loop(model, ref, k)

@@ -31,6 +31,13 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         load_config(bad)
 
 
+def test_precision_no_is_fp32_even_when_yaml_reads_it_as_false(tmp_path):
+    assert load_config(None, ["train.precision=no"]).train.precision == "fp32"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("eval:\n  precision: no\n")
+    assert load_config(preset).eval.precision == "fp32"
+
+
 def test_type_and_choice_errors():
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(None, ["train.batch_size=many"])

@@ -137,6 +137,13 @@ def test_cli_end_to_end(tiny_corpus, tmp_path, capsys):
     assert json.loads(open(run / "log.jsonl").readlines()[-1])["step"] == 14
 
 
+def test_two_runs_with_different_precision_in_one_process(tiny_config, tmp_path):
+    """accelerate's state is a singleton that refuses a second mixed-precision setting."""
+    train(tiny_config(**{"train.max_steps": 2, "train.precision": "bf16"}), tmp_path / "a")
+    run = train(tiny_config(**{"train.max_steps": 2, "train.precision": "no"}), tmp_path / "b")
+    assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
 def test_language_model_trains_and_evaluates_exactly(tiny_config, tmp_path):
     run = train(tiny_config(**{"model.name": "lstm_lm", "train.max_steps": 4}), tmp_path / "lm")
     model, tok = textvae.load(run)

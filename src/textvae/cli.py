@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, help="only the first N sentences")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--au-delta", type=float)
-    p.add_argument("--precision", choices=["no", "bf16"], help="bf16 autocast for the network")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for the network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
     p.set_defaults(func=_cmd_evaluate)

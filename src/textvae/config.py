@@ -123,7 +123,8 @@ class TrainConfig:
         max_steps: stop after this many optimizer steps (null = run ``max_epochs``).
         eval_every: validate (and checkpoint) every N steps; 0 = once per epoch.
         valid_limit_eval: sentences of the validation split used at each validation (null = all).
-        precision: ``no`` (float32) or ``bf16`` autocast, passed to ``accelerate``.
+        precision: ``fp32`` or ``bf16`` autocast, passed to ``accelerate`` (``no``, accelerate's
+            name for fp32, is accepted; YAML reads a bare ``no`` as false, which is accepted too).
         lr_scheduler: ``constant`` or ``plateau`` (multiply by ``lr_decay`` when the
             validation loss has not improved for ``lr_patience`` validations).
         num_samples: prior samples written to ``samples.txt`` at each validation.
@@ -145,7 +146,7 @@ class TrainConfig:
     eval_every: int = 0
     valid_limit_eval: int | None = None
     log_every: int = 50
-    precision: str = "no"
+    precision: str = "fp32"
     num_samples: int = 5
     progress: bool = True
 
@@ -160,15 +161,14 @@ class EvalConfig:
         batch_size: sentences per encoder pass.
         chunk_tokens: at most this many (sample x sentence x position) tokens go through the
             decoder at once; bounds memory.
-        precision: ``no`` (float32) or ``bf16`` (matmuls in bfloat16, log-sum-exp and sums in
-            float32).
+        precision: ``fp32`` or ``bf16`` (matmuls in bfloat16, log-sum-exp and sums in float32).
     """
 
     iw_samples: int = 500
     au_delta: float = 0.01
     batch_size: int = 64
     chunk_tokens: int = 16384
-    precision: str = "no"
+    precision: str = "fp32"
 
 
 @dataclass
@@ -188,8 +188,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kl.free_bits_mode": ("per_dim", "total"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_scheduler": ("constant", "plateau"),
-    "train.precision": ("no", "bf16"),
-    "eval.precision": ("no", "bf16"),
+    "train.precision": ("fp32", "bf16"),
+    "eval.precision": ("fp32", "bf16"),
 }
 
 
@@ -254,6 +254,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(config: Config) -> None:
     """Check choice-valued fields and simple ranges. Raises ConfigError naming the key."""
+    for section in (config.train, config.eval):
+        if section.precision in ("no", "False", "false"):  # accelerate's "no"; YAML's `no` is false
+            section.precision = "fp32"
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

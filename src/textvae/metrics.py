@@ -105,7 +105,7 @@ def _autocast(device: torch.device, precision: str):
 @torch.no_grad()
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
-    batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "no", seed: int = 0,
+    batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 

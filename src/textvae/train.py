@@ -180,6 +180,7 @@ def train(
         textvae.data.DataError: corpus problems.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -193,7 +194,11 @@ def train(
         raise RunDirError(f"{run_dir} exists and is not empty; pass --resume to continue it or "
                           "choose another --run-dir (nothing was changed)")
     t = config.train
-    accelerator = Accelerator(mixed_precision=t.precision)
+    # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting,
+    # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
+    # distributed PartialState is kept).
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision)
     set_seed(t.seed)
     main = accelerator.is_main_process
 
