@@ -15,6 +15,7 @@ def test_beam_of_one_and_top_k_of_one_equal_greedy(tiny_model):
     assert decode(model, z, strategy="sample", top_k=1, max_length=12) == greedy
 
 
+@torch.no_grad()
 def test_beam_search_finds_at_least_the_greedy_score(tiny_model):
     """Batched beam search (width 4) never scores below greedy, sentence by sentence."""
     model = tiny_model()

@@ -41,5 +41,6 @@ class LSTMLM(TextVAE):
         ).unsqueeze(0)
 
     def decode_step(self, z, input_ids, state):
+        """One step: previous tokens (N,), state or None -> logits (N, V), state; z ignored."""
         hidden, state = self.decoder(input_ids.unsqueeze(1), None, state)  # (N, 1, H)
         return self.decoder.output(hidden[:, -1]), state

@@ -36,14 +36,20 @@ class LSTMVAE(TextVAE):
         )
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
+        """q(z|x) = N(mu, diag sigma^2) from the pooled encoder: batch (B,), event (D,), float32."""
         h = self.encoder(batch["input_ids"], batch["attention_mask"])  # (B, H_out)
         return self.posterior_head(h)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
+        """p(z) = N(0, I): batch shape (B,) for a batch, () without; event (D,)."""
         shape = () if batch is None else (batch["input_ids"].size(0),)
         return standard_normal(self.latent_dim, shape, self.decoder.output.weight.device)
 
     def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) for z (S, B, D): (S, B) float32, nats per sentence (EOS counted).
+
+        The S samples of a sentence go through the decoder as one (S * B, T) batch.
+        """
         s, b, d = z.shape
         targets = batch["input_ids"].repeat(s, 1)  # (S*B, T), sample-major
         mask = batch["attention_mask"].repeat(s, 1)
@@ -54,5 +60,6 @@ class LSTMVAE(TextVAE):
         ).view(s, b)
 
     def decode_step(self, z, input_ids, state):
+        """One step: z (N, D), previous tokens (N,), state or None -> logits (N, V), state."""
         hidden, state = self.decoder(input_ids.unsqueeze(1), z, state)  # (N, 1, H)
         return self.decoder.output(hidden[:, -1]), state
