@@ -28,6 +28,7 @@ def test_iw_bound_with_one_sample_is_the_elbo_on_the_same_z(tiny_model, tiny_bat
     assert torch.allclose(iw_bound(log_w), elbo_same_z, atol=1e-5)
 
 
+@torch.no_grad()
 def test_iw_bound_grows_with_k(tiny_model, tiny_batch):
     """E[log mean_K w] is non-decreasing in K (Burda et al. 2016, theorem 1)."""
     model = tiny_model()
