@@ -305,13 +305,13 @@ def train(
                         free_bits_mode=config.kl.free_bits_mode)
             loss = out["loss"]
             if not torch.isfinite(loss):
+                rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
                 write_log({"type": "event", "event": "non-finite loss", "step": state.step,
-                           "rec": float(out["rec"].mean()), "kl": float(out["kl"].mean())})
+                           "rec": rec, "kl": kl})
                 raise TrainingDiverged(
-                    f"loss is {float(loss)} at step {state.step} (rec {float(out['rec'].mean()):.4g}, "
-                    f"kl {float(out['kl'].mean()):.4g}); training stopped. The last good state is "
-                    f"{run_dir / 'checkpoints' / 'last'}; lower train.lr or raise kl warm-up and "
-                    "resume or restart.")
+                    f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
+                    f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
+                    "lower train.lr or lengthen the KL warm-up, then resume or restart.")
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if t.grad_clip > 0:
