@@ -349,7 +349,11 @@ def build_tokenizer(texts: list[str], min_frequency: int = 1, max_vocab: int | N
 
 
 def load_tokenizer(path: str | Path):
-    """Load a tokenizer saved with ``save_pretrained``."""
+    """Load a tokenizer saved with ``save_pretrained`` (``PreTrainedTokenizerFast``).
+
+    Raises:
+        OSError: no tokenizer files in ``path`` (from ``transformers``).
+    """
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(path))
@@ -424,7 +428,12 @@ class TextDataset:
 
 
 def encode_texts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Batch dict for raw sentences (whitespace-normalised), in the given order."""
+    """Batch dict (``input_ids``/``attention_mask`` (B, T) int64, ``n_words`` (B,)) for raw
+    sentences, whitespace-normalised, in the given order.
+
+    Raises:
+        DataError: a sentence is empty after normalisation.
+    """
     texts = [" ".join(t.split()) for t in texts]
     if any(not t for t in texts):
         raise DataError("empty sentence given to encode")

@@ -70,6 +70,9 @@ class LSTMEncoder(nn.Module):
     right-padded batch directly (states before the padding do not depend on it); a
     bidirectional one is packed so its backward direction starts at each sentence's end.
     For ``last`` pooling with a bidirectional LSTM the summary is [h_T forward; h_1 backward].
+
+    Raises:
+        ValueError: ``pooling`` is not one of :data:`POOLINGS`.
     """
 
     def __init__(
