@@ -1,4 +1,7 @@
-"""Command line: ``textvae train | evaluate | generate``. The only module that prints."""
+"""Command line: ``textvae train | evaluate | generate | probe | report | compare``.
+
+The only module that prints.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +19,11 @@ UNITS = {
     "ppl_word": "per word incl. EOS", "mi": "nats (aggregate posterior, whole set)",
     "mi_batch": "nats (He et al. 2019 minibatch)", "au": "dimensions", "au_delta": "threshold",
     "iw_samples": "K", "n_sentences": "", "n_tokens": "incl. EOS", "n_words": "incl. EOS",
+    "z_gap": "nats/sentence (rec with shuffled z - rec with own z)",
+    "rec_bleu": "BLEU 0-100 (greedy reconstruction vs input)",
+    "self_bleu": "BLEU 0-100 (prior samples vs each other)",
+    "distinct_1": "distinct unigrams / unigrams (prior samples)",
+    "distinct_2": "distinct bigrams / bigrams (prior samples)",
 }
 
 
@@ -68,7 +76,16 @@ def _cmd_evaluate(args) -> int:
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed)
+    result["data"], result["split"] = source, args.split if args.data is None else None
+    if args.generation:
+        from textvae.metrics import generation_metrics
+
+        result.update(generation_metrics(
+            model, dataset.texts[: args.gen_sentences], n_samples=args.gen_samples,
+            strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     seconds = time.perf_counter() - start
+    result["seconds"] = seconds
     output = Path(args.output) if args.output else Path(args.run_dir) / f"eval-{args.split}.json"
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -76,12 +93,15 @@ def _cmd_evaluate(args) -> int:
     print(f"evaluated {source} ({result['n_sentences']} sentences, K={k}, precision={precision}, "
           f"{seconds:.0f} s)")
     for key, value in result.items():
+        if key == "generation":
+            print(f"  {'generation':<12} {json.dumps(value)}")
+            continue
         if key == "kl_per_dim":
             if value is not None:
                 print(f"  {'kl_per_dim':<12} [{', '.join(f'{v:.2f}' for v in value)}]  nats/sentence")
             continue
         shown = "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}")
+        print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}".rstrip())
     print(f"written: {output}")
     return 0
 
@@ -120,6 +140,107 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _probe_split(model, cfg, data: str | None, which: str | None, role: str, args):
+    """(texts, labels, source) of the probe's fit or score set."""
+    import dataclasses
+
+    from textvae.data import DataError, load_split
+
+    data_cfg = dataclasses.replace(cfg.data, train_limit=None, valid_limit=None)
+    if which is not None and Path(which).is_file():
+        data_cfg = dataclasses.replace(data_cfg, corpus=None, label_field=args.label_field,
+                                       text_field=args.text_field)
+        corpus = load_split(data_cfg, role, path=which)
+    else:
+        name = data or cfg.data.corpus
+        if name is None:
+            raise DataError("probe: the run trained on files; give --fit and --score files")
+        if which is None:
+            if name == "yelp_sentiment":
+                which = "test" if role == "train" else "dev"
+            elif name == cfg.data.corpus:
+                which = cfg.data.train_split if role == "train" else cfg.data.valid_split
+            else:
+                raise DataError(f"probe: say which splits of {name} to use (--fit, --score)")
+        data_cfg = dataclasses.replace(data_cfg, corpus=name, **{f"{role}_split": which})
+        corpus = load_split(data_cfg, role)
+    if corpus.labels is None:
+        raise DataError(f"probe: {corpus.source} has no labels (give --label-field for "
+                        "TSV/JSONL files, or a labelled corpus such as yelp_sentiment)")
+    return corpus.texts, corpus.labels, corpus.source
+
+
+def _cmd_probe(args) -> int:
+    import torch
+
+    import textvae
+    from textvae.data import TextDataset
+    from textvae.metrics import probe_accuracy
+
+    model, tokenizer = textvae.load(args.run_dir)
+    if not model.has_latent:
+        raise ValueError(f"{args.run_dir}: the model has no latent variable to probe")
+    cfg = model.config
+    sizes = []
+    for item in args.labels.split(","):
+        item = item.strip()
+        if item == "all":
+            sizes.append(None)
+        elif item.isdigit():
+            sizes.append(int(item))
+        else:
+            raise ValueError(f"--labels: '{item}' is not a count or 'all'")
+    features = {}
+    for role, which in (("train", args.fit), ("valid", args.score)):
+        texts, labels, source = _probe_split(model, cfg, args.data, which, role, args)
+        dataset = TextDataset(texts, tokenizer, labels)
+        mu = torch.empty(len(dataset), model.latent_dim)
+        with torch.no_grad():
+            for indices in dataset.batches(256):
+                mu[indices] = model.posterior(dataset.collate(indices)).mean.float()
+        features[role] = (mu, labels, source)
+    (fit_x, fit_y, fit_src), (score_x, score_y, score_src) = features["train"], features["valid"]
+    results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
+    name = args.data or cfg.data.corpus or "data"
+    record = {"fit": fit_src, "score": score_src, "fit_sentences": len(fit_y),
+              "score_sentences": len(score_y), "features": f"posterior mean (D={model.latent_dim})",
+              "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
+              "seed": args.seed, "results": results}
+    output = Path(args.output) if args.output else Path(args.run_dir) / f"probe-{name}.json"
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, output)
+    print(f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
+          f"({len(score_y)} sentences); features: posterior mean")
+    print("| labelled n | probe accuracy (%) | majority class (%) | subsets |")
+    print("|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+              f"{100 * r['majority']:.1f} | {r['repeats']} |")
+    print(f"written: {output}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from textvae.report import write_report
+
+    folder = write_report(args.run_dir, split=args.split, max_sentences=args.max_sentences,
+                          n_examples=args.examples, seed=args.seed)
+    print(f"written: {folder / 'report.md'}")
+    for png in sorted(folder.glob("*.png")):
+        print(f"written: {png}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from textvae.report import compare_runs
+
+    text, folder = compare_runs(args.run_dirs, args.output, args.eval)
+    print(text)
+    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textvae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for the network")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
+    g = p.add_argument_group("generation metrics (--generation)")
+    g.add_argument("--generation", action="store_true",
+                   help="add rec_bleu, self_bleu, distinct_1, distinct_2 (sacrebleu)")
+    g.add_argument("--gen-sentences", type=int, default=1000,
+                   help="reconstruct the first N evaluated sentences for rec_bleu (default 1000)")
+    g.add_argument("--gen-samples", type=int, default=500,
+                   help="prior samples for self-BLEU and distinct-n (default 500)")
+    g.add_argument("--gen-strategy", default="greedy", choices=["greedy", "sample"],
+                   help="decoding of the prior samples (reconstructions are always greedy)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-length", type=int, default=50)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("generate", help="prior samples, reconstructions, interpolations")
@@ -158,6 +292,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="a file (one sentence per line) or sentences")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("probe", help="logistic-regression probe of a label from the posterior mean")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="corpus name (default: the run's corpus), e.g. yelp_sentiment")
+    p.add_argument("--fit", help="split name or labelled file the probe is trained on "
+                   "(default: the run's train split; yelp_sentiment: test)")
+    p.add_argument("--score", help="split name or labelled file it is scored on "
+                   "(default: the run's valid split; yelp_sentiment: dev)")
+    p.add_argument("--label-field", default="label", help="label column/key of TSV/JSONL files")
+    p.add_argument("--text-field", default="text", help="text column/key of TSV/JSONL files")
+    p.add_argument("--labels", default="100,1000,all",
+                   help="labelled-example counts, comma-separated; 'all' = the whole fit set")
+    p.add_argument("--repeats", type=int, default=5, help="random subsets per count (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="JSON path (default RUN_DIR/probe-<data>.json)")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("report", help="RUN_DIR/report/: report.md and plots")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"],
+                   help="sentences for the latent plots and examples (default valid)")
+    p.add_argument("--max-sentences", type=int, default=2000)
+    p.add_argument("--examples", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="evaluation fields side by side and overlaid curves")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--eval", default="eval-test", help="evaluation JSON stem (default eval-test)")
+    p.add_argument("--output", default="compare", help="folder for compare.md and the plot")
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 

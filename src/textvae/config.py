@@ -128,6 +128,12 @@ class TrainConfig:
         lr_scheduler: ``constant`` or ``plateau`` (multiply by ``lr_decay`` when the
             validation loss has not improved for ``lr_patience`` validations).
         num_samples: prior samples written to ``samples.txt`` at each validation.
+        collapse_kl / collapse_z_gap: collapse thresholds in nats per sentence: a validation
+            whose KL is below ``collapse_kl`` or whose z-usage gap is below ``collapse_z_gap``
+            counts towards a posterior-collapse warning.
+        collapse_patience: after this many such validations in a row, every further one
+            writes a warning (progress output and ``log.jsonl``); 0 = never warn. Training
+            is not stopped.
     """
 
     seed: int = 0
@@ -149,6 +155,9 @@ class TrainConfig:
     precision: str = "fp32"
     num_samples: int = 5
     progress: bool = True
+    collapse_kl: float = 0.5
+    collapse_z_gap: float = 0.5
+    collapse_patience: int = 3
 
 
 @dataclass

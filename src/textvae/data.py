@@ -54,6 +54,10 @@ PTB_URL = (
 )
 
 
+# display names of a named corpus's integer labels (plots and reports)
+LABEL_NAMES = {"yelp_sentiment": {0: "negative (0)", 1: "positive (1)"}}
+
+
 class DataError(ValueError):
     """A corpus file is missing, empty or malformed; the message names the file and line."""
 
@@ -371,6 +375,7 @@ class TextDataset:
     def __init__(self, texts: list[str], tokenizer, labels: list[int] | None = None):
         self.texts = texts
         self.labels = labels
+        self.tokenizer = tokenizer
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         eos = tokenizer.eos_token_id
         self.ids = [list(seq) + [eos] for seq in encoded]

@@ -14,6 +14,11 @@ and as one word per sentence; padding never counts.
   linear in the set size); ``mi_batch``: the minibatch estimator of He et al. 2019 over the
   evaluation batches.
 - ``au``: dimensions with Cov_x(E_q[z|x]) > ``au_delta`` (Burda et al. 2016's active units).
+- ``z_gap``: the z-usage gap, rec with z shuffled across the batch minus rec with each
+  sentence's own z (:func:`z_usage_gap`); near 0 means the decoder ignores z.
+
+Generation metrics (:func:`generation_metrics`, BLEU through ``sacrebleu``): ``rec_bleu``,
+``self_bleu``, ``distinct_1``, ``distinct_2``. Latent probe: :func:`probe_accuracy`.
 """
 
 from __future__ import annotations
@@ -28,8 +33,15 @@ from textvae.objectives import iw_bound, iw_log_weights, kl_per_dim
 
 EVAL_KEYS = (
     "rec", "kl", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word", "mi", "mi_batch", "au",
-    "au_delta", "kl_per_dim", "iw_samples", "n_sentences", "n_tokens", "n_words",
+    "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens", "n_words",
+    "tokenizer", "mi_estimator", "precision", "seed",
 )
+MI_ESTIMATOR = (
+    "aggregate posterior q(z) over all evaluated sentences, one z ~ q(z|x) per sentence used "
+    "in both terms; mi_batch: He et al. 2019 calc_mi (q(z) over each evaluation batch, "
+    "closed-form entropy)"
+)
+GENERATION_KEYS = ("rec_bleu", "self_bleu", "distinct_1", "distinct_2", "generation")
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -96,6 +108,43 @@ def active_units(mu: torch.Tensor, delta: float = 0.01) -> tuple[int, torch.Tens
     return int((var > delta).sum()), var
 
 
+def z_usage_gap(
+    model, batch: dict[str, torch.Tensor], z: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """The z-usage gap: how much worse each sentence is reconstructed from another's z.
+
+    gap_b = -log p(x_b | z_pi(b)) - (-log p(x_b | z_b)), with pi a derangement of the batch
+    (a random permutation composed with a shift, so no sentence keeps its own z) and the same
+    codes z reused, so a decoder that ignores z gives exactly 0. The sign makes a larger gap
+    mean more use of z (the shuffled reconstruction is the worse one).
+
+    Args:
+        batch: a collated batch of B >= 2 sentences.
+        z: (B, D) one latent code per sentence (e.g. one sample of q(z|x)).
+        generator: draws the permutation (on z's device); the global RNG when None.
+
+    Returns:
+        (B,) float32, nats per sentence (EOS counted); None when B < 2.
+    """
+    b = z.size(0)
+    if b < 2:
+        return None
+    perm = torch.randperm(b, device=z.device, generator=generator)
+    other = perm.roll(1)  # other[i] != perm[i]: sentence perm[i] gets z of other[i]
+    shuffled = torch.empty_like(z)
+    shuffled[perm] = z[other]
+    ll = model.log_likelihood(batch, torch.stack([z, shuffled]))  # (2, B)
+    return (ll[0] - ll[1]).float()
+
+
+def tokenizer_kind(tokenizer) -> str:
+    """A short description of a tokenizer for the evaluation record, e.g. ``WordLevel (10002
+    types)``: perplexities are only comparable across runs together with this."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    kind = type(backend.model).__name__ if backend is not None else type(tokenizer).__name__
+    return f"{kind} ({len(tokenizer)} types)"
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -129,7 +178,9 @@ def evaluate(
     device = next(model.parameters()).device
     nll, rec, kl = [], [], []
     mus, logvars, zs = [], [], []
-    mi_b, kl_dims_sum = [], None
+    mi_b, kl_dims_sum, gaps = [], None, []
+    # the z-usage gap's permutations have their own generator: the IW samples stay as they were
+    perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for indices in dataset.batches(batch_size, shuffle=False):
@@ -153,6 +204,10 @@ def evaluate(
             logvars.append(logvar.cpu())
             zs.append(z1.cpu())
             mi_b.append((batch_mi(mu, logvar, z1), b))
+            with _autocast(device, precision):
+                gap = z_usage_gap(model, batch, z1, perm_gen)
+            if gap is not None:
+                gaps.append(gap)
             n_samples = iw_samples or 1
             step = max(1, chunk_tokens // (b * t))
             log_w, ll_sum = [], torch.zeros(b, device=device)
@@ -170,7 +225,8 @@ def evaluate(
     n_tokens, n_words = dataset.n_tokens, sum(dataset.n_words)
     rec_t = torch.cat(rec).double()
     out: dict = dict.fromkeys(EVAL_KEYS)
-    out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()))
+    out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()),
+               tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed)
     if nll:
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
@@ -189,4 +245,157 @@ def evaluate(
     out["mi_batch"] = sum(m * b for m, b in mi_b) / n
     out["au"], _ = active_units(mu_all, au_delta)
     out["au_delta"] = au_delta
+    out["mi_estimator"] = MI_ESTIMATOR
+    out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
     return out
+
+
+# --- generation metrics (SPEC section 3) -------------------------------------------------------
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """distinct-n (Li et al. 2016): distinct n-grams / all n-grams over the whole list.
+
+    Tokens are whitespace-separated words; n-grams do not cross sentence boundaries. Returns
+    0.0 when the list has no n-gram.
+    """
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
+    """Corpus BLEU-4 of hypotheses against one reference each, by ``sacrebleu`` (0-100).
+
+    Returns:
+        (score, sacrebleu signature string, which records tokenizer, smoothing and version).
+
+    Raises:
+        ValueError: the lists differ in length or are empty.
+    """
+    from sacrebleu.metrics import BLEU
+
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError(f"BLEU needs equally many hypotheses and references, got "
+                         f"{len(hypotheses)} and {len(references)}")
+    bleu = BLEU()
+    return bleu.corpus_score(hypotheses, [references]).score, str(bleu.get_signature())
+
+
+def self_bleu(texts: list[str]) -> tuple[float, str]:
+    """Self-BLEU (Zhu et al. 2018, Texygen): each sentence scored by BLEU-4 against all the
+    others as references, averaged (0-100; high = the samples repeat each other).
+
+    Sentence-level BLEU is ``sacrebleu``'s with ``effective_order`` (as recommended for single
+    sentences); cost is O(N^2) n-gram extractions (about 10 s for N = 500).
+
+    Returns:
+        (score, sacrebleu signature string).
+
+    Raises:
+        ValueError: fewer than two texts.
+    """
+    from sacrebleu.metrics import BLEU
+
+    if len(texts) < 2:
+        raise ValueError(f"self-BLEU needs at least two sentences, got {len(texts)}")
+    bleu = BLEU(effective_order=True)
+    scores = [bleu.sentence_score(t, texts[:i] + texts[i + 1 :]).score for i, t in enumerate(texts)]
+    return sum(scores) / len(scores), str(bleu.get_signature())
+
+
+@torch.no_grad()
+def generation_metrics(
+    model, texts: list[str], n_samples: int = 500, strategy: str = "greedy",
+    max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    seed: int = 0, batch_size: int = 256,
+) -> dict:
+    """BLEU of reconstructions, self-BLEU and distinct-1/2 of prior samples.
+
+    ``rec_bleu``: corpus BLEU of greedy decodings of each sentence's posterior mean against the
+    sentence itself (None for a model without latent). ``self_bleu``, ``distinct_1``,
+    ``distinct_2``: over ``n_samples`` decodings of z ~ p(z) with ``strategy`` (for a model
+    without latent: ancestral decoding with the same strategy). A collapsed model's greedy
+    prior samples are all the same sentence: self-BLEU near 100, distinct-n near 0.
+
+    Returns:
+        dict with :data:`GENERATION_KEYS`; ``generation`` records the decoding settings, the
+        number of reconstructed sentences and sacrebleu's signatures. Runs under a forked RNG
+        seeded by ``seed``.
+    """
+    from textvae.generate import reconstruct, sample_prior
+
+    options = dict(strategy=strategy, max_length=max_length, temperature=temperature,
+                   top_k=top_k, top_p=top_p)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        samples: list[str] = []
+        for start in range(0, n_samples, batch_size):
+            samples += sample_prior(model, min(batch_size, n_samples - start), **options)
+    out = dict.fromkeys(GENERATION_KEYS)
+    settings = {"prior_samples": n_samples, **options, "seed": seed,
+                "reconstruction": None, "rec_sentences": 0}
+    if model.has_latent:
+        recs: list[str] = []
+        for start in range(0, len(texts), batch_size):
+            recs += reconstruct(model, texts[start : start + batch_size], strategy="greedy",
+                                max_length=max_length)
+        references = [" ".join(t.split()) for t in texts]
+        out["rec_bleu"], settings["bleu_signature"] = corpus_bleu(recs, references)
+        settings.update(reconstruction="greedy from the posterior mean", rec_sentences=len(texts))
+    out["self_bleu"], settings["self_bleu_signature"] = self_bleu(samples)
+    out["distinct_1"], out["distinct_2"] = distinct_n(samples, 1), distinct_n(samples, 2)
+    out["generation"] = settings
+    return out
+
+
+# --- latent probe (SPEC section 3) --------------------------------------------------------------
+
+def probe_accuracy(
+    fit_x, fit_y, score_x, score_y, sizes: list[int | None], repeats: int = 5, seed: int = 0,
+) -> list[dict]:
+    """Logistic-regression probe: how well a label can be read off the latent.
+
+    For each n in ``sizes`` (None = all fit examples), ``repeats`` random subsets of n fit
+    examples (one when n covers the set) train a standardised scikit-learn
+    ``LogisticRegression``; accuracy is measured on all score examples. The majority-class
+    baseline predicts the most frequent label of the same subset.
+
+    Args:
+        fit_x, score_x: (N, D) features (e.g. posterior means), arrays or tensors.
+        fit_y, score_y: (N,) integer labels.
+
+    Returns:
+        One dict per size: ``n``, ``accuracy`` (mean), ``accuracy_std`` (over repeats),
+        ``majority`` (mean baseline accuracy), ``repeats``. Accuracies are fractions in [0, 1].
+
+    Raises:
+        ValueError: a size is below 2 or exceeds the fit set, or a subset has one class only.
+    """
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    fit_x, score_x = np.asarray(fit_x, dtype=np.float64), np.asarray(score_x, dtype=np.float64)
+    fit_y, score_y = np.asarray(fit_y), np.asarray(score_y)
+    rng = np.random.default_rng(seed)
+    results = []
+    for size in sizes:
+        n = len(fit_y) if size is None else int(size)
+        if not 2 <= n <= len(fit_y):
+            raise ValueError(f"probe size {n} must be between 2 and the {len(fit_y)} fit examples")
+        runs = 1 if n == len(fit_y) else repeats
+        accs, majs = [], []
+        for _ in range(runs):
+            idx = rng.permutation(len(fit_y))[:n]
+            labels = fit_y[idx]
+            classes, counts = np.unique(labels, return_counts=True)
+            if len(classes) < 2:
+                raise ValueError(f"a probe subset of {n} examples has one class only; use more")
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+            clf.fit(fit_x[idx], labels)
+            accs.append(float((clf.predict(score_x) == score_y).mean()))
+            majs.append(float((score_y == classes[counts.argmax()]).mean()))
+        results.append({"n": n, "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+                        "majority": float(np.mean(majs)), "repeats": runs})
+    return results

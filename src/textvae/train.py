@@ -6,8 +6,12 @@ A run folder holds:
   ``data.json``: corpus sources and counts (blank lines skipped, sentences truncated/dropped).
 - ``log.jsonl``: one JSON object per line: ``{"type": "train", step, epoch, loss, rec, kl, beta,
   lr, tokens_per_s}`` every ``train.log_every`` steps (window means; nats per sentence) and
-  ``{"type": "valid", step, epoch, elbo, rec, kl, mi, au, au_delta, kl_per_dim}`` at each
-  validation (single-sample ELBO on the validation split), plus ``{"type": "event", ...}``.
+  ``{"type": "valid", step, epoch, beta, elbo, rec, kl, mi, mi_batch, au, au_delta, z_gap,
+  kl_per_dim}`` at each validation (single-sample ELBO on the validation split; ``z_gap`` is
+  the z-usage gap of :func:`textvae.metrics.z_usage_gap`), ``{"type": "warning", "warning":
+  "posterior collapse", step, kl, z_gap, validations, message}`` when KL or z-usage gap have
+  stayed under ``train.collapse_kl`` / ``train.collapse_z_gap`` for
+  ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}``.
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
   safetensors, optimizer, RNG states, LR scheduler, :class:`TrainerState` with the step that
   drives the beta schedule and the data position), written at every validation.
@@ -66,6 +70,7 @@ class TrainerState:
     batch_in_epoch: int = 0
     best_valid: float = math.inf
     last_valid_step: int = -1
+    collapsed_validations: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -183,6 +188,7 @@ def train(
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     run_dir = Path(run_dir)
     if resume:
@@ -247,13 +253,38 @@ def train(
     if resume:
         write_log({"type": "event", "event": "resume", "step": state.step})
 
+    def check_collapse(m: dict) -> None:
+        """Count validations in a row with KL or z-usage gap under threshold; warn past patience."""
+        low_gap = m["z_gap"] is not None and m["z_gap"] < t.collapse_z_gap
+        if m["kl"] < t.collapse_kl or low_gap:
+            state.collapsed_validations += 1
+        else:
+            state.collapsed_validations = 0
+        if t.collapse_patience and state.collapsed_validations >= t.collapse_patience:
+            gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
+            message = (f"posterior collapse? for {state.collapsed_validations} validations in a "
+                       f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
+                       f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): the decoder is "
+                       "ignoring z; consider free bits, a longer KL warm-up or pooling")
+            log.warning("step %d: %s", state.step, message)
+            write_log({"type": "warning", "warning": "posterior collapse", "step": state.step,
+                       "kl": m["kl"], "z_gap": m["z_gap"], "au": m["au"],
+                       "validations": state.collapsed_validations, "message": message})
+
     def validate() -> dict:
         m = evaluate(raw, valid_ds, iw_samples=0, au_delta=config.eval.au_delta,
                      batch_size=config.eval.batch_size, chunk_tokens=config.eval.chunk_tokens,
                      precision=t.precision, seed=t.seed)
         record = {"type": "valid", "step": state.step, "epoch": state.epoch,
-                  **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "au", "au_delta", "kl_per_dim")}}
+                  "beta": kl_weight(state.step, config.kl),
+                  **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
+                                       "z_gap", "kl_per_dim")}}
         write_log(record)
+        if raw.has_latent:
+            log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
+                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
+                     len(m["kl_per_dim"]), m["z_gap"] if m["z_gap"] is not None else math.nan)
+            check_collapse(m)
         loss = -m["elbo"]
         if scheduler is not None:
             scheduler.step(loss)
@@ -293,58 +324,60 @@ def train(
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
     window = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
     stop = state.step >= total
-    while not stop:
-        batches = train_ds.batches(t.batch_size, True, t.seed, state.epoch)
-        batches = batches[rank : per_epoch * n_proc : n_proc]  # this process's shard
-        while state.batch_in_epoch < len(batches) and not stop:
-            batch = train_ds.collate(batches[state.batch_in_epoch])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            beta = kl_weight(state.step, config.kl)
-            model.train()
-            out = model(batch, beta=beta, free_bits=config.kl.free_bits,
-                        free_bits_mode=config.kl.free_bits_mode)
-            loss = out["loss"]
-            if not torch.isfinite(loss):
-                rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
-                write_log({"type": "event", "event": "non-finite loss", "step": state.step,
-                           "rec": rec, "kl": kl})
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
-                    f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
-                    "lower train.lr or lengthen the KL warm-up, then resume or restart.")
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if t.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            state.step += 1
-            state.batch_in_epoch += 1
-            window["loss"] += loss.item()
-            window["rec"] += out["rec"].mean().item()
-            window["kl"] += out["kl"].mean().item()
-            window["n"] += 1
-            window["tokens"] += int(batch["attention_mask"].sum())
-            bar.update(1)
-            if state.step % t.log_every == 0:
-                n, dt = window["n"], time.perf_counter() - window["t0"]
-                record = {"type": "train", "step": state.step, "epoch": state.epoch,
-                          "loss": window["loss"] / n, "rec": window["rec"] / n, "kl": window["kl"] / n,
-                          "beta": beta, "lr": optimizer.param_groups[0]["lr"],
-                          "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
-                write_log(record)
-                bar.set_postfix(rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}")
-                window = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
-            stop = state.step >= total
-            if t.eval_every and state.step % t.eval_every == 0:
-                validate()
-        if state.batch_in_epoch >= len(batches):
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if not t.eval_every:
-                validate()
-    if state.last_valid_step != state.step:
-        validate()
-    bar.close()
+    # log records (validation lines, collapse warnings) print above the progress bar
+    with logging_redirect_tqdm():
+        while not stop:
+            batches = train_ds.batches(t.batch_size, True, t.seed, state.epoch)
+            batches = batches[rank : per_epoch * n_proc : n_proc]  # this process's shard
+            while state.batch_in_epoch < len(batches) and not stop:
+                batch = train_ds.collate(batches[state.batch_in_epoch])
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                beta = kl_weight(state.step, config.kl)
+                model.train()
+                out = model(batch, beta=beta, free_bits=config.kl.free_bits,
+                            free_bits_mode=config.kl.free_bits_mode)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
+                    write_log({"type": "event", "event": "non-finite loss", "step": state.step,
+                               "rec": rec, "kl": kl})
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
+                        f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
+                        "lower train.lr or lengthen the KL warm-up, then resume or restart.")
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                state.step += 1
+                state.batch_in_epoch += 1
+                window["loss"] += loss.item()
+                window["rec"] += out["rec"].mean().item()
+                window["kl"] += out["kl"].mean().item()
+                window["n"] += 1
+                window["tokens"] += int(batch["attention_mask"].sum())
+                bar.update(1)
+                if state.step % t.log_every == 0:
+                    n, dt = window["n"], time.perf_counter() - window["t0"]
+                    record = {"type": "train", "step": state.step, "epoch": state.epoch,
+                              "loss": window["loss"] / n, "rec": window["rec"] / n, "kl": window["kl"] / n,
+                              "beta": beta, "lr": optimizer.param_groups[0]["lr"],
+                              "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
+                    write_log(record)
+                    bar.set_postfix(rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}")
+                    window = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+                stop = state.step >= total
+                if t.eval_every and state.step % t.eval_every == 0:
+                    validate()
+            if state.batch_in_epoch >= len(batches):
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if not t.eval_every:
+                    validate()
+        if state.last_valid_step != state.step:
+            validate()
+        bar.close()
     if log_file is not None:
         write_log({"type": "event", "event": "finished", "step": state.step})
         log_file.close()

@@ -1,0 +1,434 @@
+"""Run reports and run comparison: is the latent alive, and what does it encode?
+
+:func:`write_report` turns a run folder into ``RUN_DIR/report/`` (``report.md`` plus PNG plots
+drawn with matplotlib); :func:`compare_runs` puts several runs' evaluation JSONs side by side
+and overlays their training curves. Everything is read from the run folder (``config.yaml``,
+``log.jsonl``, ``eval-*.json``, the best checkpoint); nothing in it is changed except the
+``report/`` folder, which is rebuilt in a temporary folder and renamed into place.
+
+Units: nats per sentence (EOS counted) unless stated; BLEU 0-100; accuracies in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+# the evaluation fields shown in tables: key, header (with units), format
+TABLE_FIELDS = (
+    ("rec", "rec (nats/sent)", "{:.2f}"),
+    ("kl", "KL (nats/sent)", "{:.3f}"),
+    ("elbo", "ELBO (nats/sent)", "{:.2f}"),
+    ("nll", "IW-NLL (nats/sent)", None),  # with its standard error
+    ("ppl_word", "PPL (per word)", "{:.1f}"),
+    ("mi", "MI (nats)", "{:.3f}"),
+    ("au", "AU", None),  # with its delta and the latent size
+    ("z_gap", "z-usage gap (nats/sent)", "{:.3f}"),
+    ("rec_bleu", "rec BLEU", "{:.1f}"),
+    ("self_bleu", "self-BLEU", "{:.1f}"),
+    ("distinct_1", "distinct-1", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+    ("iw_samples", "K", "{}"),
+    ("n_sentences", "sentences", "{}"),
+)
+
+
+def read_log(run_dir: str | Path) -> dict[str, list[dict]]:
+    """The records of ``RUN_DIR/log.jsonl`` grouped by their ``type`` (train, valid, warning,
+    event), in file order. A resumed run's records are kept as written.
+
+    Raises:
+        FileNotFoundError: no ``log.jsonl``. ValueError: a line is not JSON (the line number
+            is given).
+    """
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no log.jsonl (is it a run folder?)")
+    groups: dict[str, list[dict]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from err
+        groups.setdefault(record.get("type", "other"), []).append(record)
+    return groups
+
+
+def read_evaluations(run_dir: str | Path) -> dict[str, dict]:
+    """``{file stem: evaluation dict}`` of every ``eval-*.json`` in the run folder."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("eval-*.json")):
+        out[path.stem] = json.loads(path.read_text())
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.grid": True,
+                         "grid.alpha": 0.3, "figure.dpi": 110})
+    return plt
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+CURVES = (  # (record type, key, title)
+    ("rec", "reconstruction  -log p(x|z)  (nats/sentence)"),
+    ("kl", "KL(q(z|x) || p(z))  (nats/sentence)"),
+    ("beta", "KL weight beta"),
+    ("mi", "mutual information I(x; z)  (nats)"),
+    ("au", "active units (dimensions)"),
+    ("z_gap", "z-usage gap  (nats/sentence)"),
+)
+
+
+def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str) -> Path:
+    """Training curves against optimizer step, one panel per quantity of :data:`CURVES`.
+
+    Args:
+        runs: ``{label: read_log(run)}``; one run draws training windows (thin) and
+            validations (markers); several runs overlay their validation curves (the training
+            windows of rec and KL too, thin).
+        path: PNG to write.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    single = len(runs) == 1
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, groups) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
+        train, valid = groups.get("train", []), groups.get("valid", [])
+        for ax, (key, panel) in zip(axes.flat, CURVES, strict=True):
+            if key in ("rec", "kl", "beta"):
+                x, y = _series(train, key)
+                if x:
+                    ax.plot(x, y, color=color, lw=0.8, alpha=0.45 if key != "beta" else 1.0,
+                            marker="." if len(x) < 3 else None,
+                            label=(f"{label} train" if not single else "train (window mean)"))
+            if key != "beta":
+                x, y = _series(valid, key)
+                if x:
+                    ax.plot(x, y, "o-", color=color if not single else colors[1], ms=4, lw=1.5,
+                            label=(f"{label} valid" if not single else "validation"))
+            ax.set_title(panel)
+            ax.set_xlabel("optimizer step")
+    for ax in axes.flat:
+        if ax.lines:
+            ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_kl_per_dim(
+    kl_dims: list[float], mu_var: list[float], delta: float, path: str | Path, title: str
+) -> Path:
+    """Two aligned bar charts over latent dimensions: KL per dimension (nats/sentence, log
+    scale) and Var_x(E_q[z|x]) with the active-unit threshold delta as a line; active
+    dimensions are coloured in both panels.
+    """
+    plt = _pyplot()
+    d = len(kl_dims)
+    active = [v > delta for v in mu_var]
+    colors = ["#d62728" if a else "#7f7f7f" for a in active]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * d + 2), 6.5), sharex=True,
+                                      constrained_layout=True)
+    floor = 1e-5
+    top.bar(range(d), [max(k, floor) for k in kl_dims], color=colors)
+    top.set_yscale("log")
+    top.set_ylim(bottom=floor)
+    top.set_ylabel("KL per dimension\n(nats/sentence, log)")
+    top.set_title(f"{title}\nKL total {sum(kl_dims):.3f} nats; "
+                  f"{sum(active)}/{d} active units (red) at delta = {delta}")
+    bottom.bar(range(d), [max(v, floor) for v in mu_var], color=colors)
+    bottom.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
+    bottom.set_yscale("log")
+    bottom.set_ylim(bottom=floor)
+    bottom.set_ylabel("Var over sentences of\nposterior mean (log)")
+    bottom.set_xlabel("latent dimension")
+    bottom.legend(loc="upper right", fontsize=8)
+    step = 1 if d <= 40 else max(1, d // 32)
+    bottom.set_xticks(range(0, d, step))
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_projection(
+    mu: torch.Tensor, path: str | Path, title: str, labels: list[int] | None = None,
+    lengths: list[int] | None = None, label_names: dict[int, str] | None = None,
+) -> Path:
+    """2-D PCA of posterior means (N, D): coloured by label where labels exist, else by
+    sentence length in words (colour bar). Axis labels give each component's share of variance.
+    """
+    import numpy as np
+    from sklearn.decomposition import PCA
+
+    plt = _pyplot()
+    x = mu.double().numpy()
+    pca = PCA(n_components=2, random_state=0)
+    xy = pca.fit_transform(x) if x.shape[1] >= 2 else np.c_[x, np.zeros(len(x))]
+    ratio = list(pca.explained_variance_ratio_) if x.shape[1] >= 2 else [1.0, 0.0]
+    fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
+    if labels is not None:
+        markers = "o^sDv<>"
+        palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+        for i, value in enumerate(sorted(set(labels))):
+            rows = [j for j, lab in enumerate(labels) if lab == value]
+            name = (label_names or {}).get(value, f"label {value}")
+            ax.scatter(xy[rows, 0], xy[rows, 1], s=7, alpha=0.5, marker=markers[i % len(markers)],
+                       color=palette[i % len(palette)], label=f"{name} ({len(rows)})")
+        ax.legend(markerscale=2.5, loc="best")
+    else:
+        points = ax.scatter(xy[:, 0], xy[:, 1], s=7, alpha=0.6, c=lengths, cmap="viridis")
+        fig.colorbar(points, ax=ax, label="sentence length (words)")
+    ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of variance)")
+    ax.set_title(f"{title}\nposterior means of {len(x)} sentences, PCA")
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None) -> str:
+    value = result.get(key)
+    if key == "nll":
+        if value is None:
+            return "–"
+        return f"{value:.2f} ± {result.get('nll_stderr') or 0:.2f}"
+    if key == "au":
+        if value is None:
+            return "–"
+        size = f"/{latent_dim}" if latent_dim else ""
+        return f"{value}{size} (δ={result.get('au_delta')})"
+    if value is None:
+        return "–"
+    return fmt.format(value)
+
+
+def evaluation_table(rows: dict[str, dict], latent_dims: dict[str, int] | None = None) -> str:
+    """A markdown table, one row per name, columns :data:`TABLE_FIELDS` (units in the header);
+    columns empty in every row are left out."""
+    keys = [(k, h, f) for k, h, f in TABLE_FIELDS if any(r.get(k) is not None for r in rows.values())]
+    lines = ["| run | " + " | ".join(h for _, h, _ in keys) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for name, result in rows.items():
+        dim = (latent_dims or {}).get(name)
+        lines.append(f"| {name} | " + " | ".join(_fmt(result, k, f, dim) for k, _, f in keys) + " |")
+    return "\n".join(lines)
+
+
+def latent_status(kl: float | None, z_gap: float | None, au: int | None, latent_dim: int,
+                  kl_threshold: float, gap_threshold: float) -> str:
+    """One line saying whether the latent is in use, with the numbers it rests on."""
+    if kl is None:
+        return "no latent variable (language model)"
+    parts = [f"KL {kl:.3f} nats/sentence", f"AU {au}/{latent_dim}"]
+    if z_gap is not None:
+        parts.append(f"z-usage gap {z_gap:.3f} nats/sentence")
+    collapsed = kl < kl_threshold or (z_gap is not None and z_gap < gap_threshold)
+    verdict = ("**collapsed**: the decoder barely uses z" if collapsed
+               else "**in use**: reconstructions depend on z")
+    return (f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, "
+            f"gap {gap_threshold})")
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@torch.no_grad()
+def write_report(
+    run_dir: str | Path, split: str = "valid", max_sentences: int = 2000, n_examples: int = 5,
+    seed: int = 0, label_names: dict[int, str] | None = None,
+) -> Path:
+    """Write ``RUN_DIR/report/`` (report.md, curves.png, and for latent models kl_per_dim.png
+    and latent_pca.png) for a trained run.
+
+    The latent diagnostics use the first ``max_sentences`` sentences of ``split`` (the run's
+    corpus) through the best checkpoint: KL per dimension, AU, MI and the z-usage gap from
+    :func:`textvae.metrics.evaluate` without IW samples; any ``eval-*.json`` of the run is
+    tabulated as well. Examples (prior samples, reconstructions, one interpolation) are greedy
+    decodings under a forked RNG seeded by ``seed``.
+
+    Returns:
+        The report folder.
+
+    Raises:
+        FileNotFoundError: not a run folder; textvae.train.RunDirError: no best checkpoint.
+    """
+    import textvae
+    from textvae.data import LABEL_NAMES, TextDataset, load_split
+    from textvae.generate import interpolate, reconstruct, sample_prior
+    from textvae.metrics import active_units, evaluate
+
+    run_dir = Path(run_dir)
+    groups = read_log(run_dir)
+    model, tokenizer = textvae.load(run_dir)
+    cfg = model.config
+    corpus = load_split(cfg.data, split)
+    texts = corpus.texts[:max_sentences]
+    labels = corpus.labels[:max_sentences] if corpus.labels else None
+    if label_names is None:
+        label_names = LABEL_NAMES.get(cfg.data.corpus or "")
+    dataset = TextDataset(texts, tokenizer, labels)
+
+    final = run_dir / "report"
+    tmp = final.with_name("report.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    name = run_dir.name
+    plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves")
+
+    quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
+                     batch_size=cfg.eval.batch_size, seed=seed)
+    evaluations = read_evaluations(run_dir)
+    latent_dim = model.latent_dim if model.has_latent else None
+    t = cfg.train
+    status = latent_status(quick["kl"] if model.has_latent else None, quick["z_gap"], quick["au"],
+                           latent_dim or 0, t.collapse_kl, t.collapse_z_gap)
+    train_steps = max((r["step"] for r in groups.get("train", [])), default=0)
+    warnings = groups.get("warning", [])
+    md = [f"# Run report: `{name}`", "",
+          f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `textvae report`.",
+          "", f"**Latent status** (first {len(texts)} sentences of the {split} split, best "
+          f"checkpoint): {status}.", ""]
+    if warnings:
+        md += [f"**Training warned of posterior collapse {len(warnings)} time(s)**, from step "
+               f"{warnings[0]['step']} to {warnings[-1]['step']}: {warnings[-1]['message']}", ""]
+    m, k = cfg.model, cfg.kl
+    md += ["## Setup", "",
+           f"- model `{m.name}`: embedding {m.embed_dim}, hidden {m.hidden_dim}"
+           + (f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
+              if model.has_latent else ""),
+           f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
+           f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})",
+           f"- training: {train_steps} steps logged, batch {t.batch_size}, `{t.optimizer}` lr "
+           f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
+           f"- tokenizer: {quick['tokenizer']}", ""]
+    rows = {f"{stem} (K={e.get('iw_samples')})": e for stem, e in evaluations.items()}
+    rows[f"{split}, first {len(texts)} (no IW)"] = quick
+    md += ["## Evaluation", "",
+           "Rows named `eval-*` are `textvae evaluate` outputs; the last row is this report's "
+           "own single-sample pass. Units: nats per sentence (EOS counted); MI "
+           f"{quick['mi_estimator'] or 'n/a'}.", "",
+           evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
+    md += ["## Training curves", "", "![training curves](curves.png)", "",
+           "Thin lines: means over `train.log_every` training steps; markers: validations "
+           "(single-sample ELBO terms on the validation split).", ""]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if model.has_latent:
+            q = model.posterior({k2: v for k2, v in dataset.collate(list(range(len(dataset)))).items()})
+            mu = q.mean.float()
+            _, var = active_units(mu, cfg.eval.au_delta)
+            plot_kl_per_dim(quick["kl_per_dim"], var.tolist(), cfg.eval.au_delta,
+                            tmp / "kl_per_dim.png", name)
+            lengths = [len(s.split()) for s in texts]
+            plot_projection(mu, tmp / "latent_pca.png", f"{name} ({split} split)", labels,
+                            lengths, label_names)
+            md += ["## Latent space", "", "![KL per dimension](kl_per_dim.png)", "",
+                   "![posterior means, PCA](latent_pca.png)", ""]
+        md += ["## Examples", "", "Prior samples (z ~ p(z), greedy decoding):", ""]
+        md += [f"{i + 1}. {s or '(empty)'}" for i, s in enumerate(
+            sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample"))]
+        if model.has_latent:
+            inputs = texts[:n_examples]
+            outputs = reconstruct(model, inputs, strategy="greedy")
+            md += ["", "Reconstructions (greedy from the posterior mean):", "",
+                   "| input | reconstruction |", "|---|---|"]
+            md += [f"| {a} | {b or '(empty)'} |" for a, b in zip(inputs, outputs, strict=True)]
+            if len(texts) >= 2:
+                a, b = texts[0], texts[min(len(texts) - 1, n_examples)]
+                steps = interpolate(model, a, b, steps=5, strategy="greedy")
+                md += ["", "Interpolation between two posterior means (linear, 5 points, greedy):",
+                       "", f"- **from** {a}"]
+                md += [f"- {i / 4:.2f}: {s or '(empty)'}" for i, s in enumerate(steps)]
+                md += [f"- **to** {b}"]
+    (tmp / "report.md").write_text("\n".join(md) + "\n")
+    _commit(tmp, final)
+    return final
+
+
+def compare_runs(
+    run_dirs: list[str | Path], output: str | Path, eval_name: str = "eval-test"
+) -> tuple[str, Path]:
+    """Side-by-side evaluation table and an overlay of training curves.
+
+    Args:
+        run_dirs: run folders; each contributes ``<eval_name>.json`` (a row of dashes if
+            missing) and ``log.jsonl``.
+        output: folder for ``compare.md`` and ``compare_curves.png`` (created; those two files
+            are replaced).
+
+    Returns:
+        (markdown text, output folder).
+
+    Raises:
+        FileNotFoundError: a folder has no ``log.jsonl``. ValueError: fewer than one run or
+            two runs with the same folder name.
+    """
+    from omegaconf import OmegaConf
+
+    from textvae.models import MODELS
+
+    if not run_dirs:
+        raise ValueError("compare needs at least one run folder")
+    paths = [Path(r) for r in run_dirs]
+    names = [p.name for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs share a folder name: {names}")
+    rows, dims, logs, missing = {}, {}, {}, []
+    for path in paths:
+        logs[path.name] = read_log(path)
+        file = path / f"{eval_name}.json"
+        if file.is_file():
+            rows[path.name] = json.loads(file.read_text())
+        else:
+            rows[path.name] = {}
+            missing.append(path.name)
+        cfg = OmegaConf.load(path / "config.yaml")
+        dims[path.name] = cfg.model.latent_dim if MODELS[cfg.model.name].has_latent else None
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_curves(logs, output / "compare_curves.png", "training curves")
+    notes = [f"Evaluation: `{eval_name}.json` of each run (written by `textvae evaluate`); "
+             "nats per sentence with EOS counted; IW-NLL ± standard error over sentences."]
+    tokenizers = {n: r.get("tokenizer") for n, r in rows.items() if r.get("tokenizer")}
+    if len(set(tokenizers.values())) > 1:
+        notes.append("Tokenizers differ (" + "; ".join(f"{n}: {t}" for n, t in tokenizers.items())
+                     + "): compare PPL per word, not per token.")
+    if missing:
+        notes.append(f"No `{eval_name}.json` in: {', '.join(missing)}.")
+    ks = {r["iw_samples"] for r in rows.values() if r.get("iw_samples")}
+    if len(ks) > 1:
+        notes.append(f"Runs use different IW sample counts {sorted(ks)}: NLLs are not equally tight.")
+    text = "\n".join(["# Run comparison", "", evaluation_table(rows, dims), "",
+                      *[f"- {n}" for n in notes], "", "![training curves](compare_curves.png)", ""])
+    tmp = output / "compare.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, output / "compare.md")
+    return text, output
