@@ -151,10 +151,12 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
         data_cfg = dataclasses.replace(data_cfg, corpus=None, label_field=args.label_field,
                                        text_field=args.text_field)
         corpus = load_split(data_cfg, role, path=which)
+    elif which is None and data is None and cfg.data.corpus is None:
+        corpus = load_split(data_cfg, role)  # the run's own files
     else:
         name = data or cfg.data.corpus
         if name is None:
-            raise DataError("probe: the run trained on files; give --fit and --score files")
+            raise DataError("probe: give --data CORPUS, or --fit and --score files")
         if which is None:
             if name == "yelp_sentiment":
                 which = "test" if role == "train" else "dev"
@@ -201,7 +203,8 @@ def _cmd_probe(args) -> int:
         features[role] = (mu, labels, source)
     (fit_x, fit_y, fit_src), (score_x, score_y, score_src) = features["train"], features["valid"]
     results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
-    name = args.data or cfg.data.corpus or "data"
+    fit_file = args.fit is not None and Path(args.fit).is_file()
+    name = args.data or (Path(args.fit).stem if fit_file else cfg.data.corpus) or "data"
     record = {"fit": fit_src, "score": score_src, "fit_sentences": len(fit_y),
               "score_sentences": len(score_y), "features": f"posterior mean (D={model.latent_dim})",
               "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
