@@ -195,6 +195,8 @@ def _cmd_probe(args) -> int:
     features = {}
     for role, which in (("train", args.fit), ("valid", args.score)):
         texts, labels, source = _probe_split(model, cfg, args.data, which, role, args)
+        if args.max_sentences is not None:
+            texts, labels = texts[: args.max_sentences], labels[: args.max_sentences]
         dataset = TextDataset(texts, tokenizer, labels)
         mu = torch.empty(len(dataset), model.latent_dim)
         with torch.no_grad():
@@ -308,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="100,1000,all",
                    help="labelled-example counts, comma-separated; 'all' = the whole fit set")
     p.add_argument("--repeats", type=int, default=5, help="random subsets per count (default 5)")
+    p.add_argument("--max-sentences", type=int,
+                   help="use only the first N sentences of the fit and of the score set")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON path (default RUN_DIR/probe-<data>.json)")
     p.set_defaults(func=_cmd_probe)
