@@ -9,8 +9,10 @@ Units: log-likelihoods, KL terms, ELBO and NLL are in **nats per sentence** (sum
 sentence's predicted tokens, EOS counted, padding never) unless a name says per token or per
 word.
 
-Entry points: :func:`load` a trained run; ``textvae.train.train``; ``textvae.metrics.evaluate``;
-``textvae.generate`` (``sample_prior``, ``reconstruct``, ``interpolate``).
+Entry points: :func:`load` a trained run; ``textvae.train.train``; ``textvae.metrics``
+(``evaluate``, ``z_usage_gap``, ``generation_metrics``, ``probe_accuracy``);
+``textvae.generate`` (``sample_prior``, ``reconstruct``, ``interpolate``); ``textvae.report``
+(``write_report``, ``compare_runs``).
 """
 
 from __future__ import annotations

@@ -128,6 +128,9 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
+        else:
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
     fig.suptitle(title)
     fig.savefig(path)
     plt.close(fig)
@@ -160,7 +163,7 @@ def plot_kl_per_dim(
     bottom.set_ylim(bottom=floor)
     bottom.set_ylabel("Var over sentences of\nposterior mean (log)")
     bottom.set_xlabel("latent dimension")
-    bottom.legend(loc="upper right", fontsize=8)
+    bottom.legend(loc="upper right", fontsize=8, framealpha=1.0)
     step = 1 if d <= 40 else max(1, d // 32)
     bottom.set_xticks(range(0, d, step))
     fig.savefig(path)
