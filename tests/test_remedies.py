@@ -153,6 +153,7 @@ def test_remedy_config_keys_are_checked():
 
 # --- bag-of-words loss ---------------------------------------------------------------------------
 
+@torch.no_grad()
 def test_bow_loss_is_a_masked_sum_of_log_softmax(tiny_model, tiny_batch):
     model = tiny_model("lstm_vae", bow_weight=1.0)
     z = torch.randn(tiny_batch["input_ids"].size(0), 4)
