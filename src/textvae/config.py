@@ -74,9 +74,10 @@ class ModelConfig:
         z_init_state: z sets the decoder's initial state (c_0 = W z, h_0 = tanh c_0).
         z_every_step: z is concatenated to every decoder input embedding.
         posterior_bn_gamma: BN-VAE (Zhu et al. 2020): batch-normalise the posterior means with
-            this fixed scale gamma and a learnable shift; 0 = off. Guarantees a training-batch
-            mean KL of at least ``latent_dim * gamma^2 / 2`` nats per sentence (exact form in
-            :class:`textvae.posteriors.GaussianHead`).
+            this fixed scale gamma and a learnable shift; 0 = off. A training batch's mean KL is
+            then at least about ``latent_dim * gamma^2 / 2`` nats per sentence once the means
+            vary across the batch by much more than BatchNorm's eps (exact bound in
+            :class:`textvae.posteriors.GaussianHead`, docs/remedies.md).
         min_rate_delta: delta-VAE style committed rate (Razavi et al. 2019), nats per latent
             dimension: the posterior variance is bounded so that every dimension's
             KL(q || N(0, 1)) is at least delta for every input; 0 = off; at most 9.
