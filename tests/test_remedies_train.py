@@ -92,6 +92,29 @@ def test_inner_loop_stops_when_the_window_loss_stops_improving(tiny_model, token
     assert n == expect == len(calls)
 
 
+def test_inner_loop_stops_on_the_loss_summed_over_processes(tiny_model, tokenizer):
+    """With several processes the stop is decided on all their batches together: here the local
+    loss improves, a simulated other process's gets worse by more, so all stop after 2 windows."""
+    model = tiny_model("lstm_vae").train()
+    enc_opt = torch.optim.SGD(model.inference_parameters(), lr=0.0)
+    batch = _tiny_batches(tokenizer, 1)[0]
+    anchor = next(iter(model.inference_parameters()))
+    tokens = float(batch["attention_mask"].sum())
+    local = iter([4.0, 3.0, 2.0, 1.0, 0.5, 0.4])
+    remote = iter([0.0, 50.0, 100.0])  # the other process's window loss sums (per window)
+
+    def all_sum(sums):
+        return sums + torch.tensor([next(remote) * 16, tokens], dtype=torch.float64)
+
+    n = aggressive_inner_loop(model, enc_opt, lambda i: batch,
+                              lambda b: anchor.sum() * 0 + next(local), max_inner=6, window=1,
+                              grad_clip=0.0, all_sum=all_sum)
+    assert n == 2
+    assert aggressive_inner_loop(model, enc_opt, lambda i: batch,
+                                 lambda b: anchor.sum() * 0 + 1.0, max_inner=6, window=1,
+                                 grad_clip=0.0) == 6
+
+
 def test_aggressive_switch_off_rule():
     state = TrainerState(aggressive=True)
     assert not update_aggressive(state, -0.01)  # first validation: nothing to compare with

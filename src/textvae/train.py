@@ -227,6 +227,7 @@ def aggressive_inner_loop(
     model, enc_optimizer: torch.optim.Optimizer, draw_batch: Callable[[int], dict],
     loss_of: Callable[[dict], torch.Tensor], max_inner: int, window: int, grad_clip: float,
     backward: Callable[[torch.Tensor], None] | None = None,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
     """Encoder-only updates until the encoder's loss stops improving (He et al. 2019, Alg. 1).
 
@@ -242,6 +243,8 @@ def aggressive_inner_loop(
         model: the unwrapped model (``inference_parameters()``, ``zero_grad``).
         loss_of: batch -> scalar training loss (mean over the batch of nats per sentence).
         backward: how to back-propagate (``accelerator.backward``); ``loss.backward`` if None.
+        all_sum: sums a float64 tensor over processes (several processes must stop together:
+            they compare the window losses of all their batches); None for one process.
 
     Returns:
         The number of encoder-only steps taken, 1 <= n <= max_inner.
@@ -264,7 +267,10 @@ def aggressive_inner_loop(
         total += loss.item() * batch["input_ids"].size(0)
         tokens += int(batch["attention_mask"].sum())
         if (i + 1) % window == 0:
-            current = total / tokens
+            sums = torch.tensor([total, float(tokens)], dtype=torch.float64)
+            if all_sum is not None:
+                sums = all_sum(sums)
+            current = float(sums[0] / sums[1])
             if current > previous:
                 break
             previous, total, tokens = current, 0.0, 0
@@ -513,6 +519,11 @@ def train(
                     "phase in this run unless it is resumed with a larger budget", total,
                     t.ae_pretrain_steps)
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
+    all_sum = None
+    if n_proc > 1:  # the inner loops of all processes stop at the same step
+
+        def all_sum(x: torch.Tensor) -> torch.Tensor:
+            return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
     def new_window() -> dict:
         return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "inner": 0, "n": 0, "tokens": 0,
@@ -548,7 +559,7 @@ def train(
                     inner = aggressive_inner_loop(
                         raw, enc_optimizer, draw, lambda b, beta=beta: forward(b, beta)["loss"],
                         t.aggressive_max_inner, t.aggressive_window, t.grad_clip,
-                        accelerator.backward)
+                        accelerator.backward, all_sum)
                 out = forward(batch, beta)
                 loss = out["loss"]
                 for opt in optimizers:
