@@ -73,6 +73,17 @@ class ModelConfig:
         enc_dropout_in: dropout on encoder input embeddings.
         z_init_state: z sets the decoder's initial state (c_0 = W z, h_0 = tanh c_0).
         z_every_step: z is concatenated to every decoder input embedding.
+        posterior_bn_gamma: BN-VAE (Zhu et al. 2020): batch-normalise the posterior means with
+            this fixed scale gamma and a learnable shift; 0 = off. A training batch's mean KL is
+            then at least about ``latent_dim * gamma^2 / 2`` nats per sentence once the means
+            vary across the batch by much more than BatchNorm's eps (exact bound in
+            :class:`textvae.posteriors.GaussianHead`, docs/remedies.md).
+        min_rate_delta: delta-VAE style committed rate (Razavi et al. 2019), nats per latent
+            dimension: the posterior variance is bounded so that every dimension's
+            KL(q || N(0, 1)) is at least delta for every input; 0 = off; at most 9.
+        bow_weight: weight of the bag-of-words auxiliary loss (Zhao et al. 2017), an MLP
+            z -> vocabulary (hidden size ``hidden_dim``); 0 = off and no parameters created.
+            Not part of the ELBO: reported as ``bow``, never in evaluation.
     """
 
     name: str = "lstm_vae"
@@ -87,6 +98,9 @@ class ModelConfig:
     word_dropout: float = 0.0
     z_init_state: bool = True
     z_every_step: bool = True
+    posterior_bn_gamma: float = 0.0
+    min_rate_delta: float = 0.0
+    bow_weight: float = 0.0
 
 
 @dataclass
@@ -134,6 +148,21 @@ class TrainConfig:
         collapse_patience: after this many such validations in a row, every further one
             writes a warning (progress output and ``log.jsonl``); 0 = never warn. Training
             is not stopped.
+        aggressive: aggressive inference-network training (He et al. 2019): before each
+            decoder update, encoder-only updates on random training batches (their own
+            optimizer, same settings) until the encoder's loss stops improving; switched off
+            for good at the first validation whose MI is lower than the previous one's.
+        aggressive_max_inner: at most this many encoder-only steps per decoder step (He et al.:
+            100).
+        aggressive_window: the inner loop stops when the per-token loss of the last
+            ``aggressive_window`` inner steps is higher than that of the window before (He et
+            al.'s released code: 15).
+        ae_pretrain_steps: Li et al. 2019: the first N optimizer steps train an autoencoder
+            (phase ``ae``, KL weight 0), then phase ``vae`` starts: the decoder is re-initialised
+            (``ae_reset_decoder``), the optimizer state is reset and the KL schedule counts from
+            the phase start. The N steps count towards ``max_steps``/``max_epochs``; 0 = off.
+        ae_reset_decoder: re-initialise every parameter outside the inference network at the
+            phase hand-off (Li et al. 2019); false keeps the phase-1 decoder.
     """
 
     seed: int = 0
@@ -158,6 +187,11 @@ class TrainConfig:
     collapse_kl: float = 0.5
     collapse_z_gap: float = 0.5
     collapse_patience: int = 3
+    aggressive: bool = False
+    aggressive_max_inner: int = 100
+    aggressive_window: int = 15
+    ae_pretrain_steps: int = 0
+    ae_reset_decoder: bool = True
 
 
 @dataclass
@@ -277,10 +311,29 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.name={config.model.name!r} is not one of {', '.join(MODELS)}")
     if config.data.corpus is None and config.data.train_path is None:
         raise ConfigError("data.corpus is null, so data.train_path must be set")
-    for key in ("train.batch_size", "model.latent_dim", "model.hidden_dim", "eval.iw_samples"):
+    for key in ("train.batch_size", "model.latent_dim", "model.hidden_dim", "eval.iw_samples",
+                "train.aggressive_max_inner", "train.aggressive_window"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
+    m, t = config.model, config.train
+    for key in ("model.posterior_bn_gamma", "model.min_rate_delta", "model.bow_weight",
+                "train.ae_pretrain_steps"):
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) < 0:
+            raise ConfigError(f"{key} must be >= 0")
+    if m.min_rate_delta > 9:
+        raise ConfigError("model.min_rate_delta must be at most 9 nats per dimension (the "
+                          "posterior log-variance is clamped at -20)")
+    if not MODELS[m.name].has_latent:
+        used = [key for key, on in (
+            ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+            ("model.min_rate_delta", m.min_rate_delta > 0), ("model.bow_weight", m.bow_weight > 0),
+            ("train.aggressive", t.aggressive), ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
+        ) if on]
+        if used:
+            raise ConfigError(f"model.name={m.name!r} has no latent variable, so "
+                              f"{', '.join(used)} cannot be used; set them to 0/false")
 
 
 def save_config(config: Config, path: str | Path) -> None:

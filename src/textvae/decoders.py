@@ -85,3 +85,35 @@ class LSTMDecoder(nn.Module):
         h0, c0 = state
         out, (h, c) = self.lstm(emb, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
         return self.dropout_out(out), (h.squeeze(0), c.squeeze(0))
+
+
+class BagOfWordsHead(nn.Module):
+    """Bag-of-words auxiliary decoder (Zhao, Zhao & Eskenazi 2017, "Learning Discourse-level
+    Diversity for Neural Dialog Models using Conditional Variational Autoencoders", the
+    bag-of-word loss): f = softmax(MLP_b(z)) over the vocabulary, and
+    log p(x_bag | z) = sum_t log f[x_t] over the sentence's real tokens, order ignored.
+
+    The MLP is Linear(D, H) -> tanh -> Linear(H, V), as in their released code (H = 400 there;
+    here the model's ``hidden_dim``). Its loss has no path around z, so its gradient reaches the
+    latent, and through the reparameterised sample the encoder.
+    """
+
+    def __init__(self, latent_dim: int, hidden_dim: int, vocab_size: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(),
+                                 nn.Linear(hidden_dim, vocab_size))
+
+    def log_prob(self, z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """log p_bow(x | z) per sentence.
+
+        Args:
+            z: (N, D) latent codes.
+            targets: (N, T) int64 token ids.
+            mask: (N, T), 1 on real tokens (EOS included), 0 on padding.
+
+        Returns:
+            (N,) float32, nats per sentence (a sum over real tokens, EOS counted, padding never).
+        """
+        logp = torch.log_softmax(self.net(z).float(), dim=-1)  # (N, V)
+        per_token = logp.gather(1, targets)  # (N, T)
+        return (per_token * mask.to(per_token.dtype)).sum(-1)

@@ -125,17 +125,23 @@ def elbo(
 ) -> dict[str, torch.Tensor]:
     """Single-sample ELBO and the training loss (Kingma & Welling 2014; Bowman et al. 2016).
 
-    loss = mean_B[rec] + beta * KL_term, where rec = -log p(x|z), z ~ q(z|x) reparameterised,
-    and KL_term is :func:`free_bits_kl` of the closed-form KL (or, without a closed form, the
-    single-sample estimate log q(z|x) - log p(z)). A model without latent gets loss = -log p(x).
+    loss = mean_B[rec] + beta * KL_term (+ bow_weight * mean_B[bow]), where rec = -log p(x|z),
+    z ~ q(z|x) reparameterised, and KL_term is :func:`free_bits_kl` of the closed-form KL (or,
+    without a closed form, the single-sample estimate log q(z|x) - log p(z)). A model without
+    latent gets loss = -log p(x).
+
+    The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
+    bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
+    returned separately and evaluation never includes it.
 
     Returns:
-        dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,) and ``kl_per_dim`` (B, D) or
-        None; all nats per sentence.
+        dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) or None
+        and ``bow`` (B,) or None; all nats per sentence.
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
-        return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None}
+        return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
+                "bow": None}
     q = model.posterior(batch)
     p = model.prior(batch)
     z = q.rsample((1,))  # (1, B, D)
@@ -148,7 +154,11 @@ def elbo(
         kl = (q.log_prob(z) - p.log_prob(z))[0]
         kl_term = torch.clamp(kl.mean(), min=free_bits) if free_bits > 0 else kl.mean()
     loss = rec.mean() + beta * kl_term
-    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims}
+    bow = None
+    if model.bow_head is not None:
+        bow = -model.bow_head.log_prob(z[0], batch["input_ids"], batch["attention_mask"])  # (B,)
+        loss = loss + model.bow_weight * bow.mean()
+    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow}
 
 
 def iw_log_weights(

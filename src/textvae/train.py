@@ -4,20 +4,40 @@ A run folder holds:
 
 - ``config.yaml``: the resolved config; ``tokenizer/``: ``save_pretrained`` output;
   ``data.json``: corpus sources and counts (blank lines skipped, sentences truncated/dropped).
-- ``log.jsonl``: one JSON object per line: ``{"type": "train", step, epoch, loss, rec, kl, beta,
-  lr, tokens_per_s}`` every ``train.log_every`` steps (window means; nats per sentence) and
+- ``log.jsonl``: one JSON object per line, each with ``phase`` (``ae`` or ``vae``) and
+  ``aggressive`` (aggressive inference-network training on at that point): ``{"type": "train",
+  step, epoch, loss, rec, kl, beta, lr, tokens_per_s}`` every ``train.log_every`` steps (window
+  means; nats per sentence; plus ``bow`` with a bag-of-words head and ``inner_steps``, the mean
+  encoder-only steps per step, with ``train.aggressive``) and
   ``{"type": "valid", step, epoch, beta, elbo, rec, kl, mi, mi_batch, au, au_delta, z_gap,
   kl_per_dim}`` at each validation (single-sample ELBO on the validation split; ``z_gap`` is
   the z-usage gap of :func:`textvae.metrics.z_usage_gap`), ``{"type": "warning", "warning":
   "posterior collapse", step, kl, z_gap, validations, message}`` when KL or z-usage gap have
   stayed under ``train.collapse_kl`` / ``train.collapse_z_gap`` for
-  ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}``.
+  ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}`` (``resume``,
+  ``phase`` at a phase hand-off, ``aggressive off``, ``non-finite loss``, ``finished``).
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
   safetensors, optimizer, RNG states, LR scheduler, :class:`TrainerState` with the step that
   drives the beta schedule and the data position), written at every validation.
 - ``checkpoints/best/model.safetensors``: the weights of the best validation ELBO.
 - ``samples.txt``: at each validation, greedy decodings of z ~ p(z) (ancestral samples for a
   model without latent).
+
+Training-schedule remedies (the model-side ones live in the model and its config):
+
+- Phases (Li et al. 2019, "A Surprisingly Effective Fix for Deep Latent Variable Modeling of
+  Text"): with ``train.ae_pretrain_steps`` = N > 0 the run starts in phase ``ae`` (an
+  autoencoder through the z bottleneck: KL weight 0, z still sampled, as their beta = 0 run)
+  and at step N hands off to phase ``vae``: :func:`reset_generative` re-initialises the decoder
+  side, the optimizer state and LR schedule start afresh, and the KL schedule counts from the
+  phase start (:func:`phase_beta`). Phase and boundary live in :class:`TrainerState`, so a
+  resume on either side of the boundary continues exactly.
+- Aggressive inference-network training (He et al. 2019, "Lagging Inference Networks and
+  Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first runs
+  :func:`aggressive_inner_loop` (encoder-only updates with their own optimizer) and then
+  updates the decoder side only; :func:`update_aggressive` switches it off for good at the first
+  validation whose MI is lower than the previous one. Both optimizers, the flag and the last MI
+  are checkpointed.
 
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
@@ -26,12 +46,14 @@ overwritten (``resume=True`` continues it).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,7 +61,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from textvae.config import Config, ConfigError, config_from_dict, save_config
+from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
 from textvae.data import TextDataset, build_tokenizer, load_split, load_tokenizer
 from textvae.generate import sample_prior
 from textvae.metrics import evaluate
@@ -63,7 +85,9 @@ class RunDirError(ValueError):
 @dataclass
 class TrainerState:
     """Position of a run, saved in every checkpoint: the optimizer step (which drives the beta
-    schedule), the data position (epoch, next batch in it) and the best validation loss."""
+    schedule), the data position (epoch, next batch in it), the best validation loss, the
+    training phase (``ae`` or ``vae``) with the step it began at, and whether aggressive
+    inference-network training is on, with the MI of the previous validation (nats)."""
 
     step: int = 0
     epoch: int = 0
@@ -71,6 +95,10 @@ class TrainerState:
     best_valid: float = math.inf
     last_valid_step: int = -1
     collapsed_validations: int = 0
+    phase: str = "vae"
+    phase_start: int = 0
+    aggressive: bool = False
+    last_mi: float | None = None
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +193,114 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
 
 
+def phase_beta(state: TrainerState, kl: KLConfig) -> float:
+    """The KL weight of the current step: 0 in phase ``ae``; in phase ``vae`` the schedule
+    :func:`textvae.objectives.kl_weight` at ``state.step - state.phase_start`` (so a warm-up
+    after autoencoder pretraining starts from its beginning, as Li et al. 2019's second run)."""
+    if state.phase == "ae":
+        return 0.0
+    return kl_weight(state.step - state.phase_start, kl)
+
+
+def update_aggressive(state: TrainerState, mi: float) -> bool:
+    """He et al. 2019's switch: aggressive training stops for good once the validation MI
+    decreases (their code: ``if cur_mi - pre_mi < 0``, checked at each epoch; here at each
+    validation, with the protocol's aggregate-posterior MI over the validation set). The first
+    validation of a phase has no predecessor and never switches it off.
+
+    Args:
+        mi: I_q(x; z) of this validation, nats.
+
+    Returns:
+        True when this call switched aggressive training off.
+    """
+    if not state.aggressive:
+        return False
+    off = state.last_mi is not None and mi < state.last_mi
+    state.last_mi = mi
+    if off:
+        state.aggressive = False
+    return off
+
+
+def aggressive_inner_loop(
+    model, enc_optimizer: torch.optim.Optimizer, draw_batch: Callable[[int], dict],
+    loss_of: Callable[[dict], torch.Tensor], max_inner: int, window: int, grad_clip: float,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> int:
+    """Encoder-only updates until the encoder's loss stops improving (He et al. 2019, Alg. 1).
+
+    Step i (0-based) computes the training loss on ``draw_batch(i)`` (He et al.'s code: the
+    current batch first, then random training batches), back-propagates, clips the inference
+    network's gradient norm at ``grad_clip`` (0 = no clipping) and steps ``enc_optimizer``, whose
+    parameters are the inference network's only: every other parameter is left unchanged
+    (their gradients are computed and discarded). After every ``window`` steps the window's loss
+    per token (sum over sentences / real tokens, EOS counted) is compared with the previous
+    window's; the loop stops when it is higher, and after ``max_inner`` steps at most.
+
+    Args:
+        model: the unwrapped model (``inference_parameters()``, ``zero_grad``).
+        loss_of: batch -> scalar training loss (mean over the batch of nats per sentence).
+        backward: how to back-propagate (``accelerator.backward``); ``loss.backward`` if None.
+        all_sum: sums a float64 tensor over processes (several processes must stop together:
+            they compare the window losses of all their batches); None for one process.
+
+    Returns:
+        The number of encoder-only steps taken, 1 <= n <= max_inner.
+
+    Raises:
+        ValueError: ``max_inner`` or ``window`` < 1, or the model has no inference network.
+    """
+    if max_inner < 1 or window < 1:
+        raise ValueError(f"max_inner ({max_inner}) and window ({window}) must be >= 1")
+    params = model.inference_parameters()
+    previous, total, tokens = math.inf, 0.0, 0
+    for i in range(max_inner):
+        batch = draw_batch(i)
+        loss = loss_of(batch)
+        model.zero_grad(set_to_none=True)
+        (backward or torch.Tensor.backward)(loss)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        enc_optimizer.step()
+        total += loss.item() * batch["input_ids"].size(0)
+        tokens += int(batch["attention_mask"].sum())
+        if (i + 1) % window == 0:
+            sums = torch.tensor([total, float(tokens)], dtype=torch.float64)
+            if all_sum is not None:
+                sums = all_sum(sums)
+            current = float(sums[0] / sums[1])
+            if current > previous:
+                break
+            previous, total, tokens = current, 0.0, 0
+    model.zero_grad(set_to_none=True)
+    return i + 1
+
+
+def reset_generative(model, config: Config, tokenizer) -> list[str]:
+    """Li et al. 2019's decoder reset: every parameter and buffer outside the inference network
+    (decoder, bag-of-words head) is set, in place, to its value in a model freshly built under
+    ``torch.manual_seed(config.train.seed)``: the initialisation this run started from, as a
+    second run with the same seed that loads the pretrained encoder. The caller's RNG is
+    untouched; the inference network is kept.
+
+    Returns:
+        The ``state_dict`` keys that were reset.
+
+    Raises:
+        ValueError: the model names no inference network (``inference_modules``).
+    """
+    if not model.inference_modules:
+        raise ValueError(f"{type(model).__name__} has no inference network to keep")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        fresh = MODELS[config.model.name](config.model, tokenizer)
+    state = {k: v for k, v in fresh.state_dict().items() if not model.is_inference_key(k)}
+    model.load_state_dict(state, strict=False)
+    return sorted(state)
+
+
 def train(
     config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None
 ) -> Path:
@@ -172,7 +308,9 @@ def train(
 
     ``train.max_steps``, when set, takes precedence over ``train.max_epochs`` (as in HF
     Trainer). Validation (and checkpointing) happens every ``train.eval_every`` steps, or at
-    each epoch's end when that is 0, and once more at the end of training.
+    each epoch's end when that is 0, and once more at the end of training. The phases of
+    ``train.ae_pretrain_steps`` and aggressive training (``train.aggressive``) are described in
+    the module docstring.
 
     Returns:
         The run folder.
@@ -230,16 +368,32 @@ def train(
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer)
 
     model = MODELS[config.model.name](config.model, tokenizer)
-    optimizer = _optimizer(config, model.parameters())
-    scheduler = None
+    # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
+    # the inference network, the main one for the rest; otherwise one optimizer for everything
+    enc_optimizer = None
+    if t.aggressive:
+        optimizer = _optimizer(config, [p for n, p in model.named_parameters()
+                                        if not model.is_inference_key(n)])
+        enc_optimizer = _optimizer(config, model.inference_parameters())
+    else:
+        optimizer = _optimizer(config, model.parameters())
+    optimizers = [o for o in (optimizer, enc_optimizer) if o is not None]
+    schedulers = []
     if t.lr_scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min)
-    model, optimizer = accelerator.prepare(model, optimizer)
+        schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(
+            o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min)
+            for o in optimizers]
+    fresh_schedules = [copy.deepcopy(s.state_dict()) for s in schedulers]
+    model, *optimizers = accelerator.prepare(model, *optimizers)
+    optimizer = optimizers[0]
+    enc_optimizer = optimizers[1] if enc_optimizer is not None else None
     state = TrainerState()
+    if not resume:
+        state.phase = "ae" if t.ae_pretrain_steps > 0 else "vae"
+        state.aggressive = t.aggressive and state.phase == "vae"
     accelerator.register_for_checkpointing(state)
-    if scheduler is not None:
-        accelerator.register_for_checkpointing(scheduler)
+    for sched in schedulers:
+        accelerator.register_for_checkpointing(sched)
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
     raw = accelerator.unwrap_model(model)
@@ -247,6 +401,7 @@ def train(
 
     def write_log(record: dict) -> None:
         if log_file is not None:
+            record = {**record, "phase": state.phase, "aggressive": state.aggressive}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
@@ -276,7 +431,7 @@ def train(
                      batch_size=config.eval.batch_size, chunk_tokens=config.eval.chunk_tokens,
                      precision=t.precision, seed=t.seed)
         record = {"type": "valid", "step": state.step, "epoch": state.epoch,
-                  "beta": kl_weight(state.step, config.kl),
+                  "beta": phase_beta(state, config.kl),
                   **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
                                        "z_gap", "kl_per_dim")}}
         write_log(record)
@@ -285,9 +440,15 @@ def train(
                      "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
                      len(m["kl_per_dim"]), m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
+            last_mi = state.last_mi
+            if update_aggressive(state, m["mi"]):
+                log.info("step %d: validation MI fell from %.3f to %.3f nats: aggressive training "
+                         "off", state.step, last_mi, m["mi"])
+                write_log({"type": "event", "event": "aggressive off", "step": state.step,
+                           "mi": m["mi"], "last_mi": last_mi})
         loss = -m["elbo"]
-        if scheduler is not None:
-            scheduler.step(loss)
+        for sched in schedulers:
+            sched.step(loss)
         # greedy decoding of z ~ p(z) shows what z encodes; a model without z samples ancestrally
         strategy = "greedy" if raw.has_latent else "sample"
         with torch.random.fork_rng(devices=[]):
@@ -318,11 +479,57 @@ def train(
             _commit_dir(tmp, last)
         return record
 
+    def forward(batch: dict, beta: float) -> dict:
+        """The training objective on a batch; a non-finite loss stops the run."""
+        out = model(batch, beta=beta, free_bits=config.kl.free_bits,
+                    free_bits_mode=config.kl.free_bits_mode)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
+            write_log({"type": "event", "event": "non-finite loss", "step": state.step,
+                       "rec": rec, "kl": kl})
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
+                f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
+                "lower train.lr or lengthen the KL warm-up, then resume or restart.")
+        return out
+
+    def start_vae_phase() -> None:
+        """Li et al. 2019 hand-off: decoder side re-initialised, optimizers and LR schedules as
+        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here."""
+        reset = reset_generative(raw, config, tokenizer) if t.ae_reset_decoder else []
+        for opt in optimizers:
+            opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = t.lr
+        for sched, fresh in zip(schedulers, fresh_schedules, strict=True):
+            sched.load_state_dict(copy.deepcopy(fresh))
+        state.phase, state.phase_start = "vae", state.step
+        state.best_valid, state.collapsed_validations = math.inf, 0
+        state.aggressive, state.last_mi = t.aggressive, None
+        log.info("step %d: autoencoder pretraining done; VAE phase starts (%d tensors re-initialised)",
+                 state.step, len(reset))
+        write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset)})
+
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
+    if state.phase == "ae" and total <= t.ae_pretrain_steps:
+        log.warning("the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
+                    "phase in this run unless it is resumed with a larger budget", total,
+                    t.ae_pretrain_steps)
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
-    window = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+    all_sum = None
+    if n_proc > 1:  # the inner loops of all processes stop at the same step
+
+        def all_sum(x: torch.Tensor) -> torch.Tensor:
+            return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
+
+    def new_window() -> dict:
+        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "inner": 0, "n": 0, "tokens": 0,
+                "t0": time.perf_counter()}
+
+    window = new_window()
     stop = state.step >= total
     # log records (validation lines, collapse warnings) print above the progress bar
     with logging_redirect_tqdm():
@@ -330,31 +537,47 @@ def train(
             batches = train_ds.batches(t.batch_size, True, t.seed, state.epoch)
             batches = batches[rank : per_epoch * n_proc : n_proc]  # this process's shard
             while state.batch_in_epoch < len(batches) and not stop:
+                if state.phase == "ae" and state.step >= t.ae_pretrain_steps:
+                    start_vae_phase()
                 batch = train_ds.collate(batches[state.batch_in_epoch])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                beta = kl_weight(state.step, config.kl)
+                beta = phase_beta(state, config.kl)
                 model.train()
-                out = model(batch, beta=beta, free_bits=config.kl.free_bits,
-                            free_bits_mode=config.kl.free_bits_mode)
+                inner = 0
+                if state.aggressive:
+                    # the current batch first, then random batches drawn by a generator seeded by
+                    # the step, so a resumed run draws the same ones
+                    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + state.step)
+                    picks = torch.randint(len(batches), (t.aggressive_max_inner,), generator=gen)
+
+                    def draw(i: int, batch=batch, picks=picks, batches=batches) -> dict:
+                        if i == 0:
+                            return batch
+                        b = train_ds.collate(batches[int(picks[i])])
+                        return {k: v.to(accelerator.device) for k, v in b.items()}
+
+                    inner = aggressive_inner_loop(
+                        raw, enc_optimizer, draw, lambda b, beta=beta: forward(b, beta)["loss"],
+                        t.aggressive_max_inner, t.aggressive_window, t.grad_clip,
+                        accelerator.backward, all_sum)
+                out = forward(batch, beta)
                 loss = out["loss"]
-                if not torch.isfinite(loss):
-                    rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
-                    write_log({"type": "event", "event": "non-finite loss", "step": state.step,
-                               "rec": rec, "kl": kl})
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
-                        f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
-                        "lower train.lr or lengthen the KL warm-up, then resume or restart.")
-                optimizer.zero_grad(set_to_none=True)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 if t.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
+                if enc_optimizer is not None and not state.aggressive:
+                    enc_optimizer.step()  # joint update; while aggressive the decoder side only
                 state.step += 1
                 state.batch_in_epoch += 1
                 window["loss"] += loss.item()
                 window["rec"] += out["rec"].mean().item()
                 window["kl"] += out["kl"].mean().item()
+                if out["bow"] is not None:
+                    window["bow"] += out["bow"].mean().item()
+                window["inner"] += inner
                 window["n"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 bar.update(1)
@@ -364,9 +587,13 @@ def train(
                               "loss": window["loss"] / n, "rec": window["rec"] / n, "kl": window["kl"] / n,
                               "beta": beta, "lr": optimizer.param_groups[0]["lr"],
                               "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
+                    if raw.bow_head is not None:
+                        record["bow"] = window["bow"] / n
+                    if t.aggressive:
+                        record["inner_steps"] = window["inner"] / n
                     write_log(record)
                     bar.set_postfix(rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}")
-                    window = {"loss": 0.0, "rec": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+                    window = new_window()
                 stop = state.step >= total
                 if t.eval_every and state.step % t.eval_every == 0:
                     validate()

@@ -10,6 +10,12 @@ The model interface (checked by one contract test over ``MODELS``):
 - ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z (N, D)
   or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
   batch-first tensors (so beam search can reorder rows).
+
+For the remedies that treat the two halves of a VAE differently (aggressive training, the
+decoder reset after autoencoder pretraining) a model names its inference network:
+``inference_modules`` (names of the submodules that compute q(z|x); empty without one);
+everything else is the generative side. ``bow_head`` (a ``BagOfWordsHead`` or None) and
+``bow_weight`` carry the optional bag-of-words loss.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ class TextVAE(nn.Module):
     """Base of the models: holds the tokenizer's special ids and the generic entry points."""
 
     has_latent: bool = True
+    inference_modules: tuple[str, ...] = ()
 
     def __init__(self, tokenizer):
         super().__init__()
+        self.bow_head: nn.Module | None = None
+        self.bow_weight = 0.0
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
         self.pad_id = tokenizer.pad_token_id
@@ -42,6 +51,20 @@ class TextVAE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The training objective (negative ELBO with beta and free bits), see objectives.elbo."""
         return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode)
+
+    def inference_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the inference network q(z|x) (``inference_modules``).
+
+        Raises:
+            ValueError: the model names no inference network (e.g. a language model).
+        """
+        if not self.inference_modules:
+            raise ValueError(f"{type(self).__name__} has no separate inference network")
+        return [p for name in self.inference_modules for p in getattr(self, name).parameters()]
+
+    def is_inference_key(self, key: str) -> bool:
+        """Whether a ``state_dict`` key belongs to the inference network."""
+        return any(key == name or key.startswith(name + ".") for name in self.inference_modules)
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> Distribution:

@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
-from textvae.decoders import LSTMDecoder, shift_right
+from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
@@ -19,7 +19,15 @@ from textvae.posteriors import GaussianHead, standard_normal
 
 
 class LSTMVAE(TextVAE):
-    """q(z|x) from a pooled LSTM encoder; p(z) = N(0, I); p(x|z) an LSTM decoder."""
+    """q(z|x) from a pooled LSTM encoder; p(z) = N(0, I); p(x|z) an LSTM decoder.
+
+    Remedies from the config: ``posterior_bn_gamma`` and ``min_rate_delta`` in the posterior
+    head (:class:`~textvae.posteriors.GaussianHead`), ``bow_weight`` adds a
+    :class:`~textvae.decoders.BagOfWordsHead`. The inference network is ``encoder`` and
+    ``posterior_head``.
+    """
+
+    inference_modules = ("encoder", "posterior_head")
 
     def __init__(self, cfg: ModelConfig, tokenizer):
         super().__init__(tokenizer)
@@ -28,12 +36,18 @@ class LSTMVAE(TextVAE):
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
             cfg.enc_dropout_in, self.pad_id,
         )
-        self.posterior_head = GaussianHead(self.encoder.out_dim, cfg.latent_dim)
+        self.posterior_head = GaussianHead(
+            self.encoder.out_dim, cfg.latent_dim, bn_gamma=cfg.posterior_bn_gamma,
+            min_rate_delta=cfg.min_rate_delta,
+        )
         self.decoder = LSTMDecoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,
             cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state, cfg.z_every_step,
             self.pad_id, self.unk_id,
         )
+        if cfg.bow_weight > 0:
+            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
+            self.bow_weight = cfg.bow_weight
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x) = N(mu, diag sigma^2) from the pooled encoder: batch (B,), event (D,), float32."""
