@@ -70,5 +70,27 @@ def tiny_model(tokenizer):
 
 @pytest.fixture
 def tiny_batch(tokenizer):
-    ds = TextDataset(make_sentences(6, seed=5), tokenizer)
+    """Six sentences; with contexts (``context_ids``/``context_mask``) for conditional models
+    (the other models ignore them)."""
+    contexts = [" __eou__ ".join(pair) for pair in zip(make_sentences(6, seed=6),
+                                                        make_sentences(6, seed=7), strict=True)]
+    ds = TextDataset(make_sentences(6, seed=5), tokenizer, contexts=contexts)
     return ds.collate(list(range(len(ds))))
+
+
+def make_dialogues(n: int, seed: int = 0) -> list[str]:
+    """DailyDialog-format lines: 2-5 utterances, each ended by `` __eou__``."""
+    rng = random.Random(seed)
+    return [" ".join(s + " __eou__" for s in make_sentences(rng.randint(2, 5), seed * 1000 + i))
+            for i in range(n)]
+
+
+@pytest.fixture
+def tiny_dialogues(tmp_path):
+    """A TEXTVAE_DATA_DIR-style folder with dailydialog/{test,validation}/dialogues_*.txt."""
+    root = tmp_path / "data"
+    for split, n, seed in (("test", 60, 0), ("validation", 15, 1)):
+        folder = root / "dailydialog" / split
+        folder.mkdir(parents=True)
+        (folder / f"dialogues_{split}.txt").write_text("\n".join(make_dialogues(n, seed)) + "\n")
+    return root

@@ -16,7 +16,14 @@ def test_model_contract(name, tiny_model, tiny_batch):
         assert q.batch_shape == (b,) and q.event_shape == (d,)
         p = model.prior(tiny_batch)
         assert p.batch_shape == (b,) and p.event_shape == (d,)
-        assert model.prior().batch_shape == ()
+        if model.conditional:  # p(z|c) depends on the batch's context
+            with pytest.raises(ValueError, match="context"):
+                model.prior()
+            other = dict(tiny_batch, context_ids=tiny_batch["context_ids"].flip(0),
+                         context_mask=tiny_batch["context_mask"].flip(0))
+            assert not torch.allclose(model.prior(other).mean, p.mean)
+        else:
+            assert model.prior().batch_shape == ()
         z = q.sample((3,))
         ll = model.log_likelihood(tiny_batch, z)
         assert ll.shape == (3, b)
@@ -33,7 +40,8 @@ def test_model_contract(name, tiny_model, tiny_batch):
     assert ll.dtype == torch.float32
     assert torch.all(ll < 0)
     tokens = torch.full((b,), model.bos_id)
-    logits, state = model.decode_step(z_step, tokens, None)
+    state0 = model.initial_state(z_step, tiny_batch) if model.conditional else None
+    logits, state = model.decode_step(z_step, tokens, state0)
     assert logits.shape == (b, model.vocab_size)
     assert all(s.shape[0] == b for s in state)  # batch-first state
     logits2, _ = model.decode_step(z_step, logits.argmax(-1), state)
@@ -48,10 +56,11 @@ def test_decode_step_matches_teacher_forcing(name, tiny_model, tiny_batch):
     """Summing decode_step log-probs over a sentence gives log_likelihood: one decoder."""
     model = tiny_model(name)
     ids = tiny_batch["input_ids"][:1]
-    batch = {"input_ids": ids, "attention_mask": tiny_batch["attention_mask"][:1]}
+    batch = {k: v[:1] for k, v in tiny_batch.items()}
     n = int(batch["attention_mask"].sum())
     z = model.posterior(batch).mean if model.has_latent else None
-    total, state, prev = 0.0, None, torch.tensor([model.bos_id])
+    state = model.initial_state(z, batch) if model.conditional else None
+    total, prev = 0.0, torch.tensor([model.bos_id])
     for t in range(n):
         logits, state = model.decode_step(z, prev, state)
         total += float(torch.log_softmax(logits, -1)[0, ids[0, t]])

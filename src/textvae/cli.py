@@ -22,8 +22,10 @@ UNITS = {
     "z_gap": "nats/sentence (rec with shuffled z - rec with own z)",
     "rec_bleu": "BLEU 0-100 (greedy reconstruction vs input)",
     "self_bleu": "BLEU 0-100 (prior samples vs each other)",
-    "distinct_1": "distinct unigrams / unigrams (prior samples)",
-    "distinct_2": "distinct bigrams / bigrams (prior samples)",
+    "distinct_1": "distinct unigrams / unigrams (prior samples; responses for cvrae)",
+    "distinct_2": "distinct bigrams / bigrams (prior samples; responses for cvrae)",
+    "kl_samples": "MC samples/sentence (null: closed form)",
+    "response_bleu": "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
 }
 
 
@@ -56,11 +58,12 @@ def _dataset_for(model, config, split: str, data: str | None, max_sentences: int
     from textvae.data import TextDataset, load_split
 
     corpus = load_split(config.data, split, path=data)
-    texts, labels = corpus.texts, corpus.labels
+    texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
         texts = texts[:max_sentences]
         labels = labels[:max_sentences] if labels else labels
-    return TextDataset(texts, model.tokenizer, labels), corpus.source
+        contexts = contexts[:max_sentences] if contexts is not None else None
+    return TextDataset(texts, model.tokenizer, labels, contexts), corpus.source
 
 
 def _cmd_evaluate(args) -> int:
@@ -77,7 +80,15 @@ def _cmd_evaluate(args) -> int:
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed)
     result["data"], result["split"] = source, args.split if args.data is None else None
-    if args.generation:
+    if args.generation and model.conditional:
+        from textvae.metrics import response_metrics
+
+        n = args.gen_sentences
+        result.update(response_metrics(
+            model, dataset.contexts[:n], dataset.texts[:n], n_responses=args.gen_responses,
+            strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    elif args.generation:
         from textvae.metrics import generation_metrics
 
         result.update(generation_metrics(
@@ -123,6 +134,24 @@ def _cmd_generate(args) -> int:
     model, _ = textvae.load(args.run_dir)
     options = dict(strategy=args.strategy, max_length=args.max_length, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size)
+    if model.conditional != (args.mode == "respond"):
+        raise SystemExit("error: --mode respond is for conditional models (cvrae), and a "
+                         "conditional model only supports --mode respond")
+    if args.mode == "respond":
+        from textvae.data import context_string, split_utterances
+        from textvae.generate import respond
+
+        lines = _read_inputs(args.input or [])
+        if not lines:
+            raise SystemExit("error: --mode respond needs --input CONTEXT_FILE (one context per "
+                             "line, utterances separated by __eou__) or contexts")
+        window = model.config.data.context_window
+        contexts = [context_string(split_utterances(line), window) for line in lines]
+        for context, responses in zip(contexts, respond(model, contexts, args.n, **options), strict=True):
+            print(f"# context: {context}")
+            for response in responses:
+                print(response)
+        return 0
     if args.mode == "sample":
         lines = sample_prior(model, args.n, **options)
     else:
@@ -275,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstruct the first N evaluated sentences for rec_bleu (default 1000)")
     g.add_argument("--gen-samples", type=int, default=500,
                    help="prior samples for self-BLEU and distinct-n (default 500)")
+    g.add_argument("--gen-responses", type=int, default=5,
+                   help="conditional models: responses per context (from z ~ p(z|c)) for "
+                   "response_bleu and distinct-n over the first --gen-sentences contexts (default 5)")
     g.add_argument("--gen-strategy", default="greedy", choices=["greedy", "sample"],
                    help="decoding of the prior samples (reconstructions are always greedy)")
     g.add_argument("--temperature", type=float, default=1.0)
@@ -283,10 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=50)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("generate", help="prior samples, reconstructions, interpolations")
+    p = sub.add_parser("generate", help="prior samples, reconstructions, interpolations, responses")
     p.add_argument("run_dir")
-    p.add_argument("--mode", default="sample", choices=["sample", "reconstruct", "interpolate"])
-    p.add_argument("-n", type=int, default=10, help="samples, or interpolation steps")
+    p.add_argument("--mode", default="sample",
+                   choices=["sample", "reconstruct", "interpolate", "respond"],
+                   help="respond (conditional models): N responses to each context of --input")
+    p.add_argument("-n", type=int, default=10,
+                   help="samples, interpolation steps, or responses per context")
     p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -294,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=5)
     p.add_argument("--max-length", type=int, default=50)
     p.add_argument("--interpolation", default="linear", choices=["linear", "spherical"])
-    p.add_argument("--input", nargs="+", help="a file (one sentence per line) or sentences")
+    p.add_argument("--input", nargs="+", help="a file (one sentence per line; for respond one "
+                   "context per line, utterances separated by __eou__) or sentences")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_generate)
 

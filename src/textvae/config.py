@@ -26,13 +26,20 @@ class DataConfig:
     """Where the sentences come from and how they become token ids.
 
     Attributes:
-        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR`` (``ptb``, ``yelp_sentiment``),
-            or null to use the explicit ``*_path`` files.
+        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR`` (``ptb``, ``yelp_sentiment``,
+            ``dailydialog``), or null to use the explicit ``*_path`` files.
         train_split / valid_split / test_split: which split of a named corpus plays each role
-            (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``).
+            (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``;
+            DailyDialog has only ``validation`` and ``test``: train on ``test``, validate and
+            evaluate on ``validation``).
         train_path / valid_path / test_path: explicit files (one sentence per line, ``.tsv`` or
-            ``.jsonl``) used when ``corpus`` is null.
-        format: ``auto`` (from the file extension), ``text``, ``tsv`` or ``jsonl``.
+            ``.jsonl``, or dialogues with ``format: dialogue``) used when ``corpus`` is null.
+        format: ``auto`` (from the file extension), ``text``, ``tsv``, ``jsonl`` or ``dialogue``
+            (one dialogue per line, every utterance ended by ``__eou__``, the DailyDialog
+            format; always used for ``corpus: dailydialog``). A dialogue corpus yields
+            (context, response) pairs: every utterance after the first is a response, its
+            context the ``context_window`` utterances before it.
+        context_window: dialogue corpora: how many previous utterances form a context (>= 1).
         text_field / label_field: column (TSV header name) or key (JSONL) of the text and of an
             optional label.
         train_limit / valid_limit: use only the first N sentences of that split (null = all).
@@ -58,6 +65,7 @@ class DataConfig:
     long_policy: str = "truncate"
     min_frequency: int = 1
     max_vocab: int | None = None
+    context_window: int = 3
 
 
 @dataclass
@@ -65,7 +73,8 @@ class ModelConfig:
     """Architecture. Sizes of He et al. 2019 (``lstm-vae.yaml``): embed 512, hidden 1024, latent 32.
 
     Attributes:
-        name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``).
+        name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``, ``cvrae``: the
+            conditional VRAE for dialogue, which needs a dialogue corpus).
         pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T),
             ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
         word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).
@@ -84,6 +93,24 @@ class ModelConfig:
         bow_weight: weight of the bag-of-words auxiliary loss (Zhao et al. 2017), an MLP
             z -> vocabulary (hidden size ``hidden_dim``); 0 = off and no parameters created.
             Not part of the ELBO: reported as ``bow``, never in evaluation.
+        posterior_flow: normalising flow on the posterior (the issue's ``posterior.flow``;
+            Chien & Luo 2022, SPEC 1.2): ``none`` | ``planar`` | ``radial`` (Rezende & Mohamed
+            2015) | ``iaf`` (Kingma et al. 2016) | ``cclin_iaf`` (volume preserving, Tomczak &
+            Welling 2017) | ``sylvester`` (triangular, van den Berg et al. 2018). Amortised: the
+            flow parameters are computed from the encoder summary. See :mod:`textvae.flows`.
+        posterior_flow_steps: K, the number of flow steps z_K = f_K(...f_1(z_0)); 0 gives a
+            flow distribution with no step (its KL is then estimated by Monte Carlo).
+        flow_hidden: hidden units of each MADE (``iaf`` posterior steps and the ``iaf`` prior).
+        flow_components: ``cclin_iaf``: lower-triangular matrices in each step's convex
+            combination (Tomczak & Welling's ``number_combination``).
+        prior_flow: ``none`` (p(z) = N(0, I), or the conditional Gaussian of ``cvrae``) or
+            ``iaf``: the prior pushed through ``prior_flow_steps`` autoregressive affine steps
+            (:class:`textvae.flows.AutoregressivePrior`; density in one pass, sampling in D).
+        embed_noise: amortised regularisation (Shu et al. 2018): Gaussian noise of this standard
+            deviation added to the inference encoder's input embeddings, in training only.
+        z_skip: skip connection: z (for ``cvrae`` the decoder code [z; c]) is projected to the
+            embedding size and added to every decoder input embedding, in addition to
+            ``z_init_state`` / ``z_every_step``.
     """
 
     name: str = "lstm_vae"
@@ -101,6 +128,14 @@ class ModelConfig:
     posterior_bn_gamma: float = 0.0
     min_rate_delta: float = 0.0
     bow_weight: float = 0.0
+    posterior_flow: str = "none"
+    posterior_flow_steps: int = 4
+    flow_hidden: int = 256
+    flow_components: int = 3
+    prior_flow: str = "none"
+    prior_flow_steps: int = 2
+    embed_noise: float = 0.0
+    z_skip: bool = False
 
 
 @dataclass
@@ -114,6 +149,10 @@ class KLConfig:
             period at 0, then linear to ``beta_max`` over ``ratio_increase``, then held).
         free_bits: lambda in nats (0 = off). ``free_bits_mode`` ``per_dim``: each dimension's
             batch-mean KL is clamped below at lambda; ``total``: the batch-mean total KL is.
+        target: KL target constraint (nats per sentence; 0 = off): the training loss gains
+            ``target_weight * |mean_B KL - target|`` (Burgess et al. 2018's capacity term, eq. 8,
+            which is the case beta = 0 of this); the KL is held near the target when
+            ``target_weight`` > beta. Not part of the ELBO; evaluation never includes it.
     """
 
     schedule: str = "linear"
@@ -127,6 +166,8 @@ class KLConfig:
     ratio_zero: float = 0.25
     free_bits: float = 0.0
     free_bits_mode: str = "per_dim"
+    target: float = 0.0
+    target_weight: float = 1.0
 
 
 @dataclass
@@ -224,9 +265,11 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "text", "tsv", "jsonl"),
+    "data.format": ("auto", "text", "tsv", "jsonl", "dialogue"),
     "data.long_policy": ("truncate", "drop"),
     "model.pooling": ("last", "mean", "max", "attention"),
+    "model.posterior_flow": ("none", "planar", "radial", "iaf", "cclin_iaf", "sylvester"),
+    "model.prior_flow": ("none", "iaf"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
     "kl.free_bits_mode": ("per_dim", "total"),
     "train.optimizer": ("sgd", "adam", "adamw"),
@@ -312,13 +355,15 @@ def validate(config: Config) -> None:
     if config.data.corpus is None and config.data.train_path is None:
         raise ConfigError("data.corpus is null, so data.train_path must be set")
     for key in ("train.batch_size", "model.latent_dim", "model.hidden_dim", "eval.iw_samples",
-                "train.aggressive_max_inner", "train.aggressive_window"):
+                "train.aggressive_max_inner", "train.aggressive_window", "model.flow_hidden",
+                "model.flow_components", "data.context_window"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
     m, t = config.model, config.train
     for key in ("model.posterior_bn_gamma", "model.min_rate_delta", "model.bow_weight",
-                "train.ae_pretrain_steps"):
+                "train.ae_pretrain_steps", "model.posterior_flow_steps", "model.prior_flow_steps",
+                "model.embed_noise", "kl.target", "kl.target_weight"):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
@@ -330,10 +375,19 @@ def validate(config: Config) -> None:
             ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
             ("model.min_rate_delta", m.min_rate_delta > 0), ("model.bow_weight", m.bow_weight > 0),
             ("train.aggressive", t.aggressive), ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
+            ("model.posterior_flow", m.posterior_flow != "none"),
+            ("model.prior_flow", m.prior_flow != "none"), ("model.embed_noise", m.embed_noise > 0),
+            ("model.z_skip", m.z_skip), ("kl.target", config.kl.target > 0),
         ) if on]
         if used:
             raise ConfigError(f"model.name={m.name!r} has no latent variable, so "
-                              f"{', '.join(used)} cannot be used; set them to 0/false")
+                              f"{', '.join(used)} cannot be used; set them to 0/false/none")
+    if MODELS[m.name].conditional:
+        used = [key for key, on in (("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+                                    ("model.min_rate_delta", m.min_rate_delta > 0)) if on]
+        if used:
+            raise ConfigError(f"model.name={m.name!r} has a learned prior p(z|c), but "
+                              f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0")
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -7,9 +7,20 @@ Corpora are found by name under the folder named by ``$TEXTVAE_DATA_DIR`` (defau
   downloaded from its public source and checked against the sha256 sums below.
 - ``yelp_sentiment``: ``yelp_sentiment/sentiment.{dev,test}.{0,1}`` (Shen et al. 2017); the label
   is the file suffix (0 negative, 1 positive).
+- ``dailydialog``: ``dailydialog/{validation,test}/dialogues_{validation,test}.txt`` (Li et al.
+  2017; ``train`` is read from ``dailydialog/train/dialogues_train.txt`` if present, it is not
+  shipped here). One dialogue per line, each utterance ended by ``__eou__``.
 
 Any other corpus comes through explicit files: one sentence per line, or TSV (header row,
-``text_field`` / ``label_field`` columns), or JSONL (one object per line).
+``text_field`` / ``label_field`` columns), or JSONL (one object per line), or dialogues in the
+DailyDialog format (``format: dialogue``).
+
+A dialogue corpus is read as (context, response) pairs: every utterance after a dialogue's
+first is a response; its context is the ``context_window`` utterances before it, joined by
+`` __eou__ `` (kept as a turn-separator word, so the tokenizer, built on both responses and
+contexts, knows it). The response is the "sentence" of the pair (its ``input_ids``, its
+``n_words``, what ``max_length`` truncates or drops); the context comes as ``context_ids`` /
+``context_mask``.
 
 A batch is a dict of tensors:
 
@@ -19,6 +30,8 @@ A batch is a dict of tensors:
 - ``attention_mask`` (B, T) int64: 1 on real tokens (EOS included), 0 on padding.
 - ``n_words`` (B,) int64: whitespace words + 1 (one EOS per sentence), for ``ppl_word``.
 - ``labels`` (B,) int64, only when the corpus has labels.
+- ``context_ids`` / ``context_mask`` (B, T_c) int64, only for a dialogue corpus: the context's
+  tokens followed by ``<eos>``, right-padded, and its mask.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from textvae.config import DataConfig
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+EOU = "__eou__"  # DailyDialog's end-of-utterance mark, also the turn separator inside contexts
 
 PTB_SHA256 = {
     "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
@@ -128,13 +142,37 @@ class Corpus:
     """One split: texts (whitespace-tokenised strings), optional labels, and what was skipped.
 
     ``stats`` counts ``sentences``, ``blank_lines`` (skipped), ``truncated`` and ``dropped``
-    (over ``max_length``).
+    (over ``max_length``); for a dialogue corpus also ``dialogues``. ``contexts``: for a
+    dialogue corpus, the context of each text (the response), else None.
     """
 
     texts: list[str]
     labels: list[int] | None
     source: str
     stats: dict[str, int] = field(default_factory=dict)
+    contexts: list[str] | None = None
+
+
+def split_utterances(line: str) -> list[str]:
+    """The utterances of a DailyDialog-format line (``__eou__``-ended), whitespace-normalised,
+    empty ones dropped."""
+    return [u for u in (" ".join(part.split()) for part in line.split(EOU)) if u]
+
+
+def context_string(utterances: list[str], window: int) -> str:
+    """The context of a response: its last ``window`` previous utterances joined by `` __eou__ ``."""
+    return f" {EOU} ".join(utterances[-window:]) if window > 0 else ""
+
+
+def dialogue_pairs(dialogues: list[list[str]], window: int) -> tuple[list[str], list[str]]:
+    """(contexts, responses) of dialogues: every utterance after the first is a response, its
+    context the ``window`` utterances before it (:func:`context_string`)."""
+    contexts, responses = [], []
+    for utterances in dialogues:
+        for t in range(1, len(utterances)):
+            contexts.append(context_string(utterances[:t], window))
+            responses.append(utterances[t])
+    return contexts, responses
 
 
 def _decode_lines(path: Path) -> list[str]:
@@ -224,6 +262,26 @@ def read_file(
     raise DataError(f"{path}: unknown format '{fmt}' (use text, tsv or jsonl)")
 
 
+def read_dialogues(path: str | Path) -> tuple[list[list[str]], int]:
+    """Read a DailyDialog-format file: one dialogue per line, every utterance ended by
+    ``__eou__`` (:func:`split_utterances`).
+
+    Returns:
+        (dialogues as lists of utterances, number of blank lines skipped).
+
+    Raises:
+        DataError: missing file or invalid UTF-8 (file and line named).
+    """
+    dialogues, blank = [], 0
+    for line in _decode_lines(Path(path)):
+        utterances = split_utterances(line)
+        if utterances:
+            dialogues.append(utterances)
+        else:
+            blank += 1
+    return dialogues, blank
+
+
 def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
     """(file, label) pairs of a named corpus's split."""
     split = getattr(cfg, f"{role}_split")
@@ -247,7 +305,18 @@ def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
                     f"sentiment.{{dev,test}}.{{0,1}} in {folder} or set TEXTVAE_DATA_DIR."
                 )
         return files
-    raise DataError(f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment); "
+    if cfg.corpus == "dailydialog":
+        if split not in ("validation", "test", "train"):
+            raise DataError(f"data.{role}_split={split!r}: dailydialog has splits validation, "
+                            "test (train not shipped)")
+        path = root / "dailydialog" / split / f"dialogues_{split}.txt"
+        if not path.is_file():
+            raise DataError(f"corpus file not found: {path}. Put the DailyDialog files "
+                            f"dialogues_{{validation,test}}.txt in {root / 'dailydialog'}/<split>/ "
+                            "or set TEXTVAE_DATA_DIR (only validation and test ship here: train "
+                            "on test, evaluate on validation).")
+        return [(path, None)]
+    raise DataError(f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment, dailydialog); "
                     "set data.corpus=null and data.train_path/valid_path/test_path instead")
 
 
@@ -258,7 +327,10 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     blank lines are skipped and counted; sentences over ``cfg.max_length`` words are truncated
     or dropped (``cfg.long_policy``) and counted. ``train_limit`` / ``valid_limit`` keep the
     first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
-    permutation (seed 0) so that a limit keeps both classes.
+    permutation (seed 0) so that a limit keeps both classes. A dialogue corpus
+    (``corpus: dailydialog`` or ``format: dialogue``; an explicit ``path`` is then read as
+    dialogues too) gives (context, response) pairs: ``texts`` are the responses, ``contexts``
+    their contexts (see the module docstring).
 
     Raises:
         DataError: missing or malformed file, or no sentence left.
@@ -273,6 +345,8 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     else:
         files = _named_files(cfg, role)
         label_field = None
+    if cfg.corpus == "dailydialog" or cfg.format == "dialogue":
+        return _load_dialogue_split(cfg, role, files[0][0])
     texts: list[str] = []
     labels: list = []
     has_labels = label_field is not None or any(label is not None for _, label in files)
@@ -311,6 +385,34 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     label_ids = _label_ids(kept_labels) if has_labels else None
     stats = {"sentences": len(kept_texts), "blank_lines": blank, "truncated": truncated, "dropped": dropped}
     return Corpus(kept_texts, label_ids, source, stats)
+
+
+def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
+    """(context, response) pairs of a dialogue file; ``max_length`` truncates or drops responses
+    (contexts are bounded by ``context_window`` utterances only); limits keep the first pairs."""
+    dialogues, blank = read_dialogues(path)
+    contexts, responses = dialogue_pairs(dialogues, cfg.context_window)
+    truncated = dropped = 0
+    kept_contexts, kept_texts = [], []
+    for context, text in zip(contexts, responses, strict=True):
+        words = text.split()
+        if cfg.max_length and len(words) > cfg.max_length:
+            if cfg.long_policy == "drop":
+                dropped += 1
+                continue
+            words = words[: cfg.max_length]
+            truncated += 1
+        kept_contexts.append(context)
+        kept_texts.append(" ".join(words))
+    limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
+    if limit is not None:
+        kept_contexts, kept_texts = kept_contexts[:limit], kept_texts[:limit]
+    if not kept_texts:
+        raise DataError(f"{path}: no (context, response) pairs (no dialogue with two utterances, "
+                        "or all responses dropped)")
+    stats = {"sentences": len(kept_texts), "dialogues": len(dialogues), "blank_lines": blank,
+             "truncated": truncated, "dropped": dropped}
+    return Corpus(kept_texts, None, str(path), stats, contexts=kept_contexts)
 
 
 def _label_ids(labels: list) -> list[int]:
@@ -367,20 +469,30 @@ class TextDataset:
     """Token ids of a corpus, with length-bucketed batching.
 
     Args:
-        texts: whitespace-tokenised sentences.
+        texts: whitespace-tokenised sentences (for a dialogue corpus: the responses).
         tokenizer: a tokenizer with ``eos_token_id`` and ``pad_token_id``.
         labels: optional int labels, one per sentence.
+        contexts: optional context strings, one per sentence (dialogue corpora); batches then
+            carry ``context_ids`` / ``context_mask``.
+
+    Raises:
+        ValueError: ``contexts`` and ``texts`` differ in length.
     """
 
-    def __init__(self, texts: list[str], tokenizer, labels: list[int] | None = None):
+    def __init__(self, texts: list[str], tokenizer, labels: list[int] | None = None,
+                 contexts: list[str] | None = None):
         self.texts = texts
         self.labels = labels
         self.tokenizer = tokenizer
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        eos = tokenizer.eos_token_id
-        self.ids = [list(seq) + [eos] for seq in encoded]
+        self.ids = _token_ids(tokenizer, texts)
         self.n_words = [len(t.split()) + 1 for t in texts]
         self.pad_id = tokenizer.pad_token_id
+        self.contexts = contexts
+        self.context_ids = None
+        if contexts is not None:
+            if len(contexts) != len(texts):
+                raise ValueError(f"{len(contexts)} contexts for {len(texts)} sentences")
+            self.context_ids = _token_ids(tokenizer, contexts)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -415,13 +527,7 @@ class TextDataset:
 
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Batch dict (see module docstring) of the given sentences."""
-        seqs = [self.ids[i] for i in indices]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        input_ids, mask = _pad([self.ids[i] for i in indices], self.pad_id)
         batch = {
             "input_ids": input_ids,
             "attention_mask": mask,
@@ -429,12 +535,33 @@ class TextDataset:
         }
         if self.labels is not None:
             batch["labels"] = torch.tensor([self.labels[i] for i in indices])
+        if self.context_ids is not None:
+            batch["context_ids"], batch["context_mask"] = _pad(
+                [self.context_ids[i] for i in indices], self.pad_id)
         return batch
 
 
-def encode_texts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Batch dict (``input_ids``/``attention_mask`` (B, T) int64, ``n_words`` (B,)) for raw
-    sentences, whitespace-normalised, in the given order.
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text followed by ``<eos>``."""
+    eos = tokenizer.eos_token_id
+    return [list(seq) + [eos] for seq in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, T) and mask (N, T), int64."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def encode_texts(tokenizer, texts: list[str], contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Batch dict (``input_ids``/``attention_mask`` (B, T) int64, ``n_words`` (B,), and with
+    ``contexts`` also ``context_ids``/``context_mask``) for raw sentences, whitespace-normalised,
+    in the given order.
 
     Raises:
         DataError: a sentence is empty after normalisation.
@@ -442,5 +569,21 @@ def encode_texts(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     texts = [" ".join(t.split()) for t in texts]
     if any(not t for t in texts):
         raise DataError("empty sentence given to encode")
-    ds = TextDataset(texts, tokenizer)
+    if contexts is not None:
+        contexts = [" ".join(c.split()) for c in contexts]
+    ds = TextDataset(texts, tokenizer, contexts=contexts)
     return ds.collate(list(range(len(texts))))
+
+
+def encode_contexts(tokenizer, contexts: list[str]) -> dict[str, torch.Tensor]:
+    """Batch dict of contexts alone (``context_ids``/``context_mask`` (B, T_c) int64), what a
+    conditional model's prior p(z|c) and decoder need to generate responses.
+
+    Raises:
+        DataError: no contexts given.
+    """
+    if not contexts:
+        raise DataError("no contexts given")
+    ids, mask = _pad(_token_ids(tokenizer, [" ".join(c.split()) for c in contexts]),
+                     tokenizer.pad_token_id)
+    return {"context_ids": ids, "context_mask": mask}

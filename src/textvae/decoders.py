@@ -26,6 +26,8 @@ class LSTMDecoder(nn.Module):
         latent_dim: D; 0 makes a plain LSTM language model.
         z_init_state: c_0 = W z, h_0 = tanh(c_0) (He et al. 2019); else zeros.
         z_every_step: z is concatenated to every input embedding.
+        z_skip: skip connection (Chien & Luo's flow VRAE): W z is added to every input
+            embedding (after input dropout, so z is never dropped), W (E, D) learned.
         dropout_in / dropout_out: dropout on input embeddings / LSTM outputs.
         word_dropout: training-time probability of replacing an input token by ``unk_id``
             (Bowman et al. 2016); the ``<bos>`` column is never replaced.
@@ -37,6 +39,7 @@ class LSTMDecoder(nn.Module):
         self, vocab_size: int, embed_dim: int, hidden_dim: int, latent_dim: int,
         dropout_in: float = 0.5, dropout_out: float = 0.5, word_dropout: float = 0.0,
         z_init_state: bool = True, z_every_step: bool = True, pad_id: int = 0, unk_id: int = 3,
+        z_skip: bool = False,
     ):
         super().__init__()
         self.latent_dim = latent_dim
@@ -49,6 +52,8 @@ class LSTMDecoder(nn.Module):
         self.dropout_in = nn.Dropout(dropout_in)
         self.dropout_out = nn.Dropout(dropout_out)
         self.output = nn.Linear(hidden_dim, vocab_size)
+        # created last, so a decoder without it is initialised exactly as before it existed
+        self.skip = nn.Linear(latent_dim, embed_dim) if z_skip and latent_dim > 0 else None
         self.word_dropout = word_dropout
         self.unk_id = unk_id
         self.hidden_dim = hidden_dim
@@ -78,6 +83,8 @@ class LSTMDecoder(nn.Module):
             drop[:, 0] = False
             inputs = inputs.masked_fill(drop, self.unk_id)
         emb = self.dropout_in(self.embed(inputs))  # (N, T, E)
+        if self.skip is not None:
+            emb = emb + self.skip(z).unsqueeze(1).to(emb.dtype)  # (N, 1, E) to every step
         if self.z_every_step:
             emb = torch.cat([emb, z.unsqueeze(1).expand(n, t, z.size(-1)).to(emb.dtype)], dim=-1)
         if state is None:

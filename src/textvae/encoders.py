@@ -71,6 +71,12 @@ class LSTMEncoder(nn.Module):
     bidirectional one is packed so its backward direction starts at each sentence's end.
     For ``last`` pooling with a bidirectional LSTM the summary is [h_T forward; h_1 backward].
 
+    ``noise_std`` > 0: amortised regularisation (Shu et al. 2018, "Amortized Inference
+    Regularization"; the encoder-input noise of Chien & Luo's flow VRAE): in training only,
+    Gaussian noise N(0, noise_std^2) is added to every input embedding (before input dropout),
+    so nearby inputs map to nearby posteriors. Padded positions get noise too; they never
+    reach the summary (masked pooling / the states before the padding).
+
     Raises:
         ValueError: ``pooling`` is not one of :data:`POOLINGS`.
     """
@@ -78,6 +84,7 @@ class LSTMEncoder(nn.Module):
     def __init__(
         self, vocab_size: int, embed_dim: int, hidden_dim: int, pooling: str = "last",
         bidirectional: bool = False, dropout_in: float = 0.0, pad_id: int = 0,
+        noise_std: float = 0.0,
     ):
         super().__init__()
         if pooling not in POOLINGS:
@@ -85,6 +92,7 @@ class LSTMEncoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True, bidirectional=bidirectional)
         self.dropout_in = nn.Dropout(dropout_in)
+        self.noise_std = noise_std
         self.pooling = pooling
         self.bidirectional = bidirectional
         self.out_dim = hidden_dim * (2 if bidirectional else 1)
@@ -92,7 +100,10 @@ class LSTMEncoder(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        emb = self.dropout_in(self.embed(input_ids))  # (B, T, E)
+        emb = self.embed(input_ids)  # (B, T, E)
+        if self.training and self.noise_std > 0:
+            emb = emb + self.noise_std * torch.randn_like(emb)
+        emb = self.dropout_in(emb)
         if not self.bidirectional:
             states, _ = self.lstm(emb)  # (B, T, H)
             return masked_pool(states, attention_mask, self.pooling, self.attention)

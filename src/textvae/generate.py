@@ -1,4 +1,5 @@
-"""Generation against the model interface: prior samples, reconstructions, interpolation.
+"""Generation against the model interface: prior samples, reconstructions, interpolation, and
+responses of a conditional model (:func:`respond`).
 
 Every function decodes through ``model.decode_step`` (so prior samples pass through the same
 learned latent-to-decoder map as training) with one of three strategies:
@@ -39,13 +40,15 @@ def _select_rows(state, index: torch.Tensor):
 def decode(
     model, z: torch.Tensor | None, n: int | None = None, strategy: str = "greedy",
     max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    beam_size: int = 5,
+    beam_size: int = 5, state: tuple | None = None,
 ) -> list[list[int]]:
     """Decode token ids from latent codes.
 
     Args:
         z: (N, D) latent codes, or None for a model without latent (then ``n`` sentences).
         max_length: most tokens generated per sentence (EOS included).
+        state: the state before the first step (batch-first tensors, N rows), for conditional
+            models (``model.initial_state(z, batch)``); None lets ``decode_step`` start.
 
     Returns:
         N lists of token ids, without ``<bos>``, cut before ``<eos>``.
@@ -62,11 +65,11 @@ def decode(
     device = next(model.parameters()).device
     n = z.size(0) if z is not None else n
     if strategy == "beam":
-        out = _beam(model, z, n, max_length, beam_size, device)
+        out = _beam(model, z, n, max_length, beam_size, device, state)
     else:
         tokens = torch.full((n,), model.bos_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        state, rows = None, []
+        rows = []
         for _ in range(max_length):
             logits, state = model.decode_step(z, tokens, state)  # (N, V)
             logits = logits.float()
@@ -87,15 +90,16 @@ def decode(
     return [seq[: seq.index(model.eos_id)] if model.eos_id in seq else seq for seq in out]
 
 
-def _beam(model, z, n, max_length, beam_size, device) -> list[list[int]]:
+def _beam(model, z, n, max_length, beam_size, device, state=None) -> list[list[int]]:
     k = beam_size
     zz = z.repeat_interleave(k, 0) if z is not None else None  # (N*k, D)
+    if state is not None:
+        state = tuple(s.repeat_interleave(k, 0) for s in state)
     tokens = torch.full((n * k,), model.bos_id, dtype=torch.long, device=device)
     scores = torch.full((n, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: keep one alive
     finished = torch.zeros(n * k, dtype=torch.bool, device=device)
     history = torch.zeros(n * k, 0, dtype=torch.long, device=device)
-    state = None
     for _ in range(max_length):
         logits, state = model.decode_step(zz, tokens, state)
         logp = torch.log_softmax(logits.float(), -1)  # (N*k, V)
@@ -145,6 +149,40 @@ def reconstruct(model, texts: list[str], use_mean: bool = True, **options) -> li
     q = model.encode(texts)
     z = q.mean if use_mean else q.sample()
     return ids_to_text(model.tokenizer, decode(model, z, **options))
+
+
+@torch.no_grad()
+def respond(model, contexts: list[str], n: int, **options) -> list[list[str]]:
+    """n responses to each context from a conditional model: z ~ p(z|c), decoded with
+    ``options`` (see :func:`decode`); with greedy decoding the responses differ only through z.
+
+    Args:
+        contexts: context strings (previous utterances joined by `` __eou__ ``, as
+            :func:`textvae.data.context_string` builds them).
+
+    Returns:
+        One list of n responses per context, in order.
+
+    Raises:
+        ValueError: the model is not conditional, or n < 1.
+    """
+    from textvae.data import encode_contexts
+
+    if not getattr(model, "conditional", False):
+        raise ValueError(f"{type(model).__name__} is not a conditional model: use sample_prior")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batch = {k: v.to(device) for k, v in encode_contexts(model.tokenizer, contexts).items()}
+    b = len(contexts)
+    z = model.prior(batch).sample((n,)).reshape(n * b, -1)  # (n*B, D), sample-major
+    repeated = {k: v.repeat(n, 1) for k, v in batch.items()}  # (n*B, T_c)
+    state = model.initial_state(z, repeated)
+    seqs = ids_to_text(model.tokenizer, decode(model, z, state=state, **options))
+    model.train(was_training)
+    return [[seqs[s * b + i] for s in range(n)] for i in range(b)]
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

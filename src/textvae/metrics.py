@@ -4,7 +4,10 @@ Units: nats per sentence unless a name says otherwise; EOS is counted as a predi
 and as one word per sentence; padding never counts.
 
 - ``rec``: E_q[-log p(x|z)], Monte Carlo over the IW samples.
-- ``kl``: KL(q(z|x) || p(z)), closed form (diagonal Gaussians).
+- ``kl``: KL(q(z|x) || p(z)), closed form when both are diagonal Gaussians (``kl_samples``
+  None); otherwise (a flow posterior or prior) the Monte Carlo estimate
+  mean_s [log q(z_s|x) - log p(z_s)] over the same samples as ``rec`` (``kl_samples`` = their
+  number per sentence), with the exact log q that comes with each sample.
 - ``elbo``: -(rec + kl).
 - ``nll``: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), with its
   standard error over sentences; exact -log p(x) for a model without latent.
@@ -14,11 +17,25 @@ and as one word per sentence; padding never counts.
   linear in the set size); ``mi_batch``: the minibatch estimator of He et al. 2019 over the
   evaluation batches.
 - ``au``: dimensions with Cov_x(E_q[z|x]) > ``au_delta`` (Burda et al. 2016's active units).
+- ``kl_per_dim``: the closed-form KL per dimension; None without a closed form (a flow has no
+  per-dimension decomposition of its KL).
+
+Flow posteriors (see docs/flows.md): ``nll``, ``rec``, ``kl`` use z_K and its exact log q;
+``mi`` (both estimators) is that of the base Gaussian z_0 (the aggregate posterior of z_K needs
+q(z_K|x_n) at other sentences' samples, i.e. an inverse that planar and Sylvester flows lack);
+``au`` uses E_q[z_K|x] estimated by :attr:`textvae.flows.FlowDistribution.mean` (256 common
+random draws). ``mi_estimator`` says so.
+
+Conditional models (``cvrae``): every field is conditioned on the context c of each response:
+``nll`` bounds -log p(x|c), ``kl`` is KL(q(z|x,c) || p(z|c)); ``mi`` and ``au`` are taken over
+the (context, response) pairs (the aggregate posterior mixes q(z|x_n, c_n) over all pairs).
 - ``z_gap``: the z-usage gap, rec with z shuffled across the batch minus rec with each
   sentence's own z (:func:`z_usage_gap`); near 0 means the decoder ignores z.
 
 Generation metrics (:func:`generation_metrics`, BLEU through ``sacrebleu``): ``rec_bleu``,
-``self_bleu``, ``distinct_1``, ``distinct_2``. Latent probe: :func:`probe_accuracy`.
+``self_bleu``, ``distinct_1``, ``distinct_2``; for conditional models
+(:func:`response_metrics`): ``response_bleu``, ``distinct_1``, ``distinct_2`` of generated
+responses. Latent probe: :func:`probe_accuracy`.
 """
 
 from __future__ import annotations
@@ -29,19 +46,25 @@ import math
 import torch
 
 from textvae.data import TextDataset
-from textvae.objectives import iw_bound, iw_log_weights, kl_per_dim
+from textvae.flows import base_gaussian
+from textvae.objectives import iw_bound, iw_log_weights, kl_per_dim, rsample_and_log_prob
 
 EVAL_KEYS = (
-    "rec", "kl", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word", "mi", "mi_batch", "au",
-    "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens", "n_words",
-    "tokenizer", "mi_estimator", "precision", "seed",
+    "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word", "mi",
+    "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
+    "n_words", "tokenizer", "mi_estimator", "precision", "seed",
 )
 MI_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences, one z ~ q(z|x) per sentence used "
     "in both terms; mi_batch: He et al. 2019 calc_mi (q(z) over each evaluation batch, "
     "closed-form entropy)"
 )
+FLOW_ESTIMATOR_NOTE = (
+    "; flow posterior: mi and mi_batch of the base Gaussian z_0, au from E_q[z_K|x] by 256 "
+    "common random draws"
+)
 GENERATION_KEYS = ("rec_bleu", "self_bleu", "distinct_1", "distinct_2", "generation")
+RESPONSE_KEYS = ("response_bleu", "distinct_1", "distinct_2", "generation")
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -160,8 +183,8 @@ def evaluate(
 
     The IW samples of a batch go through the decoder as one (s * B, T) batch per chunk, with
     s = max(1, chunk_tokens // (B * T)); the encoder runs once per batch. ``iw_samples=0``
-    skips the IW estimate (``nll`` and the perplexities are None; ``rec`` then uses one
-    sample), which is what training's validation uses. Sampling runs under a forked RNG
+    skips the IW estimate (``nll`` and the perplexities are None; ``rec`` and a Monte Carlo
+    ``kl`` then use one sample), which is what training's validation uses. Sampling runs under a forked RNG
     seeded by ``seed``, so evaluation is repeatable and leaves the caller's RNG untouched.
     With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
     log-densities, log-sum-exp and all sums stay float32/float64.
@@ -177,7 +200,8 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     nll, rec, kl = [], [], []
-    mus, logvars, zs = [], [], []
+    mus, logvars, zs, means = [], [], [], []
+    closed_form, flow = True, False
     mi_b, kl_dims_sum, gaps = [], None, []
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
@@ -195,15 +219,21 @@ def evaluate(
             with _autocast(device, precision):
                 q = model.posterior(batch)
             p = model.prior(batch)
-            dims = kl_per_dim(q, p)  # (B, D)
-            kl.append(dims.sum(-1))
-            kl_dims_sum = dims.sum(0) if kl_dims_sum is None else kl_dims_sum + dims.sum(0)
-            mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
-            z1 = q.sample()  # (B, D): the MI samples
+            dims = kl_per_dim(q, p)  # (B, D), or None without a closed form
+            if dims is not None:
+                kl.append(dims.sum(-1))
+                kl_dims_sum = dims.sum(0) if kl_dims_sum is None else kl_dims_sum + dims.sum(0)
+            closed_form = closed_form and dims is not None
+            base = base_gaussian(q)  # q itself, or a flow's base q0
+            flow = base is not q
+            mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
+            z1 = q.sample()  # (B, D): the z-usage gap's codes (and the MI samples without a flow)
+            z_mi = base.sample() if flow else z1
             mus.append(mu.cpu())
             logvars.append(logvar.cpu())
-            zs.append(z1.cpu())
-            mi_b.append((batch_mi(mu, logvar, z1), b))
+            zs.append(z_mi.cpu())
+            means.append(q.mean.float().cpu() if flow else mu.cpu())
+            mi_b.append((batch_mi(mu, logvar, z_mi), b))
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
             if gap is not None:
@@ -211,13 +241,18 @@ def evaluate(
             n_samples = iw_samples or 1
             step = max(1, chunk_tokens // (b * t))
             log_w, ll_sum = [], torch.zeros(b, device=device)
+            kl_sum = torch.zeros(b, device=device)
             for start in range(0, n_samples, step):
-                z = q.sample((min(step, n_samples - start),))  # (s, B, D)
+                # (s, B, D) with log q (s, B): exact also for flows without an inverse
+                z, log_q = rsample_and_log_prob(q, (min(step, n_samples - start),))
                 with _autocast(device, precision):
-                    lw, ll = iw_log_weights(model, batch, q, p, z)
+                    lw, ll = iw_log_weights(model, batch, q, p, z, log_q)
                 log_w.append(lw.float())
                 ll_sum += ll.float().sum(0)
+                kl_sum += (ll.float() - lw.float()).sum(0)  # log q - log p of each sample
             rec.append(-ll_sum / n_samples)
+            if dims is None:
+                kl.append(kl_sum / n_samples)
             if iw_samples:
                 nll.append(-iw_bound(torch.cat(log_w, dim=0)))
     model.train(was_training)
@@ -237,15 +272,18 @@ def evaluate(
         out["elbo"] = -out["rec"]  # exact log-likelihood: the bound is tight
         return out
     mu_all, logvar_all, z_all = torch.cat(mus), torch.cat(logvars), torch.cat(zs)
+    if not closed_form and kl_dims_sum is not None:
+        raise ValueError("the KL had a closed form for some batches only; cannot mix estimates")
     out["kl"] = float(torch.cat(kl).double().mean())
+    out["kl_samples"] = None if closed_form else (iw_samples or 1)
     out["elbo"] = -(out["rec"] + out["kl"])
     out["iw_samples"] = iw_samples or None
-    out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist()
+    out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist() if closed_form else None
     out["mi"] = aggregate_mi(mu_all, logvar_all, z_all)
     out["mi_batch"] = sum(m * b for m, b in mi_b) / n
-    out["au"], _ = active_units(mu_all, au_delta)
+    out["au"], _ = active_units(torch.cat(means), au_delta)
     out["au_delta"] = au_delta
-    out["mi_estimator"] = MI_ESTIMATOR
+    out["mi_estimator"] = MI_ESTIMATOR + (FLOW_ESTIMATOR_NOTE if flow else "")
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
     return out
 
@@ -345,6 +383,54 @@ def generation_metrics(
     out["self_bleu"], settings["self_bleu_signature"] = self_bleu(samples)
     out["distinct_1"], out["distinct_2"] = distinct_n(samples, 1), distinct_n(samples, 2)
     out["generation"] = settings
+    return out
+
+
+@torch.no_grad()
+def response_metrics(
+    model, contexts: list[str], references: list[str], n_responses: int = 5,
+    strategy: str = "greedy", max_length: int = 50, temperature: float = 1.0, top_k: int = 0,
+    top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+) -> dict:
+    """Response generation of a conditional model (SPEC 3, "BLEU/distinct for conditional
+    tasks"): for each context, ``n_responses`` responses decoded from z ~ p(z|c) with
+    ``strategy`` (:func:`textvae.generate.respond`).
+
+    ``response_bleu``: corpus BLEU-4 (sacrebleu, 0-100) of all generated responses, each scored
+    against its context's one reference (the reference repeated ``n_responses`` times: the
+    average-case BLEU of a sampled response). ``distinct_1``, ``distinct_2``: over all generated
+    responses together.
+
+    Returns:
+        dict with :data:`RESPONSE_KEYS`; ``generation`` records the settings and the sacrebleu
+        signature. Runs under a forked RNG seeded by ``seed``.
+
+    Raises:
+        ValueError: contexts and references differ in length or are empty, or the model is not
+            conditional.
+    """
+    from textvae.generate import respond
+
+    if not getattr(model, "conditional", False):
+        raise ValueError(f"{type(model).__name__} is not a conditional model")
+    if len(contexts) != len(references) or not contexts:
+        raise ValueError(f"response metrics need equally many contexts and references, got "
+                         f"{len(contexts)} and {len(references)}")
+    options = dict(strategy=strategy, max_length=max_length, temperature=temperature,
+                   top_k=top_k, top_p=top_p)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        groups: list[list[str]] = []
+        for start in range(0, len(contexts), batch_size):
+            groups += respond(model, contexts[start : start + batch_size], n_responses, **options)
+    hypotheses = [r for group in groups for r in group]
+    refs = [" ".join(ref.split()) for ref, group in zip(references, groups, strict=True) for _ in group]
+    out = dict.fromkeys(RESPONSE_KEYS)
+    out["response_bleu"], signature = corpus_bleu(hypotheses, refs)
+    out["distinct_1"], out["distinct_2"] = distinct_n(hypotheses, 1), distinct_n(hypotheses, 2)
+    out["generation"] = {"contexts": len(contexts), "responses_per_context": n_responses,
+                         "latent": "z ~ p(z|c)", **options, "seed": seed,
+                         "bleu_signature": signature}
     return out
 
 

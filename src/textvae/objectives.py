@@ -87,13 +87,30 @@ def kl_weight(step: int, cfg: KLConfig) -> float:
 def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor | None:
     """Closed-form KL(q||p) per latent dimension, (B, D), when both are diagonal Gaussians.
 
-    Returns None when no per-dimension closed form exists (the caller then estimates the KL
-    by Monte Carlo).
+    Returns None when no per-dimension closed form exists (a flow posterior or a flow prior:
+    the caller then estimates the KL by Monte Carlo, log q(z) - log p(z) on samples of q).
     """
     if isinstance(q, Independent) and isinstance(p, Independent):
         if isinstance(q.base_dist, Normal) and isinstance(p.base_dist, Normal):
             return kl_divergence(q.base_dist, p.base_dist)
     return None
+
+
+def rsample_and_log_prob(q: Distribution, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised samples of q with their exact log-density: the one way the ELBO, the IW
+    bound and the Monte Carlo KL draw from a posterior.
+
+    A flow posterior (:class:`textvae.flows.FlowDistribution`) returns log q(z_K|x) accumulated
+    while it pushes its base samples forward, so flows without an inverse (planar, Sylvester)
+    get an exact log q of their own samples; any other distribution uses ``q.log_prob(z)``.
+
+    Returns:
+        (z (*sample_shape, B, D), log q(z) (*sample_shape, B)), nats.
+    """
+    if hasattr(q, "rsample_and_log_prob"):
+        return q.rsample_and_log_prob(sample_shape)
+    z = q.rsample(sample_shape)
+    return z, q.log_prob(z)
 
 
 def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim") -> torch.Tensor:
@@ -121,14 +138,23 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
 
 def elbo(
     model, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
-    free_bits_mode: str = "per_dim",
+    free_bits_mode: str = "per_dim", kl_target: float = 0.0, kl_target_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Single-sample ELBO and the training loss (Kingma & Welling 2014; Bowman et al. 2016).
 
-    loss = mean_B[rec] + beta * KL_term (+ bow_weight * mean_B[bow]), where rec = -log p(x|z),
-    z ~ q(z|x) reparameterised, and KL_term is :func:`free_bits_kl` of the closed-form KL (or,
-    without a closed form, the single-sample estimate log q(z|x) - log p(z)). A model without
-    latent gets loss = -log p(x).
+    loss = mean_B[rec] + beta * KL_term (+ kl_target_weight * |mean_B[KL] - kl_target|)
+    (+ bow_weight * mean_B[bow]), where rec = -log p(x|z), z ~ q(z|x) reparameterised, and
+    KL_term is :func:`free_bits_kl` of the closed-form KL. Without a closed form (a flow
+    posterior or prior) the KL is the single-sample estimate log q(z|x) - log p(z) on the same
+    z, with log q from :func:`rsample_and_log_prob` (exact, also for flows without an inverse);
+    free bits then floor the batch-mean total KL, at ``D * free_bits`` in ``per_dim`` mode (no
+    per-dimension KL exists) and at ``free_bits`` in ``total`` mode. A model without latent
+    gets loss = -log p(x).
+
+    KL target (``kl_target`` > 0 and ``kl_target_weight`` > 0): the penalty
+    kl_target_weight * |mean_B KL - kl_target| (nats per sentence) holds the batch-mean KL near
+    the target when the weight exceeds beta (Burgess et al. 2018, "Understanding disentangling
+    in beta-VAE", eq. 8, is the case beta = 0). Not part of the ELBO.
 
     The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
     bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
@@ -144,16 +170,20 @@ def elbo(
                 "bow": None}
     q = model.posterior(batch)
     p = model.prior(batch)
-    z = q.rsample((1,))  # (1, B, D)
-    rec = -model.log_likelihood(batch, z)[0]  # (B,)
     kl_dims = kl_per_dim(q, p)
     if kl_dims is not None:
+        z = q.rsample((1,))  # (1, B, D)
         kl = kl_dims.sum(-1)
         kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode)
     else:
-        kl = (q.log_prob(z) - p.log_prob(z))[0]
-        kl_term = torch.clamp(kl.mean(), min=free_bits) if free_bits > 0 else kl.mean()
+        z, log_q = rsample_and_log_prob(q, (1,))  # (1, B, D), (1, B)
+        kl = (log_q - p.log_prob(z))[0]
+        floor = free_bits * (z.size(-1) if free_bits_mode == "per_dim" else 1)
+        kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
+    rec = -model.log_likelihood(batch, z)[0]  # (B,)
     loss = rec.mean() + beta * kl_term
+    if kl_target > 0 and kl_target_weight > 0:
+        loss = loss + kl_target_weight * (kl.mean() - kl_target).abs()
     bow = None
     if model.bow_head is not None:
         bow = -model.bow_head.log_prob(z[0], batch["input_ids"], batch["attention_mask"])  # (B,)
@@ -162,20 +192,26 @@ def elbo(
 
 
 def iw_log_weights(
-    model, batch: dict[str, torch.Tensor], q: Distribution, p: Distribution, z: torch.Tensor
+    model, batch: dict[str, torch.Tensor], q: Distribution, p: Distribution, z: torch.Tensor,
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance log-weights log p(x, z_s) - log q(z_s|x) (Burda et al. 2016, eq. 8).
 
     Args:
         q, p: posterior and prior of the batch (batch shape (B,)).
         z: (S, B, D) samples from q.
+        log_q: (S, B) log q(z|x) of those samples when it came with them
+            (:func:`rsample_and_log_prob`; needed for flows without an inverse); else
+            ``q.log_prob(z)``.
 
     Returns:
         (log_w (S, B), log p(x|z) (S, B)), float32, nats per sentence. With S = 1 and the same
         z, log_w is the single-sample ELBO estimate rec + (log p(z) - log q(z|x)).
     """
     ll = model.log_likelihood(batch, z)  # (S, B)
-    return ll + p.log_prob(z) - q.log_prob(z), ll
+    if log_q is None:
+        log_q = q.log_prob(z)
+    return ll + p.log_prob(z) - log_q, ll
 
 
 def iw_bound(log_w: torch.Tensor) -> torch.Tensor:

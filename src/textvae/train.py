@@ -21,7 +21,8 @@ A run folder holds:
   drives the beta schedule and the data position), written at every validation.
 - ``checkpoints/best/model.safetensors``: the weights of the best validation ELBO.
 - ``samples.txt``: at each validation, greedy decodings of z ~ p(z) (ancestral samples for a
-  model without latent).
+  model without latent; for a conditional model, one greedy response from z ~ p(z|c) to each of
+  the first validation contexts).
 
 Training-schedule remedies (the model-side ones live in the model and its config):
 
@@ -63,7 +64,7 @@ from safetensors.torch import save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
 from textvae.data import TextDataset, build_tokenizer, load_split, load_tokenizer
-from textvae.generate import sample_prior
+from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import kl_weight
@@ -348,10 +349,16 @@ def train(
 
     train_corpus = load_split(config.data, "train")
     valid_corpus = load_split(config.data, "valid")
+    conditional = MODELS[config.model.name].conditional
+    if conditional and train_corpus.contexts is None:
+        raise ConfigError(f"model.name={config.model.name!r} is conditional and needs a dialogue "
+                          "corpus (data.corpus=dailydialog or data.format=dialogue)")
     if resume:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
-        tokenizer = build_tokenizer(train_corpus.texts, config.data.min_frequency, config.data.max_vocab)
+        # a dialogue corpus: the vocabulary covers responses and contexts
+        tokenizer = build_tokenizer(train_corpus.texts + (train_corpus.contexts or []),
+                                    config.data.min_frequency, config.data.max_vocab)
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
@@ -363,9 +370,10 @@ def train(
     if resume and main:
         save_config(config, run_dir / "config.yaml.tmp")
         os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    train_ds = TextDataset(train_corpus.texts, tokenizer, train_corpus.labels)
+    train_ds = TextDataset(train_corpus.texts, tokenizer, train_corpus.labels, train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
-    valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer)
+    valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
+    valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
 
     model = MODELS[config.model.name](config.model, tokenizer)
     # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
@@ -438,7 +446,7 @@ def train(
         if raw.has_latent:
             log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
                      "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
-                     len(m["kl_per_dim"]), m["z_gap"] if m["z_gap"] is not None else math.nan)
+                     raw.latent_dim, m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
             last_mi = state.last_mi
             if update_aggressive(state, m["mi"]):
@@ -449,15 +457,25 @@ def train(
         loss = -m["elbo"]
         for sched in schedulers:
             sched.step(loss)
-        # greedy decoding of z ~ p(z) shows what z encodes; a model without z samples ancestrally
+        # greedy decoding of z ~ p(z) shows what z encodes; a model without z samples ancestrally;
+        # a conditional model answers the first validation contexts from z ~ p(z|c)
         strategy = "greedy" if raw.has_latent else "sample"
+        what = "prior samples"
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed + state.step)
-            samples = sample_prior(raw, t.num_samples, strategy=strategy) if t.num_samples else []
+            if not t.num_samples:
+                samples = []
+            elif raw.conditional:
+                contexts = valid_ds.contexts[: t.num_samples]
+                samples = [f"{c} => {r[0]}" for c, r in
+                           zip(contexts, respond(raw, contexts, 1, strategy=strategy), strict=True)]
+                what = "responses (context => response)"
+            else:
+                samples = sample_prior(raw, t.num_samples, strategy=strategy)
         state.last_valid_step = state.step
         if main:
             with open(run_dir / "samples.txt", "a") as fh:
-                fh.write(f"# step {state.step}, prior samples, {strategy}\n" + "".join(s + "\n" for s in samples))
+                fh.write(f"# step {state.step}, {what}, {strategy}\n" + "".join(s + "\n" for s in samples))
         if loss < state.best_valid:
             state.best_valid = loss
             if main:
@@ -481,8 +499,11 @@ def train(
 
     def forward(batch: dict, beta: float) -> dict:
         """The training objective on a batch; a non-finite loss stops the run."""
+        # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
+        target_weight = config.kl.target_weight if state.phase == "vae" else 0.0
         out = model(batch, beta=beta, free_bits=config.kl.free_bits,
-                    free_bits_mode=config.kl.free_bits_mode)
+                    free_bits_mode=config.kl.free_bits_mode, kl_target=config.kl.target,
+                    kl_target_weight=target_weight)
         loss = out["loss"]
         if not torch.isfinite(loss):
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()

@@ -1,12 +1,14 @@
 """Model registry: ``MODELS[name](model_config, tokenizer)`` builds a model."""
 
 from textvae.models.base import TextVAE
+from textvae.models.cvrae import CVRAE
 from textvae.models.lstm_lm import LSTMLM
 from textvae.models.lstm_vae import LSTMVAE
 
 MODELS: dict[str, type[TextVAE]] = {
     "lstm_vae": LSTMVAE,
     "lstm_lm": LSTMLM,
+    "cvrae": CVRAE,
 }
 
-__all__ = ["MODELS", "TextVAE", "LSTMVAE", "LSTMLM"]
+__all__ = ["MODELS", "TextVAE", "LSTMVAE", "LSTMLM", "CVRAE"]

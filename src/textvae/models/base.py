@@ -11,6 +11,11 @@ The model interface (checked by one contract test over ``MODELS``):
   or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
   batch-first tensors (so beam search can reorder rows).
 
+Conditional models (``conditional = True``, e.g. ``cvrae``): the batch also carries the
+context (``context_ids`` / ``context_mask``); ``posterior``, ``prior`` and ``log_likelihood``
+condition on it, ``prior()`` without a batch raises ValueError, and generation starts from
+``initial_state(z, batch)`` (the context is part of the state) instead of state None.
+
 For the remedies that treat the two halves of a VAE differently (aggressive training, the
 decoder reset after autoencoder pretraining) a model names its inference network:
 ``inference_modules`` (names of the submodules that compute q(z|x); empty without one);
@@ -32,6 +37,7 @@ class TextVAE(nn.Module):
     """Base of the models: holds the tokenizer's special ids and the generic entry points."""
 
     has_latent: bool = True
+    conditional: bool = False
     inference_modules: tuple[str, ...] = ()
 
     def __init__(self, tokenizer):
@@ -47,10 +53,12 @@ class TextVAE(nn.Module):
 
     def forward(
         self, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
-        free_bits_mode: str = "per_dim",
+        free_bits_mode: str = "per_dim", kl_target: float = 0.0, kl_target_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
-        """The training objective (negative ELBO with beta and free bits), see objectives.elbo."""
-        return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode)
+        """The training objective (negative ELBO with beta, free bits and the optional KL target
+        penalty), see objectives.elbo."""
+        return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode,
+                    kl_target=kl_target, kl_target_weight=kl_target_weight)
 
     def inference_parameters(self) -> list[nn.Parameter]:
         """Parameters of the inference network q(z|x) (``inference_modules``).
@@ -67,14 +75,17 @@ class TextVAE(nn.Module):
         return any(key == name or key.startswith(name + ".") for name in self.inference_modules)
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> Distribution:
-        """Posterior q(z|x) of raw sentences: ``.mean`` and ``.stddev`` are (B, D) float32.
+    def encode(self, texts: list[str], contexts: list[str] | None = None) -> Distribution:
+        """Posterior q(z|x) (q(z|x, c) with ``contexts``) of raw sentences: ``.mean`` is (B, D)
+        float32 (for a flow posterior a Monte Carlo estimate, see textvae.flows), ``.stddev``
+        too for a Gaussian posterior.
 
         Raises:
-            ValueError: the model has no latent variable.
+            ValueError: the model has no latent variable, or is conditional and no contexts
+                were given.
         """
         if not self.has_latent:
             raise ValueError(f"{type(self).__name__} has no latent variable to encode into")
         device = next(self.parameters()).device
-        batch = {k: v.to(device) for k, v in encode_texts(self.tokenizer, texts).items()}
-        return self.posterior(batch)
+        batch = encode_texts(self.tokenizer, texts, contexts)
+        return self.posterior({k: v.to(device) for k, v in batch.items()})

@@ -3,6 +3,11 @@
 He et al. 2019 configuration (``configs/ptb/lstm-vae.yaml``): 1-layer LSTM encoder and
 decoder, embedding 512, hidden 1024, latent 32, decoder dropout 0.5 in and out, z as the
 decoder's initial state and concatenated to every input embedding.
+
+The flow-based VRAE (Chien & Luo 2022, SPEC 1.2; ``configs/ptb/flow-vrae*.yaml``) is this
+model with options: ``posterior_flow`` (an amortised flow on q(z|x)), ``prior_flow`` (an
+autoregressive flow prior), ``embed_noise`` (amortised regularisation), ``z_skip`` (z added
+to every decoder input) and ``kl.target`` (KL target penalty).
 """
 
 from __future__ import annotations
@@ -13,28 +18,30 @@ from torch.distributions import Distribution
 from textvae.config import ModelConfig
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder
+from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
 
 
 class LSTMVAE(TextVAE):
-    """q(z|x) from a pooled LSTM encoder; p(z) = N(0, I); p(x|z) an LSTM decoder.
+    """q(z|x) from a pooled LSTM encoder (optionally flowed); p(z) = N(0, I) (optionally
+    flowed); p(x|z) an LSTM decoder.
 
     Remedies from the config: ``posterior_bn_gamma`` and ``min_rate_delta`` in the posterior
-    head (:class:`~textvae.posteriors.GaussianHead`), ``bow_weight`` adds a
-    :class:`~textvae.decoders.BagOfWordsHead`. The inference network is ``encoder`` and
-    ``posterior_head``.
+    head (:class:`~textvae.posteriors.GaussianHead`; with a posterior flow they act on the base
+    Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`. The
+    inference network is ``encoder``, ``posterior_head`` and ``posterior_flow``.
     """
 
-    inference_modules = ("encoder", "posterior_head")
+    inference_modules = ("encoder", "posterior_head", "posterior_flow")
 
     def __init__(self, cfg: ModelConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim
         self.encoder = LSTMEncoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
-            cfg.enc_dropout_in, self.pad_id,
+            cfg.enc_dropout_in, self.pad_id, noise_std=cfg.embed_noise,
         )
         self.posterior_head = GaussianHead(
             self.encoder.out_dim, cfg.latent_dim, bn_gamma=cfg.posterior_bn_gamma,
@@ -43,21 +50,32 @@ class LSTMVAE(TextVAE):
         self.decoder = LSTMDecoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,
             cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state, cfg.z_every_step,
-            self.pad_id, self.unk_id,
+            self.pad_id, self.unk_id, z_skip=cfg.z_skip,
         )
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
             self.bow_weight = cfg.bow_weight
+        # no parameters (and no RNG draws) unless a flow is configured
+        self.posterior_flow = PosteriorFlow(
+            cfg.posterior_flow, cfg.latent_dim, self.encoder.out_dim, cfg.posterior_flow_steps,
+            cfg.flow_hidden, cfg.flow_components,
+        )
+        self.prior_flow = None
+        if cfg.prior_flow == "iaf":
+            self.prior_flow = AutoregressivePrior(cfg.latent_dim, cfg.prior_flow_steps, cfg.flow_hidden)
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
-        """q(z|x) = N(mu, diag sigma^2) from the pooled encoder: batch (B,), event (D,), float32."""
+        """q(z|x): N(mu, diag sigma^2) from the pooled encoder, pushed through the amortised
+        posterior flow when one is configured; batch (B,), event (D,), float32."""
         h = self.encoder(batch["input_ids"], batch["attention_mask"])  # (B, H_out)
-        return self.posterior_head(h)
+        return self.posterior_flow(self.posterior_head(h), h)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
-        """p(z) = N(0, I): batch shape (B,) for a batch, () without; event (D,)."""
+        """p(z) = N(0, I), pushed through the prior flow when one is configured: batch shape
+        (B,) for a batch, () without; event (D,)."""
         shape = () if batch is None else (batch["input_ids"].size(0),)
-        return standard_normal(self.latent_dim, shape, self.decoder.output.weight.device)
+        base = standard_normal(self.latent_dim, shape, self.decoder.output.weight.device)
+        return base if self.prior_flow is None else self.prior_flow(base)
 
     def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) for z (S, B, D): (S, B) float32, nats per sentence (EOS counted).
