@@ -70,8 +70,11 @@ ENTRIES: dict[str, Entry] = {
                  "lstm-vae-bow-cpu.yaml"),
     "minrate": Entry("+ minimum rate 0.1 nats/dim (delta-VAE style, Razavi et al. 2019)",
                      ["model.min_rate_delta=0.1"], "lstm-vae-minrate-cpu.yaml"),
-    "flow": Entry("+ normalising flow posterior (Chien & Luo 2022)",
-                  unavailable="unavailable: textvae has no flows yet"),
+    "flow": Entry("+ flow VRAE: IAF posterior (4 steps), IAF prior (2), embedding noise 0.5, "
+                  "skip connection (Chien & Luo 2022)",
+                  ["model.posterior_flow=iaf", "model.posterior_flow_steps=4",
+                   "model.flow_hidden=256", "model.prior_flow=iaf", "model.prior_flow_steps=2",
+                   "model.embed_noise=0.5", "model.z_skip=true"], "flow-vrae-cpu.yaml"),
 }
 
 COLUMNS = ("entry", "settings", "rec", "kl", "nll ± stderr", "ppl_word", "mi", "au (δ)", "z_gap",
