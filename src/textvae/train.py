@@ -11,7 +11,8 @@ A run folder holds:
   encoder-only steps per step, with ``train.aggressive``) and
   ``{"type": "valid", step, epoch, beta, elbo, rec, kl, mi, mi_batch, au, au_delta, z_gap,
   kl_per_dim}`` at each validation (single-sample ELBO on the validation split; ``z_gap`` is
-  the z-usage gap of :func:`textvae.metrics.z_usage_gap`), ``{"type": "warning", "warning":
+  the z-usage gap of :func:`textvae.metrics.z_usage_gap`; ``kl`` is a one-sample Monte Carlo
+  estimate and ``kl_per_dim`` null when the KL has no closed form, e.g. with a flow), ``{"type": "warning", "warning":
   "posterior collapse", step, kl, z_gap, validations, message}`` when KL or z-usage gap have
   stayed under ``train.collapse_kl`` / ``train.collapse_z_gap`` for
   ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}`` (``resume``,
