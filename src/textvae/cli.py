@@ -66,6 +66,15 @@ def _dataset_for(model, config, split: str, data: str | None, max_sentences: int
     return TextDataset(texts, model.tokenizer, labels, contexts), corpus.source
 
 
+def _write_json(record: dict, path: str | Path) -> Path:
+    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _cmd_evaluate(args) -> int:
     import textvae
     from textvae.metrics import evaluate
@@ -97,10 +106,7 @@ def _cmd_evaluate(args) -> int:
             top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     seconds = time.perf_counter() - start
     result["seconds"] = seconds
-    output = Path(args.output) if args.output else Path(args.run_dir) / f"eval-{args.split}.json"
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, output)
+    output = _write_json(result, args.output or Path(args.run_dir) / f"eval-{args.split}.json")
     print(f"evaluated {source} ({result['n_sentences']} sentences, K={k}, precision={precision}, "
           f"{seconds:.0f} s)")
     for key, value in result.items():
@@ -240,10 +246,7 @@ def _cmd_probe(args) -> int:
               "score_sentences": len(score_y), "features": f"posterior mean (D={model.latent_dim})",
               "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
               "seed": args.seed, "results": results}
-    output = Path(args.output) if args.output else Path(args.run_dir) / f"probe-{name}.json"
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, output)
+    output = _write_json(record, args.output or Path(args.run_dir) / f"probe-{name}.json")
     print(f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
           f"({len(score_y)} sentences); features: posterior mean")
     print("| labelled n | probe accuracy (%) | majority class (%) | subsets |")

@@ -125,6 +125,9 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
                             label=(f"{label} valid" if not single else "validation"))
             ax.set_title(panel)
             ax.set_xlabel("optimizer step")
+    au_axis = axes.flat[[k for k, _ in CURVES].index("au")]
+    if au_axis.lines:
+        au_axis.set_ylim(bottom=0)  # a count: start at 0, so a flat 32 does not look like noise
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
@@ -188,14 +191,20 @@ def plot_projection(
     ratio = list(pca.explained_variance_ratio_) if x.shape[1] >= 2 else [1.0, 0.0]
     fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
     if labels is not None:
-        markers = "o^sDv<>"
+        # one scatter in a random order, so that no class is drawn over the others
+        import matplotlib.lines as mlines
+
         palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-        for i, value in enumerate(sorted(set(labels))):
-            rows = [j for j, lab in enumerate(labels) if lab == value]
-            name = (label_names or {}).get(value, f"label {value}")
-            ax.scatter(xy[rows, 0], xy[rows, 1], s=7, alpha=0.5, marker=markers[i % len(markers)],
-                       color=palette[i % len(palette)], label=f"{name} ({len(rows)})")
-        ax.legend(markerscale=2.5, loc="best")
+        values = sorted(set(labels))
+        colour = {v: palette[i % len(palette)] for i, v in enumerate(values)}
+        order = np.random.default_rng(0).permutation(len(labels))
+        ax.scatter(xy[order, 0], xy[order, 1], s=7, alpha=0.5,
+                   c=[colour[labels[i]] for i in order])
+        handles = [mlines.Line2D([], [], ls="", marker="o", color=colour[v],
+                                 label=f"{(label_names or {}).get(v, f'label {v}')} "
+                                       f"({sum(1 for x in labels if x == v)})")
+                   for v in values]
+        ax.legend(handles=handles, loc="best")
     else:
         points = ax.scatter(xy[:, 0], xy[:, 1], s=7, alpha=0.6, c=lengths, cmap="viridis")
         fig.colorbar(points, ax=ax, label="sentence length (words)")
@@ -312,7 +321,7 @@ def write_report(
     t = cfg.train
     status = latent_status(quick["kl"] if model.has_latent else None, quick["z_gap"], quick["au"],
                            latent_dim or 0, t.collapse_kl, t.collapse_z_gap)
-    train_steps = max((r["step"] for r in groups.get("train", [])), default=0)
+    train_steps = max((r.get("step", 0) for g in groups.values() for r in g), default=0)
     warnings = groups.get("warning", [])
     md = [f"# Run report: `{name}`", "",
           f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `textvae report`.",
@@ -328,7 +337,7 @@ def write_report(
               if model.has_latent else ""),
            f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
            f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})",
-           f"- training: {train_steps} steps logged, batch {t.batch_size}, `{t.optimizer}` lr "
+           f"- training: {train_steps} optimizer steps, batch {t.batch_size}, `{t.optimizer}` lr "
            f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
            f"- tokenizer: {quick['tokenizer']}", ""]
     rows = {f"{stem} (K={e.get('iw_samples')})": e for stem, e in evaluations.items()}
