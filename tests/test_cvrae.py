@@ -144,3 +144,17 @@ def test_respond_cli_on_a_tiny_dialogue_corpus(tiny_dialogues, tmp_path, monkeyp
     assert model.conditional and model.config.data.corpus == "dailydialog"
     with pytest.raises(SystemExit):
         cli.main(["generate", str(run), "--mode", "sample"])
+
+
+def test_report_of_a_conditional_run(tiny_dialogues, tmp_path, monkeypatch):
+    from textvae.report import write_report
+
+    monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
+    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
+        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
+        "data.test_split=validation", "model.name=cvrae", "train.max_steps=4"]
+    run = train(load_config(None, overrides), tmp_path / "run")
+    folder = write_report(run, max_sentences=20, n_examples=2)
+    md = (folder / "report.md").read_text()
+    assert "| context | reference | responses |" in md
+    assert (folder / "kl_per_dim.png").read_bytes()[:4] == b"\x89PNG"

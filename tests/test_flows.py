@@ -13,6 +13,7 @@ from textvae.data import TextDataset
 from textvae.flows import FLOWS, AutoregressivePrior, FlowDistribution, PosteriorFlow
 from textvae.metrics import EVAL_KEYS, evaluate
 from textvae.objectives import elbo, iw_bound, iw_log_weights, kl_per_dim, rsample_and_log_prob
+from textvae.train import train
 
 KINDS = [k for k in FLOWS if k != "none"]
 INVERTIBLE = ("radial", "iaf", "cclin_iaf")
@@ -321,3 +322,14 @@ def test_flows_run_under_bf16_autocast(name, tiny_model, tiny_batch, tokenizer):
     ds = TextDataset(make_sentences(8, seed=1), tokenizer, contexts=contexts)
     r = evaluate(model, ds, iw_samples=4, batch_size=4, precision="bf16")
     assert math.isfinite(r["nll"]) and r["kl_samples"] == 4
+
+
+def test_report_of_a_flow_run_has_no_per_dimension_kl(tiny_config, tmp_path):
+    from textvae.report import write_report
+
+    run = train(tiny_config(**{"train.max_steps": 4, "model.posterior_flow": "planar",
+                               "model.posterior_flow_steps": 2}), tmp_path / "flow")
+    folder = write_report(run, max_sentences=20, n_examples=2)
+    md = (folder / "report.md").read_text()
+    assert "**Latent status**" in md and "Reconstructions" in md
+    assert (folder / "kl_per_dim.png").read_bytes()[:4] == b"\x89PNG"

@@ -141,25 +141,34 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
 
 
 def plot_kl_per_dim(
-    kl_dims: list[float], mu_var: list[float], delta: float, path: str | Path, title: str
+    kl_dims: list[float] | None, mu_var: list[float], delta: float, path: str | Path, title: str,
+    kl_total: float | None = None,
 ) -> Path:
     """Two aligned bar charts over latent dimensions: KL per dimension (nats/sentence, log
     scale) and Var_x(E_q[z|x]) with the active-unit threshold delta as a line; active
-    dimensions are coloured in both panels.
+    dimensions are coloured in both panels. ``kl_dims`` None (a flow posterior or prior has no
+    per-dimension KL) draws the variance panel only, with ``kl_total`` (Monte Carlo) in the title.
     """
     plt = _pyplot()
-    d = len(kl_dims)
+    d = len(mu_var)
     active = [v > delta for v in mu_var]
     colors = ["#d62728" if a else "#7f7f7f" for a in active]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7.0, 0.28 * d + 2), 6.5), sharex=True,
-                                      constrained_layout=True)
     floor = 1e-5
-    top.bar(range(d), [max(k, floor) for k in kl_dims], color=colors)
-    top.set_yscale("log")
-    top.set_ylim(bottom=floor)
-    top.set_ylabel("KL per dimension\n(nats/sentence, log)")
-    top.set_title(f"{title}\nKL total {sum(kl_dims):.3f} nats; "
-                  f"{sum(active)}/{d} active units (red) at delta = {delta}")
+    width = max(7.0, 0.28 * d + 2)
+    if kl_dims is not None:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, 6.5), sharex=True,
+                                          constrained_layout=True)
+        top.bar(range(d), [max(k, floor) for k in kl_dims], color=colors)
+        top.set_yscale("log")
+        top.set_ylim(bottom=floor)
+        top.set_ylabel("KL per dimension\n(nats/sentence, log)")
+        heading, kl_text = top, f"KL total {sum(kl_dims):.3f} nats"
+    else:
+        fig, bottom = plt.subplots(figsize=(width, 3.8), constrained_layout=True)
+        heading = bottom
+        kl_text = ("no per-dimension KL (flow); Monte Carlo KL total "
+                   + (f"{kl_total:.3f} nats" if kl_total is not None else "n/a"))
+    heading.set_title(f"{title}\n{kl_text}; {sum(active)}/{d} active units (red) at delta = {delta}")
     bottom.bar(range(d), [max(v, floor) for v in mu_var], color=colors)
     bottom.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
     bottom.set_yscale("log")
@@ -292,7 +301,7 @@ def write_report(
     """
     import textvae
     from textvae.data import LABEL_NAMES, TextDataset, load_split
-    from textvae.generate import interpolate, reconstruct, sample_prior
+    from textvae.generate import respond
     from textvae.metrics import active_units, evaluate
 
     run_dir = Path(run_dir)
@@ -302,9 +311,10 @@ def write_report(
     corpus = load_split(cfg.data, split)
     texts = corpus.texts[:max_sentences]
     labels = corpus.labels[:max_sentences] if corpus.labels else None
+    contexts = corpus.contexts[:max_sentences] if corpus.contexts else None
     if label_names is None:
         label_names = LABEL_NAMES.get(cfg.data.corpus or "")
-    dataset = TextDataset(texts, tokenizer, labels)
+    dataset = TextDataset(texts, tokenizer, labels, contexts=contexts)
 
     final = run_dir / "report"
     tmp = final.with_name("report.tmp")
@@ -354,35 +364,53 @@ def write_report(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model.has_latent:
-            q = model.posterior({k2: v for k2, v in dataset.collate(list(range(len(dataset)))).items()})
+            q = model.posterior(dataset.collate(list(range(len(dataset)))))
             mu = q.mean.float()
             _, var = active_units(mu, cfg.eval.au_delta)
             plot_kl_per_dim(quick["kl_per_dim"], var.tolist(), cfg.eval.au_delta,
-                            tmp / "kl_per_dim.png", name)
+                            tmp / "kl_per_dim.png", name, kl_total=quick["kl"])
             lengths = [len(s.split()) for s in texts]
             plot_projection(mu, tmp / "latent_pca.png", f"{name} ({split} split)", labels,
                             lengths, label_names)
             md += ["## Latent space", "", "![KL per dimension](kl_per_dim.png)", "",
                    "![posterior means, PCA](latent_pca.png)", ""]
-        md += ["## Examples", "", "Prior samples (z ~ p(z), greedy decoding):", ""]
-        md += [f"{i + 1}. {s or '(empty)'}" for i, s in enumerate(
-            sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample"))]
-        if model.has_latent:
-            inputs = texts[:n_examples]
-            outputs = reconstruct(model, inputs, strategy="greedy")
-            md += ["", "Reconstructions (greedy from the posterior mean):", "",
-                   "| input | reconstruction |", "|---|---|"]
-            md += [f"| {a} | {b or '(empty)'} |" for a, b in zip(inputs, outputs, strict=True)]
-            if len(texts) >= 2:
-                a, b = texts[0], texts[min(len(texts) - 1, n_examples)]
-                steps = interpolate(model, a, b, steps=5, strategy="greedy")
-                md += ["", "Interpolation between two posterior means (linear, 5 points, greedy):",
-                       "", f"- **from** {a}"]
-                md += [f"- {i / 4:.2f}: {s or '(empty)'}" for i, s in enumerate(steps)]
-                md += [f"- **to** {b}"]
+        if getattr(model, "conditional", False):
+            shown = contexts[:n_examples]
+            answers = respond(model, shown, 3, strategy="greedy")
+            md += ["## Examples", "", "Responses to the first contexts (three z ~ p(z|c) each, "
+                   "greedy decoding):", "", "| context | reference | responses |", "|---|---|---|"]
+            md += [f"| {c} | {r} | {' / '.join(a or '(empty)' for a in group)} |"
+                   for c, r, group in zip(shown, texts, answers, strict=False)]
+        else:
+            md += _examples(model, texts, n_examples)
     (tmp / "report.md").write_text("\n".join(md) + "\n")
     _commit(tmp, final)
     return final
+
+
+def _examples(model, texts: list[str], n_examples: int) -> list[str]:
+    """Markdown lines: prior samples, and for a latent model reconstructions and one
+    interpolation (greedy decoding)."""
+    from textvae.generate import interpolate, reconstruct, sample_prior
+
+    md = ["## Examples", "", "Prior samples (z ~ p(z), greedy decoding):", ""]
+    md += [f"{i + 1}. {s or '(empty)'}" for i, s in enumerate(
+        sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample"))]
+    if not model.has_latent:
+        return md
+    inputs = texts[:n_examples]
+    outputs = reconstruct(model, inputs, strategy="greedy")
+    md += ["", "Reconstructions (greedy from the posterior mean):", "",
+           "| input | reconstruction |", "|---|---|"]
+    md += [f"| {a} | {b or '(empty)'} |" for a, b in zip(inputs, outputs, strict=True)]
+    if len(texts) >= 2:
+        a, b = texts[0], texts[min(len(texts) - 1, n_examples)]
+        steps = interpolate(model, a, b, steps=5, strategy="greedy")
+        md += ["", "Interpolation between two posterior means (linear, 5 points, greedy):",
+               "", f"- **from** {a}"]
+        md += [f"- {i / 4:.2f}: {s or '(empty)'}" for i, s in enumerate(steps)]
+        md += [f"- **to** {b}"]
+    return md
 
 
 def compare_runs(
