@@ -166,9 +166,9 @@ def plot_kl_per_dim(
     else:
         fig, bottom = plt.subplots(figsize=(width, 3.8), constrained_layout=True)
         heading = bottom
-        kl_text = ("no per-dimension KL (flow); Monte Carlo KL total "
+        kl_text = ("no per-dimension KL (flow): Monte Carlo KL total "
                    + (f"{kl_total:.3f} nats" if kl_total is not None else "n/a"))
-    heading.set_title(f"{title}\n{kl_text}; {sum(active)}/{d} active units (red) at delta = {delta}")
+    heading.set_title(f"{title}\n{kl_text}\n{sum(active)}/{d} active units (red) at delta = {delta}")
     bottom.bar(range(d), [max(v, floor) for v in mu_var], color=colors)
     bottom.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
     bottom.set_yscale("log")
