@@ -248,3 +248,16 @@ def test_evaluation_table_formats_units_and_missing_values():
     assert lines[0] == "| run | KL (nats/sent) | IW-NLL (nats/sent) | AU |"
     assert lines[2] == "| a | 1.235 | 100.00 ± 0.50 | 3/32 (δ=0.01) |"
     assert lines[3] == "| b | – | – | – |"
+
+
+def test_collapse_reason_names_the_criterion_that_holds():
+    from textvae.report import latent_status
+    from textvae.train import collapse_reason
+
+    assert collapse_reason(0.1, 2.0, 0.5, 0.5) == "z carries little information"
+    assert collapse_reason(3.0, 0.1, 0.5, 0.5) == "the decoder barely uses z"
+    assert "and the decoder barely uses it" in collapse_reason(0.1, 0.1, 0.5, 0.5)
+    assert collapse_reason(0.1, None, 0.5, 0.5) == "z carries little information"
+    assert latent_status(3.0, 2.0, 32, 32, 0.5, 0.5).startswith("**in use**")
+    assert latent_status(0.1, 2.0, 1, 32, 0.5, 0.5).startswith("**collapsed**: z carries")
+    assert latent_status(None, None, None, 0, 0.5, 0.5).startswith("no latent")

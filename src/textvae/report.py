@@ -236,6 +236,8 @@ def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None)
             return "–"
         size = f"/{latent_dim}" if latent_dim else ""
         return f"{value}{size} (δ={result.get('au_delta')})"
+    if key == "iw_samples" and value is None and result.get("nll") is not None:
+        return "exact"  # a model without latent: -log p(x) needs no importance sampling
     if value is None:
         return "–"
     return fmt.format(value)
@@ -261,9 +263,11 @@ def latent_status(kl: float | None, z_gap: float | None, au: int | None, latent_
     parts = [f"KL {kl:.3f} nats/sentence", f"AU {au}/{latent_dim}"]
     if z_gap is not None:
         parts.append(f"z-usage gap {z_gap:.3f} nats/sentence")
+    from textvae.train import collapse_reason
+
     collapsed = kl < kl_threshold or (z_gap is not None and z_gap < gap_threshold)
-    verdict = ("**collapsed**: the decoder barely uses z" if collapsed
-               else "**in use**: reconstructions depend on z")
+    verdict = (f"**collapsed**: {collapse_reason(kl, z_gap, kl_threshold, gap_threshold)}"
+               if collapsed else "**in use**: z carries information and reconstructions depend on it")
     return (f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, "
             f"gap {gap_threshold})")
 

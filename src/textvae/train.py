@@ -110,6 +110,20 @@ class TrainerState:
             setattr(self, key, value)
 
 
+def collapse_reason(kl: float, z_gap: float | None, kl_threshold: float, gap_threshold: float) -> str:
+    """Which collapse criterion holds, in words: little information in q(z|x) (KL under its
+    threshold), a decoder that barely uses z (z-usage gap under its threshold), or both."""
+    low_kl = kl < kl_threshold
+    low_gap = z_gap is not None and z_gap < gap_threshold
+    if low_kl and low_gap:
+        return "z carries little information and the decoder barely uses it"
+    if low_gap:
+        return "the decoder barely uses z"
+    if low_kl:
+        return "z carries little information"
+    return "z is in use"
+
+
 def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -> Path:
     """``runs/<preset name>-<UTC time>``, with a numeric suffix if that exists already."""
     stem = Path(config_path).stem if config_path else "run"
@@ -426,10 +440,11 @@ def train(
             state.collapsed_validations = 0
         if t.collapse_patience and state.collapsed_validations >= t.collapse_patience:
             gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
+            reason = collapse_reason(m["kl"], m["z_gap"], t.collapse_kl, t.collapse_z_gap)
             message = (f"posterior collapse? for {state.collapsed_validations} validations in a "
                        f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
-                       f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): the decoder is "
-                       "ignoring z; consider free bits, a longer KL warm-up or pooling")
+                       f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
+                       "free bits, a longer KL warm-up or pooling")
             log.warning("step %d: %s", state.step, message)
             write_log({"type": "warning", "warning": "posterior collapse", "step": state.step,
                        "kl": m["kl"], "z_gap": m["z_gap"], "au": m["au"],
