@@ -364,19 +364,8 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
         texts = [texts[i] for i in order]
         labels = [labels[i] for i in order] if has_labels else labels
-    truncated = dropped = 0
-    kept_texts, kept_labels = [], []
-    for i, text in enumerate(texts):
-        words = text.split()
-        if cfg.max_length and len(words) > cfg.max_length:
-            if cfg.long_policy == "drop":
-                dropped += 1
-                continue
-            words = words[: cfg.max_length]
-            truncated += 1
-        kept_texts.append(" ".join(words))
-        if has_labels:
-            kept_labels.append(labels[i])
+    kept, kept_texts, truncated, dropped = _length_policy(texts, cfg)
+    kept_labels = [labels[i] for i in kept] if has_labels else []
     limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
     if limit is not None:
         kept_texts, kept_labels = kept_texts[:limit], kept_labels[:limit]
@@ -387,14 +376,15 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     return Corpus(kept_texts, label_ids, source, stats)
 
 
-def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
-    """(context, response) pairs of a dialogue file; ``max_length`` truncates or drops responses
-    (contexts are bounded by ``context_window`` utterances only); limits keep the first pairs."""
-    dialogues, blank = read_dialogues(path)
-    contexts, responses = dialogue_pairs(dialogues, cfg.context_window)
-    truncated = dropped = 0
-    kept_contexts, kept_texts = [], []
-    for context, text in zip(contexts, responses, strict=True):
+def _length_policy(texts: list[str], cfg: DataConfig) -> tuple[list[int], list[str], int, int]:
+    """Apply ``cfg.max_length`` / ``cfg.long_policy`` to whitespace-tokenised sentences.
+
+    Returns:
+        (indices of the kept sentences, their texts (truncated where needed), number
+        truncated, number dropped).
+    """
+    kept, out, truncated, dropped = [], [], 0, 0
+    for i, text in enumerate(texts):
         words = text.split()
         if cfg.max_length and len(words) > cfg.max_length:
             if cfg.long_policy == "drop":
@@ -402,8 +392,18 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
                 continue
             words = words[: cfg.max_length]
             truncated += 1
-        kept_contexts.append(context)
-        kept_texts.append(" ".join(words))
+        kept.append(i)
+        out.append(" ".join(words))
+    return kept, out, truncated, dropped
+
+
+def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
+    """(context, response) pairs of a dialogue file; ``max_length`` truncates or drops responses
+    (contexts are bounded by ``context_window`` utterances only); limits keep the first pairs."""
+    dialogues, blank = read_dialogues(path)
+    contexts, responses = dialogue_pairs(dialogues, cfg.context_window)
+    kept, kept_texts, truncated, dropped = _length_policy(responses, cfg)
+    kept_contexts = [contexts[i] for i in kept]
     limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
     if limit is not None:
         kept_contexts, kept_texts = kept_contexts[:limit], kept_texts[:limit]
