@@ -365,6 +365,9 @@ def generation_metrics(
         dict with :data:`GENERATION_KEYS`; ``generation`` records the decoding settings, the
         number of reconstructed sentences and sacrebleu's signatures. Runs under a forked RNG
         seeded by ``seed``.
+
+    Raises:
+        ValueError: ``n_samples`` < 2 (self-BLEU needs two samples), or an unknown strategy.
     """
     from textvae.generate import reconstruct, sample_prior
 

@@ -62,11 +62,22 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict]]:
 
 
 def read_evaluations(run_dir: str | Path) -> dict[str, dict]:
-    """``{file stem: evaluation dict}`` of every ``eval-*.json`` in the run folder."""
+    """``{file stem: evaluation dict}`` of every ``eval-*.json`` in the run folder.
+
+    Raises:
+        ValueError: a file is not valid JSON (the file is named).
+    """
     out = {}
     for path in sorted(Path(run_dir).glob("eval-*.json")):
-        out[path.stem] = json.loads(path.read_text())
+        out[path.stem] = _read_json(path)
     return out
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON evaluation record ({err})") from err
 
 
 def _pyplot():
@@ -450,7 +461,7 @@ def compare_runs(
         logs[path.name] = read_log(path)
         file = path / f"{eval_name}.json"
         if file.is_file():
-            rows[path.name] = json.loads(file.read_text())
+            rows[path.name] = _read_json(file)
         else:
             rows[path.name] = {}
             missing.append(path.name)
