@@ -158,3 +158,57 @@ def test_report_of_a_conditional_run(tiny_dialogues, tmp_path, monkeypatch):
     md = (folder / "report.md").read_text()
     assert "| context | reference | responses |" in md
     assert (folder / "kl_per_dim.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seq2seq_baseline_is_exact_and_conditional(tiny_model, tiny_batch, tokenizer):
+    """The baseline without latent: p(x|c) depends on c, its NLL is exact (rec = nll, no KL),
+    greedy responses are one response repeated, sampled ones differ."""
+    model = tiny_model("seq2seq")
+    ll = model.log_likelihood(tiny_batch, None)
+    swapped = dict(tiny_batch, context_ids=tiny_batch["context_ids"].roll(1, 0),
+                   context_mask=tiny_batch["context_mask"].roll(1, 0))
+    assert not torch.allclose(model.log_likelihood(swapped, None), ll)
+    with pytest.raises(ValueError, match="context_ids"):
+        model.log_likelihood({k: v for k, v in tiny_batch.items() if not k.startswith("context")})
+    ds = TextDataset(make_sentences(6, seed=5), tokenizer, contexts=make_sentences(6, seed=8))
+    r = evaluate(model, ds, iw_samples=6, batch_size=3)
+    assert r["kl"] is None and r["iw_samples"] is None
+    assert r["nll"] == pytest.approx(r["rec"]) and r["nll"] > 0
+    greedy = respond(model, ["the cat __eou__ a dog"], 4, strategy="greedy")[0]
+    assert len(greedy) == 4 and len(set(greedy)) == 1
+    torch.manual_seed(0)
+    sampled = respond(model, ["the cat __eou__ a dog"], 6, strategy="sample")[0]
+    assert len(set(sampled)) > 1
+    out = response_metrics(model, ["the cat", "a dog ran"], ["the mat", "a log"], n_responses=2)
+    assert out["generation"]["latent"] == "none" and 0 <= out["response_bleu"] <= 100
+
+
+def test_seq2seq_trains_evaluates_and_responds_from_the_cli(tiny_dialogues, tmp_path, monkeypatch,
+                                                            capsys):
+    monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
+    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
+        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
+        "data.test_split=validation", "train.max_steps=4", "train.eval_every=2"]
+    preset = tmp_path / "seq2seq.yaml"
+    preset.write_text("model:\n  name: seq2seq\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", str(preset), *overrides, "--run-dir", str(run)]) == 0
+    assert " => " in (run / "samples.txt").read_text()
+    assert cli.main(["evaluate", str(run), "--split", "test", "--max-sentences", "8",
+                     "--generation", "--gen-sentences", "4", "--gen-responses", "2",
+                     "--gen-strategy", "sample"]) == 0
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["n_sentences"] == 8 and result["kl"] is None
+    assert result["generation"]["latent"] == "none" and result["generation"]["contexts"] == 4
+    contexts = tmp_path / "contexts.txt"
+    contexts.write_text("the cat sat __eou__ a dog ran __eou__\n")
+    capsys.readouterr()
+    assert cli.main(["generate", str(run), "--mode", "respond", "--input", str(contexts),
+                     "-n", "2", "--strategy", "sample"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 2
+    from textvae.report import write_report
+
+    md = (write_report(run, max_sentences=10, n_examples=2) / "report.md").read_text()
+    assert "no latent: three samples each" in md
+    with pytest.raises(ConfigError, match="model.z_skip"):
+        load_config(preset, ["model.z_skip=true"])

@@ -74,7 +74,8 @@ class ModelConfig:
 
     Attributes:
         name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``, ``cvrae``: the
-            conditional VRAE for dialogue, which needs a dialogue corpus).
+            conditional VRAE for dialogue, ``seq2seq``: its encoder-decoder baseline without
+            latent; both need a dialogue corpus).
         pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T),
             ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
         word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).

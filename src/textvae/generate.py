@@ -155,6 +155,8 @@ def reconstruct(model, texts: list[str], use_mean: bool = True, **options) -> li
 def respond(model, contexts: list[str], n: int, **options) -> list[list[str]]:
     """n responses to each context from a conditional model: z ~ p(z|c), decoded with
     ``options`` (see :func:`decode`); with greedy decoding the responses differ only through z.
+    A conditional model without latent (``seq2seq``) decodes n times from the context alone:
+    its n greedy responses are identical, only sampling makes them differ.
 
     Args:
         contexts: context strings (previous utterances joined by `` __eou__ ``, as
@@ -177,10 +179,10 @@ def respond(model, contexts: list[str], n: int, **options) -> list[list[str]]:
     model.eval()
     batch = {k: v.to(device) for k, v in encode_contexts(model.tokenizer, contexts).items()}
     b = len(contexts)
-    z = model.prior(batch).sample((n,)).reshape(n * b, -1)  # (n*B, D), sample-major
-    repeated = {k: v.repeat(n, 1) for k, v in batch.items()}  # (n*B, T_c)
+    z = model.prior(batch).sample((n,)).reshape(n * b, -1) if model.has_latent else None  # (n*B, D)
+    repeated = {k: v.repeat(n, 1) for k, v in batch.items()}  # (n*B, T_c), sample-major
     state = model.initial_state(z, repeated)
-    seqs = ids_to_text(model.tokenizer, decode(model, z, state=state, **options))
+    seqs = ids_to_text(model.tokenizer, decode(model, z, n=n * b, state=state, **options))
     model.train(was_training)
     return [[seqs[s * b + i] for s in range(n)] for i in range(b)]
 

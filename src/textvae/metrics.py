@@ -438,7 +438,7 @@ def response_metrics(
     out["response_bleu"], signature = corpus_bleu(hypotheses, refs)
     out["distinct_1"], out["distinct_2"] = distinct_n(hypotheses, 1), distinct_n(hypotheses, 2)
     out["generation"] = {"contexts": len(contexts), "responses_per_context": n_responses,
-                         "latent": "z ~ p(z|c)", **options, "seed": seed,
+                         "latent": "z ~ p(z|c)" if model.has_latent else "none", **options, "seed": seed,
                          "bleu_signature": signature}
     return out
 

@@ -391,9 +391,11 @@ def write_report(
                    "![posterior means, PCA](latent_pca.png)", ""]
         if getattr(model, "conditional", False):
             shown = contexts[:n_examples]
-            answers = respond(model, shown, 3, strategy="greedy")
-            md += ["## Examples", "", "Responses to the first contexts (three z ~ p(z|c) each, "
-                   "greedy decoding):", "", "| context | reference | responses |", "|---|---|---|"]
+            how = ("three z ~ p(z|c) each, greedy decoding" if model.has_latent
+                   else "no latent: three samples each, ancestral sampling")
+            answers = respond(model, shown, 3, strategy="greedy" if model.has_latent else "sample")
+            md += ["## Examples", "", f"Responses to the first contexts ({how}):", "",
+                   "| context | reference | responses |", "|---|---|---|"]
             md += [f"| {c} | {r} | {' / '.join(a or '(empty)' for a in group)} |"
                    for c, r, group in zip(shown, texts, answers, strict=False)]
         else:

@@ -4,11 +4,13 @@ from textvae.models.base import TextVAE
 from textvae.models.cvrae import CVRAE
 from textvae.models.lstm_lm import LSTMLM
 from textvae.models.lstm_vae import LSTMVAE
+from textvae.models.seq2seq import Seq2Seq
 
 MODELS: dict[str, type[TextVAE]] = {
     "lstm_vae": LSTMVAE,
     "lstm_lm": LSTMLM,
     "cvrae": CVRAE,
+    "seq2seq": Seq2Seq,
 }
 
-__all__ = ["MODELS", "TextVAE", "LSTMVAE", "LSTMLM", "CVRAE"]
+__all__ = ["MODELS", "TextVAE", "LSTMVAE", "LSTMLM", "CVRAE", "Seq2Seq"]
