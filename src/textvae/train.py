@@ -602,7 +602,7 @@ def train(
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
-    if state.phase == "ae" and total <= t.ae_pretrain_steps:
+    if state.phase == "ae" and total <= t.ae_pretrain_steps and not t.ae_patience:
         log.warning("the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
                     "phase in this run unless it is resumed with a larger budget", total,
                     t.ae_pretrain_steps)

@@ -109,7 +109,7 @@ class T5VAE(TextVAE):
     Submodules: ``shared`` (the token embedding of encoder and decoder, and the output layer
     when T5 ties them), ``encoder`` and ``decoder`` (``transformers`` ``T5Stack``; the decoder's
     cross-attention layers are replaced by ``nn.Identity`` and never run), ``lm_head`` (None when
-    tied), ``pool_attention`` (attention pooling only), ``posterior_head``, ``memory`` (z -> L x 2
+    tied to ``shared``, as transformers 5 always ties T5), ``pool_attention`` (attention pooling only), ``posterior_head``, ``memory`` (z -> L x 2
     x H x d_kv, or None) and ``z_embed`` (z -> d_model, or None). The inference network is
     ``encoder``, ``pool_attention`` and ``posterior_head``; ``train.ae_freeze_decoder`` holds
     ``shared``, ``decoder`` and ``lm_head`` fixed (with ``shared`` also the encoder's input
@@ -163,9 +163,11 @@ class T5VAE(TextVAE):
         self.decoder.embed_tokens = None
         for block in self.decoder.block:  # z is the decoder's only path to the encoder
             block.layer[1] = nn.Identity()
-        self.tied = bool(c.tie_word_embeddings)
-        self.lm_head = None if self.tied else t5.lm_head
-        self.output_scale = c.d_model**-0.5 if self.tied else 1.0  # T5's scaling of tied outputs
+        # transformers 5 ties T5's output layer to the embedding and scales the decoder output
+        # by d_model^-0.5 unless the checkpoint says tie_word_embeddings=false (T5 v1.1)
+        self.lm_head = None if t5.lm_head.weight is t5.shared.weight else t5.lm_head
+        scale = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
+        self.output_scale = c.d_model**-0.5 if scale else 1.0
         self.pool_attention = AttentionPool(c.d_model) if cfg.pooling == "attention" else None
         self.posterior_head = GaussianHead(c.d_model, cfg.latent_dim, bias=False,
                                            bn_gamma=cfg.posterior_bn_gamma,
@@ -194,11 +196,11 @@ class T5VAE(TextVAE):
         return standard_normal(self.latent_dim, shape, self.shared.weight.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output layer: decoder states (..., d_model) -> logits (..., V). Tied to the token
-        embedding with T5's d_model^-0.5 scaling, or ``lm_head``."""
-        if self.lm_head is None:
-            return F.linear(hidden * self.output_scale, self.shared.weight)
-        return self.lm_head(hidden)
+        """The output layer, as ``T5ForConditionalGeneration``'s: decoder states (..., d_model)
+        -> logits (..., V); the states scaled by ``output_scale`` (d_model^-0.5, or 1 for a T5
+        v1.1 checkpoint), then the token embedding (tied) or ``lm_head``."""
+        weight = self.shared.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden * self.output_scale, weight)
 
     def memory_slots(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The memory key and value of every decoder layer: z (N, D) -> L pairs of (N, H, 1, d_kv).
