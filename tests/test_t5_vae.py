@@ -340,7 +340,7 @@ def test_evaluation_and_generation_through_the_shared_code(tiny_config, tmp_path
                                       "train.ae_pretrain_steps": 2})
     run = train(cfg, tmp_path / "run")
     model, tokenizer = textvae.load(run)
-    texts = make_sentences(12, seed=8)
+    texts = make_sentences(12, seed=8) + ["the zebra sat"]  # a word the tokenizer splits
     ds = TextDataset(texts, tokenizer)
     r = evaluate(model, ds, iw_samples=5)
     assert r["n_words"] == sum(len(t.split()) + 1 for t in texts)  # words from the text
@@ -357,6 +357,28 @@ def test_evaluation_and_generation_through_the_shared_code(tiny_config, tmp_path
         assert cli.main(["generate", str(run), *args, "--max-length", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 + 2 + 4
+
+
+def test_cpu_preset_through_the_cli_at_tiny_size(tiny_corpus, tmp_path):
+    """configs/ptb/t5-vae-cpu.yaml with tiny sizes and budget: train (both phases), evaluate
+    (the protocol's fields plus the ELBO perplexity), report."""
+    from pathlib import Path
+
+    from tests.conftest import tiny_overrides
+
+    preset = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "t5-vae-cpu.yaml"
+    overrides = [*tiny_overrides(tiny_corpus), *TINY_T5, "train.max_steps=6",
+                 "train.ae_pretrain_steps=3", "train.eval_every=3", "train.valid_limit_eval=20",
+                 "kl.warmup_steps=2", "eval.batch_size=16", "train.log_every=1"]
+    run = tmp_path / "cpu"
+    assert cli.main(["train", str(preset), *overrides, "--run-dir", str(run)]) == 0
+    phases = [r["phase"] for r in _records(run) if r["type"] == "train"]
+    assert "ae" in phases and phases[-1] == "vae"
+    assert cli.main(["evaluate", str(run), "--iw-samples", "4", "--max-sentences", "10"]) == 0
+    result = json.loads((run / "eval-test.json").read_text())
+    assert result["ppl_elbo_token"] >= 1 and result["nll"] is not None and result["au_delta"] == 0.01
+    assert cli.main(["report", str(run)]) == 0
+    assert "T5 from scratch" in (run / "report" / "report.md").read_text()
 
 
 # --- configuration ------------------------------------------------------------------------------
