@@ -45,11 +45,11 @@ from textvae.posteriors import GaussianHead, standard_normal
 T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's own vocabulary
 
 
-def train_t5_tokenizer(texts: list[str], vocab_size: int, kind: str = "unigram"):
+def train_t5_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
     """A T5-style subword tokenizer trained on ``texts`` with HF ``tokenizers``.
 
-    ``unigram`` (Kudo 2018, the SentencePiece model T5 uses) or ``bpe`` (Sennrich et al. 2016),
-    on a Metaspace pre-tokenizer (``▁`` marks a word start), so decoding gives the words back.
+    ``bpe`` (Sennrich et al. 2016) or ``unigram`` (Kudo 2018, the SentencePiece model T5 uses;
+    HF's trainer may stop well short of ``vocab_size``), on a Metaspace pre-tokenizer (``▁`` marks a word start), so decoding gives the words back.
     Special tokens ``<pad>`` 0, ``</s>`` 1 (EOS), ``<unk>`` 2, as in T5; no BOS (the decoder
     starts from pad). A literal ``<unk>`` in the text (PTB's unknown word) is read as the
     special token.
@@ -120,6 +120,7 @@ class T5VAE(TextVAE):
 
     Raises:
         OSError: ``cfg.pretrained`` cannot be loaded (from ``transformers``).
+        ValueError: the tokenizer has more types than the T5's vocabulary.
     """
 
     inference_modules = ("encoder", "pool_attention", "posterior_head")
@@ -149,8 +150,9 @@ class T5VAE(TextVAE):
         super().__init__(tokenizer)
         t5 = build_t5(cfg, tokenizer)
         c = t5.config
+        if len(tokenizer) > c.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} types, the T5 only {c.vocab_size}")
         self.latent_dim = cfg.latent_dim
-        self.vocab_size = c.vocab_size  # may exceed len(tokenizer) (t5-small: 32128 vs 32100)
         self.bos_id = c.decoder_start_token_id
         self.pooling = cfg.pooling
         self.encoder_token_drop = cfg.encoder_token_drop
@@ -198,9 +200,11 @@ class T5VAE(TextVAE):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer, as ``T5ForConditionalGeneration``'s: decoder states (..., d_model)
         -> logits (..., V); the states scaled by ``output_scale`` (d_model^-0.5, or 1 for a T5
-        v1.1 checkpoint), then the token embedding (tied) or ``lm_head``."""
+        v1.1 checkpoint), then the token embedding (tied) or ``lm_head``. V = len(tokenizer):
+        the rows a checkpoint pads its vocabulary with (t5-small: 32,128 for 32,100 types) are
+        left out, so p(x|z) puts no mass on ids no text can contain."""
         weight = self.shared.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden * self.output_scale, weight)
+        return F.linear(hidden * self.output_scale, weight[: self.vocab_size])
 
     def memory_slots(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The memory key and value of every decoder layer: z (N, D) -> L pairs of (N, H, 1, d_kv).
