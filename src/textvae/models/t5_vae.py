@@ -242,9 +242,10 @@ class T5VAE(TextVAE):
         The sum of log p(x_t | x_<t, z) over the sentence's real tokens, EOS counted, padding
         never (:func:`textvae.objectives.sequence_log_prob`), so a sentence's value does not
         depend on its batch's padding. Park & Lee's released code instead averages the token
-        losses over all padded positions of the batch (``F.cross_entropy`` with its default
-        mean) and adds the KL of a sentence to it, which re-weights the KL (SPEC 5). The S
-        samples of a sentence go through the decoder as one (S * B, T) batch, sample-major.
+        losses over all B x T positions of the padded batch (padding counted as zero loss) and
+        adds the mean per-sentence KL to that per-token average, which re-weights the KL by
+        about 1/T and makes the weight depend on the batch's padding (SPEC 5). The S samples of
+        a sentence go through the decoder as one (S * B, T) batch, sample-major.
         """
         s, b, d = z.shape
         targets = batch["input_ids"].repeat(s, 1)  # (S*B, T)
