@@ -427,7 +427,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
     if not 0.0 <= m.t5_dropout < 1.0:
         raise ConfigError(f"model.t5_dropout={m.t5_dropout} must be in [0, 1)")
-    _validate_backbone(config)
+    _validate_model_keys(config)
     if m.min_rate_delta > 9:
         raise ConfigError("model.min_rate_delta must be at most 9 nats per dimension (the "
                           "posterior log-variance is clamped at -20)")
@@ -451,7 +451,7 @@ def validate(config: Config) -> None:
                               f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0")
 
 
-def _validate_backbone(config: Config) -> None:
+def _validate_model_keys(config: Config) -> None:
     """Keys that only some models read: the T5 backbone's, encoder token deletion, and the
     autoencoder-phase options. Raises ConfigError naming the key."""
     from textvae.models import MODELS

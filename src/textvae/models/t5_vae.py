@@ -109,8 +109,9 @@ class T5VAE(TextVAE):
     Submodules: ``shared`` (the token embedding of encoder and decoder, and the output layer
     when T5 ties them), ``encoder`` and ``decoder`` (``transformers`` ``T5Stack``; the decoder's
     cross-attention layers are replaced by ``nn.Identity`` and never run), ``lm_head`` (None when
-    tied to ``shared``, as transformers 5 always ties T5), ``pool_attention`` (attention pooling only), ``posterior_head``, ``memory`` (z -> L x 2
-    x H x d_kv, or None) and ``z_embed`` (z -> d_model, or None). The inference network is
+    tied to ``shared``, as transformers 5 always ties T5), ``pool_attention`` (attention pooling
+    only), ``posterior_head``, ``memory`` (z -> L x 2 x H x d_kv, or None) and ``z_embed``
+    (z -> d_model, or None). The inference network is
     ``encoder``, ``pool_attention`` and ``posterior_head``; ``train.ae_freeze_decoder`` holds
     ``shared``, ``decoder`` and ``lm_head`` fixed (with ``shared`` also the encoder's input
     embedding: T5 ties them).
