@@ -55,13 +55,20 @@ def tokenizer():
     return build_tokenizer(make_sentences(200))
 
 
+# the T5 backbone at tiny size (read by t5_vae only)
+TINY_T5 = ["model.t5_d_model=16", "model.t5_d_ff=32", "model.t5_num_layers=1",
+           "model.t5_num_decoder_layers=2", "model.t5_num_heads=2", "model.t5_d_kv=8",
+           "model.t5_vocab_size=60"]
+
+
 @pytest.fixture
 def tiny_model(tokenizer):
     """Build any registered model at tiny size: tiny_model(name, **model_overrides)."""
 
     def make(name="lstm_vae", **extra):
         cfg = load_config(None, [f"model.name={name}", "model.embed_dim=16", "model.hidden_dim=16",
-                                 "model.latent_dim=4"] + [f"model.{k}={v}" for k, v in extra.items()])
+                                 "model.latent_dim=4", *TINY_T5]
+                          + [f"model.{k}={v}" for k, v in extra.items()])
         torch.manual_seed(0)
         return MODELS[name](cfg.model, tokenizer).eval()
 

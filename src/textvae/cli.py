@@ -16,7 +16,9 @@ from pathlib import Path
 UNITS = {
     "rec": "nats/sentence", "kl": "nats/sentence", "elbo": "nats/sentence",
     "nll": "nats/sentence (IW)", "nll_stderr": "nats/sentence", "ppl_token": "per token incl. EOS",
-    "ppl_word": "per word incl. EOS", "mi": "nats (aggregate posterior, whole set)",
+    "ppl_word": "per word incl. EOS",
+    "ppl_elbo_token": "exp(-ELBO / tokens incl. EOS): a bound, Park & Lee's 'PPL'",
+    "mi": "nats (aggregate posterior, whole set)",
     "mi_batch": "nats (He et al. 2019 minibatch)", "au": "dimensions", "au_delta": "threshold",
     "iw_samples": "K", "n_sentences": "", "n_tokens": "incl. EOS", "n_words": "incl. EOS",
     "z_gap": "nats/sentence (rec with shuffled z - rec with own z)",

@@ -75,7 +75,8 @@ class ModelConfig:
     Attributes:
         name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``, ``cvrae``: the
             conditional VRAE for dialogue, ``seq2seq``: its encoder-decoder baseline without
-            latent; both need a dialogue corpus).
+            latent; both need a dialogue corpus; ``t5_vae``: the two-phase T5 VAE of Park & Lee
+            2021).
         pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T),
             ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
         word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).
@@ -112,6 +113,27 @@ class ModelConfig:
         z_skip: skip connection: z (for ``cvrae`` the decoder code [z; c]) is projected to the
             embedding size and added to every decoder input embedding, in addition to
             ``z_init_state`` / ``z_every_step``.
+        encoder_token_drop: denoising (Park & Lee 2021; SPEC 2 "token deletion on encoder
+            inputs"): in training, delete this fraction of each sentence's encoder input tokens
+            (EOS kept) before q(z|x) is computed; the decoder target is untouched. ``lstm_vae``
+            and ``t5_vae``; 0 = off. See :func:`textvae.encoders.delete_tokens`.
+        backbone: the network family of the model: null = the model's own (``lstm`` for the
+            LSTM models, ``t5`` for ``t5_vae``); a value that does not fit ``name`` is an error.
+        pretrained: ``t5_vae`` (Park & Lee 2021, SPEC 1.3; :mod:`textvae.models.t5_vae`): a
+            Hugging Face model name or folder (``t5-small``) loaded with
+            ``from_pretrained``, with its tokenizer; null builds a T5 from scratch with the
+            ``t5_*`` sizes and trains a subword tokenizer on the training split.
+        latent_injection: how z reaches the T5 decoder: ``memory`` (one extra key/value slot per
+            decoder self-attention layer and head; cross-attention removed, so z is the only
+            path from the encoder), ``embedding`` (W z added to every decoder input embedding)
+            or ``both``.
+        t5_d_model / t5_d_ff / t5_num_layers / t5_num_decoder_layers / t5_num_heads / t5_d_kv /
+            t5_dropout: ``T5Config`` fields of a T5 built from scratch (t5-small's sizes by
+            default); ``t5_dropout`` also overrides a pretrained model's ``dropout_rate``.
+        t5_tokenizer / t5_vocab_size: the subword tokenizer trained on the corpus for a T5 from
+            scratch: ``bpe`` or ``unigram`` (T5's kind; on PTB at 8,000 types HF's Unigram
+            trainer stops at 5,612 types and 1.55 tokens per word, BPE gives 1.13), with this
+            many types including the special tokens ``<pad> </s> <unk>``.
     """
 
     name: str = "lstm_vae"
@@ -137,6 +159,19 @@ class ModelConfig:
     prior_flow_steps: int = 2
     embed_noise: float = 0.0
     z_skip: bool = False
+    encoder_token_drop: float = 0.0
+    backbone: str | None = None
+    pretrained: str | None = None
+    latent_injection: str = "memory"
+    t5_d_model: int = 512
+    t5_d_ff: int = 2048
+    t5_num_layers: int = 6
+    t5_num_decoder_layers: int = 6
+    t5_num_heads: int = 8
+    t5_d_kv: int = 64
+    t5_dropout: float = 0.1
+    t5_tokenizer: str = "bpe"
+    t5_vocab_size: int = 8000
 
 
 @dataclass
@@ -204,7 +239,16 @@ class TrainConfig:
             (``ae_reset_decoder``), the optimizer state is reset and the KL schedule counts from
             the phase start. The N steps count towards ``max_steps``/``max_epochs``; 0 = off.
         ae_reset_decoder: re-initialise every parameter outside the inference network at the
-            phase hand-off (Li et al. 2019); false keeps the phase-1 decoder.
+            phase hand-off (Li et al. 2019); false keeps the phase-1 decoder (Park & Lee 2021:
+            phase 2 starts from the phase-1 weights; ``t5_vae`` needs false).
+        ae_patience: early stopping of phase ``ae`` on the validation reconstruction (Park & Lee
+            2021): the VAE phase starts after this many validations in a row whose ``rec``
+            (nats per sentence) is not below the best of the phase, or at ``ae_pretrain_steps``,
+            whichever comes first; 0 = off (the phase lasts ``ae_pretrain_steps``).
+        ae_freeze_decoder: in phase ``ae``, hold the model's pretrained decoder
+            (``decoder_modules``, for ``t5_vae`` the token embedding, the decoder stack and the
+            output layer) fixed: their gradients are dropped before each update (Park & Lee
+            2021's phase 1); the latent-to-decoder projections still train.
     """
 
     seed: int = 0
@@ -234,6 +278,8 @@ class TrainConfig:
     aggressive_window: int = 15
     ae_pretrain_steps: int = 0
     ae_reset_decoder: bool = True
+    ae_patience: int = 0
+    ae_freeze_decoder: bool = False
 
 
 @dataclass
@@ -271,6 +317,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("last", "mean", "max", "attention"),
     "model.posterior_flow": ("none", "planar", "radial", "iaf", "cclin_iaf", "sylvester"),
     "model.prior_flow": ("none", "iaf"),
+    "model.latent_injection": ("memory", "embedding", "both"),
+    "model.t5_tokenizer": ("unigram", "bpe"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
     "kl.free_bits_mode": ("per_dim", "total"),
     "train.optimizer": ("sgd", "adam", "adamw"),
@@ -368,6 +416,18 @@ def validate(config: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
+    for key in ("model.t5_d_model", "model.t5_d_ff", "model.t5_num_layers",
+                "model.t5_num_decoder_layers", "model.t5_num_heads", "model.t5_d_kv",
+                "model.t5_vocab_size"):
+        if getattr(m, key.split(".")[1]) < 1:
+            raise ConfigError(f"{key} must be >= 1")
+    if t.ae_patience < 0:
+        raise ConfigError("train.ae_patience must be >= 0")
+    if not 0.0 <= m.encoder_token_drop < 1.0:
+        raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
+    if not 0.0 <= m.t5_dropout < 1.0:
+        raise ConfigError(f"model.t5_dropout={m.t5_dropout} must be in [0, 1)")
+    _validate_model_keys(config)
     if m.min_rate_delta > 9:
         raise ConfigError("model.min_rate_delta must be at most 9 nats per dimension (the "
                           "posterior log-variance is clamped at -20)")
@@ -389,6 +449,53 @@ def validate(config: Config) -> None:
         if used:
             raise ConfigError(f"model.name={m.name!r} has a learned prior p(z|c), but "
                               f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0")
+
+
+def _validate_model_keys(config: Config) -> None:
+    """Keys that only some models read: the T5 backbone's, encoder token deletion, and the
+    autoencoder-phase options. Raises ConfigError naming the key."""
+    from textvae.models import MODELS
+
+    m, t = config.model, config.train
+    cls = MODELS[m.name]
+    if m.backbone is not None and m.backbone != cls.backbone:
+        raise ConfigError(f"model.backbone={m.backbone!r} does not fit model.name={m.name!r} "
+                          f"(its backbone is {cls.backbone!r}; or leave model.backbone null)")
+    if m.encoder_token_drop > 0 and m.name not in ("lstm_vae", "t5_vae"):
+        raise ConfigError(f"model.encoder_token_drop: model.name={m.name!r} does not delete encoder "
+                          "tokens (lstm_vae and t5_vae do); set it to 0")
+    if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
+        raise ConfigError("train.ae_patience needs an autoencoder phase: set "
+                          "train.ae_pretrain_steps > 0 (the phase's longest length)")
+    if t.ae_freeze_decoder:
+        if t.ae_pretrain_steps == 0:
+            raise ConfigError("train.ae_freeze_decoder needs an autoencoder phase: set "
+                              "train.ae_pretrain_steps > 0")
+        if not cls.decoder_modules:
+            raise ConfigError(f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
+                              "decoder to freeze (t5_vae does); set it to false")
+    if cls.backbone == "t5":
+        used = [key for key, on in (
+            ("model.posterior_flow", m.posterior_flow != "none"),
+            ("model.prior_flow", m.prior_flow != "none"), ("model.embed_noise", m.embed_noise > 0),
+            ("model.z_skip", m.z_skip), ("model.word_dropout", m.word_dropout > 0),
+            ("model.bidirectional", m.bidirectional), ("train.aggressive", t.aggressive),
+        ) if on]
+        if used:
+            raise ConfigError(f"model.name={m.name!r} does not support {', '.join(used)} (the T5 "
+                              "encoder and decoder share their token embedding, and the LSTM "
+                              "options have no T5 counterpart here); set them to 0/false/none")
+        if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
+            raise ConfigError("train.ae_reset_decoder: the T5 VAE's phase 2 starts from the phase-1 "
+                              "weights (Park & Lee 2021); set train.ae_reset_decoder=false")
+    else:
+        used = [key for key, on in (
+            ("model.pretrained", m.pretrained is not None),
+            ("model.latent_injection", m.latent_injection != "memory"),
+        ) if on]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: only the T5 backbone (model.name=t5_vae) reads "
+                              f"this; model.name={m.name!r}")
 
 
 def save_config(config: Config, path: str | Path) -> None:

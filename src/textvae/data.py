@@ -455,14 +455,16 @@ def build_tokenizer(texts: list[str], min_frequency: int = 1, max_vocab: int | N
 
 
 def load_tokenizer(path: str | Path):
-    """Load a tokenizer saved with ``save_pretrained`` (``PreTrainedTokenizerFast``).
+    """Load a tokenizer saved with ``save_pretrained``, as the class it was saved as
+    (``AutoTokenizer``: the word-level and subword tokenizers built here come back as
+    ``PreTrainedTokenizerFast``, a pretrained model's, e.g. T5's, as its own class).
 
     Raises:
         OSError: no tokenizer files in ``path`` (from ``transformers``).
     """
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 class TextDataset:

@@ -62,6 +62,57 @@ def masked_pool(
     raise ValueError(f"unknown pooling '{mode}' (use one of {', '.join(POOLINGS)})")
 
 
+def delete_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, fraction: float, pad_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoising by token deletion on the encoder input (Park & Lee 2021, phase 2; SPEC 2).
+
+    In each sentence, ``round(fraction * (n - 1))`` of its n real tokens are deleted, chosen
+    uniformly without replacement among all but the last real token (EOS is kept, so every
+    sentence keeps at least one token). The survivors keep their order and are packed to the
+    left; ids and mask are edited together (Park & Lee's released code swaps the two, SPEC 5);
+    columns that hold only padding afterwards are cut. The caller's tensors are not modified,
+    so the decoder's target stays the full sentence.
+
+    Park & Lee's code draws the number deleted uniformly from [0, int(fraction * (n - 1))); here
+    it is the fraction itself, as the paper states it.
+
+    Args:
+        input_ids: (B, T) int64, right-padded; attention_mask: (B, T), 1 on real tokens.
+        fraction: p in [0, 1); 0 returns the inputs unchanged without drawing random numbers.
+        pad_id: id written into the freed positions.
+        generator: the random source (the global one when None).
+
+    Returns:
+        (input_ids (B, T'), attention_mask (B, T')), T' <= T, int64 and the mask's dtype.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return input_ids, attention_mask
+    real = attention_mask.bool()
+    lengths = real.sum(1)  # (B,)
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    deletable = real & (positions.unsqueeze(0) < (lengths - 1).unsqueeze(1))  # all but EOS
+    n_delete = torch.round(fraction * (lengths - 1).clamp_min(0).double()).long()  # (B,)
+    scores = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    scores = scores.masked_fill(~deletable, 2.0)  # never chosen
+    rank = scores.argsort(1).argsort(1)  # (B, T): 0 = lowest score
+    keep = real & (rank >= n_delete.unsqueeze(1))
+    new_len = keep.sum(1)
+    target = keep.long().cumsum(1) - 1  # left-packed position of each kept token
+    ids = torch.full_like(input_ids, pad_id)
+    rows = torch.arange(input_ids.size(0), device=input_ids.device).unsqueeze(1).expand_as(keep)
+    ids[rows[keep], target[keep]] = input_ids[keep]
+    mask = (positions.unsqueeze(0) < new_len.unsqueeze(1)).to(attention_mask.dtype)
+    width = int(new_len.max())
+    return ids[:, :width], mask[:, :width]
+
+
 class LSTMEncoder(nn.Module):
     """Embedding -> (bi)LSTM -> masked pooling.
 

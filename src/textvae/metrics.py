@@ -13,6 +13,10 @@ and as one word per sentence; padding never counts.
   standard error over sentences; exact -log p(x) for a model without latent.
 - ``ppl_token`` = exp(sum nll / predicted tokens incl. EOS); ``ppl_word`` = exp(sum nll /
   (whitespace words + one EOS per sentence)).
+- ``ppl_elbo_token`` = exp(-sum elbo / predicted tokens incl. EOS): the perplexity of the ELBO,
+  an upper bound on the true perplexity (never below ``ppl_token`` in expectation). It is what
+  Park & Lee 2021's released code reports as "PPL" (there from one z sample per sentence and
+  with EOS left out of the token count); here ``rec`` averages the IW samples. Not the NLL.
 - ``mi``: I_q(x; z) with the aggregate posterior over the whole evaluated set (chunked, memory
   linear in the set size); ``mi_batch``: the minibatch estimator of He et al. 2019 over the
   evaluation batches.
@@ -50,7 +54,8 @@ from textvae.flows import base_gaussian
 from textvae.objectives import iw_bound, iw_log_weights, kl_per_dim, rsample_and_log_prob
 
 EVAL_KEYS = (
-    "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word", "mi",
+    "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word",
+    "ppl_elbo_token", "mi",
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed",
 )
@@ -270,6 +275,7 @@ def evaluate(
         out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
     if not model.has_latent:
         out["elbo"] = -out["rec"]  # exact log-likelihood: the bound is tight
+        out["ppl_elbo_token"] = math.exp(out["rec"] * n / n_tokens)
         return out
     mu_all, logvar_all, z_all = torch.cat(mus), torch.cat(logvars), torch.cat(zs)
     if not closed_form and kl_dims_sum is not None:
@@ -277,6 +283,7 @@ def evaluate(
     out["kl"] = float(torch.cat(kl).double().mean())
     out["kl_samples"] = None if closed_form else (iw_samples or 1)
     out["elbo"] = -(out["rec"] + out["kl"])
+    out["ppl_elbo_token"] = math.exp(-out["elbo"] * n / n_tokens)
     out["iw_samples"] = iw_samples or None
     out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist() if closed_form else None
     out["mi"] = aggregate_mi(mu_all, logvar_all, z_all)

@@ -356,8 +356,15 @@ def write_report(
         md += [f"**Training warned of posterior collapse {len(warnings)} time(s)**, from step "
                f"{warnings[0]['step']} to {warnings[-1]['step']}: {warnings[-1]['message']}", ""]
     m, k = cfg.model, cfg.kl
+    if model.backbone == "t5":
+        sizes = (f"`{m.pretrained}`" if m.pretrained else
+                 f"from scratch (d_model {m.t5_d_model}, {m.t5_num_layers} + "
+                 f"{m.t5_num_decoder_layers} layers, {m.t5_num_heads} heads, d_ff {m.t5_d_ff})")
+        arch = f"T5 {sizes}, z by {m.latent_injection}, encoder token deletion {m.encoder_token_drop}"
+    else:
+        arch = f"embedding {m.embed_dim}, hidden {m.hidden_dim}"
     md += ["## Setup", "",
-           f"- model `{m.name}`: embedding {m.embed_dim}, hidden {m.hidden_dim}"
+           f"- model `{m.name}`: {arch}"
            + (f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
               if model.has_latent else ""),
            f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "

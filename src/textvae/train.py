@@ -34,6 +34,12 @@ Training-schedule remedies (the model-side ones live in the model and its config
   side, the optimizer state and LR schedule start afresh, and the KL schedule counts from the
   phase start (:func:`phase_beta`). Phase and boundary live in :class:`TrainerState`, so a
   resume on either side of the boundary continues exactly.
+- The same two phases as Park & Lee 2021 ("Finetuning Pretrained Transformers into Variational
+  Autoencoders", the ``t5_vae`` model): ``train.ae_reset_decoder=false`` (phase 2 starts from
+  the phase-1 weights), ``train.ae_patience`` (phase 1 ends early once the validation ``rec``
+  has not improved for that many validations: :func:`update_ae_early_stop`; the hand-off event
+  says ``reason``: ``steps`` or ``early stop``) and ``train.ae_freeze_decoder`` (phase 1 drops
+  the gradients of the model's ``decoder_modules``: :func:`frozen_parameters`).
 - Aggressive inference-network training (He et al. 2019, "Lagging Inference Networks and
   Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first runs
   :func:`aggressive_inner_loop` (encoder-only updates with their own optimizer) and then
@@ -64,7 +70,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
-from textvae.data import TextDataset, build_tokenizer, load_split, load_tokenizer
+from textvae.data import TextDataset, load_split, load_tokenizer
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
@@ -88,8 +94,10 @@ class RunDirError(ValueError):
 class TrainerState:
     """Position of a run, saved in every checkpoint: the optimizer step (which drives the beta
     schedule), the data position (epoch, next batch in it), the best validation loss, the
-    training phase (``ae`` or ``vae``) with the step it began at, and whether aggressive
-    inference-network training is on, with the MI of the previous validation (nats)."""
+    training phase (``ae`` or ``vae``) with the step it began at, whether aggressive
+    inference-network training is on, with the MI of the previous validation (nats), and the
+    early stopping of phase ``ae`` (best validation rec in nats per sentence, validations
+    without improvement since, and whether the phase is to end; :func:`update_ae_early_stop`)."""
 
     step: int = 0
     epoch: int = 0
@@ -101,6 +109,9 @@ class TrainerState:
     phase_start: int = 0
     aggressive: bool = False
     last_mi: float | None = None
+    ae_best_rec: float = math.inf
+    ae_bad_validations: int = 0
+    ae_stopped: bool = False
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -239,6 +250,39 @@ def update_aggressive(state: TrainerState, mi: float) -> bool:
     return off
 
 
+def update_ae_early_stop(state: TrainerState, rec: float, patience: int) -> bool:
+    """Early stopping of the autoencoder phase on the validation reconstruction (Park & Lee
+    2021's phase 1): a validation whose ``rec`` is below the phase's best resets the count,
+    any other counts one; after ``patience`` in a row the phase is marked to end
+    (``state.ae_stopped``; the hand-off happens before the next step). Does nothing outside
+    phase ``ae`` or with ``patience`` 0.
+
+    Args:
+        rec: E_q[-log p(x|z)] of this validation, nats per sentence.
+
+    Returns:
+        True when this call ended the phase.
+    """
+    if state.phase != "ae" or patience <= 0 or state.ae_stopped:
+        return False
+    if rec < state.ae_best_rec:
+        state.ae_best_rec, state.ae_bad_validations = rec, 0
+        return False
+    state.ae_bad_validations += 1
+    state.ae_stopped = state.ae_bad_validations >= patience
+    return state.ae_stopped
+
+
+def frozen_parameters(model, config: Config, state: TrainerState) -> list[torch.nn.Parameter]:
+    """The parameters held fixed at this step: the model's ``decoder_modules`` in phase ``ae``
+    with ``train.ae_freeze_decoder``, else none. The loop drops their gradients before the
+    update, so no optimizer (nor weight decay) moves them."""
+    if not (config.train.ae_freeze_decoder and state.phase == "ae"):
+        return []
+    return [p for name in model.decoder_modules if getattr(model, name, None) is not None
+            for p in getattr(model, name).parameters()]
+
+
 def aggressive_inner_loop(
     model, enc_optimizer: torch.optim.Optimizer, draw_batch: Callable[[int], dict],
     loss_of: Callable[[dict], torch.Tensor], max_inner: int, window: int, grad_clip: float,
@@ -372,8 +416,8 @@ def train(
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
         # a dialogue corpus: the vocabulary covers responses and contexts
-        tokenizer = build_tokenizer(train_corpus.texts + (train_corpus.contexts or []),
-                                    config.data.min_frequency, config.data.max_vocab)
+        tokenizer = MODELS[config.model.name].make_tokenizer(
+            config, train_corpus.texts + (train_corpus.contexts or []))
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
@@ -464,6 +508,11 @@ def train(
                      "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
                      raw.latent_dim, m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
+            if update_ae_early_stop(state, m["rec"], t.ae_patience):
+                log.info("step %d: validation rec has not improved for %d validations: the "
+                         "autoencoder phase ends", state.step, t.ae_patience)
+                write_log({"type": "event", "event": "ae early stop", "step": state.step,
+                           "rec": m["rec"], "best_rec": state.ae_best_rec})
             last_mi = state.last_mi
             if update_aggressive(state, m["mi"]):
                 log.info("step %d: validation MI fell from %.3f to %.3f nats: aggressive training "
@@ -544,14 +593,16 @@ def train(
         state.phase, state.phase_start = "vae", state.step
         state.best_valid, state.collapsed_validations = math.inf, 0
         state.aggressive, state.last_mi = t.aggressive, None
-        log.info("step %d: autoencoder pretraining done; VAE phase starts (%d tensors re-initialised)",
-                 state.step, len(reset))
-        write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset)})
+        reason = "early stop" if state.ae_stopped else "steps"
+        log.info("step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
+                 "re-initialised)", state.step, reason, len(reset))
+        write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset),
+                   "reason": reason})
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
-    if state.phase == "ae" and total <= t.ae_pretrain_steps:
+    if state.phase == "ae" and total <= t.ae_pretrain_steps and not t.ae_patience:
         log.warning("the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
                     "phase in this run unless it is resumed with a larger budget", total,
                     t.ae_pretrain_steps)
@@ -574,7 +625,7 @@ def train(
             batches = train_ds.batches(t.batch_size, True, t.seed, state.epoch)
             batches = batches[rank : per_epoch * n_proc : n_proc]  # this process's shard
             while state.batch_in_epoch < len(batches) and not stop:
-                if state.phase == "ae" and state.step >= t.ae_pretrain_steps:
+                if state.phase == "ae" and (state.step >= t.ae_pretrain_steps or state.ae_stopped):
                     start_vae_phase()
                 batch = train_ds.collate(batches[state.batch_in_epoch])
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -602,6 +653,8 @@ def train(
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
+                for p in frozen_parameters(raw, config, state):
+                    p.grad = None  # phase ae with a frozen decoder: the optimizers skip them
                 if t.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()

@@ -19,7 +19,10 @@ condition on it, ``prior()`` without a batch raises ValueError, and generation s
 For the remedies that treat the two halves of a VAE differently (aggressive training, the
 decoder reset after autoencoder pretraining) a model names its inference network:
 ``inference_modules`` (names of the submodules that compute q(z|x); empty without one);
-everything else is the generative side. ``bow_head`` (a ``BagOfWordsHead`` or None) and
+everything else is the generative side. A model built on a pretrained decoder names it in
+``decoder_modules`` (what ``train.ae_freeze_decoder`` holds fixed in the autoencoder phase;
+empty when there is none). ``backbone`` names the network family (``lstm``, ``t5``), and
+:meth:`TextVAE.make_tokenizer` builds the run's tokenizer. ``bow_head`` (a ``BagOfWordsHead`` or None) and
 ``bow_weight`` carry the optional bag-of-words loss.
 """
 
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.data import encode_texts
+from textvae.data import build_tokenizer, encode_texts
 from textvae.objectives import elbo
 
 
@@ -39,6 +42,17 @@ class TextVAE(nn.Module):
     has_latent: bool = True
     conditional: bool = False
     inference_modules: tuple[str, ...] = ()
+    decoder_modules: tuple[str, ...] = ()
+    backbone: str = "lstm"
+
+    @classmethod
+    def make_tokenizer(cls, config, texts: list[str]):
+        """The tokenizer of a new run of this model, built from the training ``texts``: by default
+        the word-level tokenizer of :func:`textvae.data.build_tokenizer` (``data.min_frequency``,
+        ``data.max_vocab`` of the :class:`textvae.config.Config` ``config``). A run saves it with
+        ``save_pretrained``; :func:`textvae.data.load_tokenizer` reads it back.
+        """
+        return build_tokenizer(texts, config.data.min_frequency, config.data.max_vocab)
 
     def __init__(self, tokenizer):
         super().__init__()

@@ -17,7 +17,7 @@ from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
-from textvae.encoders import LSTMEncoder
+from textvae.encoders import LSTMEncoder, delete_tokens
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
@@ -28,8 +28,8 @@ class LSTMVAE(TextVAE):
     """q(z|x) from a pooled LSTM encoder (optionally flowed); p(z) = N(0, I) (optionally
     flowed); p(x|z) an LSTM decoder.
 
-    Remedies from the config: ``posterior_bn_gamma`` and ``min_rate_delta`` in the posterior
-    head (:class:`~textvae.posteriors.GaussianHead`; with a posterior flow they act on the base
+    Remedies from the config: ``encoder_token_drop`` (denoising), ``posterior_bn_gamma`` and
+    ``min_rate_delta`` in the posterior head (:class:`~textvae.posteriors.GaussianHead`; with a posterior flow they act on the base
     Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`. The
     inference network is ``encoder``, ``posterior_head`` and ``posterior_flow``.
     """
@@ -39,6 +39,7 @@ class LSTMVAE(TextVAE):
     def __init__(self, cfg: ModelConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim
+        self.encoder_token_drop = cfg.encoder_token_drop
         self.encoder = LSTMEncoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
             cfg.enc_dropout_in, self.pad_id, noise_std=cfg.embed_noise,
@@ -66,8 +67,13 @@ class LSTMVAE(TextVAE):
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x): N(mu, diag sigma^2) from the pooled encoder, pushed through the amortised
-        posterior flow when one is configured; batch (B,), event (D,), float32."""
-        h = self.encoder(batch["input_ids"], batch["attention_mask"])  # (B, H_out)
+        posterior flow when one is configured; batch (B,), event (D,), float32. In training
+        with ``encoder_token_drop`` > 0 the encoder reads the sentence with tokens deleted
+        (:func:`textvae.encoders.delete_tokens`)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.training and self.encoder_token_drop > 0:  # denoising, the decoder target stays
+            ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
+        h = self.encoder(ids, mask)  # (B, H_out)
         return self.posterior_flow(self.posterior_head(h), h)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:

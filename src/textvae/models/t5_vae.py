@@ -1,0 +1,264 @@
+"""T5 VAE finetuned in two phases (Park & Lee 2021, "Finetuning Pretrained Transformers into
+Variational Autoencoders", Insights @ EMNLP, arXiv 2108.02446; SPEC 1.3).
+
+The backbone is a Hugging Face ``transformers`` T5: ``model.pretrained`` (``t5-small``, a folder)
+through ``from_pretrained`` with its tokenizer, or a ``T5Config`` built from the ``model.t5_*``
+sizes with a subword tokenizer trained on the corpus (:meth:`T5VAE.make_tokenizer`).
+
+- q(z|x): the T5 encoder, masked ``mean | max | attention`` (or ``last``) pooling of its last
+  layer (:func:`textvae.encoders.masked_pool`: padding never contributes), bias-free linear
+  heads to mu and log sigma^2. Training may delete a fraction of the encoder's input tokens
+  (``model.encoder_token_drop``, :func:`textvae.encoders.delete_tokens`).
+- p(x|z): the T5 decoder with its cross-attention removed; z enters by ``memory`` (a key and a
+  value per decoder self-attention layer and head, projected from z by one bias-free linear
+  map: an extra slot every position attends to, the Optimus scheme of Li et al. 2020) and/or
+  ``embedding`` (W z added to every decoder input embedding). The memory slot is a one-position
+  prefix of the decoder's self-attention cache (a ``transformers`` ``DynamicCache``): T5's
+  relative position bias then sees it at position 0, before the decoder start token, the same
+  in teacher forcing and in step-wise decoding. Optimus and Park & Lee use one projected vector
+  as both key and value; here key and value have their own projections.
+- p(z) = N(0, I).
+
+The two phases (autoencoder with KL weight 0, then the VAE from the phase-1 weights) are the
+training loop's (``train.ae_pretrain_steps``, ``train.ae_patience``, ``train.ae_freeze_decoder``,
+``train.ae_reset_decoder=false``; see :mod:`textvae.train`).
+
+Token ids: the decoder starts from T5's ``decoder_start_token_id``, the pad id (``bos_id`` is
+set to it, so the shared generation code starts there); every sentence ends with EOS
+(``</s>``), which is predicted and counted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Distribution
+
+from textvae.config import ModelConfig
+from textvae.decoders import BagOfWordsHead, shift_right
+from textvae.encoders import AttentionPool, delete_tokens, masked_pool
+from textvae.models.base import TextVAE
+from textvae.objectives import sequence_log_prob
+from textvae.posteriors import GaussianHead, standard_normal
+
+T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's own vocabulary
+
+
+def train_t5_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
+    """A T5-style subword tokenizer trained on ``texts`` with HF ``tokenizers``.
+
+    ``bpe`` (Sennrich et al. 2016) or ``unigram`` (Kudo 2018, the SentencePiece model T5 uses;
+    HF's trainer may stop well short of ``vocab_size``), on a Metaspace pre-tokenizer (``▁`` marks a word start), so decoding gives the words back.
+    Special tokens ``<pad>`` 0, ``</s>`` 1 (EOS), ``<unk>`` 2, as in T5; no BOS (the decoder
+    starts from pad). A literal ``<unk>`` in the text (PTB's unknown word) is read as the
+    special token.
+
+    Args:
+        vocab_size: types including the three special tokens (the trainer may stop earlier on
+            a small corpus).
+
+    Returns:
+        ``transformers.PreTrainedTokenizerFast``; save it with ``save_pretrained``.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=T5_SPECIAL_TOKENS,
+                                          unk_token="<unk>")
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=T5_SPECIAL_TOKENS)
+    else:
+        raise ValueError(f"unknown tokenizer kind '{kind}' (unigram or bpe)")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def build_t5(cfg: ModelConfig, tokenizer):
+    """The ``transformers`` ``T5ForConditionalGeneration`` of ``cfg``: ``from_pretrained`` when
+    ``cfg.pretrained`` is set (its ``dropout_rate`` set to ``cfg.t5_dropout``), else a fresh one
+    from a ``T5Config`` of the ``t5_*`` sizes whose vocabulary and special ids are the
+    tokenizer's (pad = decoder start)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    if cfg.pretrained is not None:
+        return T5ForConditionalGeneration.from_pretrained(cfg.pretrained, dropout_rate=cfg.t5_dropout)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=cfg.t5_d_model, d_ff=cfg.t5_d_ff, d_kv=cfg.t5_d_kv,
+        num_layers=cfg.t5_num_layers, num_decoder_layers=cfg.t5_num_decoder_layers,
+        num_heads=cfg.t5_num_heads, dropout_rate=cfg.t5_dropout,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+class T5VAE(TextVAE):
+    """q(z|x) from the pooled T5 encoder; p(z) = N(0, I); p(x|z) the T5 decoder fed z by memory
+    and/or embedding (module docstring).
+
+    Submodules: ``shared`` (the token embedding of encoder and decoder, and the output layer
+    when T5 ties them), ``encoder`` and ``decoder`` (``transformers`` ``T5Stack``; the decoder's
+    cross-attention layers are replaced by ``nn.Identity`` and never run), ``lm_head`` (None when
+    tied to ``shared``, as transformers 5 always ties T5), ``pool_attention`` (attention pooling
+    only), ``posterior_head``, ``memory`` (z -> L x 2 x H x d_kv, or None) and ``z_embed``
+    (z -> d_model, or None). The inference network is
+    ``encoder``, ``pool_attention`` and ``posterior_head``; ``train.ae_freeze_decoder`` holds
+    ``shared``, ``decoder`` and ``lm_head`` fixed (with ``shared`` also the encoder's input
+    embedding: T5 ties them).
+
+    Remedies from the config: ``posterior_bn_gamma`` / ``min_rate_delta`` in the posterior head,
+    ``bow_weight``, ``encoder_token_drop``.
+
+    Raises:
+        OSError: ``cfg.pretrained`` cannot be loaded (from ``transformers``).
+        ValueError: the tokenizer has more types than the T5's vocabulary.
+    """
+
+    inference_modules = ("encoder", "pool_attention", "posterior_head")
+    decoder_modules = ("shared", "decoder", "lm_head")
+    backbone = "t5"
+
+    @classmethod
+    def make_tokenizer(cls, config, texts: list[str]):
+        """``model.pretrained``'s own tokenizer (``AutoTokenizer.from_pretrained``), else a
+        :func:`train_t5_tokenizer` of ``model.t5_tokenizer`` / ``model.t5_vocab_size`` trained
+        on ``texts``.
+
+        Raises:
+            ValueError: the pretrained tokenizer has no pad or EOS token.
+        """
+        m = config.model
+        if m.pretrained is None:
+            return train_t5_tokenizer(texts, m.t5_vocab_size, m.t5_tokenizer)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(m.pretrained)
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError(f"model.pretrained={m.pretrained!r}: its tokenizer has no pad or EOS token")
+        return tokenizer
+
+    def __init__(self, cfg: ModelConfig, tokenizer):
+        super().__init__(tokenizer)
+        t5 = build_t5(cfg, tokenizer)
+        c = t5.config
+        if len(tokenizer) > c.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} types, the T5 only {c.vocab_size}")
+        self.latent_dim = cfg.latent_dim
+        self.bos_id = c.decoder_start_token_id
+        self.pooling = cfg.pooling
+        self.encoder_token_drop = cfg.encoder_token_drop
+        self.n_layers, self.n_heads, self.d_kv = c.num_decoder_layers, c.num_heads, c.d_kv
+        # one copy of each tensor: the stacks read the shared embedding through inputs_embeds
+        self.shared = t5.shared
+        self.encoder = t5.encoder
+        self.encoder.embed_tokens = None
+        self.decoder = t5.decoder
+        self.decoder.embed_tokens = None
+        for block in self.decoder.block:  # z is the decoder's only path to the encoder
+            block.layer[1] = nn.Identity()
+        # transformers 5 ties T5's output layer to the embedding and scales the decoder output
+        # by d_model^-0.5 unless the checkpoint says tie_word_embeddings=false (T5 v1.1)
+        self.lm_head = None if t5.lm_head.weight is t5.shared.weight else t5.lm_head
+        scale = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
+        self.output_scale = c.d_model**-0.5 if scale else 1.0
+        self.pool_attention = AttentionPool(c.d_model) if cfg.pooling == "attention" else None
+        self.posterior_head = GaussianHead(c.d_model, cfg.latent_dim, bias=False,
+                                           bn_gamma=cfg.posterior_bn_gamma,
+                                           min_rate_delta=cfg.min_rate_delta)
+        use_memory = cfg.latent_injection in ("memory", "both")
+        use_embedding = cfg.latent_injection in ("embedding", "both")
+        self.memory = (nn.Linear(cfg.latent_dim, self.n_layers * 2 * self.n_heads * self.d_kv, bias=False)
+                       if use_memory else None)
+        self.z_embed = nn.Linear(cfg.latent_dim, c.d_model, bias=False) if use_embedding else None
+        if cfg.bow_weight > 0:
+            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
+            self.bow_weight = cfg.bow_weight
+
+    def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
+        """q(z|x) = N(mu, diag sigma^2): batch (B,), event (D,), float32. In training with
+        ``encoder_token_drop`` > 0 the encoder reads the sentence with tokens deleted."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.training and self.encoder_token_drop > 0:
+            ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
+        states = self.encoder(inputs_embeds=self.shared(ids), attention_mask=mask).last_hidden_state
+        return self.posterior_head(masked_pool(states, mask, self.pooling, self.pool_attention))
+
+    def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
+        """p(z) = N(0, I): batch shape (B,) for a batch, () without; event (D,)."""
+        shape = () if batch is None else (batch["input_ids"].size(0),)
+        return standard_normal(self.latent_dim, shape, self.shared.weight.device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer, as ``T5ForConditionalGeneration``'s: decoder states (..., d_model)
+        -> logits (..., V); the states scaled by ``output_scale`` (d_model^-0.5, or 1 for a T5
+        v1.1 checkpoint), then the token embedding (tied) or ``lm_head``. V = len(tokenizer):
+        the rows a checkpoint pads its vocabulary with (t5-small: 32,128 for 32,100 types) are
+        left out, so p(x|z) puts no mass on ids no text can contain."""
+        weight = self.shared.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden * self.output_scale, weight[: self.vocab_size])
+
+    def memory_slots(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The memory key and value of every decoder layer: z (N, D) -> L pairs of (N, H, 1, d_kv).
+
+        One projection gives (N, L * 2 * H * d_kv); it is viewed batch first as
+        (N, L, 2, H, 1, d_kv) and indexed, never reshaped across the batch dimension (the
+        Optimus/T5-VAE reshape without permute mixes rows, SPEC 5).
+        """
+        n = z.size(0)
+        m = self.memory(z).view(n, self.n_layers, 2, self.n_heads, 1, self.d_kv)
+        return [(m[:, layer, 0], m[:, layer, 1]) for layer in range(self.n_layers)]
+
+    def _decode(self, input_ids: torch.Tensor, z: torch.Tensor, state: tuple | None):
+        """Decoder states for ``input_ids`` (N, T) given z (N, D) and the self-attention cache
+        ``state`` of earlier steps (None: only the memory slot, if any). Returns (hidden
+        (N, T, d_model), the cache as a tuple (k_0, v_0, k_1, v_1, ...) of (N, H, t, d_kv))."""
+        from transformers import DynamicCache
+
+        emb = self.shared(input_ids)  # (N, T, d_model)
+        if self.z_embed is not None:
+            emb = emb + self.z_embed(z).unsqueeze(1).to(emb.dtype)
+        if state is not None:
+            cache = DynamicCache([(state[2 * i], state[2 * i + 1]) for i in range(len(state) // 2)])
+        elif self.memory is not None:
+            cache = DynamicCache(self.memory_slots(z))
+        else:
+            cache = DynamicCache()
+        out = self.decoder(inputs_embeds=emb, past_key_values=cache, use_cache=True)
+        new_state = tuple(t for layer in cache.layers for t in (layer.keys, layer.values))
+        return out.last_hidden_state, new_state
+
+    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) for z (S, B, D): (S, B) float32, nats per sentence.
+
+        The sum of log p(x_t | x_<t, z) over the sentence's real tokens, EOS counted, padding
+        never (:func:`textvae.objectives.sequence_log_prob`), so a sentence's value does not
+        depend on its batch's padding. Park & Lee's released code instead averages the token
+        losses over all B x T positions of the padded batch (padding counted as zero loss) and
+        adds the mean per-sentence KL to that per-token average, which re-weights the KL by
+        about 1/T and makes the weight depend on the batch's padding (SPEC 5). The S samples of
+        a sentence go through the decoder as one (S * B, T) batch, sample-major.
+        """
+        s, b, d = z.shape
+        targets = batch["input_ids"].repeat(s, 1)  # (S*B, T)
+        mask = batch["attention_mask"].repeat(s, 1)
+        hidden, _ = self._decode(shift_right(targets, self.bos_id), z.reshape(s * b, d), None)
+        return sequence_log_prob(
+            hidden, self.logits, targets, mask, float32_softmax=not self.training
+        ).view(s, b)
+
+    def decode_step(self, z, input_ids, state):
+        """One step: z (N, D), previous tokens (N,) (the first is ``bos_id``, T5's decoder start),
+        state None or the cache tuple (k_0, v_0, ..., k_{L-1}, v_{L-1}), each (N, H, t, d_kv),
+        batch first -> logits (N, V), the state grown by one position."""
+        hidden, state = self._decode(input_ids.unsqueeze(1), z, state)  # (N, 1, d_model)
+        return self.logits(hidden[:, -1]), state
