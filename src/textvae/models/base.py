@@ -2,13 +2,15 @@
 
 The model interface (checked by one contract test over ``MODELS``):
 
-- ``has_latent`` (bool), ``latent_dim`` (D; 0 without latent).
-- ``posterior(batch) -> Distribution`` q(z|x): batch shape (B,), event shape (D,).
+- ``has_latent`` (bool), ``latent_dim`` (D; 0 without latent), ``latent_shape`` (the event shape
+  of q and p: (D,), or (L, D) for DELLA's layer-wise latents).
+- ``posterior(batch) -> Distribution`` q(z|x): batch shape (B,), event shape ``latent_shape``.
 - ``prior(batch=None) -> Distribution`` p(z): batch shape (B,) for a batch, () without.
 - ``log_likelihood(batch, z) -> Tensor (S, B)``: log p(x|z) in nats per sentence (EOS
-  counted, padding not), float32, for z of shape (S, B, D) (``None`` without latent: S = 1).
-- ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z (N, D)
-  or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
+  counted, padding not), float32, for z of shape (S, B, *latent_shape) (``None`` without
+  latent: S = 1).
+- ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z
+  (N, *latent_shape) or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
   batch-first tensors (so beam search can reorder rows).
 
 Conditional models (``conditional = True``, e.g. ``cvrae``): the batch also carries the
@@ -64,6 +66,11 @@ class TextVAE(nn.Module):
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.unk_id = tokenizer.unk_token_id
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The event shape of q(z|x) and p(z): (D,) (DELLA overrides it with (L, D))."""
+        return (self.latent_dim,)
 
     def forward(
         self, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
