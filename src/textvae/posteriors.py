@@ -154,14 +154,19 @@ class LatentRecurrence(nn.Module):
     biases, so its zbar_1 = tanh(b) is a learned constant). Prior and posterior share it.
 
     Args:
-        n_layers: L, the number of latents; the module holds L - 1 cells (layer 1 needs none).
+        n_layers: L, the number of latents; the module holds L - 1 cells (layer 1 needs none;
+            for L = 1 no parameter at all).
         latent_dim: D, the size of each z_l and of each zbar_l.
     """
 
     def __init__(self, n_layers: int, latent_dim: int):
         super().__init__()
         self.n_layers, self.latent_dim = n_layers, latent_dim
-        cells = max(n_layers - 1, 0)
+        cells = n_layers - 1
+        if cells < 1:  # one latent: no cell (empty tensors would alias in a safetensors file)
+            self.register_parameter("weight_hh", None)
+            self.register_parameter("weight_ih", None)
+            return
         bound = latent_dim**-0.5  # nn.Linear's default range for fan-in D
         self.weight_hh = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
         self.weight_ih = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
