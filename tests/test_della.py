@@ -203,8 +203,8 @@ def test_encoder_is_bidirectional_and_decoder_causal(della, tokenizer):
     ids = encode_texts(tokenizer, ["the cat sat on the mat"])["input_ids"]
     other = ids.clone()
     other[0, -2] = tokenizer.convert_tokens_to_ids("log")
-    h1, _ = model._decode(ids, z, model._empty_state(z))
-    h2, _ = model._decode(other, z, model._empty_state(z))
+    h1, _ = model._decode(ids, z, model._start_state(z, None))
+    h2, _ = model._decode(other, z, model._start_state(z, None))
     assert torch.allclose(h1[:, :-2], h2[:, :-2], atol=1e-6)  # earlier positions unchanged
     assert not torch.allclose(h1[:, -2:], h2[:, -2:])
 
@@ -308,6 +308,30 @@ def test_conditional_della_reads_the_context_everywhere(della, tiny_batch, token
         load_config(None, ["model.name=della_cvae", "model.first_prior=standard"])
     groups = respond(model, ["the cat __eou__ a dog", "a mat"], 2, max_length=5)
     assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+
+
+@pytest.mark.parametrize("fusion", ["della", "memory", "embedding"])
+@torch.no_grad()
+def test_conditional_samples_share_one_context_prefix(della, tiny_batch, fusion):
+    """The context prefix is read once per batch and repeated sample-major: S samples at once give
+    what each sample gives alone, and step-wise decoding from initial_state agrees; q and p from
+    posterior_and_prior (one context encoding) are those of the separate calls."""
+    model = _randomise(della("della_cvae", fusion=fusion))
+    q, p = model.posterior_and_prior(tiny_batch)
+    assert torch.allclose(q.offset, model.posterior(tiny_batch).offset)
+    assert torch.allclose(p.offset, model.prior(tiny_batch).offset)
+    z = q.sample((3,))
+    together = model.log_likelihood(tiny_batch, z)
+    alone = torch.cat([model.log_likelihood(tiny_batch, z[i : i + 1]) for i in range(3)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    row = {k: v[2:3] for k, v in tiny_batch.items()}
+    n = int(row["attention_mask"].sum())
+    state, prev, total = model.initial_state(z[1, 2:3], row), torch.tensor([model.bos_id]), 0.0
+    for t in range(n):
+        logits, state = model.decode_step(z[1, 2:3], prev, state)
+        total += float(torch.log_softmax(logits, -1)[0, row["input_ids"][0, t]])
+        prev = row["input_ids"][:, t]
+    assert float(together[1, 2]) == pytest.approx(total, abs=1e-4)
 
 
 # --- from_pretrained ----------------------------------------------------------------------------

@@ -210,8 +210,7 @@ def elbo(
         rec = -model.log_likelihood(batch, None)[0]
         return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
                 "bow": None}
-    q = model.posterior(batch)
-    p = model.prior(batch)
+    q, p = model.posterior_and_prior(batch)
     scale = getattr(q, "log_prob_scale", 1.0)
     kl_dims = kl_per_dim(q, p)
     if kl_dims is not None:

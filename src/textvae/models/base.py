@@ -18,6 +18,9 @@ context (``context_ids`` / ``context_mask``); ``posterior``, ``prior`` and ``log
 condition on it, ``prior()`` without a batch raises ValueError, and generation starts from
 ``initial_state(z, batch)`` (the context is part of the state) instead of state None.
 
+``posterior_and_prior(batch)`` returns both at once (the objective's entry point; by default the
+two calls).
+
 For the remedies that treat the two halves of a VAE differently (aggressive training, the
 decoder reset after autoencoder pretraining) a model names its inference network:
 ``inference_modules`` (names of the submodules that compute q(z|x); empty without one);
@@ -80,6 +83,12 @@ class TextVAE(nn.Module):
         penalty), see objectives.elbo."""
         return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode,
                     kl_target=kl_target, kl_target_weight=kl_target_weight)
+
+    def posterior_and_prior(self, batch: dict[str, torch.Tensor]) -> tuple[Distribution, Distribution]:
+        """(q(z|x), p(z)) of a batch, p with batch shape (B,): what the training objective calls.
+        A model whose two share computation overrides it (``della_cvae`` encodes the context
+        once for both)."""
+        return self.posterior(batch), self.prior(batch)
 
     def inference_parameters(self) -> list[nn.Parameter]:
         """Parameters of the inference network q(z|x) (``inference_modules``).

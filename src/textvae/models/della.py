@@ -35,9 +35,12 @@ Log-likelihoods are nats per sentence, EOS counted, padding never.
   averages over layers instead (the released code; not a bound, see below).
 - **Conditional** (``della_cvae``): the context c (``context_ids``) is encoded by the same
   encoder into c_l; p(z_l | z_<l, c) from [zbar_l ; c_l], q(z_l | z_<l, x, c) from
-  [zbar_l ; x_l ; c_l]; the decoder reads the context as a prefix (its tokens pass through the
-  decoder with z, positions 0..|c|-1; the response follows from position |c|), so p(x | z, c)
-  is a GPT-2 continuation of c.
+  [zbar_l ; x_l ; c_l]; the decoder reads the context as a prefix (positions 0..|c|-1, padding
+  masked; the response follows from position |c|), so p(x | z, c) is a GPT-2 continuation of c.
+  The prefix is read without z (z is fused into the response positions' values only), so its
+  keys and values are computed once per batch and shared by all S samples; the released code's
+  story CVAE fuses z into the prompt's values too. The context is encoded once per batch for
+  prior and posterior (:meth:`DELLA.posterior_and_prior`).
 
 Where this departs from the released code (github.com/OpenVLG/DELLA, ``model.py``,
 ``train_utils.py``, ``dist.py``), each a trap for a reproduction:
@@ -393,35 +396,43 @@ class DELLA(TextVAE):
                              "or data.format=dialogue)")
         return self._pooled(batch["context_ids"], batch["context_mask"])
 
-    def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
+    def posterior(self, batch: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> Distribution:
         """q(z|x) (q(z|x, c) for ``della_cvae``): a :class:`LayerwiseGaussian`, batch (B,), event
         (L, D), float32. In training with ``encoder_token_drop`` > 0 the encoder reads the
-        sentence with tokens deleted."""
+        sentence with tokens deleted. ``context``: c_l (B, L, H) when already computed."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.training and self.encoder_token_drop > 0:
             ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
         features = [self._pooled(ids, mask)]
         if self.conditional:
-            features.append(self._context(batch))
+            features.append(self._context(batch) if context is None else context)
         return self.posterior_head(self.recurrence, *features, reduction=self.kl_reduction)
 
-    def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
+    def prior(self, batch: dict[str, torch.Tensor] | None = None,
+              context: torch.Tensor | None = None) -> Distribution:
         """p(z) = prod_l p(z_l | z_<l) (for ``della_cvae`` p(z | c), which needs the batch): a
         :class:`LayerwiseGaussian` of event (L, D), batch shape (B,) for a batch, () without.
+        ``context``: c_l (B, L, H) when already computed.
 
         Raises:
             ValueError: ``della_cvae`` without a batch carrying the context.
         """
         if self.conditional:
-            if batch is None:
+            if batch is None and context is None:
                 raise ValueError("della_cvae's prior p(z|c) depends on the context: pass a batch "
                                  "with context_ids/context_mask (textvae generate --mode respond)")
-            return self.prior_head(self.recurrence, self._context(batch), reduction=self.kl_reduction)
+            context = self._context(batch) if context is None else context
+            return self.prior_head(self.recurrence, context, reduction=self.kl_reduction)
         p = self.prior_head(self.recurrence, reduction=self.kl_reduction)
         if batch is None:
             return p
         offset = p.offset.expand(batch["input_ids"].size(0), *p.offset.shape)
         return LayerwiseGaussian(offset, self.recurrence, p.weight, self.kl_reduction)
+
+    def posterior_and_prior(self, batch: dict[str, torch.Tensor]) -> tuple[Distribution, Distribution]:
+        """q and p of a batch in one call, the context (``della_cvae``) encoded once for both."""
+        context = self._context(batch) if self.conditional else None
+        return self.posterior(batch, context), self.prior(batch, context)
 
     # --- p(x|z) ----------------------------------------------------------------------------------
 
@@ -430,34 +441,39 @@ class DELLA(TextVAE):
         weight = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight[: self.vocab_size])
 
-    def _empty_state(self, z: torch.Tensor) -> tuple:
-        """The decoder state before any token: per layer keys and values (N, n_head, 0 or 1,
-        head_dim) (the memory slot of the ``memory`` baseline, else empty), the key mask (N, 0 or
-        1) bool and the next position (N,) int64 zeros (the slot has no position)."""
-        n, dev = z.size(0), z.device
-        dtype = self.transformer.wte.weight.dtype
-        if self.memory is not None:
-            m = self.memory(z[:, 0]).view(n, self.n_layer, 2, self.n_head, 1, self.head_dim)
-            kv = [m[:, layer, i] for layer in range(self.n_layer) for i in (0, 1)]
-            keep = torch.ones(n, 1, dtype=torch.bool, device=dev)
-        else:
-            empty = torch.zeros(n, self.n_head, 0, self.head_dim, dtype=dtype, device=dev)
-            kv = [empty] * (2 * self.n_layer)
-            keep = torch.zeros(n, 0, dtype=torch.bool, device=dev)
-        return (*kv, keep, torch.zeros(n, dtype=torch.long, device=dev))
+    def _empty_state(self, n: int, device: torch.device) -> tuple:
+        """The decoder state before any token: per layer empty keys and values (N, n_head, 0,
+        head_dim), the key mask (N, 0) bool and the next position (N,) int64 zeros."""
+        empty = torch.zeros(n, self.n_head, 0, self.head_dim, dtype=self.transformer.wte.weight.dtype,
+                            device=device)
+        return (*[empty] * (2 * self.n_layer), torch.zeros(n, 0, dtype=torch.bool, device=device),
+                torch.zeros(n, dtype=torch.long, device=device))
 
-    def _decode(self, input_ids: torch.Tensor, z: torch.Tensor, state: tuple,
+    def _with_memory(self, state: tuple, z: torch.Tensor) -> tuple:
+        """The ``memory`` baseline's slot appended to the cache: z (N, L=1, D) -> one key and one
+        value per layer and head (the map's output viewed batch first as (N, n_layer, 2, n_head, 1,
+        head_dim) and indexed, never reshaped across rows), visible to every later query; the
+        slot has no position."""
+        *kv, keep, next_pos = state
+        n = z.size(0)
+        m = self.memory(z[:, 0]).view(n, self.n_layer, 2, self.n_head, 1, self.head_dim)
+        kv = [torch.cat([kv[2 * layer + i], m[:, layer, i].to(kv[0].dtype)], dim=2)
+              for layer in range(self.n_layer) for i in (0, 1)]
+        keep = torch.cat([keep, torch.ones(n, 1, dtype=torch.bool, device=z.device)], dim=1)
+        return (*kv, keep, next_pos)
+
+    def _decode(self, input_ids: torch.Tensor, z: torch.Tensor | None, state: tuple,
                 input_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
-        """Decoder states of ``input_ids`` (N, T) given z (N, L, D) and the state of earlier
-        positions (:meth:`_empty_state` or a previous call): causal attention over the cache and
-        the new tokens (keys where ``input_mask`` (N, T) is 0 are masked for later queries too;
-        default all 1). Returns (hidden (N, T, H) after ``ln_f`` (and the ``softmax`` baseline's
-        W z), the new state)."""
+        """Decoder states of ``input_ids`` (N, T) given z (N, L, D) (None: the plain GPT-2, as for
+        a context prefix) and the state of earlier positions (:meth:`_start_state` or a previous
+        call): causal attention over the cache and the new tokens (keys where ``input_mask``
+        (N, T) is 0 are masked for later queries too; default all 1). Returns (hidden (N, T, H)
+        after ``ln_f`` (and the ``softmax`` baseline's W z), the new state)."""
         *kv, keep, next_pos = state
         n, t = input_ids.shape
         positions = next_pos.unsqueeze(1) + torch.arange(t, device=input_ids.device)  # (N, T)
         hidden = self._embed(input_ids, positions)
-        if self.z_embed is not None:
+        if self.z_embed is not None and z is not None:
             hidden = hidden + self.z_embed(z[:, 0]).unsqueeze(1).to(hidden.dtype)
         new_keep = (torch.ones_like(input_ids, dtype=torch.bool) if input_mask is None
                     else input_mask.bool())
@@ -469,40 +485,53 @@ class DELLA(TextVAE):
         new_kv = []
         for layer in range(self.n_layer):
             z_layer = None
-            if self.fusion is not None and layer in self.latent_layers:
+            if self.fusion is not None and z is not None and layer in self.latent_layers:
                 z_layer = z[:, self.latent_layers.index(layer)]
             hidden, k, v = self._block(layer, hidden, (kv[2 * layer], kv[2 * layer + 1]), mask, z_layer)
             new_kv += [k, v]
         hidden = self.transformer.ln_f(hidden)
-        if self.z_softmax is not None:
+        if self.z_softmax is not None and z is not None:
             hidden = hidden + self.z_softmax(z[:, 0]).unsqueeze(1).to(hidden.dtype)
         return hidden, (*new_kv, keep, next_pos + t)
 
-    def _start_state(self, z: torch.Tensor, batch: dict[str, torch.Tensor] | None) -> tuple:
-        """The state before the first response token: :meth:`_empty_state`, and for the
-        conditional model the context read through the decoder (with z), its padding masked, the
-        response's positions continuing after the context's real tokens."""
-        state = self._empty_state(z)
-        if not self.conditional:
-            return state
-        if batch is None or "context_ids" not in batch:
-            raise ValueError(f"{type(self).__name__} decodes a response after its context: pass a "
-                             "batch with context_ids/context_mask")
-        ctx, ctx_mask = batch["context_ids"], batch["context_mask"]
-        _, state = self._decode(ctx, z, state, input_mask=ctx_mask)
-        return (*state[:-1], state[-1] - ctx.size(1) + ctx_mask.sum(1))
+    def _start_state(self, z: torch.Tensor, batch: dict[str, torch.Tensor] | None,
+                     repeats: int = 1) -> tuple:
+        """The state before the first response token of z (N, L, D): empty, and for
+        ``della_cvae`` the context read by the plain decoder (without z: its keys and values do not
+        depend on z, so they are computed once for the batch's B contexts and repeated
+        ``repeats`` times, sample-major, N = repeats * B), its padding masked, the response's
+        positions continuing after the context's real tokens; then the ``memory`` baseline's
+        slot.
+
+        Raises:
+            ValueError: ``della_cvae`` without the batch's context.
+        """
+        if self.conditional:
+            if batch is None or "context_ids" not in batch:
+                raise ValueError(f"{type(self).__name__} decodes a response after its context: "
+                                 "pass a batch with context_ids/context_mask")
+            ctx, ctx_mask = batch["context_ids"], batch["context_mask"]
+            _, state = self._decode(ctx, None, self._empty_state(ctx.size(0), ctx.device),
+                                    input_mask=ctx_mask)
+            state = (*state[:-1], ctx_mask.sum(1))  # the response starts after the real tokens
+            if repeats > 1:
+                state = tuple(x.repeat(repeats, *[1] * (x.dim() - 1)) for x in state)
+        else:
+            state = self._empty_state(z.size(0), z.device)
+        return self._with_memory(state, z) if self.memory is not None else state
 
     def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) (``della_cvae``: log p(x|z, c)) for z (S, B, L, D): (S, B) float32, nats per
         sentence: the sum of log p(x_t | x_<t, z) over the real tokens, EOS counted, padding never
         (:func:`textvae.objectives.sequence_log_prob`); the decoder reads ``[BOS] + x`` shifted.
-        The S samples go through the decoder as one (S * B, T) batch, sample-major."""
+        The S samples go through the decoder as one (S * B, T) batch, sample-major (a context
+        prefix once per batch)."""
         s, b = z.shape[:2]
         zz = z.reshape(s * b, *z.shape[2:])
-        rows = {k: v.repeat(s, 1) for k, v in batch.items() if k in ("context_ids", "context_mask")}
         targets = batch["input_ids"].repeat(s, 1)  # (S*B, T)
         mask = batch["attention_mask"].repeat(s, 1)
-        hidden, _ = self._decode(shift_right(targets, self.bos_id), zz, self._start_state(zz, rows))
+        state = self._start_state(zz, batch, repeats=s)
+        hidden, _ = self._decode(shift_right(targets, self.bos_id), zz, state)
         return sequence_log_prob(
             hidden, self.logits, targets, mask, float32_softmax=not self.training
         ).view(s, b)
@@ -526,7 +555,7 @@ class DELLA(TextVAE):
             if self.conditional:
                 raise ValueError("della_cvae generation starts from model.initial_state(z, batch), "
                                  "which reads the context; state None has no context")
-            state = self._empty_state(z)
+            state = self._start_state(z, None)
         hidden, state = self._decode(input_ids.unsqueeze(1), z, state)  # (N, 1, H)
         return self.logits(hidden[:, -1]), state
 
