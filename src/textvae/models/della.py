@@ -16,7 +16,9 @@ Log-likelihoods are nats per sentence, EOS counted, padding never.
   ``[BOS] + x`` (BOS = the tokenizer's BOS, else its EOS, as GPT-2), so ``first`` pooling reads
   the special first token as in the paper.
 - **Layer-wise latents**: x_l = masked pooling of encoder layer l (``model.pooling``: ``first``,
-  ``mean``, ``attention`` (the released code's), ``max`` or ``last``), layer-normalised;
+  ``mean``, ``attention`` (the released code's), ``max`` or ``last``), then a LayerNorm per
+  latent layer (this library's choice: the heads see features of unit scale whatever the
+  magnitude of the residual stream; the released code feeds the raw states);
   zbar_l = tanh(W_hh zbar_{l-1} + W_ih z_{l-1}), zbar_1 = 0
   (:class:`textvae.posteriors.LatentRecurrence`); p(z_l | z_<l) and q(z_l | z_<l, x) diagonal
   Gaussians from linear maps of zbar_l and of [zbar_l ; x_l]: one
@@ -59,6 +61,10 @@ Where this departs from the released code (github.com/OpenVLG/DELLA, ``model.py`
   never-predicted BOS: one token per sentence too many. Its ``nll`` is the reconstruction term
   only. Its AU reads mu_l at one fresh sample of z_<l per pass (two passes, two samples), so
   sampling noise counts as activity; here E_q[z|x] by 256 common-random-number draws.
+- Its decoder's output layer (``lm_head``) is created after ``init_weights`` and is neither tied
+  to nor loaded from GPT-2's embedding (``init_para_frompretrained`` in ``main.py`` copies
+  ``wte``, ``wpe``, the blocks and ``ln_f``), so a "pretrained" decoder starts with a random
+  output layer; here it is GPT-2's, tied to ``wte`` (tested against ``transformers``' logits).
 - Its LMF factors start from GPT-2's generic initialisation (normal 0.02), so at step 0 the
   fused values are products of two small random projections: a pretrained GPT-2's attention
   values are replaced from the start. Here the factors start at v~ = v o (1 + W z) with W small
