@@ -447,6 +447,10 @@ def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
     assert cli.main(["generate", str(run), "--mode", "interpolate", "-n", "3", "--max-length", "4",
                      "--input", "the cat", "a dog"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2 + 3
+    from textvae.report import write_report
+
+    md = (write_report(run, max_sentences=10, n_examples=2) / "report.md").read_text()
+    assert "GPT-2 from scratch" in md and "2 latent layers x 4" in md
 
 
 def test_cli_conditional_della_responds(tiny_dialogues, tmp_path, monkeypatch, capsys):
