@@ -1,4 +1,5 @@
-"""Seconds per training step of a preset, to size its step budget (e.g. the T5 VAE CPU preset).
+"""Seconds per training step of a preset, to size its step budget (e.g. the T5 VAE and DELLA CPU
+presets; a dialogue preset's batches carry their contexts).
 
 Builds the preset's tokenizer and model exactly as ``textvae train`` does, then times
 ``--steps`` optimizer steps of the training objective (forward, backward, clip, AdamW update;
@@ -37,11 +38,14 @@ def main() -> None:
     t = config.train
     start = time.perf_counter()
     train_corpus, valid_corpus = load_split(config.data, "train"), load_split(config.data, "valid")
-    tokenizer = MODELS[config.model.name].make_tokenizer(config, train_corpus.texts)
+    # a dialogue corpus: the vocabulary covers responses and contexts, as textvae train builds it
+    tokenizer = MODELS[config.model.name].make_tokenizer(
+        config, train_corpus.texts + (train_corpus.contexts or []))
     print(f"tokenizer: {len(tokenizer)} types, built in {time.perf_counter() - start:.1f} s")
-    train_ds = TextDataset(train_corpus.texts, tokenizer)
+    train_ds = TextDataset(train_corpus.texts, tokenizer, contexts=train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
-    valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer)
+    valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
+    valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
     print(f"tokens per sentence (EOS counted): train {train_ds.n_tokens / len(train_ds):.2f}")
     batches = train_ds.batches(t.batch_size, True, t.seed, 0)
     print(f"torch threads: {torch.get_num_threads()}; steps per epoch: {len(batches)}")

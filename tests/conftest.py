@@ -59,6 +59,9 @@ def tokenizer():
 TINY_T5 = ["model.t5_d_model=16", "model.t5_d_ff=32", "model.t5_num_layers=1",
            "model.t5_num_decoder_layers=2", "model.t5_num_heads=2", "model.t5_d_kv=8",
            "model.t5_vocab_size=60"]
+# the GPT-2 backbone at tiny size (read by della / della_cvae only)
+TINY_GPT2 = ["model.gpt2_n_embd=16", "model.gpt2_n_layer=2", "model.gpt2_n_head=2",
+             "model.gpt2_n_positions=128", "model.gpt2_vocab_size=60"]
 
 
 @pytest.fixture
@@ -67,7 +70,7 @@ def tiny_model(tokenizer):
 
     def make(name="lstm_vae", **extra):
         cfg = load_config(None, [f"model.name={name}", "model.embed_dim=16", "model.hidden_dim=16",
-                                 "model.latent_dim=4", *TINY_T5]
+                                 "model.latent_dim=4", *TINY_T5, *TINY_GPT2]
                           + [f"model.{k}={v}" for k, v in extra.items()])
         torch.manual_seed(0)
         return MODELS[name](cfg.model, tokenizer).eval()

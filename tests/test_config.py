@@ -12,7 +12,8 @@ PRESETS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_preset_loads(preset):
     cfg = load_config(preset)
-    assert cfg.model.name in ("lstm_vae", "lstm_lm", "cvrae", "seq2seq", "t5_vae")
+    assert cfg.model.name in ("lstm_vae", "lstm_lm", "cvrae", "seq2seq", "t5_vae", "della",
+                              "della_cvae")
 
 
 def test_cpu_preset_inherits_and_overrides_win():

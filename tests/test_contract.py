@@ -11,11 +11,12 @@ def test_model_contract(name, tiny_model, tiny_batch):
     model = tiny_model(name)
     b, t = tiny_batch["input_ids"].shape
     if model.has_latent:
-        d = model.latent_dim
+        event = model.latent_shape  # (D,); DELLA's layer-wise latents (L, D)
+        assert event[-1] == model.latent_dim
         q = model.posterior(tiny_batch)
-        assert q.batch_shape == (b,) and q.event_shape == (d,)
+        assert q.batch_shape == (b,) and q.event_shape == event
         p = model.prior(tiny_batch)
-        assert p.batch_shape == (b,) and p.event_shape == (d,)
+        assert p.batch_shape == (b,) and p.event_shape == event
         if model.conditional:  # p(z|c) depends on the batch's context
             with pytest.raises(ValueError, match="context"):
                 model.prior()
@@ -25,6 +26,7 @@ def test_model_contract(name, tiny_model, tiny_batch):
         else:
             assert model.prior().batch_shape == ()
         z = q.sample((3,))
+        assert z.shape == (3, b, *event)
         ll = model.log_likelihood(tiny_batch, z)
         assert ll.shape == (3, b)
         # different z give different likelihoods: z reaches the decoder

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -28,6 +29,10 @@ UNITS = {
     "distinct_2": "distinct bigrams / bigrams (prior samples; responses for cvrae)",
     "kl_samples": "MC samples/sentence (null: closed form)",
     "response_bleu": "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
+    "au_by_delta": "active dimensions at each threshold (0.2: DELLA's)",
+    "au_per_layer": "active dimensions per latent layer, at each threshold",
+    "kl_per_layer": "nats/sentence per latent layer",
+    "bound_valid": "false: elbo/nll are not bounds (kl_reduction: mean)",
 }
 
 
@@ -115,9 +120,14 @@ def _cmd_evaluate(args) -> int:
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
             continue
-        if key == "kl_per_dim":
+        if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
-                print(f"  {'kl_per_dim':<12} [{', '.join(f'{v:.2f}' for v in value)}]  nats/sentence")
+                rows = value if value and isinstance(value[0], list) else [value]  # (L, D) or (D,)
+                shown = " ".join(f"[{', '.join(f'{v:.2f}' for v in row)}]" for row in rows)
+                print(f"  {key:<12} {shown}  nats/sentence")
+            continue
+        if isinstance(value, dict):
+            print(f"  {key:<12} {json.dumps(value)}  {UNITS.get(key, '')}".rstrip())
             continue
         shown = "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}".rstrip())
@@ -235,17 +245,17 @@ def _cmd_probe(args) -> int:
         if args.max_sentences is not None:
             texts, labels = texts[: args.max_sentences], labels[: args.max_sentences]
         dataset = TextDataset(texts, tokenizer, labels)
-        mu = torch.empty(len(dataset), model.latent_dim)
+        mu = torch.empty(len(dataset), math.prod(model.latent_shape))
         with torch.no_grad():
             for indices in dataset.batches(256):
-                mu[indices] = model.posterior(dataset.collate(indices)).mean.float()
+                mu[indices] = model.posterior(dataset.collate(indices)).mean.float().flatten(1)
         features[role] = (mu, labels, source)
     (fit_x, fit_y, fit_src), (score_x, score_y, score_src) = features["train"], features["valid"]
     results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
     fit_file = args.fit is not None and Path(args.fit).is_file()
     name = args.data or (Path(args.fit).stem if fit_file else cfg.data.corpus) or "data"
     record = {"fit": fit_src, "score": score_src, "fit_sentences": len(fit_y),
-              "score_sentences": len(score_y), "features": f"posterior mean (D={model.latent_dim})",
+              "score_sentences": len(score_y), "features": f"posterior mean (D={math.prod(model.latent_shape)})",
               "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
               "seed": args.seed, "results": results}
     output = _write_json(record, args.output or Path(args.run_dir) / f"probe-{name}.json")

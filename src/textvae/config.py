@@ -76,9 +76,11 @@ class ModelConfig:
         name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``, ``cvrae``: the
             conditional VRAE for dialogue, ``seq2seq``: its encoder-decoder baseline without
             latent; both need a dialogue corpus; ``t5_vae``: the two-phase T5 VAE of Park & Lee
-            2021).
-        pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T),
-            ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
+            2021; ``della``: DELLA's layer-wise latents on GPT-2, Hu et al. 2022, and its single-latent
+            baselines; ``della_cvae``: conditional DELLA, needs a dialogue corpus).
+        pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T), ``first``
+            (the first position: DELLA's encoder input starts with BOS, the paper's special
+            token), ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
         word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).
         dec_dropout_in / dec_dropout_out: dropout on decoder input embeddings / LSTM outputs.
         enc_dropout_in: dropout on encoder input embeddings.
@@ -118,11 +120,13 @@ class ModelConfig:
             (EOS kept) before q(z|x) is computed; the decoder target is untouched. ``lstm_vae``
             and ``t5_vae``; 0 = off. See :func:`textvae.encoders.delete_tokens`.
         backbone: the network family of the model: null = the model's own (``lstm`` for the
-            LSTM models, ``t5`` for ``t5_vae``); a value that does not fit ``name`` is an error.
-        pretrained: ``t5_vae`` (Park & Lee 2021, SPEC 1.3; :mod:`textvae.models.t5_vae`): a
-            Hugging Face model name or folder (``t5-small``) loaded with
-            ``from_pretrained``, with its tokenizer; null builds a T5 from scratch with the
-            ``t5_*`` sizes and trains a subword tokenizer on the training split.
+            LSTM models, ``t5`` for ``t5_vae``, ``gpt2`` for ``della``/``della_cvae``); a value
+            that does not fit ``name`` is an error.
+        pretrained: ``t5_vae`` (Park & Lee 2021, SPEC 1.3; :mod:`textvae.models.t5_vae`) and
+            ``della``/``della_cvae`` (:mod:`textvae.models.della`): a Hugging Face model name or
+            folder (``t5-small``, ``gpt2``) loaded with ``from_pretrained``, with its tokenizer;
+            null builds the backbone from scratch with the ``t5_*`` / ``gpt2_*`` sizes and trains
+            a subword tokenizer on the training split.
         latent_injection: how z reaches the T5 decoder: ``memory`` (one extra key/value slot per
             decoder self-attention layer and head; cross-attention removed, so z is the only
             path from the encoder), ``embedding`` (W z added to every decoder input embedding)
@@ -134,6 +138,30 @@ class ModelConfig:
             scratch: ``bpe`` or ``unigram`` (T5's kind; on PTB at 8,000 types HF's Unigram
             trainer stops at 5,612 types and 1.55 tokens per word, BPE gives 1.13), with this
             many types including the special tokens ``<pad> </s> <unk>``.
+        gpt2_n_embd / gpt2_n_layer / gpt2_n_head / gpt2_n_positions / gpt2_dropout: ``GPT2Config``
+            fields (``n_embd``, ``n_layer``, ``n_head``, ``n_positions``; ``gpt2_dropout`` sets
+            ``resid_pdrop``, ``embd_pdrop`` and ``attn_pdrop``) of a GPT-2 built from scratch for
+            ``della`` (GPT-2 small's sizes by default); ``gpt2_dropout`` also overrides a
+            pretrained model's dropout.
+        gpt2_tokenizer / gpt2_vocab_size: the subword tokenizer trained on the corpus for a GPT-2
+            from scratch (``bpe`` or ``unigram``, this many types including ``<pad> </s> <unk>``).
+        fusion: how ``della`` feeds z to the decoder: ``della`` (the paper's low-rank tensor
+            product into each latent layer's attention values, which as written equals rank 1:
+            :class:`textvae.models.della.ValueFusion`), ``lmf`` (true low-rank multimodal
+            fusion, a sum over the rank of element-wise products), or the single-latent baselines
+            of the paper on the same backbone: ``embedding`` (W z added to every input
+            embedding), ``memory`` (a key/value slot per layer, Optimus) and ``softmax`` (W z
+            added to the last hidden state before the output layer).
+        fusion_rank: r of ``della`` / ``lmf`` fusion (the paper: 4).
+        latent_layers: ``"begin..end"``, 0-based and inclusive: the GPT-2 layers that carry a
+            latent (z_1 from encoder layer ``begin`` into decoder layer ``begin``, ...); null =
+            all layers. ``della`` / ``lmf`` fusion only (the baselines have one latent, from the
+            last encoder layer).
+        first_prior: p(z_1): ``learned`` (N(mu, sigma^2) from a learned bias, since zbar_1 = 0:
+            the released code's) or ``standard`` (N(0, I)). Not for ``della_cvae`` (its p(z_1|c)
+            depends on the context).
+        kl_reduction: ``sum`` over layers (a valid ELBO) or ``mean`` (the released DELLA code's
+            layer average; a reproduction switch: evaluation reports ``bound_valid: false``).
     """
 
     name: str = "lstm_vae"
@@ -172,6 +200,18 @@ class ModelConfig:
     t5_dropout: float = 0.1
     t5_tokenizer: str = "bpe"
     t5_vocab_size: int = 8000
+    gpt2_n_embd: int = 768
+    gpt2_n_layer: int = 12
+    gpt2_n_head: int = 12
+    gpt2_n_positions: int = 1024
+    gpt2_dropout: float = 0.1
+    gpt2_tokenizer: str = "bpe"
+    gpt2_vocab_size: int = 8000
+    fusion: str = "della"
+    fusion_rank: int = 4
+    latent_layers: str | None = None
+    first_prior: str = "learned"
+    kl_reduction: str = "sum"
 
 
 @dataclass
@@ -183,8 +223,12 @@ class KLConfig:
             over ``warmup_steps``) | ``logistic`` (``beta_max / (1 + exp(-k (step - x0)))``) |
             ``cyclical`` (Fu et al. 2019: period ``cycle_steps``; first ``ratio_zero`` of a
             period at 0, then linear to ``beta_max`` over ``ratio_increase``, then held).
+        cycle_epochs: when > 0 (``cyclical`` only), the period is this many epochs of the
+            training split instead of ``cycle_steps`` (resolved at the start of training from
+            the number of batches per epoch; DELLA: 2).
         free_bits: lambda in nats (0 = off). ``free_bits_mode`` ``per_dim``: each dimension's
-            batch-mean KL is clamped below at lambda; ``total``: the batch-mean total KL is.
+            batch-mean KL is clamped below at lambda; ``per_layer`` (layer-wise latents,
+            ``della``): each layer's batch-mean KL is; ``total``: the batch-mean total KL is.
         target: KL target constraint (nats per sentence; 0 = off): the training loss gains
             ``target_weight * |mean_B KL - target|`` (Burgess et al. 2018's capacity term, eq. 8,
             which is the case beta = 0 of this); the KL is held near the target when
@@ -198,6 +242,7 @@ class KLConfig:
     logistic_k: float = 0.0025
     logistic_x0: int = 2500
     cycle_steps: int = 10000
+    cycle_epochs: float = 0.0
     ratio_increase: float = 0.5
     ratio_zero: float = 0.25
     free_bits: float = 0.0
@@ -314,13 +359,17 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "tsv", "jsonl", "dialogue"),
     "data.long_policy": ("truncate", "drop"),
-    "model.pooling": ("last", "mean", "max", "attention"),
+    "model.pooling": ("last", "first", "mean", "max", "attention"),
     "model.posterior_flow": ("none", "planar", "radial", "iaf", "cclin_iaf", "sylvester"),
     "model.prior_flow": ("none", "iaf"),
     "model.latent_injection": ("memory", "embedding", "both"),
     "model.t5_tokenizer": ("unigram", "bpe"),
+    "model.gpt2_tokenizer": ("unigram", "bpe"),
+    "model.fusion": ("della", "lmf", "embedding", "memory", "softmax"),
+    "model.first_prior": ("standard", "learned"),
+    "model.kl_reduction": ("sum", "mean"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
-    "kl.free_bits_mode": ("per_dim", "total"),
+    "kl.free_bits_mode": ("per_dim", "per_layer", "total"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_scheduler": ("constant", "plateau"),
     "train.precision": ("fp32", "bf16"),
@@ -418,7 +467,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 0")
     for key in ("model.t5_d_model", "model.t5_d_ff", "model.t5_num_layers",
                 "model.t5_num_decoder_layers", "model.t5_num_heads", "model.t5_d_kv",
-                "model.t5_vocab_size"):
+                "model.t5_vocab_size", "model.gpt2_n_embd", "model.gpt2_n_layer",
+                "model.gpt2_n_head", "model.gpt2_n_positions", "model.gpt2_vocab_size",
+                "model.fusion_rank"):
         if getattr(m, key.split(".")[1]) < 1:
             raise ConfigError(f"{key} must be >= 1")
     if t.ae_patience < 0:
@@ -427,6 +478,19 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
     if not 0.0 <= m.t5_dropout < 1.0:
         raise ConfigError(f"model.t5_dropout={m.t5_dropout} must be in [0, 1)")
+    if not 0.0 <= m.gpt2_dropout < 1.0:
+        raise ConfigError(f"model.gpt2_dropout={m.gpt2_dropout} must be in [0, 1)")
+    if m.gpt2_n_embd % m.gpt2_n_head:
+        raise ConfigError(f"model.gpt2_n_embd={m.gpt2_n_embd} must be a multiple of "
+                          f"model.gpt2_n_head={m.gpt2_n_head}")
+    k = config.kl
+    if k.cycle_epochs < 0:
+        raise ConfigError("kl.cycle_epochs must be >= 0")
+    if k.cycle_epochs > 0 and k.schedule != "cyclical":
+        raise ConfigError(f"kl.cycle_epochs sets the period of the cyclical schedule, but "
+                          f"kl.schedule={k.schedule!r}; set kl.schedule=cyclical or cycle_epochs=0")
+    if m.latent_layers is not None:
+        parse_latent_layers(m.latent_layers)
     _validate_model_keys(config)
     if m.min_rate_delta > 9:
         raise ConfigError("model.min_rate_delta must be at most 9 nats per dimension (the "
@@ -461,9 +525,12 @@ def _validate_model_keys(config: Config) -> None:
     if m.backbone is not None and m.backbone != cls.backbone:
         raise ConfigError(f"model.backbone={m.backbone!r} does not fit model.name={m.name!r} "
                           f"(its backbone is {cls.backbone!r}; or leave model.backbone null)")
-    if m.encoder_token_drop > 0 and m.name not in ("lstm_vae", "t5_vae"):
+    if m.encoder_token_drop > 0 and m.name not in ("lstm_vae", "t5_vae", "della", "della_cvae"):
         raise ConfigError(f"model.encoder_token_drop: model.name={m.name!r} does not delete encoder "
-                          "tokens (lstm_vae and t5_vae do); set it to 0")
+                          "tokens (lstm_vae, t5_vae and della do); set it to 0")
+    if config.kl.free_bits_mode == "per_layer" and cls.backbone != "gpt2":
+        raise ConfigError(f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
+                          "layer; per_layer is for della's layer-wise latents (use per_dim or total)")
     if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
         raise ConfigError("train.ae_patience needs an autoencoder phase: set "
                           "train.ae_pretrain_steps > 0 (the phase's longest length)")
@@ -474,7 +541,14 @@ def _validate_model_keys(config: Config) -> None:
         if not cls.decoder_modules:
             raise ConfigError(f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
                               "decoder to freeze (t5_vae does); set it to false")
-    if cls.backbone == "t5":
+    defaults = ModelConfig()
+    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction")
+    if cls.backbone != "gpt2":
+        used = [f"model.{key}" for key in della_keys if getattr(m, key) != getattr(defaults, key)]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: only the GPT-2 backbone (model.name=della or "
+                              f"della_cvae) reads this; model.name={m.name!r}")
+    if cls.backbone in ("t5", "gpt2"):
         used = [key for key, on in (
             ("model.posterior_flow", m.posterior_flow != "none"),
             ("model.prior_flow", m.prior_flow != "none"), ("model.embed_noise", m.embed_noise > 0),
@@ -482,20 +556,55 @@ def _validate_model_keys(config: Config) -> None:
             ("model.bidirectional", m.bidirectional), ("train.aggressive", t.aggressive),
         ) if on]
         if used:
-            raise ConfigError(f"model.name={m.name!r} does not support {', '.join(used)} (the T5 "
-                              "encoder and decoder share their token embedding, and the LSTM "
-                              "options have no T5 counterpart here); set them to 0/false/none")
+            raise ConfigError(f"model.name={m.name!r} does not support {', '.join(used)} (the "
+                              f"{cls.backbone} encoder and decoder share their token embedding, and "
+                              "the LSTM options have no Transformer counterpart here); set them to "
+                              "0/false/none")
         if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
-            raise ConfigError("train.ae_reset_decoder: the T5 VAE's phase 2 starts from the phase-1 "
-                              "weights (Park & Lee 2021); set train.ae_reset_decoder=false")
+            raise ConfigError(f"train.ae_reset_decoder: the {cls.backbone} model's VAE phase starts "
+                              "from the autoencoder phase's weights (Park & Lee 2021; DELLA's encoder "
+                              "is its decoder); set train.ae_reset_decoder=false")
     else:
-        used = [key for key, on in (
-            ("model.pretrained", m.pretrained is not None),
-            ("model.latent_injection", m.latent_injection != "memory"),
-        ) if on]
+        used = [key for key, on in (("model.pretrained", m.pretrained is not None),) if on]
         if used:
-            raise ConfigError(f"{', '.join(used)}: only the T5 backbone (model.name=t5_vae) reads "
-                              f"this; model.name={m.name!r}")
+            raise ConfigError(f"{', '.join(used)}: only the Transformer backbones (model.name=t5_vae, "
+                              f"della, della_cvae) read this; model.name={m.name!r}")
+    if cls.backbone != "t5" and m.latent_injection != "memory":
+        raise ConfigError(f"model.latent_injection: only the T5 backbone (model.name=t5_vae) reads "
+                          f"this (della: model.fusion); model.name={m.name!r}")
+    if cls.backbone == "gpt2":
+        used = [key for key, on in (("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+                                    ("model.min_rate_delta", m.min_rate_delta > 0)) if on]
+        if used:
+            raise ConfigError(f"{', '.join(used)}: della's posterior is layer-wise (its p(z_l|z_<l) "
+                              "is learned), these bound the KL to N(0, I) only; set them to 0")
+        if m.latent_layers is not None and m.fusion not in ("della", "lmf"):
+            raise ConfigError(f"model.latent_layers: model.fusion={m.fusion!r} is a single-latent "
+                              "baseline (one z from the last encoder layer); set latent_layers=null "
+                              "or fusion=della/lmf")
+        if cls.conditional and m.first_prior == "standard":
+            raise ConfigError("model.first_prior=standard: della_cvae's p(z_1|c) is computed from "
+                              "the context; use first_prior=learned")
+
+
+def parse_latent_layers(spec: str, n_layers: int | None = None) -> tuple[int, int]:
+    """``"begin..end"`` (0-based, inclusive) -> (begin, end).
+
+    Raises:
+        ConfigError: not of that form, begin > end, or (with ``n_layers``) end past the last
+            layer; the message names ``model.latent_layers``.
+    """
+    parts = spec.split("..")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"model.latent_layers={spec!r} is not of the form 'begin..end' "
+                          "(0-based layer indices, inclusive, e.g. '0..11'), or null for all layers")
+    begin, end = int(parts[0]), int(parts[1])
+    if begin > end:
+        raise ConfigError(f"model.latent_layers={spec!r}: begin {begin} is after end {end}")
+    if n_layers is not None and end >= n_layers:
+        raise ConfigError(f"model.latent_layers={spec!r}: the backbone has {n_layers} layers "
+                          f"(0..{n_layers - 1})")
+    return begin, end
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -454,6 +454,49 @@ def build_tokenizer(texts: list[str], min_frequency: int = 1, max_vocab: int | N
     )
 
 
+SUBWORD_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's own vocabulary
+
+
+def train_subword_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
+    """A subword tokenizer trained on ``texts`` with HF ``tokenizers``, for a Transformer built
+    from scratch (``t5_vae``, ``della``).
+
+    ``bpe`` (Sennrich et al. 2016) or ``unigram`` (Kudo 2018, the SentencePiece model T5 uses;
+    HF's trainer may stop well short of ``vocab_size``), on a Metaspace pre-tokenizer (``▁``
+    marks a word start), so decoding gives the words back. Special tokens ``<pad>`` 0, ``</s>``
+    1 (EOS), ``<unk>`` 2, as in T5; no BOS (the T5 decoder starts from pad, DELLA's GPT-2 from
+    EOS, as GPT-2 starts from its one special token). A literal ``<unk>`` in the text (PTB's
+    unknown word) is read as the special token.
+
+    Args:
+        vocab_size: types including the three special tokens (the trainer may stop earlier on
+            a small corpus).
+
+    Returns:
+        ``transformers.PreTrainedTokenizerFast``; save it with ``save_pretrained``.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SUBWORD_SPECIAL_TOKENS,
+                                          unk_token="<unk>")
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SUBWORD_SPECIAL_TOKENS)
+    else:
+        raise ValueError(f"unknown tokenizer kind '{kind}' (unigram or bpe)")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 def load_tokenizer(path: str | Path):
     """Load a tokenizer saved with ``save_pretrained``, as the class it was saved as
     (``AutoTokenizer``: the word-level and subword tokenizers built here come back as

@@ -114,13 +114,14 @@ class BagOfWordsHead(nn.Module):
         """log p_bow(x | z) per sentence.
 
         Args:
-            z: (N, D) latent codes.
+            z: (N, D) latent codes, or (N, *event) flattened to (N, prod(event)) (layer-wise
+                latents (N, L, D): the head is built with ``latent_dim`` = L * D).
             targets: (N, T) int64 token ids.
             mask: (N, T), 1 on real tokens (EOS included), 0 on padding.
 
         Returns:
             (N,) float32, nats per sentence (a sum over real tokens, EOS counted, padding never).
         """
-        logp = torch.log_softmax(self.net(z).float(), dim=-1)  # (N, V)
+        logp = torch.log_softmax(self.net(z.flatten(1)).float(), dim=-1)  # (N, V)
         per_token = logp.gather(1, targets)  # (N, T)
         return (per_token * mask.to(per_token.dtype)).sum(-1)

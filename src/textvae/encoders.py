@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-POOLINGS = ("last", "mean", "max", "attention")
+POOLINGS = ("last", "first", "mean", "max", "attention")
 
 
 class AttentionPool(nn.Module):
@@ -37,7 +37,9 @@ def masked_pool(
     Args:
         states: (B, T, H) encoder states.
         mask: (B, T) 1 on real tokens, 0 on padding; every row has at least one real token.
-        mode: ``last`` (state at the last real position), ``mean``, ``max`` or ``attention``.
+        mode: ``last`` (state at the last real position), ``first`` (state at position 0: a
+            bidirectional encoder's special first token, e.g. DELLA's BOS), ``mean``, ``max`` or
+            ``attention``.
         attention: the :class:`AttentionPool` module when ``mode == "attention"``.
 
     Returns:
@@ -50,6 +52,8 @@ def masked_pool(
     if mode == "last":
         last = mask.sum(1).long() - 1  # (B,)
         return states[torch.arange(states.size(0), device=states.device), last]
+    if mode == "first":
+        return states[:, 0]
     if mode == "mean":
         m = mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1)
         return (states * m).sum(1) / m.sum(1)

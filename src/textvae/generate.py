@@ -32,6 +32,12 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def _forbidden_ids(model) -> list[int]:
+    """Ids generation never emits: pad and ``bos_id``, unless one is also EOS (GPT-2 has one
+    special token, ``<|endoftext|>``, for start, end and padding)."""
+    return sorted({i for i in (model.pad_id, model.bos_id) if i is not None and i != model.eos_id})
+
+
 def _select_rows(state, index: torch.Tensor):
     return tuple(s.index_select(0, index) for s in state)
 
@@ -45,7 +51,8 @@ def decode(
     """Decode token ids from latent codes.
 
     Args:
-        z: (N, D) latent codes, or None for a model without latent (then ``n`` sentences).
+        z: (N, *latent_shape) latent codes, or None for a model without latent (then ``n``
+            sentences).
         max_length: most tokens generated per sentence (EOS included).
         state: the state before the first step (batch-first tensors, N rows), for conditional
             models (``model.initial_state(z, batch)``); None lets ``decode_step`` start.
@@ -73,8 +80,7 @@ def decode(
         for _ in range(max_length):
             logits, state = model.decode_step(z, tokens, state)  # (N, V)
             logits = logits.float()
-            logits[:, model.pad_id] = float("-inf")
-            logits[:, model.bos_id] = float("-inf")
+            logits[:, _forbidden_ids(model)] = float("-inf")
             if strategy == "greedy":
                 tokens = logits.argmax(-1)
             else:
@@ -103,8 +109,7 @@ def _beam(model, z, n, max_length, beam_size, device, state=None) -> list[list[i
     for _ in range(max_length):
         logits, state = model.decode_step(zz, tokens, state)
         logp = torch.log_softmax(logits.float(), -1)  # (N*k, V)
-        logp[:, model.pad_id] = float("-inf")
-        logp[:, model.bos_id] = float("-inf")
+        logp[:, _forbidden_ids(model)] = float("-inf")
         # a finished hypothesis only continues with EOS at zero cost
         logp[finished] = float("-inf")
         logp[finished, model.eos_id] = 0.0
@@ -179,7 +184,7 @@ def respond(model, contexts: list[str], n: int, **options) -> list[list[str]]:
     model.eval()
     batch = {k: v.to(device) for k, v in encode_contexts(model.tokenizer, contexts).items()}
     b = len(contexts)
-    z = model.prior(batch).sample((n,)).reshape(n * b, -1) if model.has_latent else None  # (n*B, D)
+    z = model.prior(batch).sample((n,)).flatten(0, 1) if model.has_latent else None  # (n*B, *event)
     repeated = {k: v.repeat(n, 1) for k, v in batch.items()}  # (n*B, T_c), sample-major
     state = model.initial_state(z, repeated)
     seqs = ids_to_text(model.tokenizer, decode(model, z, n=n * b, state=state, **options))
@@ -188,7 +193,8 @@ def respond(model, contexts: list[str], n: int, **options) -> list[list[str]]:
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between (D,) vectors for weights t (M,) -> (M, D)."""
+    """Spherical interpolation between (D,) vectors for weights t (M,) -> (M, D) (latents of
+    another shape: interpolate their flattening and reshape)."""
     cos = torch.dot(a, b) / (a.norm() * b.norm()).clamp_min(1e-12)
     omega = torch.arccos(cos.clamp(-1.0, 1.0))
     if float(omega) < 1e-6:
@@ -207,10 +213,13 @@ def interpolate(model, text_a: str, text_b: str, steps: int = 5, method: str = "
     _require_latent(model)
     if method not in ("linear", "spherical"):
         raise ValueError(f"unknown interpolation '{method}' (linear or spherical)")
-    mu = model.encode([text_a, text_b]).mean  # (2, D)
+    mu = model.encode([text_a, text_b]).mean  # (2, *event)
+    event = mu.shape[1:]
+    flat = mu.reshape(2, -1)  # (2, D); DELLA's (L, D) latents flattened, so slerp sees one vector
     t = torch.linspace(0, 1, steps, device=mu.device)
     if method == "linear":
-        z = torch.lerp(mu[0].expand(steps, -1), mu[1].expand(steps, -1), t.unsqueeze(1))
+        z = torch.lerp(flat[0].expand(steps, -1), flat[1].expand(steps, -1), t.unsqueeze(1))
     else:
-        z = slerp(mu[0], mu[1], t)
+        z = slerp(flat[0], flat[1], t)
+    z = z.reshape(steps, *event)
     return ids_to_text(model.tokenizer, decode(model, z, **options))

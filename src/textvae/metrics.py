@@ -23,6 +23,23 @@ and as one word per sentence; padding never counts.
 - ``au``: dimensions with Cov_x(E_q[z|x]) > ``au_delta`` (Burda et al. 2016's active units).
 - ``kl_per_dim``: the closed-form KL per dimension; None without a closed form (a flow has no
   per-dimension decomposition of its KL).
+- ``au_by_delta``: the active units at ``au_delta`` and at 0.2 (:data:`AU_DELTA_PAPER`, DELLA's
+  threshold), ``{"0.01": n, "0.2": n}``, for comparison with papers that use the larger one.
+- ``bound_valid``: whether ``elbo`` and ``nll`` are bounds on log p(x): False when the posterior
+  declares that its ``log_prob`` is not a log-density (``bound_valid`` False, e.g. DELLA with
+  ``model.kl_reduction: mean``, the released code's layer average of the KL and log-densities);
+  then ``kl``, ``elbo``, ``nll``, the perplexities and ``mi`` follow that average.
+
+Layer-wise latents (DELLA, event shape (L, D); a posterior and prior with ``conditionals``):
+``kl`` is the closed form per layer at each IW sample of z_<l, averaged over the samples
+(:func:`textvae.objectives.conditional_kl`; ``kl_samples`` = their number); ``kl_per_dim`` is
+(L, D) and ``kl_per_layer`` (L,); ``mi`` (and ``mi_batch``, the same estimator within each batch)
+uses the joint log q(z|x) of every sample under every sentence's posterior
+(:func:`distribution_mi`); ``au`` uses E_q[z|x] estimated by 256 common-random-number ancestral
+draws, and ``au_per_layer`` gives the count per layer at each threshold of ``au_by_delta``. The IW
+estimate draws all layers ancestrally once per importance sample and sums
+log p(z_l|z_<l) - log q(z_l|z_<l,x) over layers, the (S x B) samples going through the decoder
+in chunks like every model's.
 
 Flow posteriors (see docs/flows.md): ``nll``, ``rec``, ``kl`` use z_K and its exact log q;
 ``mi`` (both estimators) is that of the base Gaussian z_0 (the aggregate posterior of z_K needs
@@ -51,14 +68,22 @@ import torch
 
 from textvae.data import TextDataset
 from textvae.flows import base_gaussian
-from textvae.objectives import iw_bound, iw_log_weights, kl_per_dim, rsample_and_log_prob
+from textvae.objectives import (
+    conditional_kl,
+    iw_bound,
+    iw_log_weights,
+    kl_per_dim,
+    rsample_and_log_prob,
+)
 
 EVAL_KEYS = (
     "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word",
     "ppl_elbo_token", "mi",
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
-    "n_words", "tokenizer", "mi_estimator", "precision", "seed",
+    "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
+    "au_per_layer", "bound_valid",
 )
+AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences, one z ~ q(z|x) per sentence used "
     "in both terms; mi_batch: He et al. 2019 calc_mi (q(z) over each evaluation batch, "
@@ -67,6 +92,12 @@ MI_ESTIMATOR = (
 FLOW_ESTIMATOR_NOTE = (
     "; flow posterior: mi and mi_batch of the base Gaussian z_0, au from E_q[z_K|x] by 256 "
     "common random draws"
+)
+LAYERWISE_ESTIMATOR = (
+    "aggregate posterior q(z) over all evaluated sentences from the joint log q(z|x) of the "
+    "layer-wise posterior, one ancestral z ~ q(z|x) per sentence used in both terms; mi_batch: "
+    "the same estimator within each evaluation batch; au from E_q[z|x] by 256 common random "
+    "ancestral draws"
 )
 GENERATION_KEYS = ("rec_bleu", "self_bleu", "distinct_1", "distinct_2", "generation")
 RESPONSE_KEYS = ("response_bleu", "distinct_1", "distinct_2", "generation")
@@ -117,6 +148,34 @@ def aggregate_mi(
     return float(first.mean() - torch.cat(log_q_agg).mean())
 
 
+def distribution_mi(posteriors: list, zs: list[torch.Tensor], chunk: int = 256) -> float:
+    """I_q(x; z) for any posterior family: E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], with
+    q(z) = (1/N) sum_n q(z|x_n) over the whole evaluated set, from each distribution's own
+    ``log_prob`` (e.g. the joint density of DELLA's layer-wise posterior).
+
+    Args:
+        posteriors: the posteriors of the evaluated batches, each of batch shape (B_i,), whose
+            ``log_prob`` broadcasts a value of shape (M, 1, *event) to (M, B_i) (true of
+            ``torch.distributions`` Gaussians and of
+            :class:`textvae.posteriors.LayerwiseGaussian`).
+        zs: one sample per sentence of each batch, (B_i, *event), on the posteriors' device.
+        chunk: samples per step; memory is O(chunk * N * prod(event)), not O(N^2 * prod(event)).
+
+    Returns:
+        nats. For diagonal Gaussians it equals :func:`aggregate_mi` (tested); q(z_i) includes
+        the sentence's own posterior.
+    """
+    z_all = torch.cat(zs)  # (N, *event)
+    n = z_all.size(0)
+    own = torch.cat([q.log_prob(z) for q, z in zip(posteriors, zs, strict=True)]).double()
+    log_q_agg = []
+    for i in range(0, n, chunk):
+        block = z_all[i : i + chunk].unsqueeze(1)  # (c, 1, *event)
+        dens = torch.cat([q.log_prob(block) for q in posteriors], dim=1).double()  # (c, N)
+        log_q_agg.append(torch.logsumexp(dens, dim=1) - math.log(n))
+    return float(own.mean() - torch.cat(log_q_agg).mean())
+
+
 def batch_mi(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
     """The minibatch MI estimator of He et al. 2019 (``calc_mi``): aggregate posterior over
     the batch only, closed-form entropy term. Shapes (B, D); returns nats."""
@@ -127,11 +186,13 @@ def active_units(mu: torch.Tensor, delta: float = 0.01) -> tuple[int, torch.Tens
     """Active units (Burda et al. 2016): count of dims with Var_x(E_q[z|x]) > delta.
 
     Args:
-        mu: (N, D) posterior means over the evaluated set.
+        mu: (N, D) posterior means over the evaluated set ((N, *event) is flattened to
+            (N, prod(event))).
 
     Returns:
         (count, per-dimension variance (D,) float64).
     """
+    mu = mu.flatten(1)
     var = mu.double().var(dim=0, unbiased=True) if mu.size(0) > 1 else torch.zeros(mu.size(1))
     return int((var > delta).sum()), var
 
@@ -206,7 +267,8 @@ def evaluate(
     device = next(model.parameters()).device
     nll, rec, kl = [], [], []
     mus, logvars, zs, means = [], [], [], []
-    closed_form, flow = True, False
+    closed_form, flow, layerwise, bound_valid = True, False, False, True
+    posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
     mi_b, kl_dims_sum, gaps = [], None, []
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
@@ -229,16 +291,25 @@ def evaluate(
                 kl.append(dims.sum(-1))
                 kl_dims_sum = dims.sum(0) if kl_dims_sum is None else kl_dims_sum + dims.sum(0)
             closed_form = closed_form and dims is not None
-            base = base_gaussian(q)  # q itself, or a flow's base q0
-            flow = base is not q
-            mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
-            z1 = q.sample()  # (B, D): the z-usage gap's codes (and the MI samples without a flow)
-            z_mi = base.sample() if flow else z1
-            mus.append(mu.cpu())
-            logvars.append(logvar.cpu())
-            zs.append(z_mi.cpu())
-            means.append(q.mean.float().cpu() if flow else mu.cpu())
-            mi_b.append((batch_mi(mu, logvar, z_mi), b))
+            layerwise = dims is None and hasattr(q, "conditionals") and hasattr(p, "conditionals")
+            scale = getattr(q, "log_prob_scale", 1.0)
+            bound_valid = bound_valid and getattr(q, "bound_valid", True)
+            z1 = q.sample()  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
+            if layerwise:
+                posteriors.append(q)
+                zs.append(z1)
+                means.append(q.mean.float().cpu())
+                mi_b.append((distribution_mi([q], [z1]), b))
+            else:
+                base = base_gaussian(q)  # q itself, or a flow's base q0
+                flow = base is not q
+                mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
+                z_mi = base.sample() if flow else z1
+                mus.append(mu.cpu())
+                logvars.append(logvar.cpu())
+                zs.append(z_mi.cpu())
+                means.append(q.mean.float().cpu() if flow else mu.cpu())
+                mi_b.append((batch_mi(mu, logvar, z_mi), b))
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
             if gap is not None:
@@ -247,16 +318,25 @@ def evaluate(
             step = max(1, chunk_tokens // (b * t))
             log_w, ll_sum = [], torch.zeros(b, device=device)
             kl_sum = torch.zeros(b, device=device)
+            layer_kl = None  # (B, L, D): per-layer closed-form KL summed over the samples
             for start in range(0, n_samples, step):
-                # (s, B, D) with log q (s, B): exact also for flows without an inverse
+                # (s, B, *event) with log q (s, B): exact also for flows without an inverse;
+                # layer-wise latents drawn ancestrally, all layers once per sample
                 z, log_q = rsample_and_log_prob(q, (min(step, n_samples - start),))
                 with _autocast(device, precision):
                     lw, ll = iw_log_weights(model, batch, q, p, z, log_q)
                 log_w.append(lw.float())
                 ll_sum += ll.float().sum(0)
                 kl_sum += (ll.float() - lw.float()).sum(0)  # log q - log p of each sample
+                if layerwise:
+                    chunk_kl = conditional_kl(q, p, z).float().sum(0)
+                    layer_kl = chunk_kl if layer_kl is None else layer_kl + chunk_kl
             rec.append(-ll_sum / n_samples)
-            if dims is None:
+            if layerwise:
+                layer_kl = layer_kl / n_samples
+                kl.append(layer_kl.flatten(1).sum(-1) * scale)
+                kl_dims_sum = layer_kl.sum(0) if kl_dims_sum is None else kl_dims_sum + layer_kl.sum(0)
+            elif dims is None:
                 kl.append(kl_sum / n_samples)
             if iw_samples:
                 nll.append(-iw_bound(torch.cat(log_w, dim=0)))
@@ -266,7 +346,8 @@ def evaluate(
     rec_t = torch.cat(rec).double()
     out: dict = dict.fromkeys(EVAL_KEYS)
     out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()),
-               tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed)
+               tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed,
+               bound_valid=bound_valid)
     if nll:
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
@@ -277,20 +358,30 @@ def evaluate(
         out["elbo"] = -out["rec"]  # exact log-likelihood: the bound is tight
         out["ppl_elbo_token"] = math.exp(out["rec"] * n / n_tokens)
         return out
-    mu_all, logvar_all, z_all = torch.cat(mus), torch.cat(logvars), torch.cat(zs)
-    if not closed_form and kl_dims_sum is not None:
+    if not (closed_form or layerwise) and kl_dims_sum is not None:
         raise ValueError("the KL had a closed form for some batches only; cannot mix estimates")
     out["kl"] = float(torch.cat(kl).double().mean())
     out["kl_samples"] = None if closed_form else (iw_samples or 1)
     out["elbo"] = -(out["rec"] + out["kl"])
     out["ppl_elbo_token"] = math.exp(-out["elbo"] * n / n_tokens)
     out["iw_samples"] = iw_samples or None
-    out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist() if closed_form else None
-    out["mi"] = aggregate_mi(mu_all, logvar_all, z_all)
+    out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist() if kl_dims_sum is not None else None
+    if layerwise:
+        out["kl_per_layer"] = (kl_dims_sum.double() / n).sum(-1).tolist()
+        out["mi"] = distribution_mi(posteriors, zs)
+        out["mi_estimator"] = LAYERWISE_ESTIMATOR
+    else:
+        out["mi"] = aggregate_mi(torch.cat(mus), torch.cat(logvars), torch.cat(zs))
+        out["mi_estimator"] = MI_ESTIMATOR + (FLOW_ESTIMATOR_NOTE if flow else "")
     out["mi_batch"] = sum(m * b for m, b in mi_b) / n
-    out["au"], _ = active_units(torch.cat(means), au_delta)
+    mean_all = torch.cat(means)  # (N, *event)
+    out["au"], var = active_units(mean_all, au_delta)
     out["au_delta"] = au_delta
-    out["mi_estimator"] = MI_ESTIMATOR + (FLOW_ESTIMATOR_NOTE if flow else "")
+    deltas = sorted({au_delta, AU_DELTA_PAPER})
+    out["au_by_delta"] = {str(d): int((var > d).sum()) for d in deltas}
+    if mean_all.dim() == 3:  # (N, L, D): per layer
+        per_layer = var.view(mean_all.shape[1:])
+        out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
     return out
 

@@ -96,6 +96,31 @@ def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor | None:
     return None
 
 
+def conditional_kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor | None:
+    """Per-layer closed-form KL of two layer-wise distributions at a sample of the layers below.
+
+    For q and p that factorise over layers given the layers below (both with a ``conditionals(z)``
+    method, e.g. :class:`textvae.posteriors.LayerwiseGaussian`), the chain rule of the KL gives
+
+        KL(q || p) = E_{z ~ q} [ sum_l KL(q(z_l | z_<l, x) || p(z_l | z_<l)) ],
+
+    so the closed-form KL of each layer's conditionals at z_<l drawn from q, summed over layers,
+    is an unbiased estimate of KL(q || p) with the innermost expectation taken exactly (Hu et al.
+    2022 train DELLA on these terms). The sum over layers of this estimate and the Monte Carlo
+    estimate log q(z) - log p(z) have the same expectation.
+
+    Args:
+        z: (*S, B, L, D) samples of q.
+
+    Returns:
+        (*S, B, L, D) float32, nats (not scaled by ``log_prob_scale``); None when q or p has no
+        ``conditionals`` (use :func:`kl_per_dim` or Monte Carlo).
+    """
+    if not (hasattr(q, "conditionals") and hasattr(p, "conditionals")):
+        return None
+    return kl_divergence(q.conditionals(z), p.conditionals(z))
+
+
 def rsample_and_log_prob(q: Distribution, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Reparameterised samples of q with their exact log-density: the one way the ELBO, the IW
     bound and the Monte Carlo KL draw from a posterior.
@@ -105,7 +130,7 @@ def rsample_and_log_prob(q: Distribution, sample_shape: tuple[int, ...] = ()) ->
     get an exact log q of their own samples; any other distribution uses ``q.log_prob(z)``.
 
     Returns:
-        (z (*sample_shape, B, D), log q(z) (*sample_shape, B)), nats.
+        (z (*sample_shape, B, *event), log q(z) (*sample_shape, B)), nats.
     """
     if hasattr(q, "rsample_and_log_prob"):
         return q.rsample_and_log_prob(sample_shape)
@@ -117,23 +142,33 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
     """The KL term of the training loss with free bits / KL thresholding.
 
     Args:
-        kl_dims: (B, D) KL per sentence and dimension, nats.
+        kl_dims: (B, *event) KL per sentence and latent dimension, nats: (B, D), or (B, L, D)
+            for layer-wise latents.
         free_bits: lambda in nats; 0 disables it.
-        mode: ``per_dim`` (Kingma et al. 2016, Li et al. 2019): sum_d max(mean_B KL_d, lambda),
-            the clamp applied to each dimension's **batch mean**; ``total``:
-            max(mean_B sum_d KL_d, lambda).
+        mode: ``per_dim`` (Kingma et al. 2016, Li et al. 2019): sum over dimensions of
+            max(mean_B KL_d, lambda), the clamp applied to each dimension's **batch mean**;
+            ``per_layer`` (layer-wise latents only; the per-layer KL floor of DELLA):
+            sum_l max(mean_B sum_d KL_ld, lambda); ``total``: max(mean_B sum KL, lambda).
 
     Returns:
         Scalar, nats per sentence. Below the threshold the term is constant, so no gradient
-        pushes that dimension's KL further down.
+        pushes that dimension's (layer's) KL further down.
+
+    Raises:
+        ValueError: unknown mode, or ``per_layer`` on a KL without a layer dimension.
     """
     if free_bits <= 0:
-        return kl_dims.sum(-1).mean()
+        return kl_dims.flatten(1).sum(-1).mean()
     if mode == "per_dim":
         return torch.clamp(kl_dims.mean(0), min=free_bits).sum()
+    if mode == "per_layer":
+        if kl_dims.dim() != 3:
+            raise ValueError(f"free_bits_mode per_layer needs a KL of shape (B, L, D), got "
+                             f"{tuple(kl_dims.shape)}: use per_dim or total")
+        return torch.clamp(kl_dims.sum(-1).mean(0), min=free_bits).sum()
     if mode == "total":
-        return torch.clamp(kl_dims.sum(-1).mean(), min=free_bits)
-    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim or total)")
+        return torch.clamp(kl_dims.flatten(1).sum(-1).mean(), min=free_bits)
+    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer or total)")
 
 
 def elbo(
@@ -156,30 +191,43 @@ def elbo(
     the target when the weight exceeds beta (Burgess et al. 2018, "Understanding disentangling
     in beta-VAE", eq. 8, is the case beta = 0). Not part of the ELBO.
 
+    Layer-wise latents (a posterior and prior with ``conditionals``, DELLA): z is one ancestral
+    sample of q; the KL is :func:`conditional_kl` at that sample, closed form per layer, summed
+    over layers and dimensions (free bits per dimension, per layer or in total); a distribution
+    whose ``log_prob_scale`` is not 1 (the released DELLA code's layer mean,
+    ``model.kl_reduction: mean``) has its KL scaled by it, which is not an ELBO.
+
     The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
     bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
     returned separately and evaluation never includes it.
 
     Returns:
-        dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) or None
-        and ``bow`` (B,) or None; all nats per sentence.
+        dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) (for
+        layer-wise latents (B, L, D), unscaled) or None and ``bow`` (B,) or None; all nats per
+        sentence.
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
         return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
                 "bow": None}
-    q = model.posterior(batch)
-    p = model.prior(batch)
+    q, p = model.posterior_and_prior(batch)
+    scale = getattr(q, "log_prob_scale", 1.0)
     kl_dims = kl_per_dim(q, p)
     if kl_dims is not None:
         z = q.rsample((1,))  # (1, B, D)
         kl = kl_dims.sum(-1)
         kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode)
     else:
-        z, log_q = rsample_and_log_prob(q, (1,))  # (1, B, D), (1, B)
-        kl = (log_q - p.log_prob(z))[0]
-        floor = free_bits * (z.size(-1) if free_bits_mode == "per_dim" else 1)
-        kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
+        z, log_q = rsample_and_log_prob(q, (1,))  # (1, B, *event), (1, B)
+        kl_dims = conditional_kl(q, p, z)
+        if kl_dims is not None:  # layer-wise: closed form per layer at the sampled z_<l
+            kl_dims = kl_dims[0]  # (B, L, D)
+            kl = kl_dims.flatten(1).sum(-1) * scale
+            kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode) * scale
+        else:
+            kl = (log_q - p.log_prob(z))[0]
+            floor = free_bits * (z[0, 0].numel() if free_bits_mode == "per_dim" else 1)
+            kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
     rec = -model.log_likelihood(batch, z)[0]  # (B,)
     loss = rec.mean() + beta * kl_term
     if kl_target > 0 and kl_target_weight > 0:
@@ -199,7 +247,7 @@ def iw_log_weights(
 
     Args:
         q, p: posterior and prior of the batch (batch shape (B,)).
-        z: (S, B, D) samples from q.
+        z: (S, B, *event) samples from q.
         log_q: (S, B) log q(z|x) of those samples when it came with them
             (:func:`rsample_and_log_prob`; needed for flows without an inverse); else
             ``q.log_prob(z)``.

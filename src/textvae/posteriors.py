@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Distribution, Independent, Normal
 
 LOGVAR_MIN, LOGVAR_MAX = -20.0, 10.0
 # the minimum rate is solved for delta + this margin, so float32 rounding of the KL cannot take a
@@ -138,3 +138,177 @@ def standard_normal(latent_dim: int, batch_shape: tuple[int, ...] = (), device=N
     """p(z) = N(0, I): batch shape ``batch_shape``, event shape (D,), float32."""
     loc = torch.zeros(*batch_shape, latent_dim, device=device)
     return Independent(Normal(loc, torch.ones_like(loc)), 1)
+
+
+# --- layer-wise latents (DELLA, Hu et al. 2022; SPEC 1.4) ----------------------------------------
+
+# E_q[z|x] of a layer-wise posterior is estimated from this many ancestral draws with common random
+# numbers (the same draws for every sentence, so the estimate is a fixed function of x)
+LAYERWISE_MEAN_SAMPLES, LAYERWISE_MEAN_SEED = 256, 0
+
+
+class LatentRecurrence(nn.Module):
+    """The deterministic summary of the latents below a layer (Hu et al. 2022, DELLA; SPEC 1.4):
+    zbar_1 = 0 and zbar_l = tanh(W_hh^l zbar_{l-1} + W_ih^l z_{l-1}) for l = 2..L (zbar_0 = z_0 = 0
+    makes zbar_1 = tanh(0) = 0), bias-free as the paper writes it (the released code's cells have
+    biases, so its zbar_1 = tanh(b) is a learned constant). Prior and posterior share it.
+
+    Args:
+        n_layers: L, the number of latents; the module holds L - 1 cells (layer 1 needs none;
+            for L = 1 no parameter at all).
+        latent_dim: D, the size of each z_l and of each zbar_l.
+    """
+
+    def __init__(self, n_layers: int, latent_dim: int):
+        super().__init__()
+        self.n_layers, self.latent_dim = n_layers, latent_dim
+        cells = n_layers - 1
+        if cells < 1:  # one latent: no cell (empty tensors would alias in a safetensors file)
+            self.register_parameter("weight_hh", None)
+            self.register_parameter("weight_ih", None)
+            return
+        bound = latent_dim**-0.5  # nn.Linear's default range for fan-in D
+        self.weight_hh = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
+        self.weight_ih = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
+
+    def step(self, layer: int, zbar_prev: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
+        """zbar of layer ``layer`` (0-based, >= 1) from zbar and z of the layer below: (..., D)."""
+        w_hh, w_ih = self.weight_hh[layer - 1], self.weight_ih[layer - 1]
+        return torch.tanh(zbar_prev @ w_hh.T + z_prev @ w_ih.T)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """zbar of every layer given all the latents: z (..., L, D) -> zbar (..., L, D) float32
+        (row 0 zeros; row l depends on z_<l only)."""
+        zbar = [torch.zeros_like(z[..., 0, :])]
+        for layer in range(1, self.n_layers):
+            zbar.append(self.step(layer, zbar[-1], z[..., layer - 1, :]))
+        return torch.stack(zbar, dim=-2)
+
+
+class LayerwiseGaussian(Distribution):
+    """A joint distribution over layer-wise latents z = (z_1, ..., z_L), event shape (L, D):
+
+        p(z) = prod_l N(z_l; mu_l, diag sigma_l^2),  [mu_l ; log sigma_l^2] = A_l zbar_l + o_l,
+
+    with zbar_l = :class:`LatentRecurrence` (z_<l), A_l (2D, D) the map of the summary and o_l
+    (2D) an offset that carries everything else the layer conditions on (DELLA's posterior
+    q(z_l | z_<l, x): o_l = W_x x_l + b from the pooled encoder layer l; its prior
+    p(z_l | z_<l): o_l = b, or W_c c_l + b for conditional DELLA; Hu et al. 2022, SPEC 1.4).
+    Because zbar is a function of the sample itself, ``log_prob(z)`` of the prior needs nothing
+    from the posterior: it recomputes zbar from the posterior's sample, so p and q are two
+    distributions over the same (L, D) space and the shared protocol (ELBO, IW bound, Monte
+    Carlo KL) applies unchanged.
+
+    - ``rsample(shape)``: ancestral, layer by layer (z_1, then zbar_2, z_2, ...), reparameterised.
+    - ``log_prob(z)``: sum over layers (and dimensions) of log N(z_l; mu_l(z_<l), sigma_l^2(z_<l))
+      (nats), times ``log_prob_scale``.
+    - ``conditionals(z)``: the L per-layer Gaussians given z_<l, a ``Normal`` of batch shape
+      (..., L, D): the hook :func:`textvae.objectives.conditional_kl` uses for the per-layer KL.
+    - ``mean``: E[z] estimated from 256 ancestral draws with common random numbers, averaging
+      mu_l(z_<l) over the draws (layer 1 exact).
+
+    The offset broadcasts against leading dimensions of a value: ``log_prob`` of z of shape
+    (M, 1, L, D) under batch shape (B,) gives (M, B), every sample under every sentence's
+    distribution (what the aggregate-posterior MI needs).
+
+    ``reduction="mean"`` reproduces the released DELLA code, which averages log-densities and KL
+    terms over layers instead of summing them: ``log_prob`` is then (1/L) sum_l, not a
+    log-density, ``log_prob_scale`` = 1/L and ``bound_valid`` False (objectives scale the KL the
+    same way and evaluation marks its ELBO and NLL as not bounds).
+
+    Args:
+        offset: (*batch, L, 2D) o_l, float32: [mu part ; log sigma^2 part].
+        recurrence: the shared :class:`LatentRecurrence`.
+        weight: (L, 2D, D) A_l.
+        reduction: ``sum`` (a density) or ``mean`` (the released code's layer average).
+
+    Raises:
+        ValueError: shapes that do not fit, or an unknown reduction.
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, offset: torch.Tensor, recurrence: LatentRecurrence, weight: torch.Tensor,
+                 reduction: str = "sum"):
+        n_layers, two_d = offset.shape[-2:]
+        if two_d % 2 or weight.shape != (n_layers, two_d, two_d // 2):
+            raise ValueError(f"offset (..., L, 2D) {tuple(offset.shape)} and weight (L, 2D, D) "
+                             f"{tuple(weight.shape)} do not fit")
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"unknown layer reduction '{reduction}' (sum or mean)")
+        self.offset, self.recurrence, self.weight = offset.float(), recurrence, weight
+        self.reduction = reduction
+        self.n_layers, self.latent_dim = n_layers, two_d // 2
+        super().__init__(offset.shape[:-2], torch.Size((n_layers, self.latent_dim)), validate_args=False)
+
+    @property
+    def log_prob_scale(self) -> float:
+        """1 for the density (``sum``); 1/L for the released code's layer mean."""
+        return 1.0 if self.reduction == "sum" else 1.0 / self.n_layers
+
+    @property
+    def bound_valid(self) -> bool:
+        """Whether ``log_prob`` is a log-density, so that ELBO and IW estimates are bounds."""
+        return self.reduction == "sum"
+
+    def _layer(self, layer: int, zbar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of layer ``layer`` given its summary zbar (..., D): broadcast with the
+        batch shape, float32."""
+        out = self.offset[..., layer, :] + zbar.float() @ self.weight[layer].T.float()
+        mu, logvar = out.chunk(2, dim=-1)
+        return mu, torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+
+    def conditionals(self, z: torch.Tensor) -> Normal:
+        """The Gaussians N(mu_l(z_<l), sigma_l^2(z_<l)) of every layer given the layers below it in
+        z (..., L, D): a ``Normal`` of batch shape broadcast(z.shape, batch + (L, D))."""
+        zbar = self.recurrence(z.float())  # (..., L, D)
+        out = self.offset + torch.einsum("...lk,lmk->...lm", zbar, self.weight.float())
+        mu, logvar = out.chunk(2, dim=-1)
+        return Normal(mu, torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        per_layer = self.conditionals(value).log_prob(value.float()).sum(-1)  # (..., L)
+        return per_layer.sum(-1) * self.log_prob_scale
+
+    def rsample_and_log_prob(self, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ancestral reparameterised samples (*sample_shape, *batch, L, D) with their log_prob
+        (*sample_shape, *batch), from the same per-layer parameters."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        zbar = self.offset.new_zeros(shape + (self.latent_dim,))
+        zs, log_p = [], 0.0
+        for layer in range(self.n_layers):
+            if layer > 0:
+                zbar = self.recurrence.step(layer, zbar, zs[-1])
+            mu, sigma = self._layer(layer, zbar)
+            normal = Normal(mu.expand(shape + (self.latent_dim,)), sigma.expand(shape + (self.latent_dim,)))
+            zs.append(normal.rsample())
+            log_p = log_p + normal.log_prob(zs[-1]).sum(-1)
+        return torch.stack(zs, dim=-2), log_p * self.log_prob_scale
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        return self.rsample_and_log_prob(tuple(sample_shape))[0]
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[z] (*batch, L, D), estimated: the average of mu_l(z_<l) over 256 ancestral draws
+        that use the same random numbers for every sentence (so two runs on the same sentence
+        agree); layer 1 is exact. The released code's AU instead reads mu_l at one fresh sample
+        of z_<l per pass, so sampling noise counts as variation across sentences."""
+        gen = torch.Generator(device=self.offset.device).manual_seed(LAYERWISE_MEAN_SEED)
+        n = LAYERWISE_MEAN_SAMPLES
+        eps = torch.randn((n, *([1] * len(self.batch_shape)), self.n_layers, self.latent_dim),
+                          generator=gen, device=self.offset.device)
+        zbar = self.offset.new_zeros((n, *self.batch_shape, self.latent_dim))
+        means, z = [], None
+        for layer in range(self.n_layers):
+            if layer > 0:
+                zbar = self.recurrence.step(layer, zbar, z)
+            mu, sigma = self._layer(layer, zbar)  # (n, *batch, D)
+            z = mu + sigma * eps[..., layer, :]
+            means.append(mu.expand_as(z).mean(0))
+        return torch.stack(means, dim=-2)

@@ -12,6 +12,7 @@ Units: nats per sentence (EOS counted) unless stated; BLEU 0-100; accuracies in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -342,7 +343,7 @@ def write_report(
     quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
                      batch_size=cfg.eval.batch_size, seed=seed)
     evaluations = read_evaluations(run_dir)
-    latent_dim = model.latent_dim if model.has_latent else None
+    latent_dim = math.prod(model.latent_shape) if model.has_latent else None
     t = cfg.train
     status = latent_status(quick["kl"] if model.has_latent else None, quick["z_gap"], quick["au"],
                            latent_dim or 0, t.collapse_kl, t.collapse_z_gap)
@@ -361,6 +362,12 @@ def write_report(
                  f"from scratch (d_model {m.t5_d_model}, {m.t5_num_layers} + "
                  f"{m.t5_num_decoder_layers} layers, {m.t5_num_heads} heads, d_ff {m.t5_d_ff})")
         arch = f"T5 {sizes}, z by {m.latent_injection}, encoder token deletion {m.encoder_token_drop}"
+    elif model.backbone == "gpt2":
+        sizes = (f"`{m.pretrained}`" if m.pretrained else
+                 f"from scratch (n_embd {m.gpt2_n_embd}, {m.gpt2_n_layer} layers, "
+                 f"{m.gpt2_n_head} heads)")
+        arch = (f"GPT-2 {sizes}, {model.n_latent_layers} latent layers x {m.latent_dim}, fusion "
+                f"`{m.fusion}`, KL over layers: {m.kl_reduction}")
     else:
         arch = f"embedding {m.embed_dim}, hidden {m.hidden_dim}"
     md += ["## Setup", "",
@@ -387,9 +394,12 @@ def write_report(
         torch.manual_seed(seed)
         if model.has_latent:
             q = model.posterior(dataset.collate(list(range(len(dataset)))))
-            mu = q.mean.float()
+            mu = q.mean.float().flatten(1)  # DELLA's (N, L, D) as (N, L * D), layer-major
             _, var = active_units(mu, cfg.eval.au_delta)
-            plot_kl_per_dim(quick["kl_per_dim"], var.tolist(), cfg.eval.au_delta,
+            kl_dims = quick["kl_per_dim"]
+            if kl_dims and isinstance(kl_dims[0], list):
+                kl_dims = [v for row in kl_dims for v in row]
+            plot_kl_per_dim(kl_dims, var.tolist(), cfg.eval.au_delta,
                             tmp / "kl_per_dim.png", name, kl_total=quick["kl"])
             lengths = [len(s.split()) for s in texts]
             plot_projection(mu, tmp / "latent_pca.png", f"{name} ({split} split)", labels,
@@ -475,7 +485,9 @@ def compare_runs(
             rows[path.name] = {}
             missing.append(path.name)
         cfg = OmegaConf.load(path / "config.yaml")
-        dims[path.name] = cfg.model.latent_dim if MODELS[cfg.model.name].has_latent else None
+        cls = MODELS[cfg.model.name]
+        # DELLA's L x D latents: L depends on the backbone, so no denominator is shown
+        dims[path.name] = cfg.model.latent_dim if cls.has_latent and cls.backbone != "gpt2" else None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     plot_curves(logs, output / "compare_curves.png", "training curves")

@@ -27,6 +27,10 @@ A run folder holds:
 
 Training-schedule remedies (the model-side ones live in the model and its config):
 
+- ``kl.cycle_epochs`` > 0 sets the cyclical KL schedule's period in epochs: it is turned into
+  ``kl.cycle_steps`` from the number of batches per epoch when training starts
+  (:func:`resolve_cycle`; a ``kl cycle`` event records the value), DELLA's 2-epoch cycles.
+
 - Phases (Li et al. 2019, "A Surprisingly Effective Fix for Deep Latent Variable Modeling of
   Text"): with ``train.ae_pretrain_steps`` = N > 0 the run starts in phase ``ae`` (an
   autoencoder through the z bottleneck: KL weight 0, z still sampled, as their beta = 0 run)
@@ -55,6 +59,7 @@ overwritten (``resume=True`` continues it).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -227,6 +232,15 @@ def phase_beta(state: TrainerState, kl: KLConfig) -> float:
     if state.phase == "ae":
         return 0.0
     return kl_weight(state.step - state.phase_start, kl)
+
+
+def resolve_cycle(kl: KLConfig, steps_per_epoch: int) -> KLConfig:
+    """The KL config with the cyclical period in steps: ``cycle_steps`` = round(``cycle_epochs``
+    * ``steps_per_epoch``) (at least 1) when ``cycle_epochs`` > 0 (DELLA's period of 2 epochs),
+    else ``kl`` unchanged."""
+    if kl.cycle_epochs <= 0:
+        return kl
+    return dataclasses.replace(kl, cycle_steps=max(1, round(kl.cycle_epochs * steps_per_epoch)))
 
 
 def update_aggressive(state: TrainerState, mi: float) -> bool:
@@ -506,7 +520,7 @@ def train(
         if raw.has_latent:
             log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
                      "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
-                     raw.latent_dim, m["z_gap"] if m["z_gap"] is not None else math.nan)
+                     math.prod(raw.latent_shape), m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
             if update_ae_early_stop(state, m["rec"], t.ae_patience):
                 log.info("step %d: validation rec has not improved for %d validations: the "
@@ -602,6 +616,10 @@ def train(
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
+    if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
+        config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
+        write_log({"type": "event", "event": "kl cycle", "step": state.step,
+                   "cycle_epochs": config.kl.cycle_epochs, "cycle_steps": config.kl.cycle_steps})
     if state.phase == "ae" and total <= t.ae_pretrain_steps and not t.ae_patience:
         log.warning("the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
                     "phase in this run unless it is resumed with a larger budget", total,

@@ -2,19 +2,24 @@
 
 The model interface (checked by one contract test over ``MODELS``):
 
-- ``has_latent`` (bool), ``latent_dim`` (D; 0 without latent).
-- ``posterior(batch) -> Distribution`` q(z|x): batch shape (B,), event shape (D,).
+- ``has_latent`` (bool), ``latent_dim`` (D; 0 without latent), ``latent_shape`` (the event shape
+  of q and p: (D,), or (L, D) for DELLA's layer-wise latents).
+- ``posterior(batch) -> Distribution`` q(z|x): batch shape (B,), event shape ``latent_shape``.
 - ``prior(batch=None) -> Distribution`` p(z): batch shape (B,) for a batch, () without.
 - ``log_likelihood(batch, z) -> Tensor (S, B)``: log p(x|z) in nats per sentence (EOS
-  counted, padding not), float32, for z of shape (S, B, D) (``None`` without latent: S = 1).
-- ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z (N, D)
-  or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
+  counted, padding not), float32, for z of shape (S, B, *latent_shape) (``None`` without
+  latent: S = 1).
+- ``decode_step(z, input_ids, state) -> (logits (N, V), state)``: one generation step; z
+  (N, *latent_shape) or None, input_ids (N,) the previous token, state None at the first step, else a tuple of
   batch-first tensors (so beam search can reorder rows).
 
 Conditional models (``conditional = True``, e.g. ``cvrae``): the batch also carries the
 context (``context_ids`` / ``context_mask``); ``posterior``, ``prior`` and ``log_likelihood``
 condition on it, ``prior()`` without a batch raises ValueError, and generation starts from
 ``initial_state(z, batch)`` (the context is part of the state) instead of state None.
+
+``posterior_and_prior(batch)`` returns both at once (the objective's entry point; by default the
+two calls).
 
 For the remedies that treat the two halves of a VAE differently (aggressive training, the
 decoder reset after autoencoder pretraining) a model names its inference network:
@@ -65,6 +70,11 @@ class TextVAE(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.unk_id = tokenizer.unk_token_id
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The event shape of q(z|x) and p(z): (D,) (DELLA overrides it with (L, D))."""
+        return (self.latent_dim,)
+
     def forward(
         self, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
         free_bits_mode: str = "per_dim", kl_target: float = 0.0, kl_target_weight: float = 0.0,
@@ -73,6 +83,12 @@ class TextVAE(nn.Module):
         penalty), see objectives.elbo."""
         return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode,
                     kl_target=kl_target, kl_target_weight=kl_target_weight)
+
+    def posterior_and_prior(self, batch: dict[str, torch.Tensor]) -> tuple[Distribution, Distribution]:
+        """(q(z|x), p(z)) of a batch, p with batch shape (B,): what the training objective calls.
+        A model whose two share computation overrides it (``della_cvae`` encodes the context
+        once for both)."""
+        return self.posterior(batch), self.prior(batch)
 
     def inference_parameters(self) -> list[nn.Parameter]:
         """Parameters of the inference network q(z|x) (``inference_modules``).

@@ -36,51 +36,12 @@ from torch import nn
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
+from textvae.data import train_subword_tokenizer as train_t5_tokenizer  # the shared trainer
 from textvae.decoders import BagOfWordsHead, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
-
-T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5's own vocabulary
-
-
-def train_t5_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"):
-    """A T5-style subword tokenizer trained on ``texts`` with HF ``tokenizers``.
-
-    ``bpe`` (Sennrich et al. 2016) or ``unigram`` (Kudo 2018, the SentencePiece model T5 uses;
-    HF's trainer may stop well short of ``vocab_size``), on a Metaspace pre-tokenizer (``▁`` marks a word start), so decoding gives the words back.
-    Special tokens ``<pad>`` 0, ``</s>`` 1 (EOS), ``<unk>`` 2, as in T5; no BOS (the decoder
-    starts from pad). A literal ``<unk>`` in the text (PTB's unknown word) is read as the
-    special token.
-
-    Args:
-        vocab_size: types including the three special tokens (the trainer may stop earlier on
-            a small corpus).
-
-    Returns:
-        ``transformers.PreTrainedTokenizerFast``; save it with ``save_pretrained``.
-
-    Raises:
-        ValueError: unknown ``kind``.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if kind == "unigram":
-        tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=T5_SPECIAL_TOKENS,
-                                          unk_token="<unk>")
-    elif kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=T5_SPECIAL_TOKENS)
-    else:
-        raise ValueError(f"unknown tokenizer kind '{kind}' (unigram or bpe)")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def build_t5(cfg: ModelConfig, tokenizer):
@@ -131,7 +92,7 @@ class T5VAE(TextVAE):
     @classmethod
     def make_tokenizer(cls, config, texts: list[str]):
         """``model.pretrained``'s own tokenizer (``AutoTokenizer.from_pretrained``), else a
-        :func:`train_t5_tokenizer` of ``model.t5_tokenizer`` / ``model.t5_vocab_size`` trained
+        :func:`textvae.data.train_subword_tokenizer` of ``model.t5_tokenizer`` / ``model.t5_vocab_size`` trained
         on ``texts``.
 
         Raises:
