@@ -61,6 +61,28 @@ def test_bn_vae_expected_kl_lower_bound_holds_on_random_inputs(gamma):
 
 
 @torch.no_grad()
+def test_bn_vae_floor_vanishes_when_the_encoder_shrinks_below_eps():
+    """The trap measured on PTB (posteriors.GaussianHead docstring): batch-normalised means keep
+    the KL floor D gamma^2 / 2 only while the pre-normalisation variance v_d dwarfs eps; an
+    encoder whose means vary by ~1e-8 across sentences (what the PTB matrix's BN run learnt)
+    gets almost no floor, and its normalised means almost no spread (no active unit)."""
+    torch.manual_seed(0)
+    d, gamma = 8, 0.6
+    head = GaussianHead(10, d, bn_gamma=gamma).train()
+    p = standard_normal(d, (256,))
+    h = torch.randn(256, 10)
+    healthy = float(kl_per_dim(head(h), p).sum(-1).mean() - 0.5 * (head(h).base_dist.scale**2 - 1
+                    - torch.log(head(h).base_dist.scale**2)).sum(-1).mean())
+    assert healthy == pytest.approx(d * gamma**2 / 2, rel=1e-3)  # the floor, at v_d >> eps
+    head.mu.weight.mul_(1e-4 / head.mu.weight.abs().max())  # v_d ~ 1e-8 << eps = 1e-5
+    head.mu.bias.zero_()
+    assert float(head.mu(h).var(0).max()) < 1e-7
+    floor = float(_bn_bound(head, h).sum())
+    assert floor < 0.01 * d * gamma**2 / 2
+    assert float(head(h).mean.var(0).max()) < 0.01  # below the AU threshold in every dimension
+
+
+@torch.no_grad()
 def test_bn_vae_bound_holds_for_the_model_on_random_sentences(tiny_model, tokenizer):
     gamma = 0.6
     model = tiny_model("lstm_vae", posterior_bn_gamma=gamma).train()

@@ -77,7 +77,12 @@ class GaussianHead(nn.Module):
 
     the paper's E[KL] >= 1/2 sum_d (gamma^2 + beta_d^2) >= D gamma^2 / 2 once v_d >> eps (the
     paper writes it without eps; v_d near eps, i.e. near-identical pre-normalisation means
-    across the batch, weakens it). At evaluation the map is a fixed affine function of mu (a
+    across the batch, weakens it). **Trap, measured on PTB**: the encoder can escape the bound
+    this way. In the remedy matrix (bench/RESULTS.md, gamma 0.6, 2,000 steps) the trained
+    encoder's pre-normalisation means varied by v_d ~ 1e-8 across sentences, three orders below
+    eps = 1e-5 (the ``nn.BatchNorm1d`` default, which Zhu et al.'s code also uses), so
+    gamma^2 v_d/(v_d+eps) ~ 4e-4 instead of 0.36 and the evaluated AU was 0
+    (``test_bn_vae_floor_vanishes_when_the_encoder_shrinks_below_eps``). At evaluation the map is a fixed affine function of mu (a
     sentence's posterior never depends on its batch), and the bound holds only as far as the
     running statistics match the evaluated data. A training batch of one sentence has no batch
     variance: it is normalised with the running statistics.
