@@ -118,14 +118,27 @@ def _fmt(value, fmt: str = "{:.2f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def effective_settings(record: dict) -> list[str]:
+    """The entry's own settings with the values the run actually used: a common ``--set`` of
+    the same key comes later in ``overrides`` and wins (e.g. the aggressive entry's
+    ``train.aggressive_max_inner=100`` run under ``--set train.aggressive_max_inner=10`` is
+    shown as 10)."""
+    final = {}
+    for item in record.get("overrides", record["settings"]):
+        key, _, value = item.partition("=")
+        final[key] = value
+    return [f"{key}={final.get(key, value)}" for key, _, value in
+            (item.partition("=") for item in record["settings"])]
+
+
 def table_row(record: dict) -> str:
-    """One markdown row of a ``matrix.json`` record."""
+    """One markdown row of a ``matrix.json`` record (settings as the run used them)."""
     name = record["entry"]
     if record.get("unavailable"):
         cells = [name, record["unavailable"]] + ["–"] * (len(COLUMNS) - 2)
         return "| " + " | ".join(cells) + " |"
     r = record["eval"]
-    settings = ", ".join(f"`{o}`" for o in record["settings"]) or "base preset"
+    settings = ", ".join(f"`{o}`" for o in effective_settings(record)) or "base preset"
     nll = "–" if r["nll"] is None else f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}"
     au = "–" if r["au"] is None else f"{r['au']} ({r['au_delta']})"
     cells = [name, settings, _fmt(r["rec"]), _fmt(r["kl"]), nll, _fmt(r["ppl_word"], "{:.1f}"),

@@ -88,3 +88,15 @@ def test_matrix_scales_ae_pretraining_to_the_step_budget():
         ["--corpus", "ptb", "--max-epochs", "2", "--set", "train.seed=3"]))
     assert full == ["data.corpus=ptb", "model.posterior_bn_gamma=0.6", "train.max_epochs=2",
                     "train.seed=3"]
+
+
+def test_settings_column_shows_the_values_the_run_used():
+    """A common --set of an entry's own key wins at training time, so the table must show it."""
+    record = {"entry": "aggressive",
+              "settings": ["train.aggressive=true", "train.aggressive_max_inner=100"],
+              "overrides": ["train.aggressive=true", "train.aggressive_max_inner=100",
+                            "train.max_steps=20", "train.aggressive_max_inner=10"]}
+    assert matrix.effective_settings(record) == ["train.aggressive=true",
+                                                 "train.aggressive_max_inner=10"]
+    assert matrix.effective_settings({"settings": ["kl.free_bits=0.1"]}) == ["kl.free_bits=0.1"]
+
