@@ -127,14 +127,16 @@ def test_memory_slots_keep_batch_rows_apart(t5_model, t5_tokenizer):
     perm = torch.tensor([3, 0, 4, 1, 2])
     for (k, v), (kp, vp) in zip(model.memory_slots(z), model.memory_slots(z[perm]), strict=True):
         assert k.shape == (5, model.n_heads, 1, model.d_kv)
-        assert torch.equal(kp, k[perm]) and torch.equal(vp, v[perm])
+        # allclose, not equal: a multi-threaded matmul may round a permuted batch differently
+        # in the last bit; mixing rows gives differences of order 1
+        assert torch.allclose(kp, k[perm], atol=1e-6) and torch.allclose(vp, v[perm], atol=1e-6)
     batch = _batch(t5_tokenizer, make_sentences(5, seed=9))
     ll = model.log_likelihood(batch, z.unsqueeze(0))[0]
     permuted = {key: value[perm] for key, value in batch.items()}
     assert torch.allclose(model.log_likelihood(permuted, z[perm].unsqueeze(0))[0], ll[perm], atol=1e-5)
     z2 = z.clone()
     z2[2] += 3.0
-    changed = model.log_likelihood(batch, z2.unsqueeze(0))[0] != ll
+    changed = (model.log_likelihood(batch, z2.unsqueeze(0))[0] - ll).abs() > 1e-4
     assert changed.tolist() == [False, False, True, False, False]
 
 
