@@ -117,6 +117,21 @@ def delete_tokens(
     return ids[:, :width], mask[:, :width]
 
 
+def encode_context(encoder: nn.Module, batch: dict[str, torch.Tensor], model_name: str) -> torch.Tensor:
+    """h_c (B, H_c): ``encoder`` (an :class:`LSTMEncoder`) over a conditional model's context
+    tokens ``context_ids`` / ``context_mask`` (B, T_c).
+
+    Raises:
+        ValueError: the batch has no context (the model, named ``model_name``, was given a
+            corpus without dialogue contexts).
+    """
+    if "context_ids" not in batch or "context_mask" not in batch:
+        raise ValueError(f"{model_name} needs context_ids/context_mask in the batch: train and "
+                         "evaluate it on a dialogue corpus (data.corpus=dailydialog or "
+                         "data.format=dialogue)")
+    return encoder(batch["context_ids"], batch["context_mask"])
+
+
 class LSTMEncoder(nn.Module):
     """Embedding -> (bi)LSTM -> masked pooling.
 

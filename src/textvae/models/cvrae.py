@@ -25,7 +25,7 @@ from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
-from textvae.encoders import LSTMEncoder
+from textvae.encoders import LSTMEncoder, encode_context
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
@@ -90,11 +90,7 @@ class CVRAE(TextVAE):
         Raises:
             ValueError: the batch has no ``context_ids`` / ``context_mask``.
         """
-        if "context_ids" not in batch or "context_mask" not in batch:
-            raise ValueError("cvrae needs context_ids/context_mask in the batch: train and "
-                             "evaluate it on a dialogue corpus (data.corpus=dailydialog or "
-                             "data.format=dialogue)")
-        return self.context_encoder(batch["context_ids"], batch["context_mask"])
+        return encode_context(self.context_encoder, batch, "cvrae")
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x, c): batch (B,), event (D,), float32 (a flow distribution with a flow)."""

@@ -16,7 +16,7 @@ import torch
 
 from textvae.config import ModelConfig
 from textvae.decoders import LSTMDecoder, shift_right
-from textvae.encoders import LSTMEncoder
+from textvae.encoders import LSTMEncoder, encode_context
 from textvae.models.base import TextVAE
 from textvae.objectives import sequence_log_prob
 
@@ -54,11 +54,7 @@ class Seq2Seq(TextVAE):
         Raises:
             ValueError: the batch has no ``context_ids`` / ``context_mask``.
         """
-        if "context_ids" not in batch or "context_mask" not in batch:
-            raise ValueError("seq2seq needs context_ids/context_mask in the batch: train and "
-                             "evaluate it on a dialogue corpus (data.corpus=dailydialog or "
-                             "data.format=dialogue)")
-        return self.context_encoder(batch["context_ids"], batch["context_mask"])
+        return encode_context(self.context_encoder, batch, "seq2seq")
 
     def posterior(self, batch):
         raise ValueError("seq2seq has no latent variable")
