@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,14 @@ def tiny_overrides(corpus, **extra) -> list[str]:
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def dialogue_overrides(*extra: str) -> list[str]:
+    """tiny_overrides' sizes and training settings on DailyDialog by name (the tiny_dialogues
+    fixture under $TEXTVAE_DATA_DIR): trains on 'test', validates and tests on 'validation'."""
+    return [o for o in tiny_overrides(Path(".")) if not o.startswith("data.")] + [
+        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
+        "data.test_split=validation", *extra]
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import textvae
-from tests.conftest import make_dialogues, make_sentences, tiny_overrides
+from tests.conftest import dialogue_overrides, make_dialogues, make_sentences, tiny_overrides
 from textvae import cli
 from textvae.config import ConfigError, DataConfig, load_config
 from textvae.data import (
@@ -111,12 +111,11 @@ def test_respond_cli_on_a_tiny_dialogue_corpus(tiny_dialogues, tmp_path, monkeyp
     """Train a tiny cvrae on the 'test' split, evaluate on 'validation' with response metrics,
     and answer a context file with N responses per context."""
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
-        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
-        "data.test_split=validation", "model.name=cvrae", "model.posterior_flow=iaf",
+    overrides = dialogue_overrides(
+        "model.name=cvrae", "model.posterior_flow=iaf",
         "model.posterior_flow_steps=2", "model.prior_flow=iaf", "model.prior_flow_steps=1",
         "model.flow_hidden=8", "model.z_skip=true", "model.embed_noise=0.5",
-        "train.max_steps=6", "train.eval_every=3"]
+        "train.max_steps=6", "train.eval_every=3")
     run = tmp_path / "run"
     preset = tmp_path / "cvrae.yaml"
     preset.write_text("model:\n  name: cvrae\n")
@@ -150,9 +149,8 @@ def test_report_of_a_conditional_run(tiny_dialogues, tmp_path, monkeypatch):
     from textvae.report import write_report
 
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
-        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
-        "data.test_split=validation", "model.name=cvrae", "train.max_steps=4"]
+    overrides = dialogue_overrides(
+        "model.name=cvrae", "train.max_steps=4")
     run = train(load_config(None, overrides), tmp_path / "run")
     folder = write_report(run, max_sentences=20, n_examples=2)
     md = (folder / "report.md").read_text()
@@ -186,9 +184,8 @@ def test_seq2seq_baseline_is_exact_and_conditional(tiny_model, tiny_batch, token
 def test_seq2seq_trains_evaluates_and_responds_from_the_cli(tiny_dialogues, tmp_path, monkeypatch,
                                                             capsys):
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
-        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
-        "data.test_split=validation", "train.max_steps=4", "train.eval_every=2"]
+    overrides = dialogue_overrides(
+        "train.max_steps=4", "train.eval_every=2")
     preset = tmp_path / "seq2seq.yaml"
     preset.write_text("model:\n  name: seq2seq\n")
     run = tmp_path / "run"
