@@ -20,7 +20,13 @@ from textvae.metrics import (
     self_bleu,
     z_usage_gap,
 )
-from textvae.report import compare_runs, evaluation_table, read_log, write_report
+from textvae.report import (
+    compare_runs,
+    evaluation_table,
+    paired_differences,
+    read_log,
+    write_report,
+)
 from textvae.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -239,6 +245,40 @@ def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
     assert len(read_log(runs[0])["valid"]) == 2
     with pytest.raises(ValueError, match="share a folder name"):
         compare_runs([runs[0], runs[0]], tmp_path / "x")
+
+
+def test_paired_differences_use_the_per_sentence_differences():
+    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4}
+    # the same offset on every sentence: mean difference 1.5, paired standard error 0
+    # (the unpaired standard errors would be about 6.5 each)
+    shifted = dict(ref, nll_per_sentence=[11.5, 21.5, 31.5, 41.5])
+    mixed = dict(ref, nll_per_sentence=[9.0, 21.0, 29.0, 41.0])  # d = -1, 1, -1, 1
+    other = dict(ref, data="elsewhere")
+    lines = paired_differences({"ref": ref, "shifted": shifted, "mixed": mixed, "other": other,
+                                "old": {"nll": 3.0}})
+    assert "- shifted - ref: +1.50 ± 0.00 (0 of 4 sentences lower)" in lines
+    # std of (-1, 1, -1, 1) with N - 1 = 3: sqrt(4 / 3); / sqrt(4) = 0.577
+    assert "- mixed - ref: +0.00 ± 0.58 (2 of 4 sentences lower)" in lines
+    assert any(line.startswith("- other: not paired") for line in lines)
+    assert not any("old" in line for line in lines)
+    assert paired_differences({"ref": ref, "old": {"nll": 3.0}}) == []
+
+
+def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_path, capsys):
+    runs = [train(tiny_config(**{"train.max_steps": 4, "model.pooling": p}), tmp_path / f"r-{p}")
+            for p in ("last", "mean")]
+    for run in runs:
+        assert cli.main(["evaluate", str(run), "--iw-samples", "3", "--max-sentences", "12"]) == 0
+    capsys.readouterr()
+    r = [json.loads((run / "eval-test.json").read_text()) for run in runs]
+    for result in r:  # the per-sentence values are the ones behind nll
+        assert len(result["nll_per_sentence"]) == 12
+        assert sum(result["nll_per_sentence"]) / 12 == pytest.approx(result["nll"], rel=1e-9)
+    assert cli.main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    d = [a - b for a, b in zip(r[1]["nll_per_sentence"], r[0]["nll_per_sentence"])]
+    assert f"- r-mean - r-last: {sum(d) / 12:+.2f} ±" in out
+    assert "nll_per_sentence" not in out  # the table shows the summary fields only
 
 
 def test_evaluation_table_formats_units_and_missing_values():

@@ -120,6 +120,8 @@ def _cmd_evaluate(args) -> int:
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
             continue
+        if key == "nll_per_sentence":
+            continue  # N numbers: in the JSON only
         if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
                 rows = value if value and isinstance(value[0], list) else [value]  # (L, D) or (D,)

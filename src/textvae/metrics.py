@@ -11,6 +11,9 @@ and as one word per sentence; padding never counts.
 - ``elbo``: -(rec + kl).
 - ``nll``: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), with its
   standard error over sentences; exact -log p(x) for a model without latent.
+- ``nll_per_sentence``: the N per-sentence values behind ``nll``, in the dataset's order (a
+  list of floats), so two models evaluated on the same sentences can be compared pairwise
+  (``textvae compare`` reports the paired difference and its standard error).
 - ``ppl_token`` = exp(sum nll / predicted tokens incl. EOS); ``ppl_word`` = exp(sum nll /
   (whitespace words + one EOS per sentence)).
 - ``ppl_elbo_token`` = exp(-sum elbo / predicted tokens incl. EOS): the perplexity of the ELBO,
@@ -81,7 +84,7 @@ EVAL_KEYS = (
     "ppl_elbo_token", "mi",
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
-    "au_per_layer", "bound_valid",
+    "au_per_layer", "bound_valid", "nll_per_sentence",
 )
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
@@ -352,6 +355,7 @@ def evaluate(
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
         out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+        out["nll_per_sentence"] = nll_t.tolist()
         out["ppl_token"] = math.exp(float(nll_t.sum()) / n_tokens)
         out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
     if not model.has_latent:

@@ -447,6 +447,42 @@ def _examples(model, texts: list[str], n_examples: int) -> list[str]:
     return md
 
 
+def paired_differences(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines: each run's IW-NLL minus the first run's, paired over sentences.
+
+    Two evaluations of the same sentences share most of their variance (long sentences cost
+    every model more), so the standard error of the difference of means is that of the
+    per-sentence differences d_i = nll_i(run) - nll_i(first), std(d) / sqrt(N), usually far
+    smaller than either run's own ``nll_stderr``. Runs are paired only when both JSONs have
+    ``nll_per_sentence`` (evaluations before it existed do not) and the same ``data`` file,
+    ``split`` and number of sentences; others are listed as not paired.
+
+    Args:
+        rows: run name -> evaluation dict (``textvae evaluate``'s JSON), the first the reference.
+
+    Returns:
+        Lines for compare.md (empty when fewer than two runs have per-sentence NLLs).
+    """
+    names = [n for n, r in rows.items() if r.get("nll_per_sentence")]
+    if len(names) < 2:
+        return []
+    ref_name, ref = names[0], rows[names[0]]
+    lines = [f"Paired IW-NLL differences against {ref_name} (nats per sentence, mean over the "
+             "same sentences ± standard error of the per-sentence differences):", ""]
+    base = torch.tensor(ref["nll_per_sentence"], dtype=torch.float64)
+    for name in names[1:]:
+        r = rows[name]
+        same = all(r.get(k) == ref.get(k) for k in ("data", "split", "n_sentences"))
+        if not same or len(r["nll_per_sentence"]) != len(base):
+            lines.append(f"- {name}: not paired (different sentences: data, split or count differ)")
+            continue
+        d = torch.tensor(r["nll_per_sentence"], dtype=torch.float64) - base
+        se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+        lines.append(f"- {name} - {ref_name}: {float(d.mean()):+.2f} ± {se:.2f} "
+                     f"({int((d < 0).sum())} of {len(d)} sentences lower)")
+    return lines + [""]
+
+
 def compare_runs(
     run_dirs: list[str | Path], output: str | Path, eval_name: str = "eval-test"
 ) -> tuple[str, Path]:
@@ -502,8 +538,10 @@ def compare_runs(
     ks = {r["iw_samples"] for r in rows.values() if r.get("iw_samples")}
     if len(ks) > 1:
         notes.append(f"Runs use different IW sample counts {sorted(ks)}: NLLs are not equally tight.")
+    paired = paired_differences(rows)
     text = "\n".join(["# Run comparison", "", evaluation_table(rows, dims), "",
-                      *[f"- {n}" for n in notes], "", "![training curves](compare_curves.png)", ""])
+                      *[f"- {n}" for n in notes], "", *paired,
+                      "![training curves](compare_curves.png)", ""])
     tmp = output / "compare.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, output / "compare.md")

@@ -1,0 +1,71 @@
+"""Markdown table of `textvae evaluate` JSON files, for README sections.
+
+Usage: python bench/eval_table.py [--layers] NAME=PATH/eval.json ...
+
+Columns: rec, KL, IW-NLL ± stderr (nats per sentence; "exact" when the model has no latent),
+PPL per word and per model token, the single-sample ELBO perplexity per token (Park & Lee's
+code's figure, not a bound on the PPL), MI, AU at delta 0.01 and 0.2, the z-usage gap, whether
+the numbers are bounds (``bound_valid``) and the evaluation's wall time. ``--layers`` adds KL and
+AU (delta 0.01) per latent layer for layer-wise models (DELLA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _fmt(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def row(name: str, r: dict, layers: bool) -> str:
+    exact = r.get("iw_samples") is None
+    au = r.get("au_by_delta") or {}
+    n_dims = len(r.get("kl_per_dim") or []) or None
+    if isinstance(r.get("kl_per_dim"), list) and r["kl_per_dim"] and isinstance(r["kl_per_dim"][0], list):
+        n_dims = sum(len(x) for x in r["kl_per_dim"])
+
+    def au_at(delta: str) -> str:
+        if r.get("au") is None:
+            return "–"
+        count = au.get(delta, r["au"] if delta == str(r.get("au_delta")) else None)
+        return "?" if count is None else f"{count}/{n_dims}" if n_dims else str(count)
+
+    cells = [
+        name, _fmt(r.get("rec"), "{:.2f}"), _fmt(r.get("kl"), "{:.2f}"),
+        f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}", "exact" if exact else str(r["iw_samples"]),
+        _fmt(r.get("ppl_word"), "{:.1f}"), _fmt(r.get("ppl_token"), "{:.1f}"),
+        _fmt(r.get("ppl_elbo_token"), "{:.1f}"), _fmt(r.get("mi"), "{:.2f}"),
+        au_at("0.01"), au_at("0.2"), _fmt(r.get("z_gap"), "{:.2f}"),
+        "yes" if r.get("bound_valid", True) else "**no**", f"{r['seconds'] / 60:.1f}",
+    ]
+    if layers:
+        kl_layers = r.get("kl_per_layer")
+        au_layers = (r.get("au_per_layer") or {}).get("0.01")
+        cells += [" / ".join(f"{x:.2f}" for x in kl_layers) if kl_layers else "–",
+                  " / ".join(str(x) for x in au_layers) if au_layers else "–"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("entries", nargs="+", help="NAME=PATH to an evaluation JSON")
+    parser.add_argument("--layers", action="store_true", help="add KL and AU per latent layer")
+    args = parser.parse_args(argv)
+    head = ["run", "rec", "KL", "IW-NLL ± se", "K", "PPL/word", "PPL/token", "ELBO-PPL/token",
+            "MI", "AU (0.01)", "AU (0.2)", "z-usage gap", "bound", "eval min"]
+    if args.layers:
+        head += ["KL per layer", "AU per layer (0.01)"]
+    print("| " + " | ".join(head) + " |")
+    print("|---|" + "---:|" * (len(head) - 1))
+    for entry in args.entries:
+        name, sep, path = entry.partition("=")
+        if not sep:
+            parser.error(f"entry {entry!r} is not NAME=PATH")
+        print(row(name, json.loads(Path(path).read_text()), args.layers))
+
+
+if __name__ == "__main__":
+    main()
