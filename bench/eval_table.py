@@ -6,7 +6,9 @@ Columns: rec, KL, IW-NLL ± stderr (nats per sentence; "exact" when the model ha
 PPL per word and per model token, the single-sample ELBO perplexity per token (Park & Lee's
 code's figure, not a bound on the PPL), MI, AU at delta 0.01 and 0.2, the z-usage gap, whether
 the numbers are bounds (``bound_valid``) and the evaluation's wall time. ``--layers`` adds KL and
-AU (delta 0.01) per latent layer for layer-wise models (DELLA).
+AU (delta 0.01) per latent layer for layer-wise models (DELLA). After the table: each entry's
+IW-NLL minus the first entry's, paired over sentences (textvae.report.paired_differences), for
+the entries whose JSON has ``nll_per_sentence``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from textvae.report import paired_differences
 
 
 def _fmt(value, fmt: str) -> str:
@@ -60,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         head += ["KL per layer", "AU per layer (0.01)"]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
+    rows: dict[str, dict] = {}
     for entry in args.entries:
         name, sep, path = entry.partition("=")
         if not sep:
             parser.error(f"entry {entry!r} is not NAME=PATH")
-        print(row(name, json.loads(Path(path).read_text()), args.layers))
+        rows[name] = json.loads(Path(path).read_text())
+        print(row(name, rows[name], args.layers))
+    print()
+    print("\n".join(paired_differences(rows)))
 
 
 if __name__ == "__main__":
