@@ -43,6 +43,20 @@ def test_mi_is_log_two_for_two_separated_clusters():
     assert aggregate_mi(mu, logvar, z, chunk=300) == pytest.approx(math.log(2), abs=0.01)
 
 
+def test_mi_saturates_at_log_n_whatever_the_true_information():
+    """Non-overlapping posteriors carry unbounded information about x (a continuous code), but
+    the aggregate estimator over N sentences cannot exceed log N: mi = log N means saturated."""
+    torch.manual_seed(0)
+    for n in (50, 500):
+        mu = torch.randn(n, 8) * 100.0  # far apart
+        logvar = torch.full((n, 8), math.log(1e-4))
+        z = mu + 0.01 * torch.randn(n, 8)
+        mi = aggregate_mi(mu, logvar, z)
+        assert mi == pytest.approx(math.log(n), abs=1e-6)
+        # sharper posteriors: more information, the same estimate
+        assert aggregate_mi(mu, logvar - 4.0, mu + 0.001 * torch.randn(n, 8)) == pytest.approx(mi, abs=1e-6)
+
+
 def test_mi_chunking_changes_nothing():
     torch.manual_seed(0)
     mu, logvar = torch.randn(300, 3), torch.randn(300, 3) * 0.3

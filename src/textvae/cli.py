@@ -132,7 +132,10 @@ def _cmd_evaluate(args) -> int:
             print(f"  {key:<12} {json.dumps(value)}  {UNITS.get(key, '')}".rstrip())
             continue
         shown = "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}".rstrip())
+        note = ""
+        if key == "mi" and value is not None and value > math.log(result["n_sentences"]) - 0.05:
+            note = f" (saturated: the estimator's maximum is log N = {math.log(result['n_sentences']):.2f})"
+        print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}{note}".rstrip())
     print(f"written: {output}")
     return 0
 
