@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from textvae.generate import _filter_logits, decode, interpolate, reconstruct, sample_prior, slerp
+from tests.conftest import make_sentences
+from textvae.data import build_tokenizer, train_subword_tokenizer
+from textvae.generate import (
+    _filter_logits,
+    decode,
+    ids_to_text,
+    interpolate,
+    reconstruct,
+    sample_prior,
+    slerp,
+)
 
 
 def test_beam_of_one_and_top_k_of_one_equal_greedy(tiny_model):
@@ -66,3 +76,16 @@ def test_prior_samples_and_lm(tiny_model):
         reconstruct(lm, ["the cat"])
     with pytest.raises(ValueError, match="unknown strategy"):
         decode(lm, None, n=1, strategy="nucleus")
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_generated_text_keeps_unk_and_drops_pad_bos_eos(kind):
+    """PTB writes unknown words as <unk>; decoding with skip_special_tokens deleted them."""
+    texts = [t + " <unk> ." for t in make_sentences(200)]
+    tok = build_tokenizer(texts) if kind == "word" else train_subword_tokenizer(texts, 200)
+    a, b, c = texts[0].split()[:3]  # words the tokenizer knows
+    sentence = f"{a} <unk> {b} {c}"
+    ids = tok(sentence)["input_ids"]
+    assert ids.count(tok.unk_token_id) == 1
+    specials = [i for i in (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) if i is not None]
+    assert ids_to_text(tok, [ids + specials]) == [sentence]

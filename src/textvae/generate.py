@@ -129,8 +129,17 @@ def _beam(model, z, n, max_length, beam_size, device, state=None) -> list[list[i
 
 
 def ids_to_text(tokenizer, seqs: list[list[int]]) -> list[str]:
-    """Token ids to strings (special tokens dropped)."""
-    return [tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs]
+    """Token ids to strings, dropping only padding, BOS and EOS.
+
+    Not ``decode(skip_special_tokens=True)``: ``<unk>`` is a special token of every tokenizer
+    here, and PTB's text contains it as a word (about 5% of tokens), so skipping special tokens
+    silently deleted it from generated sentences ("a <unk> of the" became "a of the"), which
+    lowered BLEU against references that keep it and changed distinct-n and self-BLEU. Fixed
+    2026-11-21; generation metrics measured before that date dropped ``<unk>``.
+    """
+    drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
+    return [tokenizer.decode([i for i in s if i not in drop], skip_special_tokens=False).strip()
+            for s in seqs]
 
 
 def _require_latent(model) -> None:
