@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|" + "---:|" * (len(head) - 1))
     rows: dict[str, dict] = {}
     for entry in args.entries:
-        name, sep, path = entry.partition("=")
+        name, sep, path = entry.rpartition("=")
         if not sep:
             parser.error(f"entry {entry!r} is not NAME=PATH")
         rows[name] = json.loads(Path(path).read_text())
