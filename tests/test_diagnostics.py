@@ -254,8 +254,10 @@ def test_paired_differences_use_the_per_sentence_differences():
     shifted = dict(ref, nll_per_sentence=[11.5, 21.5, 31.5, 41.5])
     mixed = dict(ref, nll_per_sentence=[9.0, 21.0, 29.0, 41.0])  # d = -1, 1, -1, 1
     other = dict(ref, data="elsewhere")
+    same_file = dict(shifted, data="/abs/folder/d")  # the same file, written absolute
     lines = paired_differences({"ref": ref, "shifted": shifted, "mixed": mixed, "other": other,
-                                "old": {"nll": 3.0}})
+                                "same_file": same_file, "old": {"nll": 3.0}})
+    assert "- same_file - ref: +1.50 ± 0.00 (0 of 4 sentences lower)" in lines
     assert "- shifted - ref: +1.50 ± 0.00 (0 of 4 sentences lower)" in lines
     # std of (-1, 1, -1, 1) with N - 1 = 3: sqrt(4 / 3); / sqrt(4) = 0.577
     assert "- mixed - ref: +0.00 ± 0.58 (2 of 4 sentences lower)" in lines

@@ -447,6 +447,10 @@ def _examples(model, texts: list[str], n_examples: int) -> list[str]:
     return md
 
 
+def _file_name(path: str | None) -> str | None:
+    return None if path is None else Path(path).name
+
+
 def paired_differences(rows: dict[str, dict]) -> list[str]:
     """Markdown lines: each run's IW-NLL minus the first run's, paired over sentences.
 
@@ -454,8 +458,9 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
     every model more), so the standard error of the difference of means is that of the
     per-sentence differences d_i = nll_i(run) - nll_i(first), std(d) / sqrt(N), usually far
     smaller than either run's own ``nll_stderr``. Runs are paired only when both JSONs have
-    ``nll_per_sentence`` (evaluations before it existed do not) and the same ``data`` file,
-    ``split`` and number of sentences; others are listed as not paired.
+    ``nll_per_sentence`` (evaluations before it existed do not) and the same ``data`` file name
+    (the folder may be written relative or absolute), ``split``, number of sentences and of
+    words; others are listed as not paired.
 
     Args:
         rows: run name -> evaluation dict (``textvae evaluate``'s JSON), the first the reference.
@@ -472,7 +477,8 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
     base = torch.tensor(ref["nll_per_sentence"], dtype=torch.float64)
     for name in names[1:]:
         r = rows[name]
-        same = all(r.get(k) == ref.get(k) for k in ("data", "split", "n_sentences"))
+        same = (_file_name(r.get("data")) == _file_name(ref.get("data"))
+                and all(r.get(k) == ref.get(k) for k in ("split", "n_sentences", "n_words")))
         if not same or len(r["nll_per_sentence"]) != len(base):
             lines.append(f"- {name}: not paired (different sentences: data, split or count differ)")
             continue
