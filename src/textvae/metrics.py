@@ -22,7 +22,7 @@ and as one word per sentence; padding never counts.
   with EOS left out of the token count); here ``rec`` averages the IW samples. Not the NLL.
 - ``mi``: I_q(x; z) with the aggregate posterior over the whole evaluated set (chunked, memory
   linear in the set size); ``mi_batch``: the minibatch estimator of He et al. 2019 over the
-  evaluation batches. Both are at most log N (log of the batch size for ``mi_batch``): q(z_i)
+  evaluation batches. ``mi`` is at most log N (``mi_batch`` about log of the batch size): q(z_i)
   includes the sentence's own posterior, so log q(z_i) >= log q(z_i|x_i) - log N. A value at
   log N means the estimator saturated (each z identifies its sentence among the N), not that
   I(x; z) is log N: with N = 500 sentences, mi = 6.21 says "at least about 6.2 nats".
