@@ -6,9 +6,8 @@
 # bound_valid false); each evaluated with K=500 IW-NLL (bf16) on the first 500 PTB test sentences
 # (the sentences of bench/flow_runs.sh and bench/t5_runs.sh). DailyDialog: della-cvae-cpu.yaml,
 # TRAINED ON THE TEST SPLIT, evaluated on the first 1,000 VALIDATION pairs as bench/dialogue_runs.sh
-# does for the cvrae and seq2seq (IW-NLL, then greedy and nucleus generation), but with K=100
-# (DIALOGUE_K): z changes every layer's values, the context prefix included, so each importance
-# sample re-runs the whole (context + response) sequence and K=500 would take about an hour here.
+# does for the cvrae and seq2seq: IW-NLL with K=500 (eval-test-k500.json; 15 minutes on 2 threads),
+# then K=100 with greedy generation (eval-test.json) and K=1 with nucleus generation.
 # Usage: bash bench/della_runs.sh [ENTRY ...] with entries della, embedding, memory, klmean,
 # cvae (default: all, in that order); two queues with disjoint entries can share the two cores.
 # One thread per job; wall times go to runs/della/timings.txt.
@@ -41,7 +40,8 @@ for e in ${@:-della embedding memory klmean cvae}; do
       r=$D/dailydialog-della-cvae-cpu
       train $r configs/dailydialog/della-cvae-cpu.yaml
       G="--generation --gen-sentences 1000 --gen-responses 5"
-      [ -f $r/eval-test.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples ${DIALOGUE_K:-100} --precision bf16 $G > $r.eval.log 2>&1
+      [ -f $r/eval-test-k500.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 500 --precision bf16 --output $r/eval-test-k500.json > $r.eval-k500.log 2>&1
+      [ -f $r/eval-test.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 100 --precision bf16 $G > $r.eval.log 2>&1
       [ -f $r/eval-test-sample.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 1 --precision bf16 $G --gen-strategy sample --top-p 0.9 --output $r/eval-test-sample.json > $r.eval-sample.log 2>&1
       ;;
     *) echo "unknown entry $e" >&2; exit 2 ;;
