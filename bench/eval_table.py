@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from textvae.report import paired_differences
 
 
@@ -27,9 +29,8 @@ def _fmt(value, fmt: str) -> str:
 def row(name: str, r: dict, layers: bool) -> str:
     exact = r.get("iw_samples") is None
     au = r.get("au_by_delta") or {}
-    n_dims = len(r.get("kl_per_dim") or []) or None
-    if isinstance(r.get("kl_per_dim"), list) and r["kl_per_dim"] and isinstance(r["kl_per_dim"][0], list):
-        n_dims = sum(len(x) for x in r["kl_per_dim"])
+    # latent size from kl_per_dim, (D,) or (L, D) for DELLA; unknown without it (flows)
+    n_dims = torch.tensor(r["kl_per_dim"]).numel() if r.get("kl_per_dim") else None
 
     def au_at(delta: str) -> str:
         if r.get("au") is None:

@@ -6,23 +6,11 @@
 # bench/diagnostics_runs.sh). A training cut off part-way is resumed (--resume). Each job uses one
 # thread so two queues can share the two cores (run this script beside bench/della_runs.sh); wall
 # times go to runs/t5/timings.txt.
-set -e
-cd "$(dirname "$0")/.."
-export TEXTVAE_DATA_DIR=${TEXTVAE_DATA_DIR:-$(cd .. && pwd)/shared/data}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
 D=runs/t5
+source "$(dirname "$0")/runs_lib.sh"
 N=${EVAL_SENTENCES:-500}
-mkdir -p $D
-t() { local s=$(date +%s); "$@"; echo "$* : $(( $(date +%s) - s )) s" >> $D/timings.txt; }
 for p in t5-vae-cpu t5-vae-cpu-nophase1; do
-  r=$D/ptb-$p
-  [ -f $r/checkpoints/best/model.safetensors ] && [ -f $r/samples.txt ] && [ -f $r/train.done ] && continue
-  if [ -f $r/checkpoints/last/trainer_state.json ] || [ -d $r/checkpoints/last ]; then
-    t textvae train --resume --run-dir $r >> $r.train.log 2>&1
-  else
-    t textvae train configs/ptb/$p.yaml train.progress=false --run-dir $r > $r.train.log 2>&1
-  fi
-  touch $r/train.done
+  train_run $D/ptb-$p configs/ptb/$p.yaml
 done
 for r in runs/ptb-lstm-lm-cpu $D/ptb-t5-vae-cpu $D/ptb-t5-vae-cpu-nophase1; do
   [ -f $r/eval-test$N.json ] && continue
