@@ -88,13 +88,27 @@ def _cmd_evaluate(args) -> int:
 
     model, _ = textvae.load(args.run_dir)
     cfg = model.config
+    # under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the sentences are sharded across
+    # the processes and the results gathered: the same JSON as one process (docs/scaling.md)
+    shard = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        shard = PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without GPU
+        model.to(shard.device)
     dataset, source = _dataset_for(model, cfg, args.split, args.data, args.max_sentences)
     k = args.iw_samples if args.iw_samples is not None else cfg.eval.iw_samples
     precision = args.precision or cfg.eval.precision
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
-                      chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed)
+                      chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
+                      num_processes=shard.num_processes if shard else 1,
+                      process_index=shard.process_index if shard else 0)
+    if shard is not None and not shard.is_main_process:
+        shard.wait_for_everyone()  # the main process generates, writes and prints
+        return 0
     result["data"], result["split"] = source, args.split if args.data is None else None
     if args.generation and model.conditional:
         from textvae.metrics import response_metrics
@@ -114,8 +128,9 @@ def _cmd_evaluate(args) -> int:
     seconds = time.perf_counter() - start
     result["seconds"] = seconds
     output = _write_json(result, args.output or Path(args.run_dir) / f"eval-{args.split}.json")
+    processes = f", {shard.num_processes} processes" if shard is not None else ""
     print(f"evaluated {source} ({result['n_sentences']} sentences, K={k}, precision={precision}, "
-          f"{seconds:.0f} s)")
+          f"{seconds:.0f} s{processes})")
     for key, value in result.items():
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
@@ -137,6 +152,8 @@ def _cmd_evaluate(args) -> int:
             note = f" (saturated: the estimator's maximum is log N = {math.log(result['n_sentences']):.2f})"
         print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}{note}".rstrip())
     print(f"written: {output}")
+    if shard is not None:
+        shard.wait_for_everyone()
     return 0
 
 

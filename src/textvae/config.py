@@ -294,6 +294,14 @@ class TrainConfig:
             (``decoder_modules``, for ``t5_vae`` the token embedding, the decoder stack and the
             output layer) fixed: their gradients are dropped before each update (Park & Lee
             2021's phase 1); the latent-to-decoder projections still train.
+        batch_size: the **global** batch: sentences per optimizer step over all processes.
+            Under ``accelerate launch``/``torchrun`` with N processes each takes
+            ``batch_size / N`` sentences of every batch (an error when N does not divide it), so
+            a run means the same on 1 CPU or 8 GPUs (docs/scaling.md).
+        log_with: live experiment tracking through ``accelerate``'s trackers besides
+            ``log.jsonl`` (which stays the record): ``none``, ``tensorboard`` (event files in
+            ``<run>/tensorboard/``), ``wandb`` or ``mlflow`` (``pip install textvae[wandb]`` /
+            ``[mlflow]``; configured by their own environment variables).
     """
 
     seed: int = 0
@@ -325,6 +333,7 @@ class TrainConfig:
     ae_reset_decoder: bool = True
     ae_patience: int = 0
     ae_freeze_decoder: bool = False
+    log_with: str = "none"
 
 
 @dataclass
@@ -373,6 +382,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_scheduler": ("constant", "plateau"),
     "train.precision": ("fp32", "bf16"),
+    "train.log_with": ("none", "tensorboard", "wandb", "mlflow"),
     "eval.precision": ("fp32", "bf16"),
 }
 

@@ -247,80 +247,99 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The RNG seed of evaluation batch ``index`` (0-based, in the length-sorted order of
+    ``dataset.batches(batch_size)``) for evaluation seed ``seed``: every batch draws its samples
+    from its own seed, so how the batches are shared among processes cannot change them."""
+    return seed * 1_000_003 + index
+
+
 @torch.no_grad()
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
     batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
+    num_processes: int = 1, process_index: int = 0,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
     The IW samples of a batch go through the decoder as one (s * B, T) batch per chunk, with
     s = max(1, chunk_tokens // (B * T)); the encoder runs once per batch. ``iw_samples=0``
     skips the IW estimate (``nll`` and the perplexities are None; ``rec`` and a Monte Carlo
-    ``kl`` then use one sample), which is what training's validation uses. Sampling runs under a forked RNG
-    seeded by ``seed``, so evaluation is repeatable and leaves the caller's RNG untouched.
+    ``kl`` then use one sample), which is what training's validation uses. Each batch samples
+    under a forked RNG seeded by :func:`batch_seed` (``seed``, batch index), so evaluation is
+    repeatable, leaves the caller's RNG untouched and does not depend on the process count.
     With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
     log-densities, log-sum-exp and all sums stay float32/float64.
 
+    Sharded evaluation (``num_processes`` > 1, inside ``accelerate launch``/``torchrun``, so
+    ``torch.distributed`` is initialised): process ``process_index`` scores batches
+    ``process_index, process_index + num_processes, ...`` of the same length-sorted batches a
+    single process would make, each with its own seed; the per-batch results (per-sentence
+    values, posterior parameters and one z per sentence for the MI: memory linear in the set)
+    are gathered to every process (``accelerate.utils.gather_object``) and reduced in batch
+    order, so every process returns the single-process result.
+
     Raises:
-        ValueError: ``iw_samples`` < 0 or an empty dataset.
+        ValueError: ``iw_samples`` < 0, an empty dataset, ``process_index`` not in
+            [0, ``num_processes``), or several processes without ``torch.distributed``.
     """
     if iw_samples < 0:
         raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty dataset")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+    if num_processes > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"num_processes={num_processes} needs torch.distributed initialised "
+                         "(run under accelerate launch or torchrun, or call PartialState())")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    nll, rec, kl = [], [], []
-    mus, logvars, zs, means = [], [], [], []
-    closed_form, flow, layerwise, bound_valid = True, False, False, True
-    posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
-    mi_b, kl_dims_sum, gaps = [], None, []
-    # the z-usage gap's permutations have their own generator: the IW samples stay as they were
-    perm_gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for indices in dataset.batches(batch_size, shuffle=False):
-            batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
-            b, t = batch["input_ids"].shape
+    records = []  # one per batch scored here, everything on the CPU (gathered when sharded)
+    for j, indices in enumerate(dataset.batches(batch_size, shuffle=False)):
+        if j % num_processes != process_index:
+            continue
+        r = {"batch": j, "indices": indices}
+        records.append(r)
+        batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
+        b, t = batch["input_ids"].shape
+        # the z-usage gap's permutations have their own generator: the IW samples stay as they were
+        perm_gen = torch.Generator(device=device).manual_seed(batch_seed(seed, j))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(batch_seed(seed, j))
             if not model.has_latent:
                 with _autocast(device, precision):
                     ll = model.log_likelihood(batch, None)[0].float()
-                nll.append(-ll)
-                rec.append(-ll)
+                r["nll"] = r["rec"] = (-ll).cpu()
                 continue
             with _autocast(device, precision):
                 q = model.posterior(batch)
             p = model.prior(batch)
             dims = kl_per_dim(q, p)  # (B, D), or None without a closed form
             if dims is not None:
-                kl.append(dims.sum(-1))
-                kl_dims_sum = dims.sum(0) if kl_dims_sum is None else kl_dims_sum + dims.sum(0)
-            closed_form = closed_form and dims is not None
+                r["kl"], r["kl_dims"] = dims.sum(-1).cpu(), dims.sum(0).cpu()
+            r["closed_form"] = dims is not None
             layerwise = dims is None and hasattr(q, "conditionals") and hasattr(p, "conditionals")
             scale = getattr(q, "log_prob_scale", 1.0)
-            bound_valid = bound_valid and getattr(q, "bound_valid", True)
+            r["bound_valid"] = getattr(q, "bound_valid", True)
             z1 = q.sample()  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
+            r["layerwise"], r["flow"], r["b"] = layerwise, False, b
             if layerwise:
-                posteriors.append(q)
-                zs.append(z1)
-                means.append(q.mean.float().cpu())
-                mi_b.append((distribution_mi([q], [z1]), b))
+                # the posterior is rebuilt from its offset after gathering (it holds modules)
+                r["offset"], r["z"] = q.offset.cpu(), z1.cpu()
+                r["mean"] = q.mean.float().cpu()
+                r["mi_b"] = distribution_mi([q], [z1])
             else:
                 base = base_gaussian(q)  # q itself, or a flow's base q0
-                flow = base is not q
+                r["flow"] = base is not q
                 mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
-                z_mi = base.sample() if flow else z1
-                mus.append(mu.cpu())
-                logvars.append(logvar.cpu())
-                zs.append(z_mi.cpu())
-                means.append(q.mean.float().cpu() if flow else mu.cpu())
-                mi_b.append((batch_mi(mu, logvar, z_mi), b))
+                z_mi = base.sample() if r["flow"] else z1
+                r["mu"], r["logvar"], r["z"] = mu.cpu(), logvar.cpu(), z_mi.cpu()
+                r["mean"] = q.mean.float().cpu() if r["flow"] else mu.cpu()
+                r["mi_b"] = batch_mi(mu, logvar, z_mi)
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
-            if gap is not None:
-                gaps.append(gap)
+            r["gap"] = gap.cpu() if gap is not None else None
             n_samples = iw_samples or 1
             step = max(1, chunk_tokens // (b * t))
             log_w, ll_sum = [], torch.zeros(b, device=device)
@@ -338,15 +357,44 @@ def evaluate(
                 if layerwise:
                     chunk_kl = conditional_kl(q, p, z).float().sum(0)
                     layer_kl = chunk_kl if layer_kl is None else layer_kl + chunk_kl
-            rec.append(-ll_sum / n_samples)
+            r["rec"] = (-ll_sum / n_samples).cpu()
             if layerwise:
                 layer_kl = layer_kl / n_samples
-                kl.append(layer_kl.flatten(1).sum(-1) * scale)
-                kl_dims_sum = layer_kl.sum(0) if kl_dims_sum is None else kl_dims_sum + layer_kl.sum(0)
+                r["kl"] = (layer_kl.flatten(1).sum(-1) * scale).cpu()
+                r["kl_dims"] = layer_kl.sum(0).cpu()
             elif dims is None:
-                kl.append(kl_sum / n_samples)
+                r["kl"] = (kl_sum / n_samples).cpu()
             if iw_samples:
-                nll.append(-iw_bound(torch.cat(log_w, dim=0)))
+                r["nll"] = (-iw_bound(torch.cat(log_w, dim=0))).cpu()
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        records = sorted(gather_object(records), key=lambda r: r["batch"])
+    # the batch results in batch order, as one process computes them
+    nll = [r["nll"] for r in records if r.get("nll") is not None]
+    rec = [r["rec"] for r in records]
+    kl = [r["kl"] for r in records if r.get("kl") is not None]
+    kl_dims_sum = None
+    for r in records:
+        if r.get("kl_dims") is not None:
+            kl_dims_sum = r["kl_dims"] if kl_dims_sum is None else kl_dims_sum + r["kl_dims"]
+    closed_form = all(r.get("closed_form", True) for r in records)
+    layerwise = any(r.get("layerwise", False) for r in records)
+    flow = any(r.get("flow", False) for r in records)
+    bound_valid = all(r.get("bound_valid", True) for r in records)
+    zs = [r["z"].to(device) if layerwise else r["z"] for r in records if "z" in r]
+    mus = [r["mu"] for r in records if "mu" in r]
+    logvars = [r["logvar"] for r in records if "logvar" in r]
+    means = [r["mean"] for r in records if "mean" in r]
+    mi_b = [(r["mi_b"], r["b"]) for r in records if "mi_b" in r]
+    gaps = [r["gap"] for r in records if r.get("gap") is not None]
+    posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
+    if layerwise:
+        # the shared recurrence and layer maps of this model's posteriors (from the first batch)
+        first = {k: v.to(device) for k, v in dataset.collate(dataset.batches(batch_size)[0]).items()}
+        template = model.posterior(first)
+        posteriors = [type(template)(r["offset"].to(device), template.recurrence, template.weight,
+                                     template.reduction) for r in records]
     model.train(was_training)
     n = len(dataset)
     n_tokens, n_words = dataset.n_tokens, sum(dataset.n_words)
@@ -359,7 +407,8 @@ def evaluate(
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
         out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-        out["nll_per_sentence"] = nll_t.tolist()
+        order = torch.tensor([i for r in records for i in r["indices"]])
+        out["nll_per_sentence"] = torch.empty_like(nll_t).index_copy_(0, order, nll_t).tolist()
         out["ppl_token"] = math.exp(float(nll_t.sum()) / n_tokens)
         out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
     if not model.has_latent:

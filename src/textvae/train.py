@@ -84,7 +84,10 @@ from textvae.objectives import kl_weight
 log = logging.getLogger(__name__)
 
 # keys a resumed run may change: its budget and its display, nothing that changes the maths
-RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_epochs", "train.progress")
+RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_epochs", "train.progress", "train.log_with")
+# the scalars of log.jsonl sent to the live trackers (train.log_with), per record type
+TRACKED = {"train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
+           "valid": ("elbo", "rec", "kl", "mi", "mi_batch", "au", "z_gap")}
 
 
 class TrainingDiverged(RuntimeError):
@@ -398,7 +401,7 @@ def train(
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -416,9 +419,28 @@ def train(
     # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
     # distributed PartialState is kept).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="no" if t.precision == "fp32" else t.precision)
+    # several processes (accelerate launch / torchrun set WORLD_SIZE): gloo without a GPU
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision="no" if t.precision == "fp32" else t.precision, cpu=cpu,
+        log_with=None if t.log_with == "none" else t.log_with,
+        project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                            logging_dir=str(run_dir / "tensorboard")))
     set_seed(t.seed)
     main = accelerator.is_main_process
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if t.batch_size % n_proc:
+        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be a "
+                          f"multiple of the {n_proc} processes (each takes batch_size / {n_proc} "
+                          "sentences); choose another batch size or process count")
+    if resume:  # one RNG state per process: another process count cannot continue the run
+        last = checkpoint_dir(run_dir, "last")
+        saved = len(list(last.glob("random_states_*.pkl")))
+        if saved != n_proc:
+            raise RunDirError(f"{last} was written by {saved} process(es) and this resume runs "
+                              f"{n_proc}; resume with the same count (torchrun --nproc_per_node "
+                              f"{saved} / accelerate launch --num_processes {saved}) or start a "
+                              "new run (nothing was changed)")
 
     train_corpus = load_split(config.data, "train")
     valid_corpus = load_split(config.data, "valid")
@@ -449,6 +471,8 @@ def train(
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
 
     model = MODELS[config.model.name](config.model, tokenizer)
+    if rank:  # identical initial weights everywhere; then each process its own noise
+        set_seed(t.seed + rank)
     # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
     # the inference network, the main one for the rest; otherwise one optimizer for everything
     enc_optimizer = None
@@ -480,11 +504,20 @@ def train(
     raw = accelerator.unwrap_model(model)
     log_file = open(run_dir / "log.jsonl", "a") if main else None
 
+    if main and t.log_with != "none":
+        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                  for k, v in _flat(config).items()}
+        accelerator.init_trackers("textvae", config=params, init_kwargs={
+            "wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}})
+
     def write_log(record: dict) -> None:
         if log_file is not None:
             record = {**record, "phase": state.phase, "aggressive": state.aggressive}
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            if record["type"] in TRACKED and t.log_with != "none":
+                accelerator.log({f"{record['type']}/{k}": record[k] for k in TRACKED[record["type"]]
+                                 if record.get(k) is not None}, step=record["step"])
 
     if resume:
         write_log({"type": "event", "event": "resume", "step": state.step})
@@ -511,7 +544,7 @@ def train(
     def validate() -> dict:
         m = evaluate(raw, valid_ds, iw_samples=0, au_delta=config.eval.au_delta,
                      batch_size=config.eval.batch_size, chunk_tokens=config.eval.chunk_tokens,
-                     precision=t.precision, seed=t.seed)
+                     precision=t.precision, seed=t.seed, num_processes=n_proc, process_index=rank)
         record = {"type": "valid", "step": state.step, "epoch": state.epoch,
                   "beta": phase_beta(state, config.kl),
                   **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
@@ -613,8 +646,16 @@ def train(
         write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset),
                    "reason": reason})
 
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        """The global batches of an epoch; with N processes those of fewer than N sentences
+        (at most the last, short one) are left out, since every process needs a share."""
+        return [b for b in train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc]
+
+    def shard(indices: list[int]) -> dict:
+        """This process's share of a global batch (every N-th sentence: balanced lengths)."""
+        return {k: v.to(accelerator.device) for k, v in train_ds.collate(indices[rank::n_proc]).items()}
+
+    per_epoch = len(epoch_batches(0))
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
         config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
@@ -626,7 +667,7 @@ def train(
                     t.ae_pretrain_steps)
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
     all_sum = None
-    if n_proc > 1:  # the inner loops of all processes stop at the same step
+    if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
 
         def all_sum(x: torch.Tensor) -> torch.Tensor:
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
@@ -640,13 +681,13 @@ def train(
     # log records (validation lines, collapse warnings) print above the progress bar
     with logging_redirect_tqdm():
         while not stop:
-            batches = train_ds.batches(t.batch_size, True, t.seed, state.epoch)
-            batches = batches[rank : per_epoch * n_proc : n_proc]  # this process's shard
+            batches = epoch_batches(state.epoch)  # global batches; each process takes its share
             while state.batch_in_epoch < len(batches) and not stop:
                 if state.phase == "ae" and (state.step >= t.ae_pretrain_steps or state.ae_stopped):
                     start_vae_phase()
-                batch = train_ds.collate(batches[state.batch_in_epoch])
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                n_global = len(batches[state.batch_in_epoch])
+                batch = shard(batches[state.batch_in_epoch])
+                n_local = batch["input_ids"].size(0)
                 beta = phase_beta(state, config.kl)
                 model.train()
                 inner = 0
@@ -657,10 +698,7 @@ def train(
                     picks = torch.randint(len(batches), (t.aggressive_max_inner,), generator=gen)
 
                     def draw(i: int, batch=batch, picks=picks, batches=batches) -> dict:
-                        if i == 0:
-                            return batch
-                        b = train_ds.collate(batches[int(picks[i])])
-                        return {k: v.to(accelerator.device) for k, v in b.items()}
+                        return batch if i == 0 else shard(batches[int(picks[i])])
 
                     inner = aggressive_inner_loop(
                         raw, enc_optimizer, draw, lambda b, beta=beta: forward(b, beta)["loss"],
@@ -670,7 +708,10 @@ def train(
                 loss = out["loss"]
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
+                # DDP averages the processes' gradients: weigh each by its share of the batch, so
+                # the update is that of the mean over the global batch (weight 1 when equal)
+                share = n_local * n_proc / n_global
+                accelerator.backward(loss if share == 1 else loss * share)
                 for p in frozen_parameters(raw, config, state):
                     p.grad = None  # phase ae with a frozen decoder: the optimizers skip them
                 if t.grad_clip > 0:
@@ -680,21 +721,26 @@ def train(
                     enc_optimizer.step()  # joint update; while aggressive the decoder side only
                 state.step += 1
                 state.batch_in_epoch += 1
-                window["loss"] += loss.item()
-                window["rec"] += out["rec"].mean().item()
-                window["kl"] += out["kl"].mean().item()
+                # this process's share of the global batch means (summed over processes below)
+                window["loss"] += loss.item() * n_local / n_global
+                window["rec"] += out["rec"].sum().item() / n_global
+                window["kl"] += out["kl"].sum().item() / n_global
                 if out["bow"] is not None:
-                    window["bow"] += out["bow"].mean().item()
+                    window["bow"] += out["bow"].sum().item() / n_global
                 window["inner"] += inner
                 window["n"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
                 bar.update(1)
                 if state.step % t.log_every == 0:
                     n, dt = window["n"], time.perf_counter() - window["t0"]
+                    if all_sum is not None:
+                        keys = ("loss", "rec", "kl", "bow", "tokens")
+                        sums = all_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
+                        window.update(zip(keys, sums.tolist(), strict=True))
                     record = {"type": "train", "step": state.step, "epoch": state.epoch,
                               "loss": window["loss"] / n, "rec": window["rec"] / n, "kl": window["kl"] / n,
                               "beta": beta, "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
+                              "tokens_per_s": window["tokens"] / max(dt, 1e-9)}
                     if raw.bow_head is not None:
                         record["bow"] = window["bow"] / n
                     if t.aggressive:
@@ -716,4 +762,5 @@ def train(
     if log_file is not None:
         write_log({"type": "event", "event": "finished", "step": state.step})
         log_file.close()
+    accelerator.end_training()
     return run_dir
