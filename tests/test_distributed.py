@@ -60,18 +60,22 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 def test_two_processes_train_as_one_with_the_same_global_batch(tiny_corpus, tmp_path):
     # a model without sampling and without dropout: the only difference left is the sharding
     # (with z ~ q(z|x) or dropout each process draws its own noise, as a GPU cluster does)
+    # one epoch of 203 sentences in global batches of 16: twelve split 8 + 8 and a short one of
+    # 11 split 6 + 5, whose two shares DDP must weigh 6/11 and 5/11, not 1/2 each
+    (tiny_corpus / "train203.txt").write_text("\n".join(make_sentences(203, seed=4)) + "\n")
     overrides = tiny_overrides(tiny_corpus, **{
         "model.name": "lstm_lm", "model.dec_dropout_in": 0, "model.dec_dropout_out": 0,
-        "train.max_steps": 6, "train.log_every": 1, "train.num_samples": 0})
+        "data.train_path": tiny_corpus / "train203.txt", "train.max_epochs": 1,
+        "train.log_every": 1, "train.num_samples": 0})
     train(load_config(None, overrides), tmp_path / "one")
     launch("train", preset(overrides, tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "two"))
     one, two = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
-    assert [r["step"] for r in two] == list(range(1, 7))
+    assert [r["step"] for r in two] == list(range(1, 14))
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=LOSS_TOL)
         assert b["rec"] == pytest.approx(a["rec"], abs=LOSS_TOL)
     # the old per-process batch (each process 16 sentences, every other batch) fails this:
-    # its second step already sees other sentences
+    # its second step already sees other sentences; unweighted shares fail it after the short one
     (va,), (vb,) = records(tmp_path / "one", "valid"), records(tmp_path / "two", "valid")
     assert vb["elbo"] == pytest.approx(va["elbo"], abs=LOSS_TOL)
     # the main process alone writes the run folder

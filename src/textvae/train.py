@@ -54,6 +54,15 @@ Training-schedule remedies (the model-side ones live in the model and its config
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
 overwritten (``resume=True`` continues it).
+
+Several processes (``torchrun`` / ``accelerate launch``; docs/scaling.md): ``train.batch_size`` is
+the global batch, of which each of the N processes takes every N-th sentence, weighted so that
+DDP's averaged gradient is that of the global mean; the logged values are the global batch's;
+only the main process writes the run folder, logs and trackers; ``checkpoints/last`` holds one
+RNG state per process and a resume needs the same N (:class:`RunDirError` otherwise); process
+r > 0 draws its noise from ``train.seed + r`` after the identical initialisation; validation is
+sharded as :func:`textvae.metrics.evaluate`. ``train.log_with`` sends the ``train`` and ``valid``
+scalars of ``log.jsonl`` (:data:`TRACKED`) to accelerate's trackers as well.
 """
 
 from __future__ import annotations
@@ -393,9 +402,11 @@ def train(
         The run folder.
 
     Raises:
-        RunDirError: ``run_dir`` exists and is not empty (without ``resume``), or has no
-            checkpoint to resume.
-        ConfigError: a resumed run would change more than its budget.
+        RunDirError: ``run_dir`` exists and is not empty (without ``resume``), has no
+            checkpoint to resume, or its checkpoint was written by another number of processes.
+        ConfigError: a resumed run would change more than its budget; ``train.batch_size`` is
+            not a multiple of the number of processes; the ``train.log_with`` tracker's package
+            is not installed.
         TrainingDiverged: a non-finite loss; ``checkpoints/last`` holds the last good state.
         textvae.data.DataError: corpus problems.
     """
@@ -419,6 +430,12 @@ def train(
     # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
     # distributed PartialState is kept).
     AcceleratorState._reset_state()
+    if t.log_with != "none":  # accelerate would only warn and track nothing
+        from accelerate import utils
+
+        if not getattr(utils, f"is_{t.log_with}_available")():
+            raise ConfigError(f"train.log_with={t.log_with}: the package is not installed; "
+                              f"pip install 'textvae[{t.log_with}]' or set train.log_with=none")
     # several processes (accelerate launch / torchrun set WORLD_SIZE): gloo without a GPU
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
