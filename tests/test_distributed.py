@@ -30,13 +30,13 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 LOSS_TOL = 1e-4
 
 
-def launch(*argv: str, n: int = 2) -> None:
+def launch(*argv: str, n: int = 2, cwd: Path | None = None) -> None:
     """``torchrun --nproc_per_node n -m textvae.cli argv`` on a free port of 127.0.0.1."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "textvae.cli", *argv]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -68,7 +68,10 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny_corpus, tmp_
         "data.train_path": tiny_corpus / "train203.txt", "train.max_epochs": 1,
         "train.log_every": 1, "train.num_samples": 0})
     train(load_config(None, overrides), tmp_path / "one")
-    launch("train", preset(overrides, tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "two"))
+    # no --run-dir: every process must agree on the first one's time-stamped folder
+    launch("train", preset(overrides, tmp_path / "tiny.yaml"), cwd=tmp_path)
+    (run,) = (tmp_path / "runs").iterdir()
+    run.rename(tmp_path / "two")
     one, two = records(tmp_path / "one", "train"), records(tmp_path / "two", "train")
     assert [r["step"] for r in two] == list(range(1, 14))
     for a, b in zip(one, two, strict=True):

@@ -55,9 +55,18 @@ def _cmd_train(args) -> int:
         config = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
         overrides = None
+        if args.run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # several processes: the first one's time-stamped folder for all
+            import torch
+            from accelerate import PartialState
+            from accelerate.utils import broadcast_object_list
+
+            PartialState(cpu=not torch.cuda.is_available())
+            run_dir = broadcast_object_list([run_dir])[0]
     start = time.perf_counter()
     run_dir = train(config, run_dir, resume=args.resume, overrides=overrides)
-    print(f"run folder: {run_dir}  ({time.perf_counter() - start:.0f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:  # the main one of several processes
+        print(f"run folder: {run_dir}  ({time.perf_counter() - start:.0f} s)")
     return 0
 
 
@@ -411,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     from textvae.data import DataError
     from textvae.train import RunDirError, TrainingDiverged
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # several processes (torchrun / accelerate launch): the progress lines of the first only
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
