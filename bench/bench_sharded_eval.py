@@ -10,7 +10,7 @@ command (start-up included) and the load average of the machine before and after
 
 Usage:
     TEXTVAE_DATA_DIR=../shared/data python bench/bench_sharded_eval.py RUN_DIR \\
-        [--max-sentences 200] [--iw-samples 500] [--processes 2]
+        [--max-sentences 200] [--iw-samples 500] [--processes 2] [--batch-size B]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def free_port() -> int:
 def run(processes: int, args, output: Path) -> dict:
     cli = ["-m", "textvae.cli", "evaluate", args.run_dir, "--split", args.split, "--iw-samples",
            str(args.iw_samples), "--max-sentences", str(args.max_sentences), "--output", str(output)]
+    if args.batch_size:
+        cli += ["--batch-size", str(args.batch_size)]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -66,6 +68,9 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int, default=200)
     parser.add_argument("--iw-samples", type=int, default=500)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation batch (default: the run's eval.batch_size); the processes "
+                             "share whole batches, so there must be at least as many as processes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args, Path(tmp) / "one.json")
@@ -83,6 +88,7 @@ def main() -> None:
         elif x != y:
             raise SystemExit(f"the {args.processes}-process evaluation differs in {key}: {x} vs {y}")
     print(f"{args.run_dir}, {args.split} first {args.max_sentences} sentences, K={args.iw_samples}, "
+          f"batch size {args.batch_size or 'of the run'}, "
           f"nll {a['nll']:.4f}; largest difference between the two JSONs: {worst:.2e}")
     for r in (one, many):
         print(f"  {r['processes']} process(es), 1 thread each: evaluation {r['eval_s']:.1f} s, "

@@ -68,6 +68,7 @@ responses. Latent probe: :func:`probe_accuracy`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import torch
@@ -81,6 +82,8 @@ from textvae.objectives import (
     kl_per_dim,
     rsample_and_log_prob,
 )
+
+log = logging.getLogger(__name__)
 
 EVAL_KEYS = (
     "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word",
@@ -274,7 +277,8 @@ def evaluate(
     Sharded evaluation (``num_processes`` > 1, inside ``accelerate launch``/``torchrun``, so
     ``torch.distributed`` is initialised): process ``process_index`` scores batches
     ``process_index, process_index + num_processes, ...`` of the same length-sorted batches a
-    single process would make, each with its own seed; the per-batch results (per-sentence
+    single process would make, each with its own seed (whole batches: with fewer batches than
+    processes some processes idle, and a warning says so); the per-batch results (per-sentence
     values, posterior parameters and one z per sentence for the MI: memory linear in the set)
     are gathered to every process (``accelerate.utils.gather_object``) and reduced in batch
     order, so every process returns the single-process result.
@@ -296,7 +300,13 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     records = []  # one per batch scored here, everything on the CPU (gathered when sharded)
-    for j, indices in enumerate(dataset.batches(batch_size, shuffle=False)):
+    batches = dataset.batches(batch_size, shuffle=False)
+    if len(batches) < num_processes and process_index == 0:
+        log.warning("%d evaluation batches of %d sentences for %d processes: %d processes have "
+                    "nothing to score; a smaller batch size shares the work (it changes the "
+                    "Monte Carlo draws, not the estimator)", len(batches), batch_size,
+                    num_processes, num_processes - len(batches))
+    for j, indices in enumerate(batches):
         if j % num_processes != process_index:
             continue
         r = {"batch": j, "indices": indices}
