@@ -91,6 +91,10 @@ class ModelConfig:
             then at least about ``latent_dim * gamma^2 / 2`` nats per sentence once the means
             vary across the batch by much more than BatchNorm's eps (exact bound in
             :class:`textvae.posteriors.GaussianHead`, docs/remedies.md).
+        posterior_bn_eps: BN-VAE: BatchNorm's eps in that normalisation (> 0; default 1e-5, as
+            ``nn.BatchNorm1d`` and Zhu et al.'s code). The encoder escapes the KL floor by making
+            its means vary across a batch by much less than eps (measured on PTB: v_d ~ 1e-8);
+            a smaller eps (1e-12) keeps the floor at such variances.
         min_rate_delta: delta-VAE style committed rate (Razavi et al. 2019), nats per latent
             dimension: the posterior variance is bounded so that every dimension's
             KL(q || N(0, 1)) is at least delta for every input; 0 = off; at most 9.
@@ -177,6 +181,7 @@ class ModelConfig:
     z_init_state: bool = True
     z_every_step: bool = True
     posterior_bn_gamma: float = 0.0
+    posterior_bn_eps: float = 1e-5
     min_rate_delta: float = 0.0
     bow_weight: float = 0.0
     posterior_flow: str = "none"
@@ -474,6 +479,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 1")
     if t.ae_patience < 0:
         raise ConfigError("train.ae_patience must be >= 0")
+    if not m.posterior_bn_eps > 0:
+        raise ConfigError(f"model.posterior_bn_eps={m.posterior_bn_eps} must be > 0 (BatchNorm "
+                          "divides by sqrt(batch variance + eps))")
     if not 0.0 <= m.encoder_token_drop < 1.0:
         raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
     if not 0.0 <= m.t5_dropout < 1.0:

@@ -46,7 +46,7 @@ class LSTMVAE(TextVAE):
         )
         self.posterior_head = GaussianHead(
             self.encoder.out_dim, cfg.latent_dim, bn_gamma=cfg.posterior_bn_gamma,
-            min_rate_delta=cfg.min_rate_delta,
+            bn_eps=cfg.posterior_bn_eps, min_rate_delta=cfg.min_rate_delta,
         )
         self.decoder = LSTMDecoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,

@@ -135,6 +135,7 @@ class T5VAE(TextVAE):
         self.pool_attention = AttentionPool(c.d_model) if cfg.pooling == "attention" else None
         self.posterior_head = GaussianHead(c.d_model, cfg.latent_dim, bias=False,
                                            bn_gamma=cfg.posterior_bn_gamma,
+                                           bn_eps=cfg.posterior_bn_eps,
                                            min_rate_delta=cfg.min_rate_delta)
         use_memory = cfg.latent_injection in ("memory", "both")
         use_embedding = cfg.latent_injection in ("embedding", "both")
