@@ -1,4 +1,4 @@
-"""Command line: ``textvae train | evaluate | generate | probe | report | compare``.
+"""Command line: ``textvae train | evaluate | generate | probe | report | compare | sweep``.
 
 The only module that prints.
 """
@@ -291,7 +291,27 @@ def _cmd_compare(args) -> int:
 
     text, folder = compare_runs(args.run_dirs, args.output, args.eval)
     print(text)
-    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}")
+    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}, "
+          f"{folder / 'rate_distortion.png'}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from textvae.sweep import run_sweep
+
+    start = time.perf_counter()
+    folder, summary = run_sweep(args.sweep, args.out_dir, args.storage, args.jobs)
+    trials = summary["trials"]
+    states = {}
+    for t in trials:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    print(f"sweep folder: {folder}  ({time.perf_counter() - start:.0f} s in this invocation)")
+    print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    for t in trials:
+        mark = " *" if t["pareto"] else ""
+        print(f"  {t['label']:<28} {t['state']:<9} {t['values'] or '-':<24} {t['settings']}{mark}")
+    print("(* Pareto front)")
+    print(f"written: {folder / 'sweep.md'}, {folder / 'rate_distortion.png'}")
     return 0
 
 
@@ -386,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default="eval-test", help="evaluation JSON stem (default eval-test)")
     p.add_argument("--output", default="compare", help="folder for compare.md and the plot")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
+                       "(docs/sweep.md); running it again continues it")
+    p.add_argument("sweep", help="sweep YAML, e.g. experiments/remedy-matrix.yaml")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trials in parallel worker processes on this machine, the CPU threads "
+                   "split between them (default 1)")
+    p.add_argument("--storage", help="Optuna RDB URL of the study (default "
+                   "sqlite:///OUT/study.db); postgresql://user:password@host/db lets workers "
+                   "on several machines share it")
+    p.add_argument("--out-dir", help="sweep folder (default: the file's out_dir, else "
+                   "runs/sweep-<name>)")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

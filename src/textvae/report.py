@@ -237,6 +237,105 @@ def plot_projection(
     return Path(path)
 
 
+def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) -> dict:
+    """The rate-distortion plane of Alemi et al. 2018 ("Fixing a Broken ELBO", Fig. 1).
+
+    Each run with a latent is a point at rate R = ``kl`` (x) and distortion D = ``rec`` (y),
+    both nats per sentence (EOS counted), labelled with its IW-NLL, MI (nats) and AU. Dashed
+    grey lines are R + D = c, the runs of equal ELBO (-ELBO = R + D); points further down-left
+    have a better bound. A run without latent (a language model: ``kl`` is None and ``nll`` is
+    its exact -log p(x)) is drawn at R = 0, D = NLL, with its line R + D = NLL (dash-dot): a VAE
+    below that line has an ELBO better than the LM's exact NLL. Runs without ``kl``/``rec`` and
+    without ``nll`` are left out.
+
+    Args:
+        rows: run name -> evaluation dict (``textvae evaluate``'s JSON).
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        ``{"points": [{"name", "rate", "distortion", "nll", "mi", "au"}, ...], "lm": [{"name",
+        "nll"}, ...], "elbo_lines": [c, ...]}``: what was drawn, in nats per sentence.
+    """
+    points = [{"name": n, "rate": r["kl"], "distortion": r["rec"], "nll": r.get("nll"),
+               "mi": r.get("mi"), "au": r.get("au")}
+              for n, r in rows.items() if r.get("kl") is not None and r.get("rec") is not None]
+    lms = [{"name": n, "nll": r["nll"]} for n, r in rows.items()
+           if r.get("kl") is None and r.get("nll") is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 6.5), constrained_layout=True)
+    totals = [p["rate"] + p["distortion"] for p in points] + [m["nll"] for m in lms]
+    rates = [p["rate"] for p in points] + [0.0]
+    dists = [p["distortion"] for p in points] + [m["nll"] for m in lms]
+    elbo_lines: list[float] = []
+    if totals:
+        x_hi = max(rates) * 1.3 + 0.5  # room for the labels right of the points
+        y_lo, y_hi = min(dists), max(dists)
+        pad = max(0.5, 0.08 * (y_hi - y_lo + x_hi))
+        ax.set_xlim(-0.03 * x_hi - 0.05, x_hi)
+        ax.set_ylim(y_lo - pad, y_hi + pad)
+        # about eight lines across the visible range of R + D
+        lo, hi = y_lo - pad, y_hi + pad + x_hi
+        step = _nice_step((hi - lo) / 8)
+        c = math.floor(lo / step) * step
+        while c <= hi:
+            elbo_lines.append(round(c, 6))
+            c += step
+        xs = [0.0, x_hi]
+        for c in elbo_lines:
+            ax.plot(xs, [c - x for x in xs], ls="--", lw=0.8, color="0.65", zorder=1)
+            x_text = c - (y_lo - pad)  # where the line meets the bottom of the axes
+            if 0 < x_text < x_hi * 0.97:
+                ax.text(x_text, y_lo - pad, f" {c:g}", fontsize=7, color="0.45",
+                        ha="left", va="bottom")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax.plot([], [], ls="--", lw=0.8, color="0.65", label="R + D = const (equal ELBO; its value at the bottom)")
+    for m in lms:
+        x_end = ax.get_xlim()[1]
+        ax.plot([0.0, x_end], [m["nll"], m["nll"] - x_end], ls="-.", lw=1.3, color="black",
+                zorder=2, label=f"{m['name']}: LM, exact NLL {m['nll']:.2f} (R = 0, D = NLL)")
+        ax.plot([0.0], [m["nll"]], marker="s", color="black", ms=7, zorder=4)
+    fig.canvas.draw()  # fixes the axes' transform for the label placement below
+    placed: list[tuple[float, float, float, float]] = []  # label boxes in pixels
+    px = fig.dpi / 72.0  # pixels per point
+    for i, p in enumerate(sorted(points, key=lambda p: (p["distortion"], p["rate"]))):
+        ax.scatter([p["rate"]], [p["distortion"]], s=45, color=colors[i % len(colors)],
+                   zorder=5, edgecolor="black", linewidth=0.5)
+        nll = "–" if p["nll"] is None else f"{p['nll']:.2f}"
+        mi = "–" if p["mi"] is None else f"{p['mi']:.2f}"
+        au = "–" if p["au"] is None else str(p["au"])
+        text = f"{p['name']}\nIW-NLL {nll}, MI {mi}, AU {au}"
+        # greedy placement: move the label up until it clears the labels already placed
+        x0, y0 = ax.transData.transform((p["rate"], p["distortion"]))
+        w = 7 * 0.6 * px * max(len(line) for line in text.split("\n"))
+        h = 2 * 8.5 * px
+        dy = 4 * px
+        while any(x0 + 6 * px < b[2] and b[0] < x0 + 6 * px + w and y0 + dy < b[3]
+                  and b[1] < y0 + dy + h for b in placed):
+            dy += 3 * px
+        placed.append((x0 + 6 * px, y0 + dy, x0 + 6 * px + w, y0 + dy + h))
+        ax.annotate(text, (p["rate"], p["distortion"]), textcoords="offset pixels",
+                    xytext=(6 * px, dy), fontsize=7, color=colors[i % len(colors)],
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if dy > 12 * px else None)
+    ax.set_xlabel("rate R = KL(q(z|x) || p(z))  (nats/sentence)")
+    ax.set_ylabel("distortion D = E_q[-log p(x|z)]  (nats/sentence)")
+    ax.set_title(f"{title}\nlabels: IW-NLL (nats/sentence), MI (nats), active units", fontsize=10)
+    if points or lms:
+        ax.legend(fontsize=8, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no run with an evaluation (kl, rec or nll)", ha="center",
+                va="center", transform=ax.transAxes, color="gray")
+    fig.savefig(path)
+    plt.close(fig)
+    return {"points": points, "lm": lms, "elbo_lines": elbo_lines}
+
+
+def _nice_step(raw: float) -> float:
+    """1, 2 or 5 times a power of ten, at least ``raw``."""
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
 def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None) -> str:
     value = result.get(key)
     if key == "nll":
@@ -497,8 +596,8 @@ def compare_runs(
     Args:
         run_dirs: run folders; each contributes ``<eval_name>.json`` (a row of dashes if
             missing) and ``log.jsonl``.
-        output: folder for ``compare.md`` and ``compare_curves.png`` (created; those two files
-            are replaced).
+        output: folder for ``compare.md``, ``compare_curves.png`` and ``rate_distortion.png``
+            (:func:`plot_rate_distortion`; created; those files are replaced).
 
     Returns:
         (markdown text, output folder).
@@ -533,6 +632,7 @@ def compare_runs(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     plot_curves(logs, output / "compare_curves.png", "training curves")
+    plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
     notes = [f"Evaluation: `{eval_name}.json` of each run (written by `textvae evaluate`); "
              "nats per sentence with EOS counted; IW-NLL ± standard error over sentences."]
     tokenizers = {n: r.get("tokenizer") for n, r in rows.items() if r.get("tokenizer")}
@@ -547,7 +647,8 @@ def compare_runs(
     paired = paired_differences(rows)
     text = "\n".join(["# Run comparison", "", evaluation_table(rows, dims), "",
                       *[f"- {n}" for n in notes], "", *paired,
-                      "![training curves](compare_curves.png)", ""])
+                      "![training curves](compare_curves.png)", "",
+                      "![rate-distortion plane](rate_distortion.png)", ""])
     tmp = output / "compare.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, output / "compare.md")
