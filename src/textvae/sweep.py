@@ -236,7 +236,8 @@ def load_sweep(path: str | Path) -> Sweep:
             raise _err(path, key, "no preset: give the sweep a 'base' or the entry a 'preset'")
     if base is None and not entries:
         raise _err(path, "base", "a sweep needs a base preset (or entries that name presets)")
-    space_raw = raw.get("space") or {}
+    space_raw = raw.get("space")
+    space_raw = OmegaConf.create({}) if space_raw is None else space_raw
     if not isinstance(space_raw, DictConfig):
         raise _err(path, "space", "expected a mapping of config keys to parameter specs")
     space = [_param(path, str(k), v) for k, v in space_raw.items()]
@@ -516,6 +517,17 @@ def _identity(trial) -> int:
     return trial.number if original is None else int(original)
 
 
+def _overflows(sweep: Sweep, trial, trials) -> bool:
+    """Whether a new (not retried) trial is beyond the budget: the trials numbered below it
+    already hold ``sweep.trials`` identities, or (a grid) one of them holds its grid point.
+    Trial numbers are given out atomically by the storage, so two workers never both pass."""
+    lower = [t for t in trials if t.number < trial.number and not t.user_attrs.get("overflow")]
+    if len({_identity(t) for t in lower}) >= sweep.trials:
+        return True
+    grid_id = trial.system_attrs.get("grid_id")
+    return grid_id is not None and any(t.system_attrs.get("grid_id") == grid_id for t in lower)
+
+
 def _slots(trials) -> tuple[set[int], bool, bool]:
     """(identities started, any WAITING, any RUNNING). A failed trial's identity counts as
     started: a stale one is queued again (WAITING) by the heartbeat callback, one that raised
@@ -546,9 +558,10 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
     ran = 0
 
     def objective(trial) -> list[float]:
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        trials = study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
         number = _identity(frozen)
-        if frozen.system_attrs.get("failed_trial") is None and number >= sweep.trials:
+        if frozen.system_attrs.get("failed_trial") is None and _overflows(sweep, frozen, trials):
             trial.set_user_attr("overflow", True)
             raise _Overflow(f"trial {number}: the budget of {sweep.trials} trials is used")
         entry = trial.suggest_categorical("entry", list(sweep.entries)) if sweep.entries else None
