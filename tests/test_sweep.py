@@ -227,3 +227,28 @@ def test_rate_distortion_plot_returns_what_it_draws(tmp_path):
     steps = {round(b - a, 6) for a, b in zip(lines, lines[1:], strict=False)}
     assert len(steps) == 1  # equally spaced lines of equal ELBO
     assert lines[0] <= 117.81 + 2.17 and lines[-1] >= 119.99 + 0.01  # they span the points
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_files_are_valid_sweeps(path):
+    """Every multi-run experiment of the README is a sweep file whose presets and keys load
+    (each entry's config, each parameter at its ends)."""
+    sweep = load_sweep(path)
+    assert sweep.trials >= 1 and sweep.objectives
+
+
+def test_remedy_matrix_entries_match_the_remedy_presets():
+    """The matrix's entries are the remedy presets' settings (bench/matrix.py checked the same):
+    base preset + entry == the preset YAML, with the matrix's common overrides on both."""
+    import dataclasses
+
+    from textvae.config import load_config
+    from textvae.sweep import config_of
+
+    sweep = load_sweep(ROOT / "experiments" / "remedy-matrix.yaml")
+    presets = {"lm": "lstm-lm-cpu.yaml", "bn": "lstm-vae-bn-cpu.yaml",
+               "bow": "lstm-vae-bow-cpu.yaml", "minrate": "lstm-vae-minrate-cpu.yaml",
+               "flow": "flow-vrae-cpu.yaml", "anneal": "lstm-vae-cpu.yaml"}
+    for name, preset in presets.items():
+        from_preset = load_config(ROOT / "configs" / "ptb" / preset, sweep.overrides + sweep.budget)
+        assert dataclasses.asdict(config_of(sweep, name, {})) == dataclasses.asdict(from_preset), name

@@ -3,7 +3,8 @@
 A sweep file names a base preset, optional named **entries** (each a preset and/or a list of
 overrides: the rows of a fixed table), a search **space** over any config keys, the **budget**
 of each trial, the **evaluation** that scores a trial and one or more **objectives** read from
-the evaluation JSON. Every trial is an ordinary run folder ``OUT/trial-NNNN[-entry]`` (``textvae
+the evaluation JSON. Every trial is an ordinary run folder, ``OUT/trial-NNNN[-entry]`` or, for a
+table of entries without a space, ``OUT/<entry>`` (``textvae
 train --resume``, ``evaluate``, ``report`` and ``compare`` work on it) holding the evaluation
 ``<evaluation.output>.json`` and ``trial.json`` (its overrides and wall times). The study lives
 in an Optuna RDB storage, by default ``sqlite:///OUT/study.db``, so running the same command
@@ -52,6 +53,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -222,6 +224,9 @@ def load_sweep(path: str | Path) -> Sweep:
     entries: dict[str, tuple[Path | None, list[str]]] = {}
     for name, spec in (raw.get("entries") or {}).items():
         key = f"entries.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise _err(path, key, "an entry name is also a folder name: letters, digits, '.', "
+                       "'_', '-'")
         if isinstance(spec, DictConfig):
             bad = sorted(set(spec) - {"preset", "overrides"})
             if bad:
@@ -362,8 +367,11 @@ def trial_overrides(sweep: Sweep, entry: str | None, params: dict) -> tuple[Path
     return preset or sweep.base, items + list(sweep.budget)
 
 
-def trial_dir(out_dir: Path, number: int, entry: str | None) -> Path:
-    """The run folder of trial ``number`` (a retried trial keeps its original number)."""
+def trial_dir(sweep: Sweep, out_dir: Path, number: int, entry: str | None) -> Path:
+    """The run folder of a trial: ``OUT/<entry>`` when the sweep is a table of entries alone
+    (no space), else ``OUT/trial-NNNN[-entry]`` (a retried trial keeps its original number)."""
+    if entry is not None and not sweep.space:
+        return out_dir / entry
     return out_dir / (f"trial-{number:04d}" + (f"-{entry}" if entry else ""))
 
 
@@ -574,7 +582,7 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
                                                   step=int(p.step or 1), log=p.log)
             else:
                 params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
-        run_dir = usable_dir(trial_dir(out, number, entry))
+        run_dir = usable_dir(trial_dir(sweep, out, number, entry))
         trial.set_user_attr("run_dir", run_dir.name)
         try:
             record = run_trial(sweep, run_dir, entry, params)
