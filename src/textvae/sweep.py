@@ -666,6 +666,9 @@ def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
     Raises:
         SweepError: invalid file, or the folder holds another sweep's ``sweep.yaml``.
     """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = load_sweep(sweep_path)
     out = Path(out_dir) if out_dir else (sweep.out_dir or Path("runs") / f"sweep-{sweep.name}")
     out.mkdir(parents=True, exist_ok=True)
