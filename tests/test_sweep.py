@@ -252,3 +252,33 @@ def test_remedy_matrix_entries_match_the_remedy_presets():
     for name, preset in presets.items():
         from_preset = load_config(ROOT / "configs" / "ptb" / preset, sweep.overrides + sweep.budget)
         assert dataclasses.asdict(config_of(sweep, name, {})) == dataclasses.asdict(from_preset), name
+
+
+def test_median_pruning_stops_a_trial_worse_than_the_median(tiny_corpus):
+    """study.pruner: median: a trial that cannot learn (lr 1e-7) is stopped at a validation where
+    its -ELBO is above the finished trial's at the same step; its run folder stays resumable."""
+    _write_preset(tiny_corpus)
+    path = _write_sweep(tiny_corpus, """
+base: tiny.yaml
+overrides: [train.eval_every=5]
+entries:
+  good: [train.lr=0.01]
+  bad: [train.lr=1.0e-7]
+budget: {max_steps: 20}
+evaluation: {max_sentences: 8, iw_samples: 2}
+objectives: {nll: minimize}
+study: {pruner: median, pruner_startup_trials: 1, heartbeat_seconds: 1, seed: 1}
+""", "prune.yaml")
+    out, summary = run_sweep(path, tiny_corpus / "out")
+    trials = {t.params["entry"]: t for t in _trials(out, "prune")}
+    # GridSampler(seed 1) runs good first, then bad (what the pruner needs here)
+    assert [trials[n].number for n in ("good", "bad")] == [0, 1]
+    assert trials["bad"].state.name == "PRUNED" and trials["good"].state.name == "COMPLETE"
+    steps = [json.loads(line)["step"] for line in open(out / "bad" / "log.jsonl")
+             if json.loads(line)["type"] == "valid"]
+    assert max(steps) < 20 and (out / "bad" / "checkpoints" / "last").is_dir()
+    assert not (out / "bad" / "eval-valid.json").exists()
+    assert "PRUNED" in (out / "sweep.md").read_text()
+    with pytest.raises(SweepError, match="study.pruner"):
+        load_sweep(_write_sweep(tiny_corpus, "base: tiny.yaml\nobjectives: {nll: minimize, mi: "
+                                "maximize}\nstudy: {pruner: median}\n", "bad.yaml"))

@@ -34,14 +34,16 @@ The file, every key optional except ``base`` or ``entries``::
     budget: {trials: 20, max_steps: 2000, minutes: 600}
     evaluation: {split: valid, max_sentences: 1000, iw_samples: 100, precision: bf16}
     objectives: {nll: minimize, mi: maximize}
-    study: {sampler: auto, seed: 0, heartbeat_seconds: 30}
+    study: {sampler: auto, seed: 0, heartbeat_seconds: 30, pruner: none}
 
 A sweep whose parameters are all grids (entries are always a grid) runs every combination once
 with Optuna's ``GridSampler`` (trial i is grid point i); otherwise ``TPESampler`` (one objective)
 or ``NSGAIISampler`` (several) samples ``budget.trials`` trials. ``budget.minutes`` stops
 starting new trials after that many minutes of this invocation. A null objective field (the
 ``mi`` of a language model, which has no latent) counts as the worst value (+inf for minimize,
--inf for maximize).
+-inf for maximize). ``study.pruner: median`` (one minimized objective) stops a trial whose
+validation -ELBO at a validation is worse than the median of earlier trials' at the same step
+(Optuna's ``MedianPruner`` after ``study.pruner_startup_trials``, default 5, finished trials).
 
 Trials are scored on the validation split by default: select recipes on ``valid``, and use the
 test split only for the final evaluation of the chosen ones (selecting on test overstates them).
@@ -56,6 +58,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +74,7 @@ BUDGET_KEYS = ("trials", "max_steps", "max_epochs", "minutes")
 EVALUATION_KEYS = ("split", "max_sentences", "iw_samples", "precision", "au_delta", "batch_size",
                    "seed", "checkpoint", "output", "generation", "gen_sentences", "gen_samples",
                    "gen_responses")
-STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds")
+STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
 # evaluation fields a trial can be scored on (numbers in the evaluation JSON)
 OBJECTIVE_FIELDS = ("rec", "kl", "elbo", "nll", "ppl_token", "ppl_word", "ppl_elbo_token", "mi",
@@ -116,6 +119,8 @@ class Sweep:
     sampler: str
     seed: int
     heartbeat_seconds: int
+    pruner: str
+    pruner_startup_trials: int
     raw: dict
 
     @property
@@ -318,6 +323,16 @@ def load_sweep(path: str | Path) -> Sweep:
     heartbeat = study_raw.get("heartbeat_seconds", 30)
     if not isinstance(heartbeat, int) or heartbeat < 1:
         raise _err(path, "study.heartbeat_seconds", "must be a positive integer")
+    pruner = study_raw.get("pruner", "none")
+    if pruner not in ("none", "median"):
+        raise _err(path, "study.pruner", f"'{pruner}' is not none or median")
+    if pruner == "median" and list(objectives.values()) != ["minimize"]:
+        raise _err(path, "study.pruner", "pruning compares the validation loss (-ELBO) of "
+                   "trials, so it needs exactly one objective, minimized (Optuna cannot prune "
+                   "multi-objective studies)")
+    startup = study_raw.get("pruner_startup_trials", 5)
+    if not isinstance(startup, int) or startup < 0:
+        raise _err(path, "study.pruner_startup_trials", "must be an integer >= 0")
 
     sweep = Sweep(
         path=path, name=str(raw.get("name") or path.stem),
@@ -325,7 +340,8 @@ def load_sweep(path: str | Path) -> Sweep:
         overrides=_overrides(path, "overrides", raw.get("overrides")), entries=entries,
         space=space, trials=trials, budget=budget, minutes=minutes, evaluation=evaluation,
         objectives=objectives, sampler=sampler, seed=int(study_raw.get("seed", 0)),
-        heartbeat_seconds=heartbeat, raw=OmegaConf.to_container(raw))
+        heartbeat_seconds=heartbeat, pruner=pruner, pruner_startup_trials=startup,
+        raw=OmegaConf.to_container(raw))
     _check_configs(sweep)
     return sweep
 
@@ -430,13 +446,15 @@ def usable_dir(run_dir: Path) -> Path:
     return candidate
 
 
-def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict) -> dict:
+def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict,
+              on_validation: Callable[[dict], None] | None = None) -> dict:
     """Train (or resume) and evaluate one trial's run folder; returns ``trial.json``'s record
     plus ``eval`` (the evaluation dict).
 
     A folder with ``trial.json`` and the evaluation file is reused as it is; one with a
     ``checkpoints/last`` but no ``trial.json`` is resumed (``train(resume=True)``); an empty or
-    missing one is trained from scratch (call :func:`usable_dir` first).
+    missing one is trained from scratch (call :func:`usable_dir` first). ``on_validation`` goes
+    to :func:`textvae.train.train` (pruning).
 
     Raises:
         whatever training and evaluation raise (``TrainingDiverged``, ``DataError``, ...).
@@ -454,9 +472,9 @@ def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict) -> d
         start = time.perf_counter()
         if resumed:
             log.info("trial folder %s: resuming its training", run_dir)
-            train(None, run_dir, resume=True)
+            train(None, run_dir, resume=True, on_validation=on_validation)
         else:
-            train(load_config(preset, overrides), run_dir)
+            train(load_config(preset, overrides), run_dir, on_validation=on_validation)
         record = {"entry": entry, "params": params, "preset": str(preset),
                   "overrides": overrides, "train_s": time.perf_counter() - start,
                   "resumed": resumed}
@@ -509,9 +527,11 @@ def open_study(sweep: Sweep, url: str, seed: int | None = None):
     """Create the sweep's Optuna study in ``url``, or load it (``load_if_exists``)."""
     import optuna
 
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
+              if sweep.pruner == "median" else optuna.pruners.NopPruner())
     return optuna.create_study(
         storage=_storage(sweep, url), study_name=sweep.name, load_if_exists=True,
-        directions=list(sweep.objectives.values()),
+        directions=list(sweep.objectives.values()), pruner=pruner,
         sampler=_sampler(sweep, sweep.seed if seed is None else seed))
 
 
@@ -584,8 +604,20 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
                 params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
         run_dir = usable_dir(trial_dir(sweep, out, number, entry))
         trial.set_user_attr("run_dir", run_dir.name)
+
+        def report(record: dict) -> None:
+            """Median pruning on the validation loss -ELBO (nats/sentence) at each validation."""
+            if record.get("elbo") is None or sweep.pruner == "none":
+                return
+            trial.report(-record["elbo"], record["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"step {record['step']}: validation -ELBO "
+                                         f"{-record['elbo']:.2f} is above the median")
+
         try:
-            record = run_trial(sweep, run_dir, entry, params)
+            record = run_trial(sweep, run_dir, entry, params, report)
+        except optuna.TrialPruned:
+            raise
         except Exception as err:  # recorded in sweep.md; the next invocation retries it
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             log.exception("trial %d (%s) failed", number, run_dir)
@@ -748,6 +780,9 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
             dims[label] = config.model.latent_dim if result.get("au") is not None else None
         settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
         values = ", ".join("–" if v is None else f"{v:.3f}" for v in (t.values or []))
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            step = max(t.intermediate_values)
+            values = f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
         shown.append({"number": number, "label": label, "state": t.state.name,
                       "settings": settings, "values": values, "pareto": t.number in best,
                       "train_s": t.user_attrs.get("train_s"), "eval_s": t.user_attrs.get("eval_s"),
@@ -779,7 +814,8 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
     if e["split"] == "test":
         lines.append("This sweep is scored on the **test** split: it evaluates fixed recipes; "
                      "do not select among them on these numbers.")
-    lines += ["", "| trial | state | settings | objective values | train s | eval s | Pareto |",
+    lines += ["", f"| trial | state | settings | {', '.join(sweep.objectives)} | train s | eval s "
+              "| Pareto |",
               "|---|---|---|---:|---:|---:|:---:|"]
     for s in shown:
         state = s["state"] if not s["error"] else f"{s['state']}: {s['error'][:80]}"

@@ -376,7 +376,8 @@ def reset_generative(model, config: Config, tokenizer) -> list[str]:
 
 
 def train(
-    config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None
+    config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None,
+    on_validation: Callable[[dict], None] | None = None,
 ) -> Path:
     """Train ``config`` into ``run_dir`` (or continue it with ``resume=True``).
 
@@ -385,6 +386,10 @@ def train(
     each epoch's end when that is 0, and once more at the end of training. The phases of
     ``train.ae_pretrain_steps`` and aggressive training (``train.aggressive``) are described in
     the module docstring.
+
+    ``on_validation``, when given, is called with each validation's ``log.jsonl`` record (step,
+    elbo, rec, kl, ... in nats per sentence) after its checkpoints are written; an exception it
+    raises stops training there, resumable (``textvae sweep`` prunes trials this way).
 
     Returns:
         The run folder.
@@ -574,6 +579,8 @@ def train(
         accelerator.wait_for_everyone()
         if main:
             _commit_dir(tmp, last)
+        if on_validation is not None:
+            on_validation(record)
         return record
 
     def forward(batch: dict, beta: float) -> dict:
