@@ -282,3 +282,16 @@ study: {pruner: median, pruner_startup_trials: 1, heartbeat_seconds: 1, seed: 1}
     with pytest.raises(SweepError, match="study.pruner"):
         load_sweep(_write_sweep(tiny_corpus, "base: tiny.yaml\nobjectives: {nll: minimize, mi: "
                                 "maximize}\nstudy: {pruner: median}\n", "bad.yaml"))
+
+
+def test_minutes_budget_and_storage_url(tiny_corpus):
+    """budget.minutes: no trial starts after the time is up; --storage puts the study where the
+    URL says (here another SQLite file; postgresql:// URLs work the same way)."""
+    _write_preset(tiny_corpus)
+    path = _write_sweep(tiny_corpus, GRID.replace("budget: {max_steps: 3}",
+                                                  "budget: {max_steps: 3, minutes: 1.0e-6}"))
+    url = f"sqlite:///{tiny_corpus / 'elsewhere.db'}"
+    out, summary = run_sweep(path, tiny_corpus / "out", storage=url)
+    assert (tiny_corpus / "elsewhere.db").is_file() and not (out / "study.db").exists()
+    assert summary["trials"] == [] and not list(out.glob("trial-*"))
+    assert "0 of 6 trials" in (out / "sweep.md").read_text()
