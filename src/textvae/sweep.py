@@ -632,16 +632,20 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
         return values
 
     while deadline is None or time.time() < deadline:
-        study = open_study(sweep, url, seed=sweep.seed + 1000 * worker + ran)
+        study = open_study(sweep, url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)
-        used, waiting, running = _slots(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        used, waiting, running = _slots(trials)
         if len(used) >= sweep.trials and not waiting:
             if not running:
                 break
             time.sleep(min(5.0, sweep.heartbeat_seconds))  # peers' trials, or dead ones
             continue
+        # a sampler seed of its own for every trial, worker and invocation: a re-run must not
+        # replay the random draws of the trials it already has (a grid keeps its one seed)
+        study = open_study(sweep, url, seed=sweep.seed + 1000 * worker + len(trials))
         study.optimize(objective, n_trials=1, catch=(Exception,))
         ran += 1
     return ran
