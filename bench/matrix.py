@@ -162,7 +162,7 @@ def run_entry(name: str, base: Path, run_dir: Path, args) -> dict:
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     model, tokenizer = textvae.load(run_dir, which="best")
-    corpus = load_split(config.data, args.split)
+    corpus = load_split(config.data, args.split, whole=True)
     texts = corpus.texts[: args.eval_sentences] if args.eval_sentences else corpus.texts
     k = args.iw_samples if args.iw_samples is not None else config.eval.iw_samples
     result = evaluate(model, TextDataset(texts, tokenizer), iw_samples=k,

@@ -248,7 +248,8 @@ def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
 
 
 def test_paired_differences_use_the_per_sentence_differences():
-    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4}
+    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4,
+           "sentence_index": [0, 1, 2, 3], "n_words_per_sentence": [3, 4, 5, 6]}
     # the same offset on every sentence: mean difference 1.5, paired standard error 0
     # (the unpaired standard errors would be about 6.5 each)
     shifted = dict(ref, nll_per_sentence=[11.5, 21.5, 31.5, 41.5])

@@ -44,7 +44,10 @@ class DataConfig:
             optional label.
         train_limit / valid_limit: use only the first N sentences of that split (null = all).
         max_length: longest sentence in whitespace words (0 = no limit); longer ones are
-            handled by ``long_policy`` (``truncate`` or ``drop``) and counted.
+            handled by ``long_policy`` (``truncate`` or ``drop``) and counted. A training
+            setting: it applies to the splits training reads (train, and the validation set
+            of training's logs), never to ``textvae evaluate``, which scores every sentence
+            whole.
         min_frequency / max_vocab: word-level vocabulary options (types rarer than
             ``min_frequency`` in the training split become ``<unk>``; null = no cap).
     """

@@ -37,6 +37,7 @@ A batch is a dict of tensors:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -320,12 +321,16 @@ def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
                     "set data.corpus=null and data.train_path/valid_path/test_path instead")
 
 
-def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Corpus:
+def load_split(
+    cfg: DataConfig, role: str, path: str | Path | None = None, whole: bool = False
+) -> Corpus:
     """Read the split playing ``role`` (``train``, ``valid`` or ``test``).
 
     ``path`` overrides the config with an explicit file. Lines are whitespace-normalised;
     blank lines are skipped and counted; sentences over ``cfg.max_length`` words are truncated
-    or dropped (``cfg.long_policy``) and counted. ``train_limit`` / ``valid_limit`` keep the
+    or dropped (``cfg.long_policy``) and counted, unless ``whole`` is set: evaluation reads
+    every sentence whole (a length cap is a training setting, SPEC 3), so sentence i of the
+    result is sentence i of the file (after blank lines are skipped) whatever the config. ``train_limit`` / ``valid_limit`` keep the
     first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
     permutation (seed 0) so that a limit keeps both classes. A dialogue corpus
     (``corpus: dailydialog`` or ``format: dialogue``; an explicit ``path`` is then read as
@@ -345,6 +350,8 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     else:
         files = _named_files(cfg, role)
         label_field = None
+    if whole:
+        cfg = dataclasses.replace(cfg, max_length=0)
     if cfg.corpus == "dailydialog" or cfg.format == "dialogue":
         return _load_dialogue_split(cfg, role, files[0][0])
     texts: list[str] = []

@@ -12,8 +12,14 @@ and as one word per sentence; padding never counts.
 - ``nll``: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), with its
   standard error over sentences; exact -log p(x) for a model without latent.
 - ``nll_per_sentence``: the N per-sentence values behind ``nll``, in the dataset's order (a
-  list of floats), so two models evaluated on the same sentences can be compared pairwise
-  (``textvae compare`` reports the paired difference and its standard error).
+  list of floats; evaluation batches are sorted by token length, which differs between
+  tokenizers, and the values are put back), with ``sentence_index`` (the dataset position of
+  each value) and ``n_words_per_sentence``, so two models evaluated on the same sentences are
+  compared pairwise by index (``textvae compare`` reports the paired difference and its
+  standard error, and refuses evaluations of different sentences).
+- ``n_skipped``: sentences left out because they exceed the model's position limit (only with
+  ``skip_too_long``; otherwise such a sentence is an error). Every sentence is scored whole:
+  ``data.max_length`` is a training setting and does not apply to evaluation.
 - ``ppl_token`` = exp(sum nll / predicted tokens incl. EOS); ``ppl_word`` = exp(sum nll /
   (whitespace words + one EOS per sentence)).
 - ``ppl_elbo_token`` = exp(-sum elbo / predicted tokens incl. EOS): the perplexity of the ELBO,
@@ -87,7 +93,8 @@ EVAL_KEYS = (
     "ppl_elbo_token", "mi",
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
-    "au_per_layer", "bound_valid", "nll_per_sentence",
+    "au_per_layer", "bound_valid", "nll_per_sentence", "sentence_index", "n_words_per_sentence",
+    "n_skipped",
 )
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
@@ -247,10 +254,22 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def too_long(model, dataset: TextDataset) -> list[int]:
+    """Indices of the sentences ``model`` cannot take whole: those needing more than its
+    :attr:`max_positions` (:meth:`positions_needed`, context included); empty without a limit."""
+    limit = getattr(model, "max_positions", None)
+    if limit is None:
+        return []
+    ctx = dataset.context_ids
+    return [i for i, ids in enumerate(dataset.ids)
+            if model.positions_needed(len(ids), len(ctx[i]) if ctx is not None else 0) > limit]
+
+
 @torch.no_grad()
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
     batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
+    skip_too_long: bool = False,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
@@ -262,13 +281,35 @@ def evaluate(
     With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
     log-densities, log-sum-exp and all sums stay float32/float64.
 
+    Every sentence is scored whole (build the dataset with ``load_split(..., whole=True)``).
+    ``nll_per_sentence`` is in dataset order, ``sentence_index[i]`` being the dataset position
+    of its i-th value and ``n_words_per_sentence`` its words (+1 EOS), so that two evaluations
+    are paired by index (:func:`textvae.report.paired_differences`). A sentence longer than
+    the model's position limit (``model.max_positions``, e.g. DELLA's GPT-2) is an error,
+    unless ``skip_too_long``: then it is left out, counted in ``n_skipped`` and absent from
+    ``sentence_index``, and every field is over the sentences scored.
+
     Raises:
-        ValueError: ``iw_samples`` < 0 or an empty dataset.
+        ValueError: ``iw_samples`` < 0, an empty dataset, or sentences past the model's
+            position limit without ``skip_too_long``.
     """
     if iw_samples < 0:
         raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty dataset")
+    skipped = too_long(model, dataset)
+    if skipped and not skip_too_long:
+        longest = max(skipped, key=lambda i: len(dataset.ids[i]))
+        raise ValueError(
+            f"{len(skipped)} of {len(dataset)} sentences (e.g. sentence {longest}, "
+            f"{len(dataset.ids[longest])} tokens) are longer than the model's "
+            f"{model.max_positions} positions; evaluation never shortens a sentence: pass "
+            "skip_too_long=True (textvae evaluate --skip-too-long) to score the others and report "
+            "how many were skipped")
+    if len(skipped) == len(dataset):
+        raise ValueError(f"all {len(dataset)} sentences are longer than the model's "
+                         f"{model.max_positions} positions")
+    skip_set = set(skipped)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -276,12 +317,16 @@ def evaluate(
     mus, logvars, zs, means = [], [], [], []
     closed_form, flow, layerwise, bound_valid = True, False, False, True
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
-    mi_b, kl_dims_sum, gaps = [], None, []
+    mi_b, kl_dims_sum, gaps, order = [], None, [], []
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for indices in dataset.batches(batch_size, shuffle=False):
+            indices = [i for i in indices if i not in skip_set]
+            if not indices:
+                continue
+            order += indices  # evaluation batches are sorted by length; un-sorted below
             batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
             b, t = batch["input_ids"].shape
             if not model.has_latent:
@@ -348,18 +393,24 @@ def evaluate(
             if iw_samples:
                 nll.append(-iw_bound(torch.cat(log_w, dim=0)))
     model.train(was_training)
-    n = len(dataset)
-    n_tokens, n_words = dataset.n_tokens, sum(dataset.n_words)
+    n = len(order)
+    index = sorted(order)
+    n_tokens = sum(len(dataset.ids[i]) for i in index)
+    n_words_each = [dataset.n_words[i] for i in index]
+    n_words = sum(n_words_each)
     rec_t = torch.cat(rec).double()
     out: dict = dict.fromkeys(EVAL_KEYS)
     out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()),
                tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed,
-               bound_valid=bound_valid)
+               bound_valid=bound_valid, n_skipped=len(skipped))
     if nll:
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
         out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-        out["nll_per_sentence"] = nll_t.tolist()
+        # back to dataset order: nll_t[j] is the value of sentence order[j]
+        out["nll_per_sentence"] = nll_t[torch.argsort(torch.tensor(order))].tolist()
+        out["sentence_index"] = index
+        out["n_words_per_sentence"] = n_words_each
         out["ppl_token"] = math.exp(float(nll_t.sum()) / n_tokens)
         out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
     if not model.has_latent:

@@ -269,7 +269,7 @@ class DELLA(TextVAE):
         self.lm_head = None if gpt2.lm_head.weight is self.transformer.wte.weight else gpt2.lm_head
         self.n_layer, self.n_head, self.hidden = c.n_layer, c.n_head, c.n_embd
         self.head_dim = c.n_embd // c.n_head
-        self.n_positions = c.n_positions
+        self.n_positions = self.max_positions = c.n_positions
         self.scale_attn_weights = c.scale_attn_weights
         self.scale_attn_by_inverse_layer_idx = c.scale_attn_by_inverse_layer_idx
         self.fusion_kind = cfg.fusion
@@ -367,6 +367,12 @@ class DELLA(TextVAE):
         hidden = hidden + attn.resid_dropout(attn.c_proj(out))
         hidden = hidden + block.mlp(block.ln_2(hidden))
         return hidden, k, v
+
+    def positions_needed(self, n_tokens: int, n_context: int = 0) -> int:
+        """Positions a sentence of ``n_tokens`` ids (EOS included) uses: the encoder reads
+        ``[BOS] + x`` (1 + n_tokens), ``della_cvae``'s context encoder ``[BOS] + c``
+        (1 + n_context) and its decoder the response after the context's n_context positions."""
+        return max(1 + n_tokens, 1 + n_context, n_context + n_tokens)
 
     # --- q(z|x) and p(z) -------------------------------------------------------------------------
 
