@@ -519,7 +519,7 @@ def paired_nll(ref: dict, other: dict) -> torch.Tensor:
                 raise ValueError(f"different sentences: {len(diff)} indices scored by one only "
                                  f"(e.g. {min(diff)})" if diff else "sentence_index out of order")
             if r["n_words_per_sentence"] != words:
-                k = next(i for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words)) if x != y)
+                k = next(i for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words, strict=True)) if x != y)
                 raise ValueError(f"the same indices hold different sentences (sentence "
                                  f"{index[k]}: {r['n_words_per_sentence'][k]} vs {words[k]} words)")
             vals[key] = r["nll_per_sentence"]
