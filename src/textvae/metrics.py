@@ -53,11 +53,16 @@ estimate draws all layers ancestrally once per importance sample and sums
 log p(z_l|z_<l) - log q(z_l|z_<l,x) over layers, the (S x B) samples going through the decoder
 in chunks like every model's.
 
-Flow posteriors (see docs/flows.md): ``nll``, ``rec``, ``kl`` use z_K and its exact log q;
-``mi`` (both estimators) is that of the base Gaussian z_0 (the aggregate posterior of z_K needs
-q(z_K|x_n) at other sentences' samples, i.e. an inverse that planar and Sylvester flows lack);
-``au`` uses E_q[z_K|x] estimated by :attr:`textvae.flows.FlowDistribution.mean` (256 common
-random draws). ``mi_estimator`` says so.
+Flow posteriors (see docs/flows.md): every field refers to z_K, the latent the decoder reads.
+``nll``, ``rec``, ``kl`` use z_K and its exact log q; ``mi`` (and ``mi_batch``) is I(x; z_K)
+with the aggregate posterior of z_K (:func:`distribution_mi` over the flow posteriors: log
+q(z_K|x_n) of every sentence's sample z_K under every sentence's flow, through the inverse of
+each step, :meth:`textvae.flows.FlowDistribution.log_prob`); where that cannot be computed (an
+iterative inverse that does not converge, a non-finite estimate) ``mi`` and ``mi_batch`` are
+None and ``mi_estimator`` gives the reason (the base Gaussian's I(x; z_0) is never reported in
+their place: a flow whose base ignores x can still carry information in z_K). ``au`` uses
+E_q[z_K|x] estimated by :attr:`textvae.flows.FlowDistribution.mean` (256 common random draws).
+Cost: N^2 inverse evaluations (the IAF's sequential in D), chunked.
 
 Conditional models (``cvrae``): every field is conditioned on the context c of each response:
 ``nll`` bounds -log p(x|c), ``kl`` is KL(q(z|x,c) || p(z|c)); ``mi`` and ``au`` are taken over
@@ -79,7 +84,7 @@ import math
 import torch
 
 from textvae.data import TextDataset
-from textvae.flows import base_gaussian
+from textvae.flows import InverseError, base_gaussian
 from textvae.objectives import (
     conditional_kl,
     iw_bound,
@@ -102,10 +107,15 @@ MI_ESTIMATOR = (
     "in both terms; mi_batch: He et al. 2019 calc_mi (q(z) over each evaluation batch, "
     "closed-form entropy)"
 )
-FLOW_ESTIMATOR_NOTE = (
-    "; flow posterior: mi and mi_batch of the base Gaussian z_0, au from E_q[z_K|x] by 256 "
-    "common random draws"
+FLOW_ESTIMATOR = (
+    "flow posterior, I(x; z_K) of the latent the decoder reads: aggregate posterior q(z_K) over "
+    "all evaluated sentences, log q(z_K|x_n) of every sentence's sample under every sentence's "
+    "flow through the flow's inverse (closed form for iaf, cclin_iaf, radial; checked root "
+    "search for planar, sylvester), one z_K ~ q(z_K|x) per sentence used in both terms; mi_batch: "
+    "the same estimator within each evaluation batch; kl: Monte Carlo over z_K; au from "
+    "E_q[z_K|x] by 256 common random draws"
 )
+FLOW_ESTIMATOR_NONE = "flow posterior: I(x; z_K) not computed (mi and mi_batch null)"
 LAYERWISE_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences from the joint log q(z|x) of the "
     "layer-wise posterior, one ancestral z ~ q(z|x) per sentence used in both terms; mi_batch: "
@@ -318,6 +328,7 @@ def evaluate(
     closed_form, flow, layerwise, bound_valid = True, False, False, True
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
     mi_b, kl_dims_sum, gaps, order = [], None, [], []
+    flow_mi_error = None  # why I(x; z_K) of a flow posterior could not be computed
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -352,16 +363,23 @@ def evaluate(
                 zs.append(z1)
                 means.append(q.mean.float().cpu())
                 mi_b.append((distribution_mi([q], [z1]), b))
+            elif base_gaussian(q) is not q:  # a flow: MI of z_K, through the flow's inverse
+                flow = True
+                posteriors.append(q)
+                zs.append(z1)
+                means.append(q.mean.float().cpu())
+                if flow_mi_error is None:
+                    try:
+                        mi_b.append((distribution_mi([q], [z1]), b))
+                    except InverseError as err:
+                        flow_mi_error = str(err)
             else:
-                base = base_gaussian(q)  # q itself, or a flow's base q0
-                flow = base is not q
-                mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
-                z_mi = base.sample() if flow else z1
+                mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
                 mus.append(mu.cpu())
                 logvars.append(logvar.cpu())
-                zs.append(z_mi.cpu())
-                means.append(q.mean.float().cpu() if flow else mu.cpu())
-                mi_b.append((batch_mi(mu, logvar, z_mi), b))
+                zs.append(z1.cpu())
+                means.append(mu.cpu())
+                mi_b.append((batch_mi(mu, logvar, z1), b))
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
             if gap is not None:
@@ -429,10 +447,25 @@ def evaluate(
         out["kl_per_layer"] = (kl_dims_sum.double() / n).sum(-1).tolist()
         out["mi"] = distribution_mi(posteriors, zs)
         out["mi_estimator"] = LAYERWISE_ESTIMATOR
+    elif flow:
+        if flow_mi_error is None:
+            try:
+                out["mi"] = distribution_mi(posteriors, zs)
+            except InverseError as err:
+                flow_mi_error = str(err)
+        if flow_mi_error is None and not math.isfinite(out["mi"]):
+            flow_mi_error = (f"the estimate is not finite ({out['mi']}): log q(z_K|x) through the "
+                             "inverse is -inf or nan at some points (a flow numerically not "
+                             "invertible there, e.g. an IAF gate sigma near 0)")
+        if flow_mi_error is None:
+            out["mi_estimator"] = FLOW_ESTIMATOR
+        else:  # never the z_0 value under the name mi
+            out["mi"], mi_b = None, []
+            out["mi_estimator"] = f"{FLOW_ESTIMATOR_NONE}: {flow_mi_error}"
     else:
         out["mi"] = aggregate_mi(torch.cat(mus), torch.cat(logvars), torch.cat(zs))
-        out["mi_estimator"] = MI_ESTIMATOR + (FLOW_ESTIMATOR_NOTE if flow else "")
-    out["mi_batch"] = sum(m * b for m, b in mi_b) / n
+        out["mi_estimator"] = MI_ESTIMATOR
+    out["mi_batch"] = sum(m * b for m, b in mi_b) / n if mi_b else None
     mean_all = torch.cat(means)  # (N, *event)
     out["au"], var = active_units(mean_all, au_delta)
     out["au_delta"] = au_delta
