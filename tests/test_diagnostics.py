@@ -279,7 +279,7 @@ def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_pa
         assert sum(result["nll_per_sentence"]) / 12 == pytest.approx(result["nll"], rel=1e-9)
     assert cli.main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
-    d = [a - b for a, b in zip(r[1]["nll_per_sentence"], r[0]["nll_per_sentence"])]
+    d = [a - b for a, b in zip(r[1]["nll_per_sentence"], r[0]["nll_per_sentence"], strict=True)]
     assert f"- r-mean - r-last: {sum(d) / 12:+.2f} ±" in out
     assert "nll_per_sentence" not in out  # the table shows the summary fields only
 

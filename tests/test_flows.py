@@ -388,8 +388,8 @@ def test_flow_mi_equals_the_gaussian_mi_of_z_k():
     assert abs(mi_flow - mi_z0) > 0.05
 
 
-@pytest.mark.parametrize(("kind", "scale"), [("planar", 30.0), ("iaf", 50.0), ("cclin_iaf", 8.0),
-                                           ("sylvester", 8.0)])
+@pytest.mark.parametrize(("kind", "scale"), [("planar", 30.0), ("iaf", 150.0), ("cclin_iaf", 30.0),
+                                           ("sylvester", 30.0)])
 def test_evaluate_reports_the_mi_of_z_k_not_z_0(tokenizer, kind, scale):
     """The base q0 is N(0, I) for every sentence (heads zeroed), so I(x; z_0) = 0 exactly (what
     evaluate reported before: identical Gaussians give 0.0), while the flow, computed from the
@@ -414,7 +414,7 @@ def test_evaluate_reports_the_mi_of_z_k_not_z_0(tokenizer, kind, scale):
                 p.mul_(scale)
     r = evaluate(model, TextDataset(sentences(24, seed=3), tokenizer), iw_samples=2, batch_size=8)
     assert "z_K" in r["mi_estimator"]
-    assert r["mi"] > 0.02 and r["mi_batch"] > 0.01, (kind, r["mi"])
+    assert r["mi"] > 0.1 and r["mi_batch"] > 0.1, (kind, r["mi"])  # 0.30 to 0.45 here
     assert r["mi"] <= math.log(24) + 1e-6
 
 
@@ -430,3 +430,19 @@ def test_flow_mi_is_null_with_the_reason_when_the_inverse_fails(tokenizer, monke
     assert r["mi"] is None and r["mi_batch"] is None
     assert "not computed" in r["mi_estimator"] and "SylvesterTransform inverse residual" in r["mi_estimator"]
     assert r["nll"] is not None and r["au"] is not None
+
+
+def test_flow_mi_over_the_first_sentences_when_capped(tokenizer):
+    """flow_mi_sentences (and training's validation, iw_samples=0) bounds the N^2 inverses; the
+    estimator text records how many sentences it used."""
+    from textvae.metrics import FLOW_MI_VALIDATION_SENTENCES
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    ds = TextDataset(make_sentences(10, seed=3), tokenizer)
+    r = evaluate(model, ds, iw_samples=2, flow_mi_sentences=6)
+    assert "over the first 6 of 10 sentences" in r["mi_estimator"] and r["mi"] <= math.log(6) + 1e-6
+    assert "over the first" not in evaluate(model, ds, iw_samples=2)["mi_estimator"]
+    assert FLOW_MI_VALIDATION_SENTENCES >= 100

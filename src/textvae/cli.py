@@ -95,7 +95,7 @@ def _cmd_evaluate(args) -> int:
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
-                      skip_too_long=args.skip_too_long)
+                      skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences)
     result["data"], result["split"] = source, args.split if args.data is None else None
     if args.generation and model.conditional:
         from textvae.metrics import response_metrics
@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-too-long", action="store_true",
                    help="leave out (and count in n_skipped) sentences past the model's position "
                    "limit instead of failing; sentences are never shortened")
+    p.add_argument("--flow-mi-sentences", type=int,
+                   help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
+                   "flow inverses; default all)")
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
     g = p.add_argument_group("generation metrics (--generation)")
     g.add_argument("--generation", action="store_true",

@@ -288,11 +288,11 @@ class IAFTransform(FlowTransform):
     dimension d depend only on earlier dimensions). Inverse: z_d = y_d + (y_d - m_d) exp(-s_d)
     (= (y_d - (1 - sigma_d) m_d) / sigma_d without dividing by a sigma that underflows), in D
     sequential passes, pass k setting only the k-th dimension in order (the others stay 0
-    until set, so no unfinished value can overflow and poison the MADE's masked products),
-    computed in float64. Far in the tails the true inverse can still exceed float64 (each
-    dimension's scale grows like exp(-s) of the previous): such a point comes back with inf
-    from the overflowing dimension on (never NaN), and :meth:`FlowDistribution.log_prob` gives
-    it density 0.
+    until set, so no unfinished value can overflow and poison the MADE's masked products), in
+    float32 autocast off (float64 for a float64 module or value). Far in the tails the true
+    inverse can exceed the float range (each dimension's scale grows like exp(-s) of the
+    previous): such a point comes back with inf from the overflowing dimension on (never NaN),
+    and :meth:`FlowDistribution.log_prob` gives it density 0.
 
     Args:
         made: the step's :class:`MADE`; context: (B, C) per-sentence conditioning or None.
@@ -316,16 +316,17 @@ class IAFTransform(FlowTransform):
         return self.call_and_ladj(x)[1]
 
     def _inverse(self, y):
-        y64 = y.double()
-        context = None if self.context is None else self.context.double()
+        dtype = torch.promote_types(y.dtype, self.made.inp.weight.dtype)
+        yd = y.to(dtype)
+        context = None if self.context is None else self.context.to(dtype)
         x = torch.zeros(torch.broadcast_shapes(y.shape, (*self._batch_shape(), y.size(-1))),
-                        dtype=torch.float64, device=y.device)
+                        dtype=dtype, device=y.device)
         with torch.autocast(y.device.type, enabled=False):
             # dimensions by increasing degree: each depends only on those set before it
             out = torch.zeros((), dtype=torch.bool, device=y.device)  # points past float64
             for k in torch.argsort(self.made.order).tolist():
                 m, s = self.made(torch.where(out.unsqueeze(-1), 0.0, x), context)
-                value = y64[..., k] + (y64[..., k] - m[..., k]) * torch.exp(-s[..., k])
+                value = yd[..., k] + (yd[..., k] - m[..., k]) * torch.exp(-s[..., k])
                 value = torch.where(out, float("inf"), value)
                 out = out | ~torch.isfinite(value)
                 is_k = torch.arange(x.size(-1), device=x.device) == k

@@ -116,6 +116,9 @@ FLOW_ESTIMATOR = (
     "E_q[z_K|x] by 256 common random draws"
 )
 FLOW_ESTIMATOR_NONE = "flow posterior: I(x; z_K) not computed (mi and mi_batch null)"
+# I(x; z_K) costs N^2 flow inverses (an IAF's sequential over D): at validation (iw_samples=0)
+# it is taken over this many sentences unless flow_mi_sentences says otherwise
+FLOW_MI_VALIDATION_SENTENCES = 128
 LAYERWISE_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences from the joint log q(z|x) of the "
     "layer-wise posterior, one ancestral z ~ q(z|x) per sentence used in both terms; mi_batch: "
@@ -250,6 +253,40 @@ def z_usage_gap(
     return (ll[0] - ll[1]).float()
 
 
+def _flow_mi(model, dataset: TextDataset, indices: list[int], n_scored: int, batch_size: int,
+             device: torch.device, precision: str) -> tuple[float | None, list, str]:
+    """I(x; z_K) of a flow posterior over the sentences ``indices`` (dataset order, batches of
+    ``batch_size``): one z_K ~ q(z_K|x) per sentence, the aggregate posterior through the flow's
+    inverse (:func:`distribution_mi`); the same within each batch for ``mi_batch``.
+
+    Returns:
+        (mi or None, [(mi_batch of a batch, its size)], the ``mi_estimator`` text, which gives
+        the reason when mi is None: an iterative inverse that did not converge, or a non-finite
+        estimate).
+    """
+    posteriors, zs, per_batch = [], [], []
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = {k: v.to(device) for k, v in
+                     dataset.collate(indices[start : start + batch_size]).items()}
+            with _autocast(device, precision):
+                q = model.posterior(batch)
+            z = q.sample()
+            posteriors.append(q)
+            zs.append(z)
+            per_batch.append((distribution_mi([q], [z]), z.size(0)))
+        mi = distribution_mi(posteriors, zs)
+    except InverseError as err:
+        return None, [], f"{FLOW_ESTIMATOR_NONE}: {err}"
+    if not math.isfinite(mi) or not all(math.isfinite(m) for m, _ in per_batch):
+        return None, [], (f"{FLOW_ESTIMATOR_NONE}: the estimate is not finite ({mi}): log "
+                          "q(z_K|x) through the inverse is -inf or nan at some points (a flow "
+                          "numerically not invertible there, e.g. an IAF gate sigma near 0)")
+    n = len(indices)
+    scope = "" if n == n_scored else f"; mi and mi_batch over the first {n} of {n_scored} sentences"
+    return mi, per_batch, FLOW_ESTIMATOR + scope
+
+
 def tokenizer_kind(tokenizer) -> str:
     """A short description of a tokenizer for the evaluation record, e.g. ``WordLevel (10002
     types)``: perplexities are only comparable across runs together with this."""
@@ -279,7 +316,7 @@ def too_long(model, dataset: TextDataset) -> list[int]:
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
     batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
-    skip_too_long: bool = False,
+    skip_too_long: bool = False, flow_mi_sentences: int | None = None,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
@@ -290,6 +327,11 @@ def evaluate(
     seeded by ``seed``, so evaluation is repeatable and leaves the caller's RNG untouched.
     With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
     log-densities, log-sum-exp and all sums stay float32/float64.
+
+    A flow posterior's ``mi`` (I(x; z_K), N^2 flow inverses) is taken over the first
+    ``flow_mi_sentences`` scored sentences in dataset order (default: all of them; with
+    ``iw_samples=0``, training's validation, the first :data:`FLOW_MI_VALIDATION_SENTENCES`);
+    ``mi_estimator`` records the count.
 
     Every sentence is scored whole (build the dataset with ``load_split(..., whole=True)``).
     ``nll_per_sentence`` is in dataset order, ``sentence_index[i]`` being the dataset position
@@ -328,7 +370,6 @@ def evaluate(
     closed_form, flow, layerwise, bound_valid = True, False, False, True
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
     mi_b, kl_dims_sum, gaps, order = [], None, [], []
-    flow_mi_error = None  # why I(x; z_K) of a flow posterior could not be computed
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -363,16 +404,9 @@ def evaluate(
                 zs.append(z1)
                 means.append(q.mean.float().cpu())
                 mi_b.append((distribution_mi([q], [z1]), b))
-            elif base_gaussian(q) is not q:  # a flow: MI of z_K, through the flow's inverse
+            elif base_gaussian(q) is not q:  # a flow: MI of z_K after the loop (_flow_mi)
                 flow = True
-                posteriors.append(q)
-                zs.append(z1)
                 means.append(q.mean.float().cpu())
-                if flow_mi_error is None:
-                    try:
-                        mi_b.append((distribution_mi([q], [z1]), b))
-                    except InverseError as err:
-                        flow_mi_error = str(err)
             else:
                 mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
                 mus.append(mu.cpu())
@@ -410,6 +444,11 @@ def evaluate(
                 kl.append(kl_sum / n_samples)
             if iw_samples:
                 nll.append(-iw_bound(torch.cat(log_w, dim=0)))
+        if flow:
+            cap = flow_mi_sentences if flow_mi_sentences is not None else (
+                None if iw_samples else FLOW_MI_VALIDATION_SENTENCES)
+            flow_mi = _flow_mi(model, dataset, sorted(order)[:cap], len(order), batch_size, device,
+                               precision)
     model.train(was_training)
     n = len(order)
     index = sorted(order)
@@ -447,25 +486,12 @@ def evaluate(
         out["kl_per_layer"] = (kl_dims_sum.double() / n).sum(-1).tolist()
         out["mi"] = distribution_mi(posteriors, zs)
         out["mi_estimator"] = LAYERWISE_ESTIMATOR
-    elif flow:
-        if flow_mi_error is None:
-            try:
-                out["mi"] = distribution_mi(posteriors, zs)
-            except InverseError as err:
-                flow_mi_error = str(err)
-        if flow_mi_error is None and not math.isfinite(out["mi"]):
-            flow_mi_error = (f"the estimate is not finite ({out['mi']}): log q(z_K|x) through the "
-                             "inverse is -inf or nan at some points (a flow numerically not "
-                             "invertible there, e.g. an IAF gate sigma near 0)")
-        if flow_mi_error is None:
-            out["mi_estimator"] = FLOW_ESTIMATOR
-        else:  # never the z_0 value under the name mi
-            out["mi"], mi_b = None, []
-            out["mi_estimator"] = f"{FLOW_ESTIMATOR_NONE}: {flow_mi_error}"
+    elif flow:  # never the z_0 value under the name mi
+        out["mi"], mi_b, out["mi_estimator"] = flow_mi
     else:
         out["mi"] = aggregate_mi(torch.cat(mus), torch.cat(logvars), torch.cat(zs))
         out["mi_estimator"] = MI_ESTIMATOR
-    out["mi_batch"] = sum(m * b for m, b in mi_b) / n if mi_b else None
+    out["mi_batch"] = sum(m * b for m, b in mi_b) / sum(b for _, b in mi_b) if mi_b else None
     mean_all = torch.cat(means)  # (N, *event)
     out["au"], var = active_units(mean_all, au_delta)
     out["au_delta"] = au_delta

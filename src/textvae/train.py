@@ -519,7 +519,8 @@ def train(
         write_log(record)
         if raw.has_latent:
             log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
-                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
+                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"],
+                     math.nan if m["mi"] is None else m["mi"], m["au"],
                      math.prod(raw.latent_shape), m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
             if update_ae_early_stop(state, m["rec"], t.ae_patience):
@@ -528,7 +529,7 @@ def train(
                 write_log({"type": "event", "event": "ae early stop", "step": state.step,
                            "rec": m["rec"], "best_rec": state.ae_best_rec})
             last_mi = state.last_mi
-            if update_aggressive(state, m["mi"]):
+            if m["mi"] is not None and update_aggressive(state, m["mi"]):  # None: a flow's I(x; z_K) failed
                 log.info("step %d: validation MI fell from %.3f to %.3f nats: aggressive training "
                          "off", state.step, last_mi, m["mi"])
                 write_log({"type": "event", "event": "aggressive off", "step": state.step,
