@@ -67,9 +67,9 @@ PRIOR_FLOWS = ("none", "iaf")
 MEAN_SAMPLES, MEAN_SEED, MEAN_CHUNK = 256, 0, 32
 # Kingma et al. 2016: initialise the gate's bias so that sigma starts near 1 ("+1 or +2")
 IAF_GATE_BIAS = 1.0
-# iterative inverses (planar, sylvester): most Newton steps, and the largest accepted residual
-# max |f(f^-1(y)) - y| / (1 + |y|)
-ROOT_ITERS, INVERSE_TOL = 60, 1e-4
+# iterative inverses (planar, sylvester): most root-search steps, the float64 |g| at which they
+# stop, and the largest accepted residual max |f(f^-1(y)) - y| / (1 + |y|)
+ROOT_ITERS, ROOT_TOL, INVERSE_TOL = 120, 1e-13, 1e-4
 
 
 class InverseError(ArithmeticError):
@@ -77,30 +77,37 @@ class InverseError(ArithmeticError):
 
 
 def _monotone_root(fn, lo: torch.Tensor, hi: torch.Tensor, iters: int = ROOT_ITERS) -> torch.Tensor:
-    """Elementwise root of an increasing function on [lo, hi] (g(lo) <= 0 <= g(hi)): Newton steps
-    kept inside a shrinking bracket (bisection when a step leaves it), so it always converges.
-    ``fn(x) -> (g, g')``; all tensors of one shape."""
+    """Elementwise root of an increasing function on [lo, hi] (g(lo) <= 0 <= g(hi)): Newton
+    steps inside a shrinking bracket, bisection where a step would leave it or where |g| does
+    not fall fast enough (the safeguard of Numerical Recipes' ``rtsafe``), so it always
+    converges, quadratically near the root. ``fn(x) -> (g, g')``; tensors of one shape."""
     x = 0.5 * (lo + hi)
+    dx_old = hi - lo
+    dx = dx_old
     for _ in range(iters):
         g, dg = fn(x)
+        if bool((g.abs() <= ROOT_TOL * (1 + x.abs())).all()):
+            break
         lo = torch.where(g < 0, x, lo)
         hi = torch.where(g > 0, x, hi)
-        step = x - g / dg
-        inside = (step > lo) & (step < hi)
-        x_new = torch.where(inside, step, 0.5 * (lo + hi))
+        newton = x - g / dg
+        bisect = ~((newton > lo) & (newton < hi)) | (2 * g.abs() > (dx_old * dg).abs())
+        dx_old, dx = dx, torch.where(bisect, 0.5 * (hi - lo), g / dg)
+        x_new = torch.where(g == 0, x, torch.where(bisect, 0.5 * (lo + hi), newton))
         if torch.equal(x_new, x):
             break
         x = x_new
     return x
 
 
-def _check_residual(transform: Transform, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Raise :class:`InverseError` unless f(x) reproduces y; returns x."""
-    err = ((transform(x) - y).abs() / (1 + y.abs())).amax() if x.numel() else x.new_zeros(())
+def _check_residual(name: str, fx: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise :class:`InverseError` unless f(x) (computed in float64 by the caller: in float32 a
+    planar step with a large u_hat cannot even reproduce its own forward map) gives back y."""
+    y = y.double()
+    err = ((fx - y).abs() / (1 + y.abs())).amax() if fx.numel() else fx.new_zeros(())
     if not bool(err <= INVERSE_TOL):
-        raise InverseError(f"{type(transform).__name__} inverse residual {float(err):.2e} exceeds "
-                           f"{INVERSE_TOL:.0e}")
-    return x
+        raise InverseError(f"{name} inverse residual {float(err):.2e} exceeds {INVERSE_TOL:.0e}")
+
 
 _REAL_VECTOR = constraints.independent(constraints.real, 1)
 
@@ -169,8 +176,10 @@ class PlanarTransform(FlowTransform):
 
         reach = wu.abs().expand_as(wy)
         alpha = _monotone_root(g, wy - reach, wy + reach)
-        x = y.double() - self.u.double() * torch.tanh(alpha + b).unsqueeze(-1)
-        return _check_residual(self, x.to(y.dtype), y)
+        u = self.u.double()
+        x = y.double() - u * torch.tanh(alpha + b).unsqueeze(-1)
+        _check_residual(type(self).__name__, x + u * torch.tanh((x * w).sum(-1) + b).unsqueeze(-1), y)
+        return x.to(y.dtype)
 
     def call_and_ladj(self, x):
         a = torch.tanh((x * self.w).sum(-1) + self.b)  # (S, B)
@@ -439,8 +448,11 @@ class SylvesterTransform(FlowTransform):
             reach = rm.abs().expand_as(t)
             x[..., m] = _monotone_root(g, t - reach, t + reach)
             tanh_a[..., m] = torch.tanh(sm * x[..., m] + c)
+        a = torch.tanh((r2 @ x.unsqueeze(-1)).squeeze(-1) + b)  # the forward map again, float64
+        fx = x + (r1 @ a.unsqueeze(-1)).squeeze(-1)  # in the Q^T coordinates
+        _check_residual(type(self).__name__, fx, yq)
         x = x.flip(-1) if self.reverse else x
-        return _check_residual(self, x.to(y.dtype), y)
+        return x.to(y.dtype)
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,11 @@ Cost: N^2 inverse evaluations (the IAF's sequential in D), chunked.
 Conditional models (``cvrae``): every field is conditioned on the context c of each response:
 ``nll`` bounds -log p(x|c), ``kl`` is KL(q(z|x,c) || p(z|c)); ``mi`` and ``au`` are taken over
 the (context, response) pairs (the aggregate posterior mixes q(z|x_n, c_n) over all pairs).
+- ``encoder_dispersion``: how spread the encoder summaries (the vectors the posterior heads
+  read) are across the evaluated sentences (Long et al. 2019; :func:`encoder_dispersion`):
+  ``total_variance``, ``relative_variance``, ``mean_cosine_distance``, ``dim``, ``n``; for a
+  model without ``encoder_summary`` (DELLA: per-layer features read together with the latent
+  recurrence) the values are None with a ``reason``; None for a model without latent.
 - ``z_gap``: the z-usage gap, rec with z shuffled across the batch minus rec with each
   sentence's own z (:func:`z_usage_gap`); near 0 means the decoder ignores z.
 
@@ -99,7 +104,7 @@ EVAL_KEYS = (
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
     "au_per_layer", "bound_valid", "nll_per_sentence", "sentence_index", "n_words_per_sentence",
-    "n_skipped",
+    "n_skipped", "encoder_dispersion",
 )
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
@@ -201,6 +206,52 @@ def distribution_mi(posteriors: list, zs: list[torch.Tensor], chunk: int = 256) 
         dens = torch.cat([q.log_prob(block) for q in posteriors], dim=1).double()  # (c, N)
         log_q_agg.append(torch.logsumexp(dens, dim=1) - math.log(n))
     return float(own.mean() - torch.cat(log_q_agg).mean())
+
+
+class DispersionSums:
+    """Running sums over the evaluated set for :func:`encoder_dispersion`: count, sum of h,
+    sum of ||h||^2 and sum of h / ||h|| (float64), so the set never has to be held at once."""
+
+    def __init__(self):
+        self.n, self.sum, self.sum_sq, self.sum_unit = 0, None, 0.0, None
+
+    def add(self, h: torch.Tensor) -> None:
+        """h: (B, H) summaries of one batch."""
+        h = h.detach().double().cpu()
+        unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.n += h.size(0)
+        self.sum = h.sum(0) if self.sum is None else self.sum + h.sum(0)
+        self.sum_unit = unit.sum(0) if self.sum_unit is None else self.sum_unit + unit.sum(0)
+        self.sum_sq += float((h * h).sum())
+
+
+def encoder_dispersion(sums: DispersionSums) -> dict:
+    """Dispersion of the encoder summaries h_n (the vectors the posterior heads read) across
+    the N evaluated sentences: Long, Cao & Cheung 2019 ("On Posterior Collapse and Encoder
+    Feature Dispersion in Sequence VAEs") argue that with the last LSTM state different
+    sentences get nearly the same h, so q(z|x) cannot tell them apart, and that pooling
+    disperses them. The paper's own formula could not be read here (only its abstract); these
+    are the issue's definition (issue 15, item 7), over the whole evaluated set:
+
+    - ``total_variance``: trace of the population covariance of h, sum_d Var_n(h_nd)
+      (squared units of h);
+    - ``relative_variance``: total_variance / mean_n ||h_n||^2, in [0, 1], free of h's scale
+      (max pooling shifts all features up; this does not reward that);
+    - ``mean_cosine_distance``: 1 - mean over pairs n != m of cos(h_n, h_m), in [0, 2],
+      computed in O(N) from the sum of unit vectors;
+    - ``dim``, ``n``: H and N.
+
+    Returns:
+        the dict above (floats).
+    """
+    n = sums.n
+    mean = sums.sum / n
+    mean_sq = sums.sum_sq / n
+    total = mean_sq - float(mean @ mean)
+    pair_cos = (float(sums.sum_unit @ sums.sum_unit) - n) / (n * (n - 1)) if n > 1 else 1.0
+    return {"total_variance": max(total, 0.0), "relative_variance": max(total, 0.0) / mean_sq
+            if mean_sq > 0 else 0.0, "mean_cosine_distance": 1.0 - pair_cos,
+            "dim": int(mean.numel()), "n": n}
 
 
 def batch_mi(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
@@ -370,6 +421,7 @@ def evaluate(
     closed_form, flow, layerwise, bound_valid = True, False, False, True
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
     mi_b, kl_dims_sum, gaps, order = [], None, [], []
+    summary_fn, dispersion = getattr(model, "encoder_summary", None), DispersionSums()
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -389,6 +441,8 @@ def evaluate(
                 continue
             with _autocast(device, precision):
                 q = model.posterior(batch)
+                if summary_fn is not None:
+                    dispersion.add(summary_fn(batch).float())
             p = model.prior(batch)
             dims = kl_per_dim(q, p)  # (B, D), or None without a closed form
             if dims is not None:
@@ -501,6 +555,14 @@ def evaluate(
         per_layer = var.view(mean_all.shape[1:])
         out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
+    if summary_fn is not None:
+        out["encoder_dispersion"] = encoder_dispersion(dispersion)
+    else:
+        out["encoder_dispersion"] = {"total_variance": None, "relative_variance": None,
+                                     "mean_cosine_distance": None,
+                                     "reason": f"{type(model).__name__} has no single encoder "
+                                               "summary before its posterior heads "
+                                               "(encoder_summary)"}
     return out
 
 

@@ -92,8 +92,16 @@ def _pyplot():
     return plt
 
 
+def _field(record: dict, key: str):
+    """record[key], following dots into nested dicts (``encoder_dispersion.total_variance``);
+    None where missing."""
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    pairs = [(r["step"], _field(r, key)) for r in records if _field(r, key) is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -104,6 +112,9 @@ CURVES = (  # (record type, key, title)
     ("mi", "mutual information I(x; z)  (nats)"),
     ("au", "active units (dimensions)"),
     ("z_gap", "z-usage gap  (nats/sentence)"),
+    # Long et al. 2019's encoder feature dispersion, of the summaries the posterior heads read
+    ("encoder_dispersion.mean_cosine_distance", "encoder dispersion: mean pairwise cosine distance"),
+    ("encoder_dispersion.relative_variance", "encoder dispersion: total variance / mean ||h||^2"),
 )
 
 
@@ -117,7 +128,7 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
         path: PNG to write.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, groups) in enumerate(runs.items()):
@@ -386,6 +397,15 @@ def write_report(
            "own single-sample pass. Units: nats per sentence (EOS counted); MI "
            f"{quick['mi_estimator'] or 'n/a'}.", "",
            evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
+    disp = quick.get("encoder_dispersion") or {}
+    if disp.get("total_variance") is not None:
+        md += [f"Encoder feature dispersion (Long et al. 2019; the {disp['dim']}-dimensional "
+               f"summaries the posterior heads read, over the {disp['n']} sentences above): mean "
+               f"pairwise cosine distance {disp['mean_cosine_distance']:.4f}, total variance "
+               f"{disp['total_variance']:.4g} ({disp['relative_variance']:.4f} of the mean "
+               "squared norm); the curves below follow it over training.", ""]
+    elif disp.get("reason"):
+        md += [f"Encoder feature dispersion: not measured ({disp['reason']}).", ""]
     md += ["## Training curves", "", "![training curves](curves.png)", "",
            "Thin lines: means over `train.log_every` training steps; markers: validations "
            "(single-sample ELBO terms on the validation split).", ""]

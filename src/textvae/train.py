@@ -515,7 +515,7 @@ def train(
         record = {"type": "valid", "step": state.step, "epoch": state.epoch,
                   "beta": phase_beta(state, config.kl),
                   **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
-                                       "z_gap", "kl_per_dim")}}
+                                       "z_gap", "kl_per_dim", "encoder_dispersion")}}
         write_log(record)
         if raw.has_latent:
             log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "

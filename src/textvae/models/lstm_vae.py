@@ -70,11 +70,17 @@ class LSTMVAE(TextVAE):
         posterior flow when one is configured; batch (B,), event (D,), float32. In training
         with ``encoder_token_drop`` > 0 the encoder reads the sentence with tokens deleted
         (:func:`textvae.encoders.delete_tokens`)."""
+        h = self.encoder_summary(batch)  # (B, H_out)
+        return self.posterior_flow(self.posterior_head(h), h)
+
+    def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's pooled summary h (B, H_out) that the posterior heads (and the flow) read,
+        before any head: what the encoder-feature dispersion of Long et al. 2019 measures
+        (:func:`textvae.metrics.encoder_dispersion`). Token deletion applies in training."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.training and self.encoder_token_drop > 0:  # denoising, the decoder target stays
             ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
-        h = self.encoder(ids, mask)  # (B, H_out)
-        return self.posterior_flow(self.posterior_head(h), h)
+        return self.encoder(ids, mask)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
         """p(z) = N(0, I), pushed through the prior flow when one is configured: batch shape
