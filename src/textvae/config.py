@@ -100,6 +100,17 @@ class ModelConfig:
         bow_weight: weight of the bag-of-words auxiliary loss (Zhao et al. 2017), an MLP
             z -> vocabulary (hidden size ``hidden_dim``); 0 = off and no parameters created.
             Not part of the ELBO: reported as ``bow``, never in evaluation.
+        classifier_weight: weight of a jointly trained classifier from z to the corpus label
+            (Chien & Luo 2022's sentiment task; lstm_vae only): a linear map z -> classes (z_K
+            with a flow), loss ``classifier_weight`` x the mean cross-entropy over the batch's
+            labelled sentences (``cls`` in the training log); 0 = off, no parameters. Not part
+            of the ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled
+            data. Needs a labelled training corpus (e.g. ``yelp_sentiment``).
+        classifier_classes: number of label values (labels are 0..classes-1).
+        classifier_label_fraction: semi-supervised training: the fraction of training sentences
+            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
+            permutation of the sentence indices (seed 0), the same in every run and on resume
+            (:func:`textvae.data.semi_supervised_labels`).
         posterior_flow: normalising flow on the posterior (the issue's ``posterior.flow``;
             Chien & Luo 2022, SPEC 1.2): ``none`` | ``planar`` | ``radial`` (Rezende & Mohamed
             2015) | ``iaf`` (Kingma et al. 2016) | ``cclin_iaf`` (volume preserving, Tomczak &
@@ -182,6 +193,9 @@ class ModelConfig:
     posterior_bn_gamma: float = 0.0
     min_rate_delta: float = 0.0
     bow_weight: float = 0.0
+    classifier_weight: float = 0.0
+    classifier_classes: int = 2
+    classifier_label_fraction: float = 1.0
     posterior_flow: str = "none"
     posterior_flow_steps: int = 4
     flow_hidden: int = 256
@@ -462,7 +476,16 @@ def validate(config: Config) -> None:
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
     m, t = config.model, config.train
+    if not 0.0 < m.classifier_label_fraction <= 1.0:
+        raise ConfigError(f"model.classifier_label_fraction={m.classifier_label_fraction} must be "
+                          "in (0, 1]")
+    if m.classifier_classes < 2:
+        raise ConfigError("model.classifier_classes must be >= 2")
+    if m.classifier_weight > 0 and m.name != "lstm_vae":
+        raise ConfigError(f"model.classifier_weight: model.name={m.name!r} has no classifier on z "
+                          "(lstm_vae, with or without flows, has); set it to 0")
     for key in ("model.posterior_bn_gamma", "model.min_rate_delta", "model.bow_weight",
+                "model.classifier_weight",
                 "train.ae_pretrain_steps", "model.posterior_flow_steps", "model.prior_flow_steps",
                 "model.embed_noise", "kl.target", "kl.target_weight"):
         section, name = key.split(".")

@@ -29,7 +29,8 @@ A batch is a dict of tensors:
   ``<bos>`` + the tokens before it.
 - ``attention_mask`` (B, T) int64: 1 on real tokens (EOS included), 0 on padding.
 - ``n_words`` (B,) int64: whitespace words + 1 (one EOS per sentence), for ``ppl_word``.
-- ``labels`` (B,) int64, only when the corpus has labels.
+- ``labels`` (B,) int64, only when the corpus has labels (-1: a label hidden from a
+  semi-supervised classifier, :func:`semi_supervised_labels`).
 - ``context_ids`` / ``context_mask`` (B, T_c) int64, only for a dialogue corpus: the context's
   tokens followed by ``<eos>``, right-padded, and its mask.
 """
@@ -420,6 +421,22 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
     stats = {"sentences": len(kept_texts), "dialogues": len(dialogues), "blank_lines": blank,
              "truncated": truncated, "dropped": dropped}
     return Corpus(kept_texts, None, str(path), stats, contexts=kept_contexts)
+
+
+def semi_supervised_labels(labels: list[int], fraction: float, seed: int = 0) -> list[int]:
+    """The labels a semi-supervised classifier may see: those of round(fraction * N) sentences
+    chosen by a permutation of the indices seeded by ``seed`` (the same set in every run), -1
+    (ignored) for the others. ``fraction`` 1 keeps every label.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    n = len(labels)
+    keep = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(fraction * n)]
+               .tolist())
+    return [label if i in keep else -1 for i, label in enumerate(labels)]
 
 
 def _label_ids(labels: list) -> list[int]:

@@ -72,6 +72,9 @@ the (context, response) pairs (the aggregate posterior mixes q(z|x_n, c_n) over 
   ``total_variance``, ``relative_variance``, ``mean_cosine_distance``, ``dim``, ``n``; for a
   model without ``encoder_summary`` (DELLA: per-layer features read together with the latent
   recurrence) the values are None with a ``reason``; None for a model without latent.
+- ``classifier_accuracy``: with a jointly trained classifier on z (``model.classifier_weight``,
+  Chien & Luo 2022) and a labelled dataset, the fraction of the ``classifier_n`` labelled
+  sentences whose label it predicts from E_q[z|x] (E_q[z_K|x] for a flow); else None.
 - ``z_gap``: the z-usage gap, rec with z shuffled across the batch minus rec with each
   sentence's own z (:func:`z_usage_gap`); near 0 means the decoder ignores z.
 
@@ -104,7 +107,7 @@ EVAL_KEYS = (
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
     "au_per_layer", "bound_valid", "nll_per_sentence", "sentence_index", "n_words_per_sentence",
-    "n_skipped", "encoder_dispersion",
+    "n_skipped", "encoder_dispersion", "classifier_accuracy", "classifier_n",
 )
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
@@ -422,6 +425,7 @@ def evaluate(
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
     mi_b, kl_dims_sum, gaps, order = [], None, [], []
     summary_fn, dispersion = getattr(model, "encoder_summary", None), DispersionSums()
+    cls_correct, cls_n = 0, 0  # the jointly trained classifier on z (lstm_vae)
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -468,6 +472,12 @@ def evaluate(
                 zs.append(z1.cpu())
                 means.append(mu.cpu())
                 mi_b.append((batch_mi(mu, logvar, z1), b))
+            classifier = getattr(model, "classifier", None)
+            if classifier is not None and "labels" in batch:  # from E_q[z|x], labelled only
+                labelled = batch["labels"] >= 0
+                pred = classifier(means[-1].to(device).float()).argmax(-1)
+                cls_correct += int((pred == batch["labels"])[labelled].sum())
+                cls_n += int(labelled.sum())
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
             if gap is not None:
@@ -555,6 +565,8 @@ def evaluate(
         per_layer = var.view(mean_all.shape[1:])
         out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
+    if cls_n:
+        out["classifier_accuracy"], out["classifier_n"] = cls_correct / cls_n, cls_n
     if summary_fn is not None:
         out["encoder_dispersion"] = encoder_dispersion(dispersion)
     else:

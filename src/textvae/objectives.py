@@ -197,19 +197,24 @@ def elbo(
     whose ``log_prob_scale`` is not 1 (the released DELLA code's layer mean,
     ``model.kl_reduction: mean``) has its KL scaled by it, which is not an ELBO.
 
+    The classifier term (Chien & Luo 2022; when ``model.classifier`` is set and the batch has
+    ``labels``): ``cls`` = mean cross-entropy (nats per labelled sentence) of the classifier's
+    prediction from the same z over the batch's sentences with a label >= 0 (None when there
+    is none), added as ``model.classifier_weight * cls``; not part of the ELBO.
+
     The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
     bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
     returned separately and evaluation never includes it.
 
     Returns:
         dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) (for
-        layer-wise latents (B, L, D), unscaled) or None and ``bow`` (B,) or None; all nats per
-        sentence.
+        layer-wise latents (B, L, D), unscaled) or None, ``bow`` (B,) or None and ``cls``
+        (scalar) or None; nats per sentence (``cls`` per labelled sentence).
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
         return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
-                "bow": None}
+                "bow": None, "cls": None}
     q, p = model.posterior_and_prior(batch)
     scale = getattr(q, "log_prob_scale", 1.0)
     kl_dims = kl_per_dim(q, p)
@@ -236,7 +241,14 @@ def elbo(
     if model.bow_head is not None:
         bow = -model.bow_head.log_prob(z[0], batch["input_ids"], batch["attention_mask"])  # (B,)
         loss = loss + model.bow_weight * bow.mean()
-    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow}
+    cls = None
+    if getattr(model, "classifier", None) is not None and "labels" in batch:
+        labelled = batch["labels"] >= 0  # -1: hidden from the semi-supervised classifier
+        if bool(labelled.any()):
+            logits = model.classifier(z[0][labelled].float())  # (B_labelled, classes)
+            cls = F.cross_entropy(logits, batch["labels"][labelled])
+            loss = loss + model.classifier_weight * cls
+    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow, "cls": cls}
 
 
 def iw_log_weights(

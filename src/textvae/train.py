@@ -75,7 +75,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
-from textvae.data import TextDataset, load_split, load_tokenizer
+from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
@@ -443,7 +443,13 @@ def train(
     if resume and main:
         save_config(config, run_dir / "config.yaml.tmp")
         os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    train_ds = TextDataset(train_corpus.texts, tokenizer, train_corpus.labels, train_corpus.contexts)
+    train_labels = train_corpus.labels
+    if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
+        if train_labels is None:
+            raise DataError(f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "
+                            "has none: use a labelled corpus (yelp_sentiment) or data.label_field")
+        train_labels = semi_supervised_labels(train_labels, config.model.classifier_label_fraction)
+    train_ds = TextDataset(train_corpus.texts, tokenizer, train_labels, train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
     valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
@@ -633,7 +639,8 @@ def train(
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
     def new_window() -> dict:
-        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "inner": 0, "n": 0, "tokens": 0,
+        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "cls": 0.0, "n_cls": 0, "inner": 0,
+                "n": 0, "tokens": 0,
                 "t0": time.perf_counter()}
 
     window = new_window()
@@ -686,6 +693,9 @@ def train(
                 window["kl"] += out["kl"].mean().item()
                 if out["bow"] is not None:
                     window["bow"] += out["bow"].mean().item()
+                if out.get("cls") is not None:
+                    window["cls"] += out["cls"].item()
+                    window["n_cls"] += 1
                 window["inner"] += inner
                 window["n"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
@@ -698,6 +708,8 @@ def train(
                               "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
                     if raw.bow_head is not None:
                         record["bow"] = window["bow"] / n
+                    if window["n_cls"]:  # classifier cross-entropy, nats per labelled sentence
+                        record["cls"] = window["cls"] / window["n_cls"]
                     if t.aggressive:
                         record["inner_steps"] = window["inner"] / n
                     write_log(record)

@@ -13,6 +13,7 @@ to every decoder input) and ``kl.target`` (KL target penalty).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
@@ -30,7 +31,9 @@ class LSTMVAE(TextVAE):
 
     Remedies from the config: ``encoder_token_drop`` (denoising), ``posterior_bn_gamma`` and
     ``min_rate_delta`` in the posterior head (:class:`~textvae.posteriors.GaussianHead`; with a posterior flow they act on the base
-    Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`. The
+    Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`,
+    ``classifier_weight`` a linear classifier from z to the corpus label (``classifier``; the
+    flow VRAE's sentiment task, Chien & Luo 2022, trained jointly, semi-supervised). The
     inference network is ``encoder``, ``posterior_head`` and ``posterior_flow``.
     """
 
@@ -56,6 +59,10 @@ class LSTMVAE(TextVAE):
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
             self.bow_weight = cfg.bow_weight
+        self.classifier = None  # Chien & Luo 2022's classifier on z: only when configured
+        self.classifier_weight = cfg.classifier_weight
+        if cfg.classifier_weight > 0:
+            self.classifier = nn.Linear(cfg.latent_dim, cfg.classifier_classes)
         # no parameters (and no RNG draws) unless a flow is configured
         self.posterior_flow = PosteriorFlow(
             cfg.posterior_flow, cfg.latent_dim, self.encoder.out_dim, cfg.posterior_flow_steps,
