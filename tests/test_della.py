@@ -279,6 +279,8 @@ def test_kl_reduction_mean_is_flagged_as_not_a_bound(della, tokenizer):
         assert set(r["au_by_delta"]) == {"0.01", "0.2"} and r["kl_samples"] == 4
         assert len(r["au_per_layer"]["0.2"]) == 3
         assert sum(r["au_per_layer"]["0.01"]) == r["au"] == r["au_by_delta"]["0.01"]
+        # DELLA's own AU (A.3): the mean over the 3 layers of the per-layer count at 0.2
+        assert r["au_layer_mean"] == pytest.approx(sum(r["au_per_layer"]["0.2"]) / 3)
     with pytest.raises(ConfigError, match="model.kl_reduction"):
         load_config(None, ["model.kl_reduction=max"])
 

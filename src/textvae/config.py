@@ -245,7 +245,9 @@ class KLConfig:
             the number of batches per epoch; DELLA: 2).
         free_bits: lambda in nats (0 = off). ``free_bits_mode`` ``per_dim``: each dimension's
             batch-mean KL is clamped below at lambda; ``per_layer`` (layer-wise latents,
-            ``della``): each layer's batch-mean KL is; ``total``: the batch-mean total KL is.
+            ``della``): each layer's batch-mean KL is; ``total``: the batch-mean total KL is;
+            ``per_sentence_dim``: each sentence's KL in each dimension is, before the batch mean
+            (Park & Lee 2021's released code).
         target: KL target constraint (nats per sentence; 0 = off): the training loss gains
             ``target_weight * |mean_B KL - target|`` (Burgess et al. 2018's capacity term, eq. 8,
             which is the case beta = 0 of this); the KL is held near the target when
@@ -386,7 +388,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.first_prior": ("standard", "learned"),
     "model.kl_reduction": ("sum", "mean"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
-    "kl.free_bits_mode": ("per_dim", "per_layer", "total"),
+    "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.lr_scheduler": ("constant", "plateau"),
     "train.precision": ("fp32", "bf16"),

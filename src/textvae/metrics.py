@@ -48,7 +48,9 @@ Layer-wise latents (DELLA, event shape (L, D); a posterior and prior with ``cond
 (L, D) and ``kl_per_layer`` (L,); ``mi`` (and ``mi_batch``, the same estimator within each batch)
 uses the joint log q(z|x) of every sample under every sentence's posterior
 (:func:`distribution_mi`); ``au`` uses E_q[z|x] estimated by 256 common-random-number ancestral
-draws, and ``au_per_layer`` gives the count per layer at each threshold of ``au_by_delta``. The IW
+draws, and ``au_per_layer`` gives the count per layer at each threshold of ``au_by_delta``;
+``au_layer_mean`` is DELLA's own active-unit figure (Hu et al. 2022, A.3), the mean over layers
+of the per-layer count at delta 0.2, comparable with the paper's table (``au`` counts all L x D). The IW
 estimate draws all layers ancestrally once per importance sample and sums
 log p(z_l|z_<l) - log q(z_l|z_<l,x) over layers, the (S x B) samples going through the decoder
 in chunks like every model's.
@@ -107,7 +109,7 @@ EVAL_KEYS = (
     "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
     "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
     "au_per_layer", "bound_valid", "nll_per_sentence", "sentence_index", "n_words_per_sentence",
-    "n_skipped", "encoder_dispersion", "classifier_accuracy", "classifier_n",
+    "n_skipped", "encoder_dispersion", "classifier_accuracy", "classifier_n", "au_layer_mean",
 )
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
@@ -564,6 +566,8 @@ def evaluate(
     if mean_all.dim() == 3:  # (N, L, D): per layer
         per_layer = var.view(mean_all.shape[1:])
         out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
+        # DELLA's own AU (Hu et al. 2022, A.3): the mean over layers of the per-layer count at 0.2
+        out["au_layer_mean"] = sum(out["au_per_layer"][str(AU_DELTA_PAPER)]) / per_layer.size(0)
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
     if cls_n:
         out["classifier_accuracy"], out["classifier_n"] = cls_correct / cls_n, cls_n

@@ -148,7 +148,11 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
         mode: ``per_dim`` (Kingma et al. 2016, Li et al. 2019): sum over dimensions of
             max(mean_B KL_d, lambda), the clamp applied to each dimension's **batch mean**;
             ``per_layer`` (layer-wise latents only; the per-layer KL floor of DELLA):
-            sum_l max(mean_B sum_d KL_ld, lambda); ``total``: max(mean_B sum KL, lambda).
+            sum_l max(mean_B sum_d KL_ld, lambda); ``total``: max(mean_B sum KL, lambda);
+            ``per_sentence_dim`` (Park & Lee 2021's released code): mean_B sum_d max(KL_bd,
+            lambda), the clamp applied to each sentence and dimension before the batch mean
+            (a dimension below lambda for one sentence gets no gradient from it even when
+            the batch mean is above).
 
     Returns:
         Scalar, nats per sentence. Below the threshold the term is constant, so no gradient
@@ -168,7 +172,10 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
         return torch.clamp(kl_dims.sum(-1).mean(0), min=free_bits).sum()
     if mode == "total":
         return torch.clamp(kl_dims.flatten(1).sum(-1).mean(), min=free_bits)
-    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer or total)")
+    if mode == "per_sentence_dim":
+        return torch.clamp(kl_dims, min=free_bits).flatten(1).sum(-1).mean()
+    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer, total or "
+                     "per_sentence_dim)")
 
 
 def elbo(
@@ -231,8 +238,11 @@ def elbo(
             kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode) * scale
         else:
             kl = (log_q - p.log_prob(z))[0]
-            floor = free_bits * (z[0, 0].numel() if free_bits_mode == "per_dim" else 1)
-            kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
+            floor = free_bits * (z[0, 0].numel() if free_bits_mode != "total" else 1)
+            if free_bits > 0 and free_bits_mode == "per_sentence_dim":  # each sentence's total
+                kl_term = torch.clamp(kl, min=floor).mean()
+            else:
+                kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
     rec = -model.log_likelihood(batch, z)[0]  # (B,)
     loss = rec.mean() + beta * kl_term
     if kl_target > 0 and kl_target_weight > 0:
