@@ -312,7 +312,17 @@ class TrainConfig:
         ae_freeze_decoder: in phase ``ae``, hold the model's pretrained decoder
             (``decoder_modules``, for ``t5_vae`` the token embedding, the decoder stack and the
             output layer) fixed: their gradients are dropped before each update (Park & Lee
-            2021's phase 1); the latent-to-decoder projections still train.
+            2021's phase 1); the latent-to-decoder projections still train unless
+            ``ae_freeze_latent_projection``.
+        ae_freeze_latent_projection: with ``ae_freeze_decoder``, also hold the latent-to-
+            decoder projections (``t5_vae``: the memory and embedding maps of z) fixed in
+            phase ``ae``, as Park & Lee 2021's released code does (it freezes every decoder-side
+            parameter); the default lets them train (the paper's text freezes "the decoder").
+        ae_start: the weights phase ``vae`` starts from: ``best`` (default; the phase-1
+            weights of the best validation ``rec``, the argmin of the early-stopping criterion,
+            kept in ``checkpoints/ae_best``; as Park & Lee 2021's early stopping; the last
+            weights when no phase-1 validation happened) or ``last`` (the weights at the
+            hand-off).
     """
 
     seed: int = 0
@@ -344,6 +354,8 @@ class TrainConfig:
     ae_reset_decoder: bool = True
     ae_patience: int = 0
     ae_freeze_decoder: bool = False
+    ae_start: str = "best"
+    ae_freeze_latent_projection: bool = False
 
 
 @dataclass
@@ -390,6 +402,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
     "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.ae_start": ("best", "last"),
     "train.lr_scheduler": ("constant", "plateau"),
     "train.precision": ("fp32", "bf16"),
     "eval.precision": ("fp32", "bf16"),
@@ -562,6 +575,9 @@ def _validate_model_keys(config: Config) -> None:
     if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
         raise ConfigError("train.ae_patience needs an autoencoder phase: set "
                           "train.ae_pretrain_steps > 0 (the phase's longest length)")
+    if t.ae_freeze_latent_projection and not t.ae_freeze_decoder:
+        raise ConfigError("train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
+                          "train.ae_freeze_decoder=true too")
     if t.ae_freeze_decoder:
         if t.ae_pretrain_steps == 0:
             raise ConfigError("train.ae_freeze_decoder needs an autoencoder phase: set "

@@ -72,7 +72,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
@@ -289,11 +289,14 @@ def update_ae_early_stop(state: TrainerState, rec: float, patience: int) -> bool
 
 def frozen_parameters(model, config: Config, state: TrainerState) -> list[torch.nn.Parameter]:
     """The parameters held fixed at this step: the model's ``decoder_modules`` in phase ``ae``
-    with ``train.ae_freeze_decoder``, else none. The loop drops their gradients before the
+    with ``train.ae_freeze_decoder`` (and its ``latent_projection_modules`` with
+    ``train.ae_freeze_latent_projection``), else none. The loop drops their gradients before the
     update, so no optimizer (nor weight decay) moves them."""
     if not (config.train.ae_freeze_decoder and state.phase == "ae"):
         return []
-    return [p for name in model.decoder_modules if getattr(model, name, None) is not None
+    names = model.decoder_modules + (getattr(model, "latent_projection_modules", ())
+                                     if config.train.ae_freeze_latent_projection else ())
+    return [p for name in names if getattr(model, name, None) is not None
             for p in getattr(model, name).parameters()]
 
 
@@ -529,6 +532,10 @@ def train(
                      math.nan if m["mi"] is None else m["mi"], m["au"],
                      math.prod(raw.latent_shape), m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
+            if state.phase == "ae" and m["rec"] < state.ae_best_rec:
+                save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
+                if not t.ae_patience:  # update_ae_early_stop tracks it when it runs
+                    state.ae_best_rec = m["rec"]
             if update_ae_early_stop(state, m["rec"], t.ae_patience):
                 log.info("step %d: validation rec has not improved for %d validations: the "
                          "autoencoder phase ends", state.step, t.ae_patience)
@@ -601,9 +608,32 @@ def train(
                 "lower train.lr or lengthen the KL warm-up, then resume or restart.")
         return out
 
+    def save_ae_best(rec: float) -> None:
+        """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
+        if not main:
+            return
+        folder = run_dir / "checkpoints" / "ae_best"
+        tmp = _temp_dir(folder)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "info.json").write_text(json.dumps({"step": state.step, "rec": rec}))
+        _commit_dir(tmp, folder)
+
     def start_vae_phase() -> None:
         """Li et al. 2019 hand-off: decoder side re-initialised, optimizers and LR schedules as
-        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here."""
+        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here. With
+        ``train.ae_start: best`` the weights are first those of the best phase-1 validation rec
+        (Park & Lee 2021's early stopping keeps its argmin), when a validation happened."""
+        start = {"start": "last", "from_step": state.step}
+        if t.ae_start == "best":
+            accelerator.wait_for_everyone()
+            folder = run_dir / "checkpoints" / "ae_best"
+            if (folder / "model.safetensors").is_file():
+                raw.load_state_dict(load_file(str(folder / "model.safetensors")))
+                info = json.loads((folder / "info.json").read_text())
+                start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
+            else:
+                start["start"] = "last (no phase-1 validation to choose from)"
         reset = reset_generative(raw, config, tokenizer) if t.ae_reset_decoder else []
         for opt in optimizers:
             opt.state.clear()
@@ -618,7 +648,7 @@ def train(
         log.info("step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
                  "re-initialised)", state.step, reason, len(reset))
         write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset),
-                   "reason": reason})
+                   "reason": reason, **start})
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc

@@ -87,6 +87,7 @@ class T5VAE(TextVAE):
 
     inference_modules = ("encoder", "pool_attention", "posterior_head")
     decoder_modules = ("shared", "decoder", "lm_head")
+    latent_projection_modules = ("memory", "z_embed")  # z -> decoder (train.ae_freeze_latent_projection)
     backbone = "t5"
 
     @classmethod
