@@ -176,6 +176,12 @@ class ModelConfig:
             depends on the context).
         kl_reduction: ``sum`` over layers (a valid ELBO) or ``mean`` (the released DELLA code's
             layer average; a reproduction switch: evaluation reports ``bound_valid: false``).
+        feature_norm: ``della``: a LayerNorm on each pooled x_l (the released code's; the paper,
+            sec. 4.1 and A.1, has none). Default true so that earlier run folders load; the
+            presets set false.
+        head_bias: ``della``: biases b_l in the prior and posterior heads (the released code's;
+            eq. 8 of the paper has none; p(z_1)'s bias follows ``first_prior``). Default true for
+            earlier run folders; the presets set false.
     """
 
     name: str = "lstm_vae"
@@ -228,6 +234,8 @@ class ModelConfig:
     fusion_rank: int = 4
     latent_layers: str | None = None
     first_prior: str = "learned"
+    feature_norm: bool = True
+    head_bias: bool = True
     kl_reduction: str = "sum"
 
 
@@ -586,7 +594,8 @@ def _validate_model_keys(config: Config) -> None:
             raise ConfigError(f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
                               "decoder to freeze (t5_vae does); set it to false")
     defaults = ModelConfig()
-    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction")
+    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction",
+                  "feature_norm", "head_bias")
     if cls.backbone != "gpt2":
         used = [f"model.{key}" for key in della_keys if getattr(m, key) != getattr(defaults, key)]
         if used:
