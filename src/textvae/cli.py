@@ -33,6 +33,10 @@ UNITS = {
     "au_per_layer": "active dimensions per latent layer, at each threshold",
     "kl_per_layer": "nats/sentence per latent layer",
     "bound_valid": "false: elbo/nll are not bounds (kl_reduction: mean)",
+    "n_skipped": "sentences past the model's position limit (--skip-too-long)",
+    "encoder_dispersion": "of the encoder summaries (Long et al. 2019)",
+    "classifier_accuracy": "fraction (classifier on E_q[z|x])", "classifier_n": "labelled sentences",
+    "au_layer_mean": "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
 }
 
 
