@@ -446,3 +446,18 @@ def test_flow_mi_over_the_first_sentences_when_capped(tokenizer):
     assert "over the first 6 of 10 sentences" in r["mi_estimator"] and r["mi"] <= math.log(6) + 1e-6
     assert "over the first" not in evaluate(model, ds, iw_samples=2)["mi_estimator"]
     assert FLOW_MI_VALIDATION_SENTENCES >= 100
+
+
+def test_flow_mi_default_cap_at_evaluation_and_zero_means_all(tokenizer, monkeypatch):
+    """evaluate's default bounds the N^2 inverses (FLOW_MI_EVAL_SENTENCES: all 3,761 PTB test
+    sentences would take hours with an IAF on a CPU); flow_mi_sentences=0 takes every sentence."""
+    from textvae import metrics
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    ds = TextDataset(make_sentences(10, seed=3), tokenizer)
+    monkeypatch.setattr(metrics, "FLOW_MI_EVAL_SENTENCES", 4)
+    assert "over the first 4 of 10 sentences" in evaluate(model, ds, iw_samples=2)["mi_estimator"]
+    assert "over the first" not in evaluate(model, ds, iw_samples=2, flow_mi_sentences=0)["mi_estimator"]

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "limit instead of failing; sentences are never shortened")
     p.add_argument("--flow-mi-sentences", type=int,
                    help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
-                   "flow inverses; default all)")
+                   "flow inverses; default 500; 0 = all)")
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
     g = p.add_argument_group("generation metrics (--generation)")
     g.add_argument("--generation", action="store_true",
