@@ -36,7 +36,7 @@ def main() -> None:
     if getattr(model, "kl_reduction", None) != "mean":
         raise SystemExit(f"{args.run_dir}: not a DELLA run trained with model.kl_reduction=mean")
     model.kl_reduction = "sum"
-    corpus = load_split(model.config.data, "test")
+    corpus = load_split(model.config.data, "test", whole=True)
     dataset = TextDataset(corpus.texts[: args.max_sentences], tokenizer)
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=args.iw_samples, precision="bf16", seed=0)

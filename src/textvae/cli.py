@@ -33,6 +33,10 @@ UNITS = {
     "au_per_layer": "active dimensions per latent layer, at each threshold",
     "kl_per_layer": "nats/sentence per latent layer",
     "bound_valid": "false: elbo/nll are not bounds (kl_reduction: mean)",
+    "n_skipped": "sentences past the model's position limit (--skip-too-long)",
+    "encoder_dispersion": "of the encoder summaries (Long et al. 2019)",
+    "classifier_accuracy": "fraction (classifier on E_q[z|x])", "classifier_n": "labelled sentences",
+    "au_layer_mean": "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
 }
 
 
@@ -64,7 +68,7 @@ def _cmd_train(args) -> int:
 def _dataset_for(model, config, split: str, data: str | None, max_sentences: int | None):
     from textvae.data import TextDataset, load_split
 
-    corpus = load_split(config.data, split, path=data)
+    corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
     texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
         texts = texts[:max_sentences]
@@ -94,7 +98,8 @@ def _cmd_evaluate(args) -> int:
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
-                      chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed)
+                      chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
+                      skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences)
     result["data"], result["split"] = source, args.split if args.data is None else None
     if args.generation and model.conditional:
         from textvae.metrics import response_metrics
@@ -120,7 +125,7 @@ def _cmd_evaluate(args) -> int:
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
             continue
-        if key == "nll_per_sentence":
+        if key in ("nll_per_sentence", "sentence_index", "n_words_per_sentence"):
             continue  # N numbers: in the JSON only
         if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
@@ -336,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--au-delta", type=float)
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for the network")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-too-long", action="store_true",
+                   help="leave out (and count in n_skipped) sentences past the model's position "
+                   "limit instead of failing; sentences are never shortened")
+    p.add_argument("--flow-mi-sentences", type=int,
+                   help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
+                   "flow inverses; default 500; 0 = all)")
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
     g = p.add_argument_group("generation metrics (--generation)")
     g.add_argument("--generation", action="store_true",

@@ -92,8 +92,16 @@ def _pyplot():
     return plt
 
 
+def _field(record: dict, key: str):
+    """record[key], following dots into nested dicts (``encoder_dispersion.total_variance``);
+    None where missing."""
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    pairs = [(r["step"], _field(r, key)) for r in records if _field(r, key) is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -104,6 +112,9 @@ CURVES = (  # (record type, key, title)
     ("mi", "mutual information I(x; z)  (nats)"),
     ("au", "active units (dimensions)"),
     ("z_gap", "z-usage gap  (nats/sentence)"),
+    # Long et al. 2019's encoder feature dispersion, of the summaries the posterior heads read
+    ("encoder_dispersion.mean_cosine_distance", "encoder dispersion: mean pairwise cosine distance"),
+    ("encoder_dispersion.relative_variance", "encoder dispersion: total variance / mean ||h||^2"),
 )
 
 
@@ -117,7 +128,7 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
         path: PNG to write.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, groups) in enumerate(runs.items()):
@@ -423,7 +434,7 @@ def write_report(
     groups = read_log(run_dir)
     model, tokenizer = textvae.load(run_dir)
     cfg = model.config
-    corpus = load_split(cfg.data, split)
+    corpus = load_split(cfg.data, split, whole=True)
     texts = corpus.texts[:max_sentences]
     labels = corpus.labels[:max_sentences] if corpus.labels else None
     contexts = corpus.contexts[:max_sentences] if corpus.contexts else None
@@ -440,7 +451,7 @@ def write_report(
     plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves")
 
     quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
-                     batch_size=cfg.eval.batch_size, seed=seed)
+                     batch_size=cfg.eval.batch_size, seed=seed, skip_too_long=True)
     evaluations = read_evaluations(run_dir)
     latent_dim = math.prod(model.latent_shape) if model.has_latent else None
     t = cfg.train
@@ -485,6 +496,15 @@ def write_report(
            "own single-sample pass. Units: nats per sentence (EOS counted); MI "
            f"{quick['mi_estimator'] or 'n/a'}.", "",
            evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
+    disp = quick.get("encoder_dispersion") or {}
+    if disp.get("total_variance") is not None:
+        md += [f"Encoder feature dispersion (Long et al. 2019; the {disp['dim']}-dimensional "
+               f"summaries the posterior heads read, over the {disp['n']} sentences above): mean "
+               f"pairwise cosine distance {disp['mean_cosine_distance']:.4f}, total variance "
+               f"{disp['total_variance']:.4g} ({disp['relative_variance']:.4f} of the mean "
+               "squared norm); the curves below follow it over training.", ""]
+    elif disp.get("reason"):
+        md += [f"Encoder feature dispersion: not measured ({disp['reason']}).", ""]
     md += ["## Training curves", "", "![training curves](curves.png)", "",
            "Thin lines: means over `train.log_every` training steps; markers: validations "
            "(single-sample ELBO terms on the validation split).", ""]
@@ -550,16 +570,93 @@ def _file_name(path: str | None) -> str | None:
     return None if path is None else Path(path).name
 
 
+def _in_index_order(r: dict, n_words: list[int]) -> list[float]:
+    """The per-sentence NLLs of an evaluation written before ``sentence_index`` existed (in the
+    evaluation batches' order: sentences stably sorted by token count), put back in dataset
+    order. Only for a word-level tokenizer, whose token count is the word count + 1 (EOS), so
+    the order is that of ``n_words`` (the other evaluation's ``n_words_per_sentence``).
+
+    Raises:
+        ValueError: the tokenizer is not word-level (its order cannot be recovered).
+    """
+    if not str(r.get("tokenizer", "")).startswith("WordLevel"):
+        raise ValueError(f"its nll_per_sentence has no sentence_index and is in the order of its "
+                         f"{r.get('tokenizer') or 'unknown'} token counts, which cannot be put back "
+                         "in dataset order; re-run textvae evaluate")
+    order = sorted(range(len(n_words)), key=lambda i: n_words[i])
+    out = [0.0] * len(order)
+    for value, i in zip(r["nll_per_sentence"], order, strict=True):
+        out[i] = value
+    return out
+
+
+def paired_nll(ref: dict, other: dict) -> torch.Tensor:
+    """Per-sentence IW-NLL differences d_i = nll_i(other) - nll_i(ref) on the same sentences,
+    paired by sentence index: (N,) float64, nats per sentence, in dataset order.
+
+    Both evaluations must have scored the same sentences: the same ``data`` file name (the
+    folder may be written relative or absolute) and ``split``, the same ``sentence_index`` and
+    the same ``n_words_per_sentence``. An evaluation written before ``sentence_index`` existed
+    holds its values in length-sorted order; it is paired only when its tokenizer is
+    word-level (the order is then that of the word counts, recovered exactly; two such old
+    evaluations pair position by position), never for subword tokenizers.
+
+    Raises:
+        ValueError: the reason the two cannot be paired (missing values, different file, split,
+            sentences or word counts, or an old subword evaluation).
+    """
+    for name, r in (("reference", ref), ("other", other)):
+        if not r.get("nll_per_sentence"):
+            raise ValueError(f"the {name} evaluation has no nll_per_sentence")
+    if _file_name(ref.get("data")) != _file_name(other.get("data")) or ref.get("split") != other.get("split"):
+        raise ValueError(f"different data: {_file_name(other.get('data'))} ({other.get('split')}) vs "
+                         f"{_file_name(ref.get('data'))} ({ref.get('split')})")
+    new = [r.get("sentence_index") is not None for r in (ref, other)]
+    if not any(new):  # two old evaluations: both must be word-level (same length order)
+        if ref.get("n_sentences") != other.get("n_sentences") or ref.get("n_words") != other.get("n_words"):
+            raise ValueError("different sentences (count or words differ)")
+        for r in (ref, other):
+            if not str(r.get("tokenizer", "")).startswith("WordLevel"):
+                raise ValueError(f"an evaluation without sentence_index ({r.get('tokenizer')}) is in "
+                                 "the order of its subword token counts; re-run textvae evaluate")
+        a, b = ref["nll_per_sentence"], other["nll_per_sentence"]
+    else:
+        full = ref if new[0] else other
+        index, words = full["sentence_index"], full["n_words_per_sentence"]
+        vals = {}
+        for key, r in (("ref", ref), ("other", other)):
+            if r.get("sentence_index") is None:
+                if index != list(range(len(index))) or r.get("n_sentences") != len(index):
+                    raise ValueError("an evaluation without sentence_index can only be paired with "
+                                     "one of every sentence 0..N-1 of the same N")
+                if r.get("n_words") != sum(words):
+                    raise ValueError("different sentences (word totals differ)")
+                vals[key] = _in_index_order(r, words)
+                continue
+            if r["sentence_index"] != index:
+                diff = set(r["sentence_index"]) ^ set(index)
+                raise ValueError(f"different sentences: {len(diff)} indices scored by one only "
+                                 f"(e.g. {min(diff)})" if diff else "sentence_index out of order")
+            if r["n_words_per_sentence"] != words:
+                k = next(i for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words, strict=True)) if x != y)
+                raise ValueError(f"the same indices hold different sentences (sentence "
+                                 f"{index[k]}: {r['n_words_per_sentence'][k]} vs {words[k]} words)")
+            vals[key] = r["nll_per_sentence"]
+        a, b = vals["ref"], vals["other"]
+    if len(a) != len(b):
+        raise ValueError(f"different numbers of sentences ({len(b)} vs {len(a)})")
+    return torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+
+
 def paired_differences(rows: dict[str, dict]) -> list[str]:
     """Markdown lines: each run's IW-NLL minus the first run's, paired over sentences.
 
     Two evaluations of the same sentences share most of their variance (long sentences cost
     every model more), so the standard error of the difference of means is that of the
     per-sentence differences d_i = nll_i(run) - nll_i(first), std(d) / sqrt(N), usually far
-    smaller than either run's own ``nll_stderr``. Runs are paired only when both JSONs have
-    ``nll_per_sentence`` (evaluations before it existed do not) and the same ``data`` file name
-    (the folder may be written relative or absolute), ``split``, number of sentences and of
-    words; others are listed as not paired.
+    smaller than either run's own ``nll_stderr``. Sentences are paired by index
+    (:func:`paired_nll`); a run whose evaluation did not score the same sentences is listed as
+    not paired, with the reason.
 
     Args:
         rows: run name -> evaluation dict (``textvae evaluate``'s JSON), the first the reference.
@@ -572,16 +669,13 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
         return []
     ref_name, ref = names[0], rows[names[0]]
     lines = [f"Paired IW-NLL differences against {ref_name} (nats per sentence, mean over the "
-             "same sentences ± standard error of the per-sentence differences):", ""]
-    base = torch.tensor(ref["nll_per_sentence"], dtype=torch.float64)
+             "same sentences paired by index ± standard error of the per-sentence differences):", ""]
     for name in names[1:]:
-        r = rows[name]
-        same = (_file_name(r.get("data")) == _file_name(ref.get("data"))
-                and all(r.get(k) == ref.get(k) for k in ("split", "n_sentences", "n_words")))
-        if not same or len(r["nll_per_sentence"]) != len(base):
-            lines.append(f"- {name}: not paired (different sentences: data, split or count differ)")
+        try:
+            d = paired_nll(ref, rows[name])
+        except ValueError as err:
+            lines.append(f"- {name}: not paired ({err})")
             continue
-        d = torch.tensor(r["nll_per_sentence"], dtype=torch.float64) - base
         se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
         lines.append(f"- {name} - {ref_name}: {float(d.mean()):+.2f} ± {se:.2f} "
                      f"({int((d < 0).sum())} of {len(d)} sentences lower)")

@@ -73,7 +73,7 @@ TOP_KEYS = ("name", "out_dir", "base", "overrides", "entries", "space", "budget"
 BUDGET_KEYS = ("trials", "max_steps", "max_epochs", "minutes")
 EVALUATION_KEYS = ("split", "max_sentences", "iw_samples", "precision", "au_delta", "batch_size",
                    "seed", "checkpoint", "output", "generation", "gen_sentences", "gen_samples",
-                   "gen_responses")
+                   "gen_responses", "skip_too_long", "flow_mi_sentences")
 STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
 # evaluation fields a trial can be scored on (numbers in the evaluation JSON)
@@ -269,7 +269,7 @@ def load_sweep(path: str | Path) -> Sweep:
     evaluation = {"split": "valid", "max_sentences": None, "iw_samples": None, "precision": None,
                   "au_delta": None, "batch_size": None, "seed": 0, "checkpoint": "best",
                   "output": None, "generation": False, "gen_sentences": 1000, "gen_samples": 500,
-                  "gen_responses": 5}
+                  "gen_responses": 5, "skip_too_long": False, "flow_mi_sentences": None}
     eval_raw = raw.get("evaluation") or {}
     bad = sorted(set(eval_raw) - set(EVALUATION_KEYS))
     if bad:
@@ -410,7 +410,7 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
     start = time.perf_counter()
     model, tokenizer = textvae.load(run_dir, which=e["checkpoint"])
     cfg = model.config
-    corpus = load_split(cfg.data, e["split"])
+    corpus = load_split(cfg.data, e["split"], whole=True)  # never data.max_length
     n = e["max_sentences"]
     texts = corpus.texts[:n] if n else corpus.texts
     contexts = (corpus.contexts[:n] if n else corpus.contexts) if corpus.contexts else None
@@ -419,7 +419,8 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
                       else cfg.eval.iw_samples, au_delta=e["au_delta"] or cfg.eval.au_delta,
                       batch_size=e["batch_size"] or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens,
-                      precision=e["precision"] or cfg.eval.precision, seed=e["seed"])
+                      precision=e["precision"] or cfg.eval.precision, seed=e["seed"],
+                      skip_too_long=e["skip_too_long"], flow_mi_sentences=e["flow_mi_sentences"])
     result["data"], result["split"] = corpus.source, e["split"]
     if e["generation"] and model.conditional:
         g = e["gen_sentences"]
