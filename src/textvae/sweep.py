@@ -352,21 +352,22 @@ def _check_configs(sweep: Sweep) -> None:
 
     names = list(sweep.entries) or [None]
     if sweep.is_grid:
-        combos = [dict(zip([p.key for p in sweep.space], values, strict=True))
+        combos = [("space", dict(zip([p.key for p in sweep.space], values, strict=True)))
                   for values in itertools.product(*[p.choices for p in sweep.space])]
     else:
         combos = []
         for p in sweep.space:
             ends = p.choices if p.kind == "categorical" else [p.low, p.high]
-            combos += [{p.key: _typed(p, v)} for v in ends]
-        combos = combos or [{}]
+            combos += [(f"space.{p.key}", {p.key: _typed(p, v)}) for v in ends]
+    combos = [("overrides", {})] + combos  # the preset and the fixed overrides first
     for name in names:
-        for params in combos:
+        for where, params in combos:
             preset, overrides = trial_overrides(sweep, name, params)
             try:
                 load_config(preset, overrides)
             except ConfigError as err:
-                where = f"entries.{name}" if name is not None else "space/overrides"
+                if name is not None:
+                    where = f"entries.{name}' with '{where}"
                 raise SweepError(f"{sweep.path}: '{where}' (parameters {params}): {err}") from None
 
 
