@@ -4,8 +4,8 @@ A sweep file names a base preset, optional named **entries** (each a preset and/
 overrides: the rows of a fixed table), a search **space** over any config keys, the **budget**
 of each trial, the **evaluation** that scores a trial and one or more **objectives** read from
 the evaluation JSON. Every trial is an ordinary run folder, ``OUT/trial-NNNN[-entry]`` or, for a
-table of entries without a space, ``OUT/<entry>`` (``textvae
-train --resume``, ``evaluate``, ``report`` and ``compare`` work on it) holding the evaluation
+table of entries without a space, ``OUT/<entry>`` (``textvae train --resume``, ``evaluate``,
+``report`` and ``compare`` work on it) holding the evaluation
 ``<evaluation.output>.json`` and ``trial.json`` (its overrides and wall times). The study lives
 in an Optuna RDB storage, by default ``sqlite:///OUT/study.db``, so running the same command
 again continues it: finished trials are kept, a trial cut off mid-training resumes its run
@@ -30,7 +30,7 @@ The file, every key optional except ``base`` or ``entries``::
       train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
       model.latent_dim: {type: int, low: 8, high: 64, step: 8}
       model.pooling: {choices: [last, mean, max]}     # categorical
-      model.word_dropout: {grid: [0.0, 0.2, 0.4]}     # a fixed grid (GridSampler)
+      # model.word_dropout: {grid: [0.0, 0.2, 0.4]}   # a grid: then every parameter is one
     budget: {trials: 20, max_steps: 2000, minutes: 600}
     evaluation: {split: valid, max_sentences: 1000, iw_samples: 100, precision: bf16}
     objectives: {nll: minimize, mi: maximize}
@@ -783,7 +783,9 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         if result:
             rows[label] = result
             config = OmegaConf.load(folder / "config.yaml")
-            dims[label] = config.model.latent_dim if result.get("au") is not None else None
+            # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
+            dims[label] = (config.model.latent_dim if result.get("au") is not None
+                           and not str(config.model.name).startswith("della") else None)
         settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
         values = ", ".join("–" if v is None else f"{v:.3f}" for v in (t.values or []))
         if t.state == TrialState.PRUNED and t.intermediate_values:
