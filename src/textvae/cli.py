@@ -1,4 +1,4 @@
-"""Command line: ``textvae train | evaluate | generate | probe | report | compare``.
+"""Command line: ``textvae train | evaluate | generate | probe | report | compare | sweep``.
 
 The only module that prints.
 """
@@ -33,6 +33,10 @@ UNITS = {
     "au_per_layer": "active dimensions per latent layer, at each threshold",
     "kl_per_layer": "nats/sentence per latent layer",
     "bound_valid": "false: elbo/nll are not bounds (kl_reduction: mean)",
+    "n_skipped": "sentences past the model's position limit (--skip-too-long)",
+    "encoder_dispersion": "of the encoder summaries (Long et al. 2019)",
+    "classifier_accuracy": "fraction (classifier on E_q[z|x])", "classifier_n": "labelled sentences",
+    "au_layer_mean": "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
 }
 
 
@@ -73,7 +77,7 @@ def _cmd_train(args) -> int:
 def _dataset_for(model, config, split: str, data: str | None, max_sentences: int | None):
     from textvae.data import TextDataset, load_split
 
-    corpus = load_split(config.data, split, path=data)
+    corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
     texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
         texts = texts[:max_sentences]
@@ -113,6 +117,7 @@ def _cmd_evaluate(args) -> int:
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
+                      skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences,
                       num_processes=shard.num_processes if shard else 1,
                       process_index=shard.process_index if shard else 0)
     if shard is not None and not shard.is_main_process:
@@ -144,7 +149,7 @@ def _cmd_evaluate(args) -> int:
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
             continue
-        if key == "nll_per_sentence":
+        if key in ("nll_per_sentence", "sentence_index", "n_words_per_sentence"):
             continue  # N numbers: in the JSON only
         if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
@@ -317,7 +322,27 @@ def _cmd_compare(args) -> int:
 
     text, folder = compare_runs(args.run_dirs, args.output, args.eval)
     print(text)
-    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}")
+    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}, "
+          f"{folder / 'rate_distortion.png'}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from textvae.sweep import run_sweep
+
+    start = time.perf_counter()
+    folder, summary = run_sweep(args.sweep, args.out_dir, args.storage, args.jobs)
+    trials = summary["trials"]
+    states = {}
+    for t in trials:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    print(f"sweep folder: {folder}  ({time.perf_counter() - start:.0f} s in this invocation)")
+    print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    for t in trials:
+        mark = " *" if t["pareto"] else ""
+        print(f"  {t['label']:<28} {t['state']:<9} {t['values'] or '-':<24} {t['settings']}{mark}")
+    print("(* Pareto front)")
+    print(f"written: {folder / 'sweep.md'}, {folder / 'rate_distortion.png'}")
     return 0
 
 
@@ -342,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--au-delta", type=float)
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for the network")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-too-long", action="store_true",
+                   help="leave out (and count in n_skipped) sentences past the model's position "
+                   "limit instead of failing; sentences are never shortened")
+    p.add_argument("--flow-mi-sentences", type=int,
+                   help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
+                   "flow inverses; default 500; 0 = all)")
     p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
     g = p.add_argument_group("generation metrics (--generation)")
     g.add_argument("--generation", action="store_true",
@@ -412,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default="eval-test", help="evaluation JSON stem (default eval-test)")
     p.add_argument("--output", default="compare", help="folder for compare.md and the plot")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
+                       "(docs/sweep.md); running it again continues it")
+    p.add_argument("sweep", help="sweep YAML, e.g. experiments/remedy-matrix.yaml")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trials in parallel worker processes on this machine, the CPU threads "
+                   "split between them (default 1)")
+    p.add_argument("--storage", help="Optuna RDB URL of the study (default "
+                   "sqlite:///OUT/study.db); postgresql://user:password@host/db lets workers "
+                   "on several machines share it")
+    p.add_argument("--out-dir", help="sweep folder (default: the file's out_dir, else "
+                   "runs/sweep-<name>)")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 
