@@ -35,7 +35,7 @@ for e in ${@:-della embedding memory klmean cvae}; do
       train_run $r configs/dailydialog/della-cvae-cpu.yaml
       G="--generation --gen-sentences 1000 --gen-responses 5"
       [ -f $r/eval-test-k500.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 500 --precision bf16 --output $r/eval-test-k500.json > $r.eval-k500.log 2>&1
-      [ -f $r/eval-test.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 100 --precision bf16 $G > $r.eval.log 2>&1
+      [ -f $r/eval-test.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 100 --precision bf16 $G --output $r/eval-test.json > $r.eval.log 2>&1
       [ -f $r/eval-test-sample.json ] || t textvae evaluate $r --split test --max-sentences 1000 --iw-samples 1 --precision bf16 $G --gen-strategy sample --top-p 0.9 --output $r/eval-test-sample.json > $r.eval-sample.log 2>&1
       ;;
     *) echo "unknown entry $e" >&2; exit 2 ;;

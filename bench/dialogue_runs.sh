@@ -18,6 +18,6 @@ for p in cvrae seq2seq; do
 done
 G="--generation --gen-sentences 1000 --gen-responses 5"
 for p in cvrae seq2seq; do
-  [ -f $D/$p-cpu/eval-test.json ] || t textvae evaluate $D/$p-cpu --split test --max-sentences 1000 --iw-samples 500 --precision bf16 $G > $D/$p-cpu.eval.log 2>&1
+  [ -f $D/$p-cpu/eval-test.json ] || t textvae evaluate $D/$p-cpu --split test --max-sentences 1000 --iw-samples 500 --precision bf16 $G --output $D/$p-cpu/eval-test.json > $D/$p-cpu.eval.log 2>&1
   [ -f $D/$p-cpu/eval-test-sample.json ] || t textvae evaluate $D/$p-cpu --split test --max-sentences 1000 --iw-samples 1 --precision bf16 $G --gen-strategy sample --top-p 0.9 --output $D/$p-cpu/eval-test-sample.json > $D/$p-cpu.eval-sample.log 2>&1
 done

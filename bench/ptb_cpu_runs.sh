@@ -11,6 +11,6 @@ for p in lstm-lm lstm-vae lstm-vae-maxpool lstm-vae-meanpool; do
 done
 for p in lstm-lm lstm-vae lstm-vae-maxpool lstm-vae-meanpool; do
   s=$(date +%s)
-  textvae evaluate runs/ptb-$p-cpu --split test --iw-samples 500 --precision bf16 > runs/ptb-$p-cpu.eval.log 2>&1
+  textvae evaluate runs/ptb-$p-cpu --split test --iw-samples 500 --precision bf16 --output runs/ptb-$p-cpu/eval-test.json > runs/ptb-$p-cpu.eval.log 2>&1
   echo "$p eval_s $(( $(date +%s) - s ))" >> runs/timings.txt
 done
