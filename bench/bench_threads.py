@@ -1,7 +1,7 @@
 """Training and evaluation rates alone and beside one busy process, at several thread settings.
 
-Runs the real command line (``python -m textvae.cli``) of the source tree given by ``--src``
-(so the same script measures an old checkout and the current one) on the main preset
+Runs the real command line (``python -m textvae.cli``) of the source trees given by ``--trees``
+(so the same script measures an old checkout and the current one, interleaved) on the main preset
 ``configs/ptb/lstm-vae-maxpool-cpu.yaml`` and the real PTB corpus (``TEXTVAE_DATA_DIR``):
 
 - training: ``--steps`` optimizer steps (default 100), tokens/s = mean of the ``tokens_per_s``
@@ -18,8 +18,9 @@ each measurement, since "alone" means "without this script's busy process", not 
 
 Usage::
 
-    TEXTVAE_DATA_DIR=/work/shared/data python bench/bench_threads.py --src src --label after \\
-        --settings alone:2 alone:1 alone:default busy:default busy:1 busy:2
+    git worktree add --detach /tmp/textvae-before 63ac92f
+    TEXTVAE_DATA_DIR=/work/shared/data python bench/bench_threads.py \\
+        --trees before=/tmp/textvae-before/src after=src --settings alone:2 busy:default
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def measure(src: Path, setting: str, args: argparse.Namespace, work: Path, eval_
         time.sleep(1.0)
     try:
         load = Path("/proc/loadavg").read_text().split()[:3]
+        work.mkdir(parents=True, exist_ok=True)
         run_dir = work / f"run-{setting.replace(':', '-')}"
         done = _train(src, run_dir, args.steps, env, extra, args.limit)
         records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
@@ -109,8 +111,9 @@ def measure(src: Path, setting: str, args: argparse.Namespace, work: Path, eval_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, default=Path("src"), help="textvae source tree")
-    parser.add_argument("--label", default="", help="name of this tree in the output")
+    parser.add_argument("--trees", nargs="+", default=["current=src"], metavar="LABEL=SRC",
+                        help="textvae source trees to measure, interleaved: each setting runs "
+                        "on every tree before the next setting, so the machine's load is shared fairly")
     parser.add_argument("--settings", nargs="+",
                         default=["alone:2", "alone:1", "alone:default", "busy:default", "busy:1",
                                  "busy:2"],
@@ -124,22 +127,27 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra environment of the measured commands (e.g. OMP_WAIT_POLICY=PASSIVE)")
     args = parser.parse_args()
-    src = args.src.resolve()
-    has_option = _has_threads_option(src)
-    print(f"# {args.label or src}: {os.cpu_count()} CPUs, --threads option: {has_option}, "
-          f"extra environment: {' '.join(args.env) or 'none'}")
+    trees = {}
+    for item in args.trees:
+        label, src = item.split("=", 1)
+        trees[label] = (Path(src).resolve(), _has_threads_option(Path(src).resolve()))
+    print(f"# {os.cpu_count()} CPUs; " + "; ".join(f"{label}: {src}, --threads option: {opt}"
+                                                   for label, (src, opt) in trees.items())
+          + f"; extra environment: {' '.join(args.env) or 'none'}")
     print("| tree | setting | /proc/loadavg before | train tokens/s | eval sentences/s |")
     print("|---|---|---|---:|---:|")
     with tempfile.TemporaryDirectory() as work:
         # the checkpoint every evaluation reads: 10 steps of the preset, not timed
         eval_run = Path(work) / "eval-run"
-        env, extra = _env(src, "default", has_option, args.env)
+        src, has_option = next(iter(trees.values()))
+        env, extra = _env(src, "1", has_option, args.env)
         if _train(src, eval_run, 10, env, extra, 600) is None:
             raise SystemExit("the untimed 10-step training for the evaluation checkpoint timed out")
         for setting in args.settings:
-            r = measure(src, setting, args, Path(work), eval_run, has_option)
-            print(f"| {args.label} | {r['setting']} | {r['loadavg_before']} | {r['train']} | "
-                  f"{r['eval']} |", flush=True)
+            for label, (src, has_option) in trees.items():
+                r = measure(src, setting, args, Path(work) / label, eval_run, has_option)
+                print(f"| {label} | {r['setting']} | {r['loadavg_before']} | {r['train']} | "
+                      f"{r['eval']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,14 +89,14 @@ from textvae.objectives import (
 # (:func:`fields_markdown`; tests/test_first_day.py checks README against it).
 EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, meaning)
     ("protocol", "rec", "nats/sentence",
-     "E_q[-log p(x\\|z)], Monte Carlo over the K samples"),
+     "E_q[-log p(x|z)], Monte Carlo over the K samples"),
     ("protocol", "kl", "nats/sentence",
-     "KL(q(z\\|x) \\|\\| p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)"),
+     "KL(q(z|x) || p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)"),
     ("protocol", "kl_samples", "MC samples/sentence (null: closed form)",
      "samples behind a Monte Carlo `kl`"),
     ("protocol", "elbo", "nats/sentence", "-(rec + kl)"),
     ("protocol", "nll", "nats/sentence (IW)",
-     "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k\\|x) (Burda et al. 2016); exact for the LM"),
+     "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k|x) (Burda et al. 2016); exact for the LM"),
     ("protocol", "nll_stderr", "nats/sentence", "standard error of `nll` over sentences"),
     ("protocol", "ppl_token", "per token incl. EOS", "exp(Σ nll / predicted tokens)"),
     ("protocol", "ppl_word", "per word incl. EOS",
@@ -104,15 +104,16 @@ EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, me
     ("protocol", "ppl_elbo_token", "per token incl. EOS",
      "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL"),
     ("protocol", "mi", "nats (aggregate posterior, whole set)",
-     "I_q(x;z) with q(z) over the **whole** evaluated set (at most log N)"),
+     "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory "
+     "linear in the set; at most log N)"),
     ("protocol", "mi_batch", "nats (He et al. 2019 minibatch)",
      "the minibatch estimator of He et al. 2019, over the evaluation batches"),
-    ("protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z\\|x]) > `au_delta`"),
+    ("protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z|x]) > `au_delta`"),
     ("protocol", "au_delta", "threshold", "the active-unit threshold (default 0.01)"),
     ("protocol", "kl_per_dim", "nats/sentence", "mean KL per latent dimension (null for a flow)"),
     ("protocol", "z_gap", "nats/sentence (rec with shuffled z - rec with own z)",
-     "z-usage gap: rec with z shuffled across the batch (a derangement) minus rec with each "
-     "sentence's own z; 0 = the decoder ignores z"),
+     "z-usage gap: rec with z shuffled across the batch minus rec with each sentence's own z "
+     "(one z ~ q per sentence, a derangement, so no sentence keeps its z); 0 = the decoder ignores z"),
     ("protocol", "iw_samples", "K", "importance samples K (null for the exact LM)"),
     ("protocol", "n_sentences", "sentences", "evaluated sentences"),
     ("protocol", "n_tokens", "incl. EOS", "predicted tokens"),
@@ -155,8 +156,11 @@ EVAL_KEYS = tuple(name for group, name, _, _ in EVAL_FIELDS if group == "protoco
 def fields_markdown(groups: tuple[str, ...] = ("protocol", "record")) -> str:
     """README's key table (``| key | unit | meaning |``) of the :data:`EVAL_FIELDS` in
     ``groups``, one row per field."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     lines = ["| key | unit | meaning |", "|---|---|---|"]
-    lines += [f"| `{name}` | {unit} | {meaning} |"
+    lines += [f"| `{name}` | {cell(unit)} | {cell(meaning)} |"
               for group, name, unit, meaning in EVAL_FIELDS if group in groups]
     return "\n".join(lines)
 

@@ -204,6 +204,17 @@ def _temp_dir(final: Path) -> Path:
     return tmp
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give the files of ``folder`` the mode a new file gets (0666 less the umask): safetensors
+    writes through a private temporary file and leaves its weights at 0600, unreadable to the
+    group that can read everything else in the run folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def _commit_dir(tmp: Path, final: Path) -> None:
     """Rename a fully written ``tmp`` over ``final`` (the old one survives as ``.old`` until then)."""
     old = final.with_name(final.name + ".old")
@@ -648,6 +659,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                 tmp = _temp_dir(best)
                 tmp.mkdir(parents=True)
                 save_file(weights, str(tmp / "model.safetensors"))
+                _usual_modes(tmp)
                 (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
                 _commit_dir(tmp, best)
         save_last()
@@ -661,6 +673,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
+            _usual_modes(tmp)
             _commit_dir(tmp, last)
 
     def forward(batch: dict, beta: float) -> dict:
