@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,7 @@ def measure(src: Path, setting: str, args: argparse.Namespace, work: Path, eval_
                    if line.strip()]
         rates = [r["tokens_per_s"] for r in records if r.get("type") == "train"][1:]
         train_note = "" if done else f" (killed at {args.limit:.0f} s: {len(rates)} windows)"
+        chosen = re.search(r"^threads: (.*)$", done.stderr, re.M) if done else None
         out_json = work / f"eval-{setting.replace(':', '-')}.json"
         cmd = [sys.executable, "-m", "textvae.cli", "evaluate", str(eval_run), "--max-sentences",
                str(args.eval_sentences), "--iw-samples", str(args.iw_samples), "--precision",
@@ -106,7 +108,8 @@ def measure(src: Path, setting: str, args: argparse.Namespace, work: Path, eval_
             busy.wait()
     train_rate = f"{statistics.mean(rates):.0f}" if rates else "n/a"
     return {"setting": setting, "loadavg_before": " ".join(load),
-            "train": train_rate + train_note, "eval": eval_rate}
+            "train": train_rate + train_note, "eval": eval_rate,
+            "threads": chosen.group(1).split(";")[0] + ")" if chosen else "n/a (not printed)"}
 
 
 def main() -> None:
@@ -134,8 +137,9 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPUs; " + "; ".join(f"{label}: {src}, --threads option: {opt}"
                                                    for label, (src, opt) in trees.items())
           + f"; extra environment: {' '.join(args.env) or 'none'}")
-    print("| tree | setting | /proc/loadavg before | train tokens/s | eval sentences/s |")
-    print("|---|---|---|---:|---:|")
+    print("| tree | setting | /proc/loadavg before | training's threads | train tokens/s | "
+          "eval sentences/s |")
+    print("|---|---|---|---|---:|---:|")
     with tempfile.TemporaryDirectory() as work:
         # the checkpoint every evaluation reads: 10 steps of the preset, not timed
         eval_run = Path(work) / "eval-run"
@@ -146,8 +150,8 @@ def main() -> None:
         for setting in args.settings:
             for label, (src, has_option) in trees.items():
                 r = measure(src, setting, args, Path(work) / label, eval_run, has_option)
-                print(f"| {label} | {r['setting']} | {r['loadavg_before']} | {r['train']} | "
-                      f"{r['eval']} |", flush=True)
+                print(f"| {label} | {r['setting']} | {r['loadavg_before']} | {r['threads']} | "
+                      f"{r['train']} | {r['eval']} |", flush=True)
 
 
 if __name__ == "__main__":
