@@ -23,7 +23,7 @@ from pathlib import Path
 
 # Before torch is imported (libgomp reads it once, when torch loads it): OpenMP threads that
 # wait at a barrier sleep instead of spinning, so a core taken by another process slows this one
-# down in proportion instead of 3-50x (textvae/threads.py, bench/RESULTS.md). A value the user
+# down about in proportion instead of 3-50x (textvae/threads.py, bench/RESULTS.md). A value the user
 # set is kept.
 _WAIT_POLICY_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -3,9 +3,10 @@
 PyTorch's CPU kernels run on OpenMP (GNU libgomp on Linux). By default libgomp's worker
 threads *spin* at every barrier before they sleep, and PyTorch starts one thread per core. On a
 machine where another process holds a core, the thread sharing that core is descheduled while
-its siblings spin waiting for it, so every parallel region waits for a time slice: the main
-preset trained 3x slower beside one ``while True: pass`` process, and 20-50x slower beside
-another PyTorch process, than on one thread (bench/RESULTS.md). Two remedies, both here:
+its siblings spin waiting for it, so every parallel region waits for a time slice: on 2 cores
+the main preset trained 3-50x slower beside one other busy process than on one thread (issue
+14; bench/RESULTS.md, "Threads": 2 spinning threads beside ``while True: pass`` logged no
+10-step window in 60 s). Two remedies, both here:
 
 - ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep), set by ``textvae/__init__.py`` with
   ``os.environ.setdefault`` before torch is imported; libgomp reads it once, when torch loads
