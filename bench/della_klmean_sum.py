@@ -7,7 +7,7 @@ SUMMED over layers, the valid ELBO and IW bound (SPEC 1.4, 5), on the same sente
 same seed, so the two JSONs show how much the averaging inflates the reported likelihood.
 kl_reduction changes no parameter: only how the layer terms are combined.
 
-Usage (bench/della_runs.sh klmean first):
+Usage (after `textvae sweep experiments/della-ptb.yaml`, which trains the klmean entry):
     TEXTVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python bench/della_klmean_sum.py \
         runs/della/ptb-della-klmean-cpu --max-sentences 500 --iw-samples 500
 writes RUN/eval-test<N>-sum.json (bf16, seed 0, the test split).
@@ -36,7 +36,7 @@ def main() -> None:
     if getattr(model, "kl_reduction", None) != "mean":
         raise SystemExit(f"{args.run_dir}: not a DELLA run trained with model.kl_reduction=mean")
     model.kl_reduction = "sum"
-    corpus = load_split(model.config.data, "test")
+    corpus = load_split(model.config.data, "test", whole=True)
     dataset = TextDataset(corpus.texts[: args.max_sentences], tokenizer)
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=args.iw_samples, precision="bf16", seed=0)

@@ -6,7 +6,8 @@ Columns: rec, KL, IW-NLL ± stderr (nats per sentence; "exact" when the model ha
 PPL per word and per model token, the single-sample ELBO perplexity per token (Park & Lee's
 code's figure, not a bound on the PPL), MI, AU at delta 0.01 and 0.2, the z-usage gap, whether
 the numbers are bounds (``bound_valid``) and the evaluation's wall time. ``--layers`` adds KL and
-AU (delta 0.01) per latent layer for layer-wise models (DELLA). After the table: each entry's
+AU (delta 0.01) per latent layer for layer-wise models (DELLA) and DELLA's own AU figure
+(``au_layer_mean``: the mean over layers of the per-layer count at delta 0.2). After the table: each entry's
 IW-NLL minus the first entry's, paired over sentences (textvae.report.paired_differences), for
 the entries whose JSON has ``nll_per_sentence``.
 """
@@ -50,7 +51,8 @@ def row(name: str, r: dict, layers: bool) -> str:
         kl_layers = r.get("kl_per_layer")
         au_layers = (r.get("au_per_layer") or {}).get("0.01")
         cells += [" / ".join(f"{x:.2f}" for x in kl_layers) if kl_layers else "–",
-                  " / ".join(str(x) for x in au_layers) if au_layers else "–"]
+                  " / ".join(str(x) for x in au_layers) if au_layers else "–",
+                  _fmt(r.get("au_layer_mean"), "{:.1f}")]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     head = ["run", "rec", "KL", "IW-NLL ± se", "K", "PPL/word", "PPL/token", "ELBO-PPL/token",
             "MI", "AU (0.01)", "AU (0.2)", "z-usage gap", "bound", "eval min"]
     if args.layers:
-        head += ["KL per layer", "AU per layer (0.01)"]
+        head += ["KL per layer", "AU per layer (0.01)", "AU layer mean (0.2, DELLA A.3)"]
     print("| " + " | ".join(head) + " |")
     print("|---|" + "---:|" * (len(head) - 1))
     rows: dict[str, dict] = {}

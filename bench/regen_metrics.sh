@@ -1,7 +1,7 @@
 #!/bin/bash
 # Generation metrics of the diagnostics runs again after the <unk> fix in ids_to_text (before it,
 # generated text silently lost PTB's <unk>): the same --generation settings as
-# bench/diagnostics_runs.sh, with K=1 (only the generation fields are new) into eval-*-gen.json.
+# experiments/diagnostics-*.yaml (formerly bench/diagnostics_runs.sh), with K=1 (only the generation fields are new) into eval-*-gen.json.
 set -e
 cd "$(dirname "$0")/.."
 export TEXTVAE_DATA_DIR=${TEXTVAE_DATA_DIR:-$(cd .. && pwd)/shared/data}

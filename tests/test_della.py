@@ -285,6 +285,8 @@ def test_kl_reduction_mean_is_flagged_as_not_a_bound(della, tokenizer):
         assert set(r["au_by_delta"]) == {"0.01", "0.2"} and r["kl_samples"] == 4
         assert len(r["au_per_layer"]["0.2"]) == 3
         assert sum(r["au_per_layer"]["0.01"]) == r["au"] == r["au_by_delta"]["0.01"]
+        # DELLA's own AU (A.3): the mean over the 3 layers of the per-layer count at 0.2
+        assert r["au_layer_mean"] == pytest.approx(sum(r["au_per_layer"]["0.2"]) / 3)
     with pytest.raises(ConfigError, match="model.kl_reduction"):
         load_config(None, ["model.kl_reduction=max"])
 
@@ -433,6 +435,41 @@ def test_presets_load(preset):
     cfg = load_config(ROOT / "configs" / preset)
     assert cfg.model.name in ("della", "della_cvae")
     assert cfg.kl.schedule == "cyclical" and cfg.kl.cycle_epochs == 2
+    # the paper's configuration (issue 15): x_l = the BOS state without LayerNorm, bias-free
+    # heads, p(z_1) = N(0, I) (della_cvae's p(z_1|c) keeps its learned bias)
+    m = cfg.model
+    assert m.pooling == "first" and not m.feature_norm and not m.head_bias
+    assert m.first_prior == ("learned" if m.name == "della_cvae" else "standard")
+
+
+@torch.no_grad()
+def test_paper_configuration_has_no_feature_norm_and_bias_free_heads(della, tokenizer):
+    """feature_norm false: x_l is the pooled state itself; head_bias false: the heads' offsets
+    come from zbar and the features only (p(z_1) = N(0, I) with first_prior standard); the
+    released code's variants keep their LayerNorm and biases, with the same state-dict keys."""
+    paper = della(n_layer=2, pooling="first", feature_norm=False, head_bias=False,
+                  first_prior="standard")
+    released = della(n_layer=2, feature_norm=True, head_bias=True)
+    assert paper.pool_norm is None and released.pool_norm is not None
+    keys, released_keys = set(paper.state_dict()), set(released.state_dict())
+    assert keys <= released_keys
+    assert released_keys - keys == {k for k in released_keys if k.startswith("pool_norm.")}
+    for head in (paper.posterior_head, paper.prior_head):
+        head.bias.data.fill_(5.0)  # a masked bias changes nothing
+    assert paper.posterior_head.bias_mask.sum() == 0 and paper.prior_head.bias_mask.sum() == 0
+    p = paper.prior()
+    first = p.conditionals(p.sample((3,)))  # layer 1 of (3, L, D): N(0, I)
+    assert torch.allclose(first.mean[..., 0, :], torch.zeros(3, 4))
+    assert torch.allclose(first.stddev[..., 0, :], torch.ones(3, 4))
+    ds = TextDataset(make_sentences(4, seed=2), tokenizer)
+    batch = ds.collate([0, 1, 2, 3])
+    zero = torch.zeros(1, 4, 2, 4)
+    q_before = paper.posterior(batch).conditionals(zero).mean
+    paper.posterior_head.bias.data.zero_()
+    assert torch.equal(paper.posterior(batch).conditionals(zero).mean, q_before)
+    released.posterior_head.bias.data.fill_(5.0)  # the released variant's biases act
+    assert not torch.equal(released.posterior(batch).conditionals(zero).mean,
+                           della(n_layer=2).posterior(batch).conditionals(zero).mean)
 
 
 def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):

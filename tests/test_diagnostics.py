@@ -248,7 +248,8 @@ def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
 
 
 def test_paired_differences_use_the_per_sentence_differences():
-    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4}
+    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4,
+           "sentence_index": [0, 1, 2, 3], "n_words_per_sentence": [3, 4, 5, 6]}
     # the same offset on every sentence: mean difference 1.5, paired standard error 0
     # (the unpaired standard errors would be about 6.5 each)
     shifted = dict(ref, nll_per_sentence=[11.5, 21.5, 31.5, 41.5])
@@ -278,7 +279,7 @@ def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_pa
         assert sum(result["nll_per_sentence"]) / 12 == pytest.approx(result["nll"], rel=1e-9)
     assert cli.main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
-    d = [a - b for a, b in zip(r[1]["nll_per_sentence"], r[0]["nll_per_sentence"])]
+    d = [a - b for a, b in zip(r[1]["nll_per_sentence"], r[0]["nll_per_sentence"], strict=True)]
     assert f"- r-mean - r-last: {sum(d) / 12:+.2f} ±" in out
     assert "nll_per_sentence" not in out  # the table shows the summary fields only
 

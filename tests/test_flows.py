@@ -87,25 +87,17 @@ def test_cclin_iaf_is_volume_preserving():
         assert torch.allclose(lower, torch.tril(lower)) and torch.all(lower.diagonal(dim1=-2, dim2=-1) == 1)
 
 
-@pytest.mark.parametrize("kind", INVERTIBLE)
+@pytest.mark.parametrize("kind", KINDS)
 def test_inverse_round_trip_and_log_prob_of_any_point(kind):
+    """Every flow now inverts (planar and sylvester by a checked root search), so log q(z_K|x)
+    of any point is available; through the inverse it equals the density carried forward."""
     q = _flow(kind)
     assert q.has_inverse
-    x = torch.randn(S, B, D, dtype=torch.float64)
+    x = 3 * torch.randn(S, B, D, dtype=torch.float64)
     for t in q.transforms:
         assert torch.allclose(t.inv(t(x)), x, atol=1e-9), kind
     z, log_q = q.rsample_and_log_prob((5,))
     assert torch.allclose(q.log_prob(z), log_q, atol=1e-9)  # through the inverse, same density
-
-
-@pytest.mark.parametrize("kind", ["planar", "sylvester"])
-def test_flows_without_inverse_say_how_to_get_log_q(kind):
-    q = _flow(kind)
-    assert not q.has_inverse
-    z, log_q = q.rsample_and_log_prob((5,))
-    assert z.shape == (5, B, D) and log_q.shape == (5, B)
-    with pytest.raises(NotImplementedError, match="rsample_and_log_prob"):
-        q.log_prob(z)
     z2, log_q2 = rsample_and_log_prob(q, (2,))  # the one sampling path of ELBO, IW and MC KL
     assert z2.shape == (2, B, D) and torch.all(torch.isfinite(log_q2))
 
@@ -333,3 +325,139 @@ def test_report_of_a_flow_run_has_no_per_dimension_kl(tiny_config, tmp_path):
     md = (folder / "report.md").read_text()
     assert "**Latent status**" in md and "Reconstructions" in md
     assert (folder / "kl_per_dim.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- issue 15, items 3-4: the MI of z_K, inverses of other sentences' points --------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_prob_takes_every_point_under_every_sentence(kind):
+    """A value (M, 1, D) broadcasts against the batch (B,) to (M, B): the aggregate posterior's
+    shape (the ccLinIAF inverse failed to broadcast it)."""
+    q = _flow(kind)
+    z = q.sample((4,)).reshape(8, 1, D)  # other sentences' points
+    dense = q.log_prob(z)
+    assert dense.shape == (8, B)
+    assert torch.allclose(dense, q.log_prob(z.expand(8, B, D)), atol=1e-9)
+
+
+def test_iaf_inverse_stays_finite_far_in_the_tails():
+    """Far from the posterior the inverse's magnitude explodes (the scale of each dimension grows
+    like exp(-s) of the previous); the old D full passes overflowed unfinished dimensions and
+    multiplied inf by the MADE's zero masks: NaN. Now: no NaN, exact where representable, and
+    log q = -inf where the inverse leaves float range."""
+    torch.manual_seed(0)
+    module = PosteriorFlow("iaf", 8, C, 2, hidden=16)
+    q = module(Independent(Normal(torch.zeros(3, 8), torch.ones(3, 8)), 1), torch.randn(3, C))
+    y = 100 * torch.randn(5, 3, 8)
+    t = q.transforms[0]
+    x = t.inv(y)
+    assert not torch.isnan(x).any()
+    ok = torch.isfinite(x).all(-1) & (x.abs() < 1e3).all(-1)
+    assert ok.any() and not ok.all()  # some points far enough to overflow, some not
+    fx = t(torch.where(ok.unsqueeze(-1), x, 0.0))
+    assert torch.allclose(fx[ok], y[ok], rtol=1e-4, atol=1e-3)
+    log_q = q.log_prob(y)
+    assert not torch.isnan(log_q).any() and (log_q == float("-inf")).any()
+
+
+def test_flow_mi_equals_the_gaussian_mi_of_z_k():
+    """A ccLinIAF flow is linear: z_K = L z_0 ~ N(L mu, L Sigma L^T) exactly. The flow's
+    aggregate-posterior MI (through its inverse) equals the MI computed from those full-covariance
+    Gaussians on the same samples, and differs from the MI of z_0."""
+    from textvae.metrics import aggregate_mi, distribution_mi
+
+    torch.manual_seed(0)
+    n_batches, flows, gaussians, zs = 3, [], [], []
+    for i in range(n_batches):
+        module = PosteriorFlow("cclin_iaf", D, C, 2, components=2).double()
+        base = _gaussian(seed=i)
+        q = module(base, 3.0 * torch.randn(B, C, dtype=torch.float64))
+        lower = q.transforms[1].lower @ q.transforms[0].lower  # (B, D, D)
+        mean = (lower @ base.mean.unsqueeze(-1)).squeeze(-1)
+        cov = lower @ torch.diag_embed(base.variance) @ lower.transpose(-1, -2)
+        flows.append(q)
+        gaussians.append(MultivariateNormal(mean, cov))
+        zs.append(q.sample())
+    with torch.no_grad():
+        mi_flow = distribution_mi(flows, zs)
+        assert mi_flow == pytest.approx(distribution_mi(gaussians, zs), abs=1e-9)
+    bases = [q.base_dist for q in flows]
+    mi_z0 = aggregate_mi(torch.cat([b.mean for b in bases]), torch.cat([b.variance.log() for b in bases]),
+                         torch.cat([b.sample() for b in bases]))
+    assert abs(mi_flow - mi_z0) > 0.05
+
+
+@pytest.mark.parametrize(("kind", "scale"), [("planar", 30.0), ("iaf", 150.0), ("cclin_iaf", 30.0),
+                                           ("sylvester", 30.0)])
+def test_evaluate_reports_the_mi_of_z_k_not_z_0(tokenizer, kind, scale):
+    """The base q0 is N(0, I) for every sentence (heads zeroed), so I(x; z_0) = 0 exactly (what
+    evaluate reported before: identical Gaussians give 0.0), while the flow, computed from the
+    sentence (its parameters scaled up), moves z_K: I(x; z_K) > 0 (radial flows, which only
+    stretch around a centre, give too small a value at this size to tell from noise)."""
+    from tests.conftest import make_sentences as sentences
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             f"model.posterior_flow={kind}", "model.posterior_flow_steps=2",
+                             "model.flow_hidden=16"])
+    torch.manual_seed(0)
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    with torch.no_grad():
+        for p in model.posterior_head.parameters():
+            p.zero_()
+        if kind == "iaf":  # the shift m of each step, from the sentence
+            for made in model.posterior_flow.mades:
+                made.ctx_out.weight[:4].mul_(scale)
+        else:
+            for p in model.posterior_flow.parameters():
+                p.mul_(scale)
+    r = evaluate(model, TextDataset(sentences(24, seed=3), tokenizer), iw_samples=2, batch_size=8)
+    assert "z_K" in r["mi_estimator"]
+    assert r["mi"] > 0.1 and r["mi_batch"] > 0.1, (kind, r["mi"])  # 0.30 to 0.45 here
+    assert r["mi"] <= math.log(24) + 1e-6
+
+
+def test_flow_mi_is_null_with_the_reason_when_the_inverse_fails(tokenizer, monkeypatch):
+    import textvae.flows
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             "model.posterior_flow=sylvester", "model.posterior_flow_steps=2"])
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    monkeypatch.setattr(textvae.flows, "INVERSE_TOL", -1.0)  # no residual is accepted
+    r = evaluate(model, TextDataset(make_sentences(6, seed=3), tokenizer), iw_samples=2)
+    assert r["mi"] is None and r["mi_batch"] is None
+    assert "not computed" in r["mi_estimator"] and "SylvesterTransform inverse residual" in r["mi_estimator"]
+    assert r["nll"] is not None and r["au"] is not None
+
+
+def test_flow_mi_over_the_first_sentences_when_capped(tokenizer):
+    """flow_mi_sentences (and training's validation, iw_samples=0) bounds the N^2 inverses; the
+    estimator text records how many sentences it used."""
+    from textvae.metrics import FLOW_MI_VALIDATION_SENTENCES
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    ds = TextDataset(make_sentences(10, seed=3), tokenizer)
+    r = evaluate(model, ds, iw_samples=2, flow_mi_sentences=6)
+    assert "over the first 6 of 10 sentences" in r["mi_estimator"] and r["mi"] <= math.log(6) + 1e-6
+    assert "over the first" not in evaluate(model, ds, iw_samples=2)["mi_estimator"]
+    assert FLOW_MI_VALIDATION_SENTENCES >= 100
+
+
+def test_flow_mi_default_cap_at_evaluation_and_zero_means_all(tokenizer, monkeypatch):
+    """evaluate's default bounds the N^2 inverses (FLOW_MI_EVAL_SENTENCES: all 3,761 PTB test
+    sentences would take hours with an IAF on a CPU); flow_mi_sentences=0 takes every sentence."""
+    from textvae import metrics
+    from textvae.models import MODELS
+
+    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
+                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
+    ds = TextDataset(make_sentences(10, seed=3), tokenizer)
+    monkeypatch.setattr(metrics, "FLOW_MI_EVAL_SENTENCES", 4)
+    assert "over the first 4 of 10 sentences" in evaluate(model, ds, iw_samples=2)["mi_estimator"]
+    assert "over the first" not in evaluate(model, ds, iw_samples=2, flow_mi_sentences=0)["mi_estimator"]

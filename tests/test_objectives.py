@@ -92,6 +92,21 @@ def test_free_bits_per_dim_and_total():
     assert torch.all(x.grad[:, 0] == 0) and torch.all(x.grad[:, 1] > 0)  # no push below lambda
 
 
+def test_free_bits_per_sentence_and_dimension_as_park_and_lee_released_code():
+    """The clamp on each sentence's KL per dimension, before the batch mean: the two sentences'
+    KLs (0, 2) and (2, 0) have batch means (1, 1), so the batch-mean clamp at lambda = 1 gives 2
+    while the per-sentence clamp gives (1 + 2 + 2 + 1) / 2 = 3."""
+    kl = torch.tensor([[0.0, 2.0], [2.0, 0.0]])
+    assert float(free_bits_kl(kl, 1.0, "per_dim")) == pytest.approx(2.0)
+    assert float(free_bits_kl(kl, 1.0, "per_sentence_dim")) == pytest.approx(3.0)
+    x = kl.clone().requires_grad_()
+    free_bits_kl(x, 1.0, "per_sentence_dim").backward()
+    assert x.grad.tolist() == [[0.0, 0.5], [0.5, 0.0]]  # no gradient where a sentence is below
+    from textvae.config import load_config
+
+    assert load_config(None, ["kl.free_bits_mode=per_sentence_dim"]).kl.free_bits_mode == "per_sentence_dim"
+
+
 def test_kl_schedules():
     lin = KLConfig(schedule="linear", beta_start=0.1, beta_max=1.0, warmup_steps=100)
     assert kl_weight(0, lin) == pytest.approx(0.1)

@@ -84,6 +84,37 @@ def test_bn_vae_floor_vanishes_when_the_encoder_shrinks_below_eps():
 
 
 @torch.no_grad()
+def test_bn_vae_small_eps_keeps_the_floor(tiny_model):
+    """model.posterior_bn_eps: the same shrunken encoder (v_d ~ 1e-8) as the test above keeps
+    the KL floor D gamma^2 / 2 and active units with eps = 1e-12, where the default 1e-5 loses
+    both (the KL is measured, not the bound: the variance terms are zeroed by sigma = 1)."""
+    torch.manual_seed(0)
+    d, gamma = 8, 0.6
+    p = standard_normal(d, (256,))
+    h = torch.randn(256, 10)
+    floors, spreads = {}, {}
+    for eps in (1e-5, 1e-12):
+        torch.manual_seed(1)
+        head = GaussianHead(10, d, bn_gamma=gamma, bn_eps=eps).train()
+        head.mu.weight.mul_(1e-4 / head.mu.weight.abs().max())  # v_d ~ 1e-8
+        head.mu.bias.zero_()
+        head.logvar.weight.zero_()
+        head.logvar.bias.zero_()  # sigma = 1: the KL is the means' part alone
+        q = head(h)
+        floors[eps] = float(kl_per_dim(q, p).sum(-1).mean())
+        spreads[eps] = float(q.mean.var(0).min())
+    assert floors[1e-5] < 0.01 * d * gamma**2 / 2 and spreads[1e-5] < 0.01
+    assert floors[1e-12] == pytest.approx(d * gamma**2 / 2, rel=1e-2)
+    assert spreads[1e-12] > 0.01  # every dimension above the AU threshold
+    # the config key reaches the model's head; eps must be positive
+    model = tiny_model("lstm_vae", posterior_bn_gamma=gamma, posterior_bn_eps=1e-12)
+    assert model.posterior_head.bn_eps == 1e-12
+    assert tiny_model("lstm_vae", posterior_bn_gamma=gamma).posterior_head.bn_eps == 1e-5
+    with pytest.raises(ConfigError, match="posterior_bn_eps"):
+        load_config(None, ["model.posterior_bn_eps=0"])
+
+
+@torch.no_grad()
 def test_bn_vae_bound_holds_for_the_model_on_random_sentences(tiny_model, tokenizer):
     gamma = 0.6
     model = tiny_model("lstm_vae", posterior_bn_gamma=gamma).train()

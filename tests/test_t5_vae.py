@@ -264,6 +264,59 @@ def test_phase_one_stops_early_then_phase_two_resumes_exactly(tiny_config, tmp_p
         assert _trainer_state(part) == state
 
 
+def test_phase_two_starts_from_the_best_phase_one_weights(tiny_config, tmp_path, monkeypatch):
+    """train.ae_start: best (default) loads the phase-1 weights of the best validation rec at
+    the hand-off; last keeps the weights at the hand-off. With validation recs 5 (step 2) then
+    6 (step 4) the two differ; with 6 then 5 the best is the last and they agree exactly."""
+    real, recs = train_module.evaluate, iter([])
+
+    def scripted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["rec"] = next(recs)
+        return out
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    extra = {"train.ae_pretrain_steps": 4, "train.eval_every": 2, "train.max_steps": 6,
+             "train.log_every": 1}
+    finals = {}
+    for order in ("best_first", "best_last"):
+        for start in ("best", "last"):
+            recs = iter([5.0, 6.0, 1.0] if order == "best_first" else [6.0, 5.0, 1.0])
+            run = train(_t5_config(tiny_config, **extra, **{"train.ae_start": start}),
+                        tmp_path / f"{order}-{start}")
+            hand_off = next(r for r in _records(run) if r.get("event") == "phase")
+            finals[order, start] = _final(run)
+            if start == "best":
+                best_step = 2 if order == "best_first" else 4
+                assert hand_off["start"] == "best" and hand_off["from_step"] == best_step
+                assert hand_off["best_rec"] == 5.0
+                info = json.loads((run / "checkpoints" / "ae_best" / "info.json").read_text())
+                assert info == {"step": best_step, "rec": 5.0}
+            else:
+                assert hand_off["start"] == "last" and hand_off["from_step"] == 4
+    key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    assert not torch.equal(finals["best_first", "best"][key], finals["best_first", "last"][key])
+    for k, v in finals["best_last", "best"].items():
+        assert torch.equal(v, finals["best_last", "last"][k]), k
+
+
+def test_frozen_decoder_phase_can_freeze_the_latent_projection(tiny_config, tmp_path):
+    cfg = _t5_config(tiny_config, **{"train.ae_pretrain_steps": 3, "train.ae_freeze_decoder": "true",
+                                      "train.ae_freeze_latent_projection": "true",
+                                      "train.max_steps": 3, "train.seed": 4,
+                                      "model.latent_injection": "both"})
+    run = train(cfg, tmp_path / "frozen")
+    _, tokenizer = textvae.load(run)
+    torch.manual_seed(4)
+    init = MODELS["t5_vae"](cfg.model, tokenizer).state_dict()
+    after = _final(run)
+    for prefix in ("memory.", "z_embed.", "decoder.", "shared."):  # held, as the released code
+        assert all(torch.equal(after[k], init[k]) for k in after if k.startswith(prefix)), prefix
+    assert any(not torch.equal(after[k], init[k]) for k in after if k.startswith("encoder."))
+    with pytest.raises(ConfigError, match="ae_freeze_latent_projection"):
+        _t5_config(tiny_config, **{"train.ae_freeze_latent_projection": "true"})
+
+
 def test_frozen_decoder_phase_leaves_the_decoder_unchanged(tiny_config, tmp_path):
     cfg = _t5_config(tiny_config, **{"train.ae_pretrain_steps": 3, "train.ae_freeze_decoder": "true",
                                       "train.max_steps": 3, "train.seed": 4,

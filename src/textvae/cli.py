@@ -1,4 +1,4 @@
-"""Command line: ``textvae train | evaluate | generate | probe | report | compare``.
+"""Command line: ``textvae train | evaluate | generate | probe | report | compare | sweep``.
 
 The only module that prints.
 """
@@ -72,7 +72,7 @@ def _dataset_for(model, config, split: str, data: str | None, max_sentences: int
     if max_sentences is not None and max_sentences < 1:
         raise ValueError(f"--max-sentences must be at least 1, got {max_sentences} (leave it out "
                          "to use every sentence)")
-    corpus = load_split(config.data, split, path=data)
+    corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
     texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
         texts = texts[:max_sentences]
@@ -138,6 +138,7 @@ def _cmd_evaluate(args) -> int:
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
+                      skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences,
                       progress=progress)
     result["data"], result["split"] = source, args.split if args.data is None else None
     result["max_sentences"] = None if full else len(dataset)
@@ -166,7 +167,7 @@ def _cmd_evaluate(args) -> int:
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
             continue
-        if key == "nll_per_sentence":
+        if key in ("nll_per_sentence", "sentence_index", "n_words_per_sentence"):
             continue  # N numbers: in the JSON only
         if value is None and not model.has_latent:
             continue  # a language model has no latent fields
@@ -347,7 +348,27 @@ def _cmd_compare(args) -> int:
 
     text, folder = compare_runs(args.run_dirs, args.output, args.eval)
     print(text)
-    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}")
+    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}, "
+          f"{folder / 'rate_distortion.png'}")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from textvae.sweep import run_sweep
+
+    start = time.perf_counter()
+    folder, summary = run_sweep(args.sweep, args.out_dir, args.storage, args.jobs)
+    trials = summary["trials"]
+    states = {}
+    for t in trials:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    print(f"sweep folder: {folder}  ({time.perf_counter() - start:.0f} s in this invocation)")
+    print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())))
+    for t in trials:
+        mark = " *" if t["pareto"] else ""
+        print(f"  {t['label']:<28} {t['state']:<9} {t['values'] or '-':<24} {t['settings']}{mark}")
+    print("(* Pareto front)")
+    print(f"written: {folder / 'sweep.md'}, {folder / 'rate_distortion.png'}")
     return 0
 
 
@@ -405,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="bf16: autocast for the network (default from config: eval.precision)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--skip-too-long", action="store_true",
+                   help="leave out (and count in n_skipped) sentences past the model's position "
+                   "limit instead of failing; sentences are never shortened")
+    p.add_argument("--flow-mi-sentences", type=int,
+                   help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
+                   "flow inverses; default 500; 0 = all)")
     p.add_argument("--output", help="JSON path (default: RUN_DIR/eval-<split>-<full|N>-K<k>-"
                    "<precision>[-gen].json, numbered when taken; never replaces an evaluation)")
     p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
@@ -486,6 +513,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for compare.md and the plot (default: "
                    "compare-<runs> beside the first run)")
     p.set_defaults(func=_cmd_compare)
+
+    p = command("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
+                       "(docs/sweep.md); running it again continues it")
+    p.add_argument("sweep", help="sweep YAML, e.g. experiments/remedy-matrix.yaml")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trials in parallel worker processes on this machine, the CPU threads "
+                   "split between them (default 1)")
+    p.add_argument("--storage", help="Optuna RDB URL of the study (default "
+                   "sqlite:///OUT/study.db); postgresql://user:password@host/db lets workers "
+                   "on several machines share it")
+    p.add_argument("--out-dir", help="sweep folder (default: the file's out_dir, else "
+                   "runs/sweep-<name>)")
+    p.set_defaults(func=_cmd_sweep)
     return parser
 
 

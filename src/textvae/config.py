@@ -44,7 +44,10 @@ class DataConfig:
             optional label.
         train_limit / valid_limit: use only the first N sentences of that split (null = all).
         max_length: longest sentence in whitespace words (0 = no limit); longer ones are
-            handled by ``long_policy`` (``truncate`` or ``drop``) and counted.
+            handled by ``long_policy`` (``truncate`` or ``drop``) and counted. A training
+            setting: it applies to the splits training reads (train, and the validation set
+            of training's logs), never to ``textvae evaluate``, which scores every sentence
+            whole.
         min_frequency / max_vocab: word-level vocabulary options (types rarer than
             ``min_frequency`` in the training split become ``<unk>``; null = no cap).
     """
@@ -91,12 +94,27 @@ class ModelConfig:
             then at least about ``latent_dim * gamma^2 / 2`` nats per sentence once the means
             vary across the batch by much more than BatchNorm's eps (exact bound in
             :class:`textvae.posteriors.GaussianHead`, docs/remedies.md).
+        posterior_bn_eps: BN-VAE: BatchNorm's eps in that normalisation (> 0; default 1e-5, as
+            ``nn.BatchNorm1d`` and Zhu et al.'s code). The encoder escapes the KL floor by making
+            its means vary across a batch by much less than eps (measured on PTB: v_d ~ 1e-8);
+            a smaller eps (1e-12) keeps the floor at such variances.
         min_rate_delta: delta-VAE style committed rate (Razavi et al. 2019), nats per latent
             dimension: the posterior variance is bounded so that every dimension's
             KL(q || N(0, 1)) is at least delta for every input; 0 = off; at most 9.
         bow_weight: weight of the bag-of-words auxiliary loss (Zhao et al. 2017), an MLP
             z -> vocabulary (hidden size ``hidden_dim``); 0 = off and no parameters created.
             Not part of the ELBO: reported as ``bow``, never in evaluation.
+        classifier_weight: weight of a jointly trained classifier from z to the corpus label
+            (Chien & Luo 2022's sentiment task; lstm_vae only): a linear map z -> classes (z_K
+            with a flow), loss ``classifier_weight`` x the mean cross-entropy over the batch's
+            labelled sentences (``cls`` in the training log); 0 = off, no parameters. Not part
+            of the ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled
+            data. Needs a labelled training corpus (e.g. ``yelp_sentiment``).
+        classifier_classes: number of label values (labels are 0..classes-1).
+        classifier_label_fraction: semi-supervised training: the fraction of training sentences
+            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
+            permutation of the sentence indices (seed 0), the same in every run and on resume
+            (:func:`textvae.data.semi_supervised_labels`).
         posterior_flow: normalising flow on the posterior (the issue's ``posterior.flow``;
             Chien & Luo 2022, SPEC 1.2): ``none`` | ``planar`` | ``radial`` (Rezende & Mohamed
             2015) | ``iaf`` (Kingma et al. 2016) | ``cclin_iaf`` (volume preserving, Tomczak &
@@ -162,6 +180,12 @@ class ModelConfig:
             depends on the context).
         kl_reduction: ``sum`` over layers (a valid ELBO) or ``mean`` (the released DELLA code's
             layer average; a reproduction switch: evaluation reports ``bound_valid: false``).
+        feature_norm: ``della``: a LayerNorm on each pooled x_l (the released code's; the paper,
+            sec. 4.1 and A.1, has none). Default true so that earlier run folders load; the
+            presets set false.
+        head_bias: ``della``: biases b_l in the prior and posterior heads (the released code's;
+            eq. 8 of the paper has none; p(z_1)'s bias follows ``first_prior``). Default true for
+            earlier run folders; the presets set false.
     """
 
     name: str = "lstm_vae"
@@ -177,8 +201,12 @@ class ModelConfig:
     z_init_state: bool = True
     z_every_step: bool = True
     posterior_bn_gamma: float = 0.0
+    posterior_bn_eps: float = 1e-5
     min_rate_delta: float = 0.0
     bow_weight: float = 0.0
+    classifier_weight: float = 0.0
+    classifier_classes: int = 2
+    classifier_label_fraction: float = 1.0
     posterior_flow: str = "none"
     posterior_flow_steps: int = 4
     flow_hidden: int = 256
@@ -211,6 +239,8 @@ class ModelConfig:
     fusion_rank: int = 4
     latent_layers: str | None = None
     first_prior: str = "learned"
+    feature_norm: bool = True
+    head_bias: bool = True
     kl_reduction: str = "sum"
 
 
@@ -228,7 +258,9 @@ class KLConfig:
             the number of batches per epoch; DELLA: 2).
         free_bits: lambda in nats (0 = off). ``free_bits_mode`` ``per_dim``: each dimension's
             batch-mean KL is clamped below at lambda; ``per_layer`` (layer-wise latents,
-            ``della``): each layer's batch-mean KL is; ``total``: the batch-mean total KL is.
+            ``della``): each layer's batch-mean KL is; ``total``: the batch-mean total KL is;
+            ``per_sentence_dim``: each sentence's KL in each dimension is, before the batch mean
+            (Park & Lee 2021's released code).
         target: KL target constraint (nats per sentence; 0 = off): the training loss gains
             ``target_weight * |mean_B KL - target|`` (Burgess et al. 2018's capacity term, eq. 8,
             which is the case beta = 0 of this); the KL is held near the target when
@@ -293,7 +325,17 @@ class TrainConfig:
         ae_freeze_decoder: in phase ``ae``, hold the model's pretrained decoder
             (``decoder_modules``, for ``t5_vae`` the token embedding, the decoder stack and the
             output layer) fixed: their gradients are dropped before each update (Park & Lee
-            2021's phase 1); the latent-to-decoder projections still train.
+            2021's phase 1); the latent-to-decoder projections still train unless
+            ``ae_freeze_latent_projection``.
+        ae_freeze_latent_projection: with ``ae_freeze_decoder``, also hold the latent-to-
+            decoder projections (``t5_vae``: the memory and embedding maps of z) fixed in
+            phase ``ae``, as Park & Lee 2021's released code does (it freezes every decoder-side
+            parameter); the default lets them train (the paper's text freezes "the decoder").
+        ae_start: the weights phase ``vae`` starts from: ``best`` (default; the phase-1
+            weights of the best validation ``rec``, the argmin of the early-stopping criterion,
+            kept in ``checkpoints/ae_best``; as Park & Lee 2021's early stopping; the last
+            weights when no phase-1 validation happened) or ``last`` (the weights at the
+            hand-off).
     """
 
     seed: int = 0
@@ -325,6 +367,8 @@ class TrainConfig:
     ae_reset_decoder: bool = True
     ae_patience: int = 0
     ae_freeze_decoder: bool = False
+    ae_start: str = "best"
+    ae_freeze_latent_projection: bool = False
 
 
 @dataclass
@@ -369,8 +413,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.first_prior": ("standard", "learned"),
     "model.kl_reduction": ("sum", "mean"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
-    "kl.free_bits_mode": ("per_dim", "per_layer", "total"),
+    "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.ae_start": ("best", "last"),
     "train.lr_scheduler": ("constant", "plateau"),
     "train.precision": ("fp32", "bf16"),
     "eval.precision": ("fp32", "bf16"),
@@ -459,7 +504,16 @@ def validate(config: Config) -> None:
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
     m, t = config.model, config.train
+    if not 0.0 < m.classifier_label_fraction <= 1.0:
+        raise ConfigError(f"model.classifier_label_fraction={m.classifier_label_fraction} must be "
+                          "in (0, 1]")
+    if m.classifier_classes < 2:
+        raise ConfigError("model.classifier_classes must be >= 2")
+    if m.classifier_weight > 0 and m.name != "lstm_vae":
+        raise ConfigError(f"model.classifier_weight: model.name={m.name!r} has no classifier on z "
+                          "(lstm_vae, with or without flows, has); set it to 0")
     for key in ("model.posterior_bn_gamma", "model.min_rate_delta", "model.bow_weight",
+                "model.classifier_weight",
                 "train.ae_pretrain_steps", "model.posterior_flow_steps", "model.prior_flow_steps",
                 "model.embed_noise", "kl.target", "kl.target_weight"):
         section, name = key.split(".")
@@ -474,6 +528,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{key} must be >= 1")
     if t.ae_patience < 0:
         raise ConfigError("train.ae_patience must be >= 0")
+    if not m.posterior_bn_eps > 0:
+        raise ConfigError(f"model.posterior_bn_eps={m.posterior_bn_eps} must be > 0 (BatchNorm "
+                          "divides by sqrt(batch variance + eps))")
     if not 0.0 <= m.encoder_token_drop < 1.0:
         raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
     if not 0.0 <= m.t5_dropout < 1.0:
@@ -534,6 +591,9 @@ def _validate_model_keys(config: Config) -> None:
     if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
         raise ConfigError("train.ae_patience needs an autoencoder phase: set "
                           "train.ae_pretrain_steps > 0 (the phase's longest length)")
+    if t.ae_freeze_latent_projection and not t.ae_freeze_decoder:
+        raise ConfigError("train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
+                          "train.ae_freeze_decoder=true too")
     if t.ae_freeze_decoder:
         if t.ae_pretrain_steps == 0:
             raise ConfigError("train.ae_freeze_decoder needs an autoencoder phase: set "
@@ -542,7 +602,8 @@ def _validate_model_keys(config: Config) -> None:
             raise ConfigError(f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
                               "decoder to freeze (t5_vae does); set it to false")
     defaults = ModelConfig()
-    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction")
+    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction",
+                  "feature_norm", "head_bias")
     if cls.backbone != "gpt2":
         used = [f"model.{key}" for key in della_keys if getattr(m, key) != getattr(defaults, key)]
         if used:

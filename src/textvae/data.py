@@ -29,7 +29,8 @@ A batch is a dict of tensors:
   ``<bos>`` + the tokens before it.
 - ``attention_mask`` (B, T) int64: 1 on real tokens (EOS included), 0 on padding.
 - ``n_words`` (B,) int64: whitespace words + 1 (one EOS per sentence), for ``ppl_word``.
-- ``labels`` (B,) int64, only when the corpus has labels.
+- ``labels`` (B,) int64, only when the corpus has labels (-1: a label hidden from a
+  semi-supervised classifier, :func:`semi_supervised_labels`).
 - ``context_ids`` / ``context_mask`` (B, T_c) int64, only for a dialogue corpus: the context's
   tokens followed by ``<eos>``, right-padded, and its mask.
 """
@@ -37,6 +38,7 @@ A batch is a dict of tensors:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -320,12 +322,16 @@ def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
                     "set data.corpus=null and data.train_path/valid_path/test_path instead")
 
 
-def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Corpus:
+def load_split(
+    cfg: DataConfig, role: str, path: str | Path | None = None, whole: bool = False
+) -> Corpus:
     """Read the split playing ``role`` (``train``, ``valid`` or ``test``).
 
     ``path`` overrides the config with an explicit file. Lines are whitespace-normalised;
     blank lines are skipped and counted; sentences over ``cfg.max_length`` words are truncated
-    or dropped (``cfg.long_policy``) and counted. ``train_limit`` / ``valid_limit`` keep the
+    or dropped (``cfg.long_policy``) and counted, unless ``whole`` is set: evaluation reads
+    every sentence whole (a length cap is a training setting, SPEC 3), so sentence i of the
+    result is sentence i of the file (after blank lines are skipped) whatever the config. ``train_limit`` / ``valid_limit`` keep the
     first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
     permutation (seed 0) so that a limit keeps both classes. A dialogue corpus
     (``corpus: dailydialog`` or ``format: dialogue``; an explicit ``path`` is then read as
@@ -345,6 +351,8 @@ def load_split(cfg: DataConfig, role: str, path: str | Path | None = None) -> Co
     else:
         files = _named_files(cfg, role)
         label_field = None
+    if whole:
+        cfg = dataclasses.replace(cfg, max_length=0)
     if cfg.corpus == "dailydialog" or cfg.format == "dialogue":
         return _load_dialogue_split(cfg, role, files[0][0])
     texts: list[str] = []
@@ -413,6 +421,22 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
     stats = {"sentences": len(kept_texts), "dialogues": len(dialogues), "blank_lines": blank,
              "truncated": truncated, "dropped": dropped}
     return Corpus(kept_texts, None, str(path), stats, contexts=kept_contexts)
+
+
+def semi_supervised_labels(labels: list[int], fraction: float, seed: int = 0) -> list[int]:
+    """The labels a semi-supervised classifier may see: those of round(fraction * N) sentences
+    chosen by a permutation of the indices seeded by ``seed`` (the same set in every run), -1
+    (ignored) for the others. ``fraction`` 1 keeps every label.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1].
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction {fraction} must be in (0, 1]")
+    n = len(labels)
+    keep = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(fraction * n)]
+               .tolist())
+    return [label if i in keep else -1 for i, label in enumerate(labels)]
 
 
 def _label_ids(labels: list) -> list[int]:

@@ -13,17 +13,21 @@ broadcasts over leading sample dimensions: it maps z of shape (S, B, D) to (S, B
 
 Flow families (each a :class:`FlowTransform`; ``has_inverse`` says whether ``.inv`` works):
 
-- :class:`PlanarTransform` (Rezende & Mohamed 2015, eqs. 10-12 and appendix A.1): no inverse here.
+- :class:`PlanarTransform` (Rezende & Mohamed 2015, eqs. 10-12 and appendix A.1): inverse by
+  the one-dimensional root equation of w^T z (monotone, bracketed).
 - :class:`RadialTransform` (eq. 14 and appendix A.2): inverse in closed form (a quadratic in r).
 - :class:`IAFTransform` (Kingma et al. 2016, eqs. 10-14, the numerically stable form with a
-  MADE of Germain et al. 2015): inverse by D sequential passes.
+  MADE of Germain et al. 2015): inverse by D sequential passes, one dimension per pass.
 - :class:`CCLinIAFTransform` (Tomczak & Welling 2017): linear, unit lower triangular, volume
   preserving (log-det 0); inverse by a triangular solve.
-- :class:`SylvesterTransform` (van den Berg et al. 2018, the triangular variant): no inverse here.
+- :class:`SylvesterTransform` (van den Berg et al. 2018, the triangular variant): inverse by
+  back-substitution, one monotone one-dimensional root per dimension (the map is triangular).
 
-Planar and Sylvester steps are invertible in principle but have no closed-form inverse, so the
-density of an *arbitrary* z is not available. The density of the flow's *own samples* always
-is: :meth:`FlowDistribution.rsample_and_log_prob` returns z_K together with log q(z_K|x),
+Planar and Sylvester inverses are iterative (safeguarded Newton on a bracket that always holds
+the root) and their residual ||f(f^-1(y)) - y|| is checked (:data:`INVERSE_TOL`); the density of
+an arbitrary z (``FlowDistribution.log_prob``) is what the aggregate-posterior MI of z_K needs
+(:func:`textvae.metrics.evaluate`). The density of the flow's *own samples* needs no inverse:
+:meth:`FlowDistribution.rsample_and_log_prob` returns z_K together with log q(z_K|x),
 accumulating the log-dets while it pushes z_0 forward (the same method name as ``zuko``'s flows).
 The ELBO, the IW bound and the Monte Carlo KL use that method (see
 :func:`textvae.objectives.rsample_and_log_prob`), so every flow gives an exact log q and the
@@ -63,6 +67,47 @@ PRIOR_FLOWS = ("none", "iaf")
 MEAN_SAMPLES, MEAN_SEED, MEAN_CHUNK = 256, 0, 32
 # Kingma et al. 2016: initialise the gate's bias so that sigma starts near 1 ("+1 or +2")
 IAF_GATE_BIAS = 1.0
+# iterative inverses (planar, sylvester): most root-search steps, the float64 |g| at which they
+# stop, and the largest accepted residual max |f(f^-1(y)) - y| / (1 + |y|)
+ROOT_ITERS, ROOT_TOL, INVERSE_TOL = 120, 1e-13, 1e-4
+
+
+class InverseError(ArithmeticError):
+    """An iterative flow inverse did not reach :data:`INVERSE_TOL` (the residual is named)."""
+
+
+def _monotone_root(fn, lo: torch.Tensor, hi: torch.Tensor, iters: int = ROOT_ITERS) -> torch.Tensor:
+    """Elementwise root of an increasing function on [lo, hi] (g(lo) <= 0 <= g(hi)): Newton
+    steps inside a shrinking bracket, bisection where a step would leave it or where |g| does
+    not fall fast enough (the safeguard of Numerical Recipes' ``rtsafe``), so it always
+    converges, quadratically near the root. ``fn(x) -> (g, g')``; tensors of one shape."""
+    x = 0.5 * (lo + hi)
+    dx_old = hi - lo
+    dx = dx_old
+    for _ in range(iters):
+        g, dg = fn(x)
+        if bool((g.abs() <= ROOT_TOL * (1 + x.abs())).all()):
+            break
+        lo = torch.where(g < 0, x, lo)
+        hi = torch.where(g > 0, x, hi)
+        newton = x - g / dg
+        bisect = ~((newton > lo) & (newton < hi)) | (2 * g.abs() > (dx_old * dg).abs())
+        dx_old, dx = dx, torch.where(bisect, 0.5 * (hi - lo), g / dg)
+        x_new = torch.where(g == 0, x, torch.where(bisect, 0.5 * (lo + hi), newton))
+        if torch.equal(x_new, x):
+            break
+        x = x_new
+    return x
+
+
+def _check_residual(name: str, fx: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise :class:`InverseError` unless f(x) (computed in float64 by the caller: in float32 a
+    planar step with a large u_hat cannot even reproduce its own forward map) gives back y."""
+    y = y.double()
+    err = ((fx - y).abs() / (1 + y.abs())).amax() if fx.numel() else fx.new_zeros(())
+    if not bool(err <= INVERSE_TOL):
+        raise InverseError(f"{name} inverse residual {float(err):.2e} exceeds {INVERSE_TOL:.0e}")
+
 
 _REAL_VECTOR = constraints.independent(constraints.real, 1)
 
@@ -101,8 +146,12 @@ class PlanarTransform(FlowTransform):
 
         log |det df/dz| = log |1 + u_hat^T psi(z)| = log(1 + (1 - tanh^2(w^T z + b)) w^T u_hat),
 
-    the argument being > 0 since 1 - tanh^2 is in (0, 1]. No inverse here (it needs a 1-D root
-    search).
+    the argument being > 0 since 1 - tanh^2 is in (0, 1].
+
+    Inverse (appendix A.1): with alpha = w^T z, w^T y = alpha + w^T u_hat tanh(alpha + b), an
+    increasing function of alpha (derivative 1 + w^T u_hat tanh' > 0) whose root lies within
+    |w^T u_hat| of w^T y; then z = y - u_hat tanh(alpha + b). Solved in float64 by
+    :func:`_monotone_root`, residual checked.
 
     Args:
         u, w: (B, D) raw parameters (u is constrained to u_hat here); b: (B,).
@@ -114,6 +163,23 @@ class PlanarTransform(FlowTransform):
         self.w, self.b = w, b
         self.u = u + (F.softplus(wu) - 1 - wu) * w / (w * w).sum(-1, keepdim=True).clamp_min(1e-12)
         self.wu = (w * self.u).sum(-1)  # w^T u_hat = m(w^T u) > -1, (B,)
+
+    has_inverse = True
+
+    def _inverse(self, y):
+        w, b, wu = self.w.double(), self.b.double(), self.wu.double()
+        wy = (y.double() * w).sum(-1)  # (..., B)
+
+        def g(alpha):
+            a = torch.tanh(alpha + b)
+            return alpha + wu * a - wy, 1 + wu * (1 - a * a)
+
+        reach = wu.abs().expand_as(wy)
+        alpha = _monotone_root(g, wy - reach, wy + reach)
+        u = self.u.double()
+        x = y.double() - u * torch.tanh(alpha + b).unsqueeze(-1)
+        _check_residual(type(self).__name__, x + u * torch.tanh((x * w).sum(-1) + b).unsqueeze(-1), y)
+        return x.to(y.dtype)
 
     def call_and_ladj(self, x):
         a = torch.tanh((x * self.w).sum(-1) + self.b)  # (S, B)
@@ -194,6 +260,7 @@ class MADE(nn.Module):
         order = torch.arange(1, d + 1)
         if reverse:
             order = order.flip(0)
+        self.register_buffer("order", order, persistent=False)  # (D,) degrees 1..D
         hidden_deg = torch.arange(hidden_dim) % max(1, d - 1) + 1
         self.register_buffer("mask_in", (hidden_deg[:, None] >= order[None, :]).float(), persistent=False)
         mask_out = (order[:, None] > hidden_deg[None, :]).float()  # (D, H_f)
@@ -209,12 +276,13 @@ class MADE(nn.Module):
     def forward(self, z: torch.Tensor, context: torch.Tensor | None = None):
         if self.ctx is not None and context is None:
             raise ValueError("this MADE is conditioned on a context; pass one")
-        h = F.linear(z, self.inp.weight * self.mask_in, self.inp.bias)
+        dt = z.dtype if z.dtype == torch.float64 else self.inp.weight.dtype  # float64 inverses
+        h = F.linear(z, (self.inp.weight * self.mask_in).to(dt), self.inp.bias.to(dt))
         if self.ctx is not None:
-            h = h + self.ctx(context)
-        out = F.linear(F.elu(h), self.out.weight * self.mask_out, self.out.bias)
+            h = h + F.linear(context.to(dt), self.ctx.weight.to(dt))
+        out = F.linear(F.elu(h), (self.out.weight * self.mask_out).to(dt), self.out.bias.to(dt))
         if self.ctx_out is not None:
-            out = out + self.ctx_out(context)
+            out = out + F.linear(context.to(dt), self.ctx_out.weight.to(dt))
         m, s = _full_precision(out).chunk(2, dim=-1)
         return m, s
 
@@ -226,9 +294,14 @@ class IAFTransform(FlowTransform):
         f(z) = sigma * z + (1 - sigma) * m,     log |det df/dz| = sum_d log sigma_d,
 
     exact because df/dz is triangular in the MADE's order with diagonal sigma (m and sigma of
-    dimension d depend only on earlier dimensions). Inverse: z_d = (y_d - (1 - sigma_d) m_d) /
-    sigma_d, computed in D sequential passes (after pass k the first k dimensions in order are
-    exact).
+    dimension d depend only on earlier dimensions). Inverse: z_d = y_d + (y_d - m_d) exp(-s_d)
+    (= (y_d - (1 - sigma_d) m_d) / sigma_d without dividing by a sigma that underflows), in D
+    sequential passes, pass k setting only the k-th dimension in order (the others stay 0
+    until set, so no unfinished value can overflow and poison the MADE's masked products), in
+    float32 autocast off (float64 for a float64 module or value). Far in the tails the true
+    inverse can exceed the float range (each dimension's scale grows like exp(-s) of the
+    previous): such a point comes back with inf from the overflowing dimension on (never NaN),
+    and :meth:`FlowDistribution.log_prob` gives it density 0.
 
     Args:
         made: the step's :class:`MADE`; context: (B, C) per-sentence conditioning or None.
@@ -252,12 +325,25 @@ class IAFTransform(FlowTransform):
         return self.call_and_ladj(x)[1]
 
     def _inverse(self, y):
-        x = torch.zeros_like(y)
-        for _ in range(self.made.latent_dim):
-            m, s = self.made(x, self.context)
-            sigma = torch.sigmoid(s)
-            x = (y - (1 - sigma) * m) / sigma
-        return x
+        dtype = torch.promote_types(y.dtype, self.made.inp.weight.dtype)
+        yd = y.to(dtype)
+        context = None if self.context is None else self.context.to(dtype)
+        x = torch.zeros(torch.broadcast_shapes(y.shape, (*self._batch_shape(), y.size(-1))),
+                        dtype=dtype, device=y.device)
+        with torch.autocast(y.device.type, enabled=False):
+            # dimensions by increasing degree: each depends only on those set before it
+            out = torch.zeros((), dtype=torch.bool, device=y.device)  # points past float64
+            for k in torch.argsort(self.made.order).tolist():
+                m, s = self.made(torch.where(out.unsqueeze(-1), 0.0, x), context)
+                value = yd[..., k] + (yd[..., k] - m[..., k]) * torch.exp(-s[..., k])
+                value = torch.where(out, float("inf"), value)
+                out = out | ~torch.isfinite(value)
+                is_k = torch.arange(x.size(-1), device=x.device) == k
+                x = torch.where(is_k, value.unsqueeze(-1), x)  # not in place: autograd-safe
+        return x.to(y.dtype)
+
+    def _batch_shape(self) -> tuple[int, ...]:
+        return () if self.context is None else tuple(self.context.shape[:-1])
 
 
 class CCLinIAFTransform(FlowTransform):
@@ -284,8 +370,10 @@ class CCLinIAFTransform(FlowTransform):
         return (self.lower @ x.unsqueeze(-1)).squeeze(-1)
 
     def _inverse(self, y):
-        lower = self.lower.expand(*y.shape[:-1], *self.lower.shape[-2:])
-        return torch.linalg.solve_triangular(lower, y.unsqueeze(-1), upper=False,
+        batch = torch.broadcast_shapes(y.shape[:-1], self.lower.shape[:-2])  # e.g. (M, 1) x (B,)
+        lower = self.lower.expand(*batch, *self.lower.shape[-2:])
+        rhs = y.expand(*batch, y.size(-1)).unsqueeze(-1)
+        return torch.linalg.solve_triangular(lower, rhs, upper=False,
                                              unitriangular=True).squeeze(-1)
 
     def log_abs_det_jacobian(self, x, y):
@@ -304,7 +392,15 @@ class SylvesterTransform(FlowTransform):
         log |det df/dz| = sum_m log(1 + tanh'(a_m) R~_mm R_mm),
 
     and with the diagonals squashed by tanh (|R~_mm R_mm| < 1, as the paper) every factor is
-    > 0 and f is invertible. No inverse here (it has no closed form).
+    > 0 and f is invertible.
+
+    Inverse (no closed form): in the coordinates x = Q^T z, y' = Q^T y the map is triangular,
+    y'_m = x_m + sum_{j >= m} R_mj tanh(a_j), a_j = sum_{k >= j} R~_jk x_k + b_j, so x is found by
+    back-substitution from the last dimension: each x_m solves the increasing one-dimensional
+    equation x + R_mm tanh(R~_mm x + c_m) = t_m (derivative 1 + R_mm R~_mm tanh' > 0, root within
+    |R_mm| of t_m), by :func:`_monotone_root` in float64; the residual is checked. This always
+    converges, unlike the fixed-point iteration z <- y - Q R tanh(R~ Q^T z + b), which is a
+    contraction only when ||R diag(tanh') R~|| < 1.
 
     Args:
         r1, r2: (B, D, D) raw matrices of R and R~ (their strict lower parts are ignored, their
@@ -330,6 +426,34 @@ class SylvesterTransform(FlowTransform):
     def log_abs_det_jacobian(self, x, y):
         return self.call_and_ladj(x)[1]
 
+    has_inverse = True
+
+    def _inverse(self, y):
+        r1, r2, b = self.r1.double(), self.r2.double(), self.b.double()
+        yq = y.double().flip(-1) if self.reverse else y.double()  # Q^T y
+        batch = torch.broadcast_shapes(yq.shape[:-1], b.shape[:-1])
+        yq = yq.expand(*batch, yq.size(-1))
+        d = yq.size(-1)
+        x = torch.zeros_like(yq)
+        tanh_a = torch.zeros_like(yq)  # tanh(a_j) of the dimensions already solved
+        for m in range(d - 1, -1, -1):
+            t = yq[..., m] - (r1[..., m, m + 1 :] * tanh_a[..., m + 1 :]).sum(-1)
+            c = b[..., m] + (r2[..., m, m + 1 :] * x[..., m + 1 :]).sum(-1)
+            rm, sm = r1[..., m, m], r2[..., m, m]
+
+            def g(v, t=t, c=c, rm=rm, sm=sm):
+                a = torch.tanh(sm * v + c)
+                return v + rm * a - t, 1 + rm * sm * (1 - a * a)
+
+            reach = rm.abs().expand_as(t)
+            x[..., m] = _monotone_root(g, t - reach, t + reach)
+            tanh_a[..., m] = torch.tanh(sm * x[..., m] + c)
+        a = torch.tanh((r2 @ x.unsqueeze(-1)).squeeze(-1) + b)  # the forward map again, float64
+        fx = x + (r1 @ a.unsqueeze(-1)).squeeze(-1)  # in the Q^T coordinates
+        _check_residual(type(self).__name__, fx, yq)
+        x = x.flip(-1) if self.reverse else x
+        return x.to(y.dtype)
+
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision tensors (bf16 autocast), float64 kept (the exactness tests)."""
@@ -347,8 +471,8 @@ class FlowDistribution(TransformedDistribution):
 
     - ``rsample_and_log_prob(sample_shape) -> (z (*S, B, D), log q (*S, B))``: reparameterised
       samples of z_K with their exact log-density, float32 nats; works for every flow.
-    - ``log_prob(z)``: exact for any z when every step has an inverse (radial, iaf, cclin_iaf);
-      raises NotImplementedError naming the step otherwise (planar, sylvester).
+    - ``log_prob(z)``: exact for any z (every step has an inverse: closed form for radial, iaf,
+      cclin_iaf; a checked root search for planar and sylvester).
     - ``mean``: E_q[z_K|x] by Monte Carlo over :data:`MEAN_SAMPLES` base draws that are the same
       for every sentence (common random numbers, fixed seed), so it is a deterministic function
       of the sentence alone, whatever its batch; its error is a Monte Carlo error of 256 draws.
@@ -378,13 +502,29 @@ class FlowDistribution(TransformedDistribution):
         return self.push(self.base_dist.rsample(sample_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        missing = [type(t).__name__ for t in self.transforms if not t.has_inverse]
-        if missing:
-            raise NotImplementedError(
-                f"log q(z) of an arbitrary z needs the inverse of every flow step, and "
-                f"{', '.join(sorted(set(missing)))} has none; use rsample_and_log_prob, which "
-                "returns log q of its own samples")
-        return super().log_prob(value)
+        """log q(z_K = value | x) of any point, through the inverse of every step:
+        log q0(f^-1(value)) - sum_k log |det df_k| at the inverted points, nats. ``value`` (..., D)
+        broadcasts against the batch shape, e.g. (M, 1, D) -> (M, B): every point under every
+        sentence's posterior (the aggregate posterior of :func:`textvae.metrics.evaluate`).
+
+        A point whose inverse overflows (non-finite, possible only far in the tails, see
+        :class:`IAFTransform`) gets -inf: its base density is below exp(-1e76).
+
+        Raises:
+            InverseError: an iterative inverse (planar, sylvester) did not converge.
+        """
+        y = value
+        ladj = 0.0
+        overflow = torch.zeros((), dtype=torch.bool, device=value.device)
+        for t in reversed(self.transforms):
+            x = t.inv(y)
+            bad = ~torch.isfinite(x).all(-1)
+            overflow = overflow | bad
+            x = torch.where(bad.unsqueeze(-1), torch.zeros_like(x), x)
+            ladj = ladj + t.log_abs_det_jacobian(x, y)
+            y = x
+        log_q = self.base_dist.log_prob(y) - ladj
+        return log_q.masked_fill(overflow, float("-inf"))
 
     @property
     def mean(self) -> torch.Tensor:

@@ -12,8 +12,14 @@ and as one word per sentence; padding never counts.
 - ``nll``: -log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016), with its
   standard error over sentences; exact -log p(x) for a model without latent.
 - ``nll_per_sentence``: the N per-sentence values behind ``nll``, in the dataset's order (a
-  list of floats), so two models evaluated on the same sentences can be compared pairwise
-  (``textvae compare`` reports the paired difference and its standard error).
+  list of floats; evaluation batches are sorted by token length, which differs between
+  tokenizers, and the values are put back), with ``sentence_index`` (the dataset position of
+  each value) and ``n_words_per_sentence``, so two models evaluated on the same sentences are
+  compared pairwise by index (``textvae compare`` reports the paired difference and its
+  standard error, and refuses evaluations of different sentences).
+- ``n_skipped``: sentences left out because they exceed the model's position limit (only with
+  ``skip_too_long``; otherwise such a sentence is an error). Every sentence is scored whole:
+  ``data.max_length`` is a training setting and does not apply to evaluation.
 - ``ppl_token`` = exp(sum nll / predicted tokens incl. EOS); ``ppl_word`` = exp(sum nll /
   (whitespace words + one EOS per sentence)).
 - ``ppl_elbo_token`` = exp(-sum elbo / predicted tokens incl. EOS): the perplexity of the ELBO,
@@ -42,20 +48,35 @@ Layer-wise latents (DELLA, event shape (L, D); a posterior and prior with ``cond
 (L, D) and ``kl_per_layer`` (L,); ``mi`` (and ``mi_batch``, the same estimator within each batch)
 uses the joint log q(z|x) of every sample under every sentence's posterior
 (:func:`distribution_mi`); ``au`` uses E_q[z|x] estimated by 256 common-random-number ancestral
-draws, and ``au_per_layer`` gives the count per layer at each threshold of ``au_by_delta``. The IW
+draws, and ``au_per_layer`` gives the count per layer at each threshold of ``au_by_delta``;
+``au_layer_mean`` is DELLA's own active-unit figure (Hu et al. 2022, A.3), the mean over layers
+of the per-layer count at delta 0.2, comparable with the paper's table (``au`` counts all L x D). The IW
 estimate draws all layers ancestrally once per importance sample and sums
 log p(z_l|z_<l) - log q(z_l|z_<l,x) over layers, the (S x B) samples going through the decoder
 in chunks like every model's.
 
-Flow posteriors (see docs/flows.md): ``nll``, ``rec``, ``kl`` use z_K and its exact log q;
-``mi`` (both estimators) is that of the base Gaussian z_0 (the aggregate posterior of z_K needs
-q(z_K|x_n) at other sentences' samples, i.e. an inverse that planar and Sylvester flows lack);
-``au`` uses E_q[z_K|x] estimated by :attr:`textvae.flows.FlowDistribution.mean` (256 common
-random draws). ``mi_estimator`` says so.
+Flow posteriors (see docs/flows.md): every field refers to z_K, the latent the decoder reads.
+``nll``, ``rec``, ``kl`` use z_K and its exact log q; ``mi`` (and ``mi_batch``) is I(x; z_K)
+with the aggregate posterior of z_K (:func:`distribution_mi` over the flow posteriors: log
+q(z_K|x_n) of every sentence's sample z_K under every sentence's flow, through the inverse of
+each step, :meth:`textvae.flows.FlowDistribution.log_prob`); where that cannot be computed (an
+iterative inverse that does not converge, a non-finite estimate) ``mi`` and ``mi_batch`` are
+None and ``mi_estimator`` gives the reason (the base Gaussian's I(x; z_0) is never reported in
+their place: a flow whose base ignores x can still carry information in z_K). ``au`` uses
+E_q[z_K|x] estimated by :attr:`textvae.flows.FlowDistribution.mean` (256 common random draws).
+Cost: N^2 inverse evaluations (the IAF's sequential in D), chunked.
 
 Conditional models (``cvrae``): every field is conditioned on the context c of each response:
 ``nll`` bounds -log p(x|c), ``kl`` is KL(q(z|x,c) || p(z|c)); ``mi`` and ``au`` are taken over
 the (context, response) pairs (the aggregate posterior mixes q(z|x_n, c_n) over all pairs).
+- ``encoder_dispersion``: how spread the encoder summaries (the vectors the posterior heads
+  read) are across the evaluated sentences (Long et al. 2019; :func:`encoder_dispersion`):
+  ``total_variance``, ``relative_variance``, ``mean_cosine_distance``, ``dim``, ``n``; for a
+  model without ``encoder_summary`` (DELLA: per-layer features read together with the latent
+  recurrence) the values are None with a ``reason``; None for a model without latent.
+- ``classifier_accuracy``: with a jointly trained classifier on z (``model.classifier_weight``,
+  Chien & Luo 2022) and a labelled dataset, the fraction of the ``classifier_n`` labelled
+  sentences whose label it predicts from E_q[z|x] (E_q[z_K|x] for a flow); else None.
 - ``z_gap``: the z-usage gap, rec with z shuffled across the batch minus rec with each
   sentence's own z (:func:`z_usage_gap`); near 0 means the decoder ignores z.
 
@@ -73,7 +94,7 @@ import math
 import torch
 
 from textvae.data import TextDataset
-from textvae.flows import base_gaussian
+from textvae.flows import InverseError, base_gaussian
 from textvae.objectives import (
     conditional_kl,
     iw_bound,
@@ -105,7 +126,9 @@ EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, me
      "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL"),
     ("protocol", "mi", "nats (aggregate posterior, whole set)",
      "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory "
-     "linear in the set; at most log N)"),
+     "linear in the set; at most log N); for a flow posterior I(x; z_K) through the flow's "
+     "inverse (N^2 inverses: over the first 500 sentences unless `--flow-mi-sentences N` says "
+     "otherwise, 0 = all), null with the reason in `mi_estimator` where it cannot be computed"),
     ("protocol", "mi_batch", "nats (He et al. 2019 minibatch)",
      "the minibatch estimator of He et al. 2019, over the evaluation batches"),
     ("protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z|x]) > `au_delta`"),
@@ -130,7 +153,26 @@ EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, me
     ("protocol", "bound_valid", "false: elbo/nll are not bounds (kl_reduction: mean)",
      "whether `elbo` and `nll` bound log p(x)"),
     ("protocol", "nll_per_sentence", "nats/sentence, dataset order",
-     "the N values behind `nll` (JSON only), for paired comparisons"),
+     "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and "
+     "`bench/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of "
+     "different sentences"),
+    ("protocol", "sentence_index", "dataset positions",
+     "the dataset position of each `nll_per_sentence` value (JSON only)"),
+    ("protocol", "n_words_per_sentence", "incl. EOS",
+     "whitespace words + 1 of each evaluated sentence (JSON only)"),
+    ("protocol", "n_skipped", "sentences past the model's position limit (--skip-too-long)",
+     "sentences left out with `--skip-too-long` (else such a sentence is an error); every "
+     "sentence is scored whole"),
+    ("protocol", "encoder_dispersion", "of the encoder summaries (Long et al. 2019)",
+     "Long et al. 2019's encoder feature dispersion: total and relative variance and mean "
+     "pairwise cosine distance of the summaries the posterior heads read (null values with a "
+     "`reason` for DELLA)"),
+    ("protocol", "classifier_accuracy", "fraction (classifier on E_q[z|x])",
+     "a jointly trained classifier on z (`model.classifier_weight`): accuracy on the labelled "
+     "sentences"),
+    ("protocol", "classifier_n", "labelled sentences", "sentences behind `classifier_accuracy`"),
+    ("protocol", "au_layer_mean", "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
+     "layer-wise latents: DELLA's own active-unit figure, comparable with the paper's table"),
     ("record", "data", "", "the evaluated file"),
     ("record", "split", "", "the split name (null for `--data FILE`)"),
     ("record", "max_sentences", "", "the `--max-sentences` cap (null: the whole split or file)"),
@@ -171,10 +213,21 @@ MI_ESTIMATOR = (
     "in both terms; mi_batch: He et al. 2019 calc_mi (q(z) over each evaluation batch, "
     "closed-form entropy)"
 )
-FLOW_ESTIMATOR_NOTE = (
-    "; flow posterior: mi and mi_batch of the base Gaussian z_0, au from E_q[z_K|x] by 256 "
-    "common random draws"
+FLOW_ESTIMATOR = (
+    "flow posterior, I(x; z_K) of the latent the decoder reads: aggregate posterior q(z_K) over "
+    "all evaluated sentences, log q(z_K|x_n) of every sentence's sample under every sentence's "
+    "flow through the flow's inverse (closed form for iaf, cclin_iaf, radial; checked root "
+    "search for planar, sylvester), one z_K ~ q(z_K|x) per sentence used in both terms; mi_batch: "
+    "the same estimator within each evaluation batch; kl: Monte Carlo over z_K; au from "
+    "E_q[z_K|x] by 256 common random draws"
 )
+FLOW_ESTIMATOR_NONE = "flow posterior: I(x; z_K) not computed (mi and mi_batch null)"
+# I(x; z_K) costs N^2 flow inverses (an IAF's sequential over D; about 85 s for N=256 with a
+# 4-step IAF on one CPU thread, so hours for the 3,761 PTB test sentences): unless
+# flow_mi_sentences says otherwise it is taken over the first FLOW_MI_EVAL_SENTENCES sentences
+# at evaluation and FLOW_MI_VALIDATION_SENTENCES at training's validation (iw_samples=0)
+FLOW_MI_EVAL_SENTENCES = 500
+FLOW_MI_VALIDATION_SENTENCES = 128
 LAYERWISE_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences from the joint log q(z|x) of the "
     "layer-wise posterior, one ancestral z ~ q(z|x) per sentence used in both terms; mi_batch: "
@@ -259,6 +312,52 @@ def distribution_mi(posteriors: list, zs: list[torch.Tensor], chunk: int = 256) 
     return float(own.mean() - torch.cat(log_q_agg).mean())
 
 
+class DispersionSums:
+    """Running sums over the evaluated set for :func:`encoder_dispersion`: count, sum of h,
+    sum of ||h||^2 and sum of h / ||h|| (float64), so the set never has to be held at once."""
+
+    def __init__(self):
+        self.n, self.sum, self.sum_sq, self.sum_unit = 0, None, 0.0, None
+
+    def add(self, h: torch.Tensor) -> None:
+        """h: (B, H) summaries of one batch."""
+        h = h.detach().double().cpu()
+        unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.n += h.size(0)
+        self.sum = h.sum(0) if self.sum is None else self.sum + h.sum(0)
+        self.sum_unit = unit.sum(0) if self.sum_unit is None else self.sum_unit + unit.sum(0)
+        self.sum_sq += float((h * h).sum())
+
+
+def encoder_dispersion(sums: DispersionSums) -> dict:
+    """Dispersion of the encoder summaries h_n (the vectors the posterior heads read) across
+    the N evaluated sentences: Long, Cao & Cheung 2019 ("On Posterior Collapse and Encoder
+    Feature Dispersion in Sequence VAEs") argue that with the last LSTM state different
+    sentences get nearly the same h, so q(z|x) cannot tell them apart, and that pooling
+    disperses them. The paper's own formula could not be read here (only its abstract); these
+    are the issue's definition (issue 15, item 7), over the whole evaluated set:
+
+    - ``total_variance``: trace of the population covariance of h, sum_d Var_n(h_nd)
+      (squared units of h);
+    - ``relative_variance``: total_variance / mean_n ||h_n||^2, in [0, 1], free of h's scale
+      (max pooling shifts all features up; this does not reward that);
+    - ``mean_cosine_distance``: 1 - mean over pairs n != m of cos(h_n, h_m), in [0, 2],
+      computed in O(N) from the sum of unit vectors;
+    - ``dim``, ``n``: H and N.
+
+    Returns:
+        the dict above (floats).
+    """
+    n = sums.n
+    mean = sums.sum / n
+    mean_sq = sums.sum_sq / n
+    total = mean_sq - float(mean @ mean)
+    pair_cos = (float(sums.sum_unit @ sums.sum_unit) - n) / (n * (n - 1)) if n > 1 else 1.0
+    return {"total_variance": max(total, 0.0), "relative_variance": max(total, 0.0) / mean_sq
+            if mean_sq > 0 else 0.0, "mean_cosine_distance": 1.0 - pair_cos,
+            "dim": int(mean.numel()), "n": n}
+
+
 def batch_mi(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
     """The minibatch MI estimator of He et al. 2019 (``calc_mi``): aggregate posterior over
     the batch only, closed-form entropy term. Shapes (B, D); returns nats."""
@@ -309,6 +408,40 @@ def z_usage_gap(
     return (ll[0] - ll[1]).float()
 
 
+def _flow_mi(model, dataset: TextDataset, indices: list[int], n_scored: int, batch_size: int,
+             device: torch.device, precision: str) -> tuple[float | None, list, str]:
+    """I(x; z_K) of a flow posterior over the sentences ``indices`` (dataset order, batches of
+    ``batch_size``): one z_K ~ q(z_K|x) per sentence, the aggregate posterior through the flow's
+    inverse (:func:`distribution_mi`); the same within each batch for ``mi_batch``.
+
+    Returns:
+        (mi or None, [(mi_batch of a batch, its size)], the ``mi_estimator`` text, which gives
+        the reason when mi is None: an iterative inverse that did not converge, or a non-finite
+        estimate).
+    """
+    posteriors, zs, per_batch = [], [], []
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = {k: v.to(device) for k, v in
+                     dataset.collate(indices[start : start + batch_size]).items()}
+            with _autocast(device, precision):
+                q = model.posterior(batch)
+            z = q.sample()
+            posteriors.append(q)
+            zs.append(z)
+            per_batch.append((distribution_mi([q], [z]), z.size(0)))
+        mi = distribution_mi(posteriors, zs)
+    except InverseError as err:
+        return None, [], f"{FLOW_ESTIMATOR_NONE}: {err}"
+    if not math.isfinite(mi) or not all(math.isfinite(m) for m, _ in per_batch):
+        return None, [], (f"{FLOW_ESTIMATOR_NONE}: the estimate is not finite ({mi}): log "
+                          "q(z_K|x) through the inverse is -inf or nan at some points (a flow "
+                          "numerically not invertible there, e.g. an IAF gate sigma near 0)")
+    n = len(indices)
+    scope = "" if n == n_scored else f"; mi and mi_batch over the first {n} of {n_scored} sentences"
+    return mi, per_batch, FLOW_ESTIMATOR + scope
+
+
 def tokenizer_kind(tokenizer) -> str:
     """A short description of a tokenizer for the evaluation record, e.g. ``WordLevel (10002
     types)``: perplexities are only comparable across runs together with this."""
@@ -330,11 +463,22 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def too_long(model, dataset: TextDataset) -> list[int]:
+    """Indices of the sentences ``model`` cannot take whole: those needing more than its
+    :attr:`max_positions` (:meth:`positions_needed`, context included); empty without a limit."""
+    limit = getattr(model, "max_positions", None)
+    if limit is None:
+        return []
+    ctx = dataset.context_ids
+    return [i for i, ids in enumerate(dataset.ids)
+            if model.positions_needed(len(ids), len(ctx[i]) if ctx is not None else 0) > limit]
+
+
 @torch.no_grad()
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
     batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
-    progress: bool = False,
+    skip_too_long: bool = False, flow_mi_sentences: int | None = None, progress: bool = False,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
@@ -347,13 +491,40 @@ def evaluate(
     log-densities, log-sum-exp and all sums stay float32/float64. ``progress`` shows a tqdm
     bar on stderr (sentences done, elapsed, remaining).
 
+    A flow posterior's ``mi`` (I(x; z_K), N^2 flow inverses) is taken over the first
+    ``flow_mi_sentences`` scored sentences in dataset order (0 = all of them; default
+    :data:`FLOW_MI_EVAL_SENTENCES`, and with ``iw_samples=0``, training's validation,
+    :data:`FLOW_MI_VALIDATION_SENTENCES`); ``mi_estimator`` records the count.
+
+    Every sentence is scored whole (build the dataset with ``load_split(..., whole=True)``).
+    ``nll_per_sentence`` is in dataset order, ``sentence_index[i]`` being the dataset position
+    of its i-th value and ``n_words_per_sentence`` its words (+1 EOS), so that two evaluations
+    are paired by index (:func:`textvae.report.paired_differences`). A sentence longer than
+    the model's position limit (``model.max_positions``, e.g. DELLA's GPT-2) is an error,
+    unless ``skip_too_long``: then it is left out, counted in ``n_skipped`` and absent from
+    ``sentence_index``, and every field is over the sentences scored.
+
     Raises:
-        ValueError: ``iw_samples`` < 0 or an empty dataset.
+        ValueError: ``iw_samples`` < 0, an empty dataset, or sentences past the model's
+            position limit without ``skip_too_long``.
     """
     if iw_samples < 0:
         raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
     if len(dataset) == 0:
         raise ValueError("cannot evaluate an empty dataset")
+    skipped = too_long(model, dataset)
+    if skipped and not skip_too_long:
+        longest = max(skipped, key=lambda i: len(dataset.ids[i]))
+        raise ValueError(
+            f"{len(skipped)} of {len(dataset)} sentences (e.g. sentence {longest}, "
+            f"{len(dataset.ids[longest])} tokens) are longer than the model's "
+            f"{model.max_positions} positions; evaluation never shortens a sentence: pass "
+            "skip_too_long=True (textvae evaluate --skip-too-long) to score the others and report "
+            "how many were skipped")
+    if len(skipped) == len(dataset):
+        raise ValueError(f"all {len(dataset)} sentences are longer than the model's "
+                         f"{model.max_positions} positions")
+    skip_set = set(skipped)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -361,7 +532,9 @@ def evaluate(
     mus, logvars, zs, means = [], [], [], []
     closed_form, flow, layerwise, bound_valid = True, False, False, True
     posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
-    mi_b, kl_dims_sum, gaps = [], None, []
+    mi_b, kl_dims_sum, gaps, order = [], None, [], []
+    summary_fn, dispersion = getattr(model, "encoder_summary", None), DispersionSums()
+    cls_correct, cls_n = 0, 0  # the jointly trained classifier on z (lstm_vae)
     # the z-usage gap's permutations have their own generator: the IW samples stay as they were
     perm_gen = torch.Generator(device=device).manual_seed(seed)
     bar, done = _progress_bar(len(dataset), "evaluate", progress), 0
@@ -370,6 +543,10 @@ def evaluate(
         for indices in dataset.batches(batch_size, shuffle=False):
             bar.update(done)  # the previous batch's sentences
             done = len(indices)
+            indices = [i for i in indices if i not in skip_set]
+            if not indices:
+                continue
+            order += indices  # evaluation batches are sorted by length; un-sorted below
             batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
             b, t = batch["input_ids"].shape
             if not model.has_latent:
@@ -380,6 +557,8 @@ def evaluate(
                 continue
             with _autocast(device, precision):
                 q = model.posterior(batch)
+                if summary_fn is not None:
+                    dispersion.add(summary_fn(batch).float())
             p = model.prior(batch)
             dims = kl_per_dim(q, p)  # (B, D), or None without a closed form
             if dims is not None:
@@ -395,16 +574,22 @@ def evaluate(
                 zs.append(z1)
                 means.append(q.mean.float().cpu())
                 mi_b.append((distribution_mi([q], [z1]), b))
+            elif base_gaussian(q) is not q:  # a flow: MI of z_K after the loop (_flow_mi)
+                flow = True
+                means.append(q.mean.float().cpu())
             else:
-                base = base_gaussian(q)  # q itself, or a flow's base q0
-                flow = base is not q
-                mu, logvar = base.mean.float(), (2 * torch.log(base.stddev)).float()
-                z_mi = base.sample() if flow else z1
+                mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
                 mus.append(mu.cpu())
                 logvars.append(logvar.cpu())
-                zs.append(z_mi.cpu())
-                means.append(q.mean.float().cpu() if flow else mu.cpu())
-                mi_b.append((batch_mi(mu, logvar, z_mi), b))
+                zs.append(z1.cpu())
+                means.append(mu.cpu())
+                mi_b.append((batch_mi(mu, logvar, z1), b))
+            classifier = getattr(model, "classifier", None)
+            if classifier is not None and "labels" in batch:  # from E_q[z|x], labelled only
+                labelled = batch["labels"] >= 0
+                pred = classifier(means[-1].to(device).float()).argmax(-1)
+                cls_correct += int((pred == batch["labels"])[labelled].sum())
+                cls_n += int(labelled.sum())
             with _autocast(device, precision):
                 gap = z_usage_gap(model, batch, z1, perm_gen)
             if gap is not None:
@@ -435,21 +620,33 @@ def evaluate(
                 kl.append(kl_sum / n_samples)
             if iw_samples:
                 nll.append(-iw_bound(torch.cat(log_w, dim=0)))
+        if flow:
+            cap = flow_mi_sentences if flow_mi_sentences is not None else (
+                FLOW_MI_EVAL_SENTENCES if iw_samples else FLOW_MI_VALIDATION_SENTENCES)
+            cap = cap or None  # 0 = every sentence
+            flow_mi = _flow_mi(model, dataset, sorted(order)[:cap], len(order), batch_size, device,
+                               precision)
     bar.update(done)
     bar.close()
     model.train(was_training)
-    n = len(dataset)
-    n_tokens, n_words = dataset.n_tokens, sum(dataset.n_words)
+    n = len(order)
+    index = sorted(order)
+    n_tokens = sum(len(dataset.ids[i]) for i in index)
+    n_words_each = [dataset.n_words[i] for i in index]
+    n_words = sum(n_words_each)
     rec_t = torch.cat(rec).double()
     out: dict = dict.fromkeys(EVAL_KEYS)
     out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()),
                tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed,
-               bound_valid=bound_valid)
+               bound_valid=bound_valid, n_skipped=len(skipped))
     if nll:
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
         out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-        out["nll_per_sentence"] = nll_t.tolist()
+        # back to dataset order: nll_t[j] is the value of sentence order[j]
+        out["nll_per_sentence"] = nll_t[torch.argsort(torch.tensor(order))].tolist()
+        out["sentence_index"] = index
+        out["n_words_per_sentence"] = n_words_each
         out["ppl_token"] = math.exp(float(nll_t.sum()) / n_tokens)
         out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
     if not model.has_latent:
@@ -468,10 +665,12 @@ def evaluate(
         out["kl_per_layer"] = (kl_dims_sum.double() / n).sum(-1).tolist()
         out["mi"] = distribution_mi(posteriors, zs)
         out["mi_estimator"] = LAYERWISE_ESTIMATOR
+    elif flow:  # never the z_0 value under the name mi
+        out["mi"], mi_b, out["mi_estimator"] = flow_mi
     else:
         out["mi"] = aggregate_mi(torch.cat(mus), torch.cat(logvars), torch.cat(zs))
-        out["mi_estimator"] = MI_ESTIMATOR + (FLOW_ESTIMATOR_NOTE if flow else "")
-    out["mi_batch"] = sum(m * b for m, b in mi_b) / n
+        out["mi_estimator"] = MI_ESTIMATOR
+    out["mi_batch"] = sum(m * b for m, b in mi_b) / sum(b for _, b in mi_b) if mi_b else None
     mean_all = torch.cat(means)  # (N, *event)
     out["au"], var = active_units(mean_all, au_delta)
     out["au_delta"] = au_delta
@@ -480,7 +679,19 @@ def evaluate(
     if mean_all.dim() == 3:  # (N, L, D): per layer
         per_layer = var.view(mean_all.shape[1:])
         out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
+        # DELLA's own AU (Hu et al. 2022, A.3): the mean over layers of the per-layer count at 0.2
+        out["au_layer_mean"] = sum(out["au_per_layer"][str(AU_DELTA_PAPER)]) / per_layer.size(0)
     out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
+    if cls_n:
+        out["classifier_accuracy"], out["classifier_n"] = cls_correct / cls_n, cls_n
+    if summary_fn is not None:
+        out["encoder_dispersion"] = encoder_dispersion(dispersion)
+    else:
+        out["encoder_dispersion"] = {"total_variance": None, "relative_variance": None,
+                                     "mean_cosine_distance": None,
+                                     "reason": f"{type(model).__name__} has no single encoder "
+                                               "summary before its posterior heads "
+                                               "(encoder_summary)"}
     return out
 
 

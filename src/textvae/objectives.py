@@ -148,7 +148,11 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
         mode: ``per_dim`` (Kingma et al. 2016, Li et al. 2019): sum over dimensions of
             max(mean_B KL_d, lambda), the clamp applied to each dimension's **batch mean**;
             ``per_layer`` (layer-wise latents only; the per-layer KL floor of DELLA):
-            sum_l max(mean_B sum_d KL_ld, lambda); ``total``: max(mean_B sum KL, lambda).
+            sum_l max(mean_B sum_d KL_ld, lambda); ``total``: max(mean_B sum KL, lambda);
+            ``per_sentence_dim`` (Park & Lee 2021's released code): mean_B sum_d max(KL_bd,
+            lambda), the clamp applied to each sentence and dimension before the batch mean
+            (a dimension below lambda for one sentence gets no gradient from it even when
+            the batch mean is above).
 
     Returns:
         Scalar, nats per sentence. Below the threshold the term is constant, so no gradient
@@ -168,7 +172,10 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
         return torch.clamp(kl_dims.sum(-1).mean(0), min=free_bits).sum()
     if mode == "total":
         return torch.clamp(kl_dims.flatten(1).sum(-1).mean(), min=free_bits)
-    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer or total)")
+    if mode == "per_sentence_dim":
+        return torch.clamp(kl_dims, min=free_bits).flatten(1).sum(-1).mean()
+    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer, total or "
+                     "per_sentence_dim)")
 
 
 def elbo(
@@ -197,19 +204,24 @@ def elbo(
     whose ``log_prob_scale`` is not 1 (the released DELLA code's layer mean,
     ``model.kl_reduction: mean``) has its KL scaled by it, which is not an ELBO.
 
+    The classifier term (Chien & Luo 2022; when ``model.classifier`` is set and the batch has
+    ``labels``): ``cls`` = mean cross-entropy (nats per labelled sentence) of the classifier's
+    prediction from the same z over the batch's sentences with a label >= 0 (None when there
+    is none), added as ``model.classifier_weight * cls``; not part of the ELBO.
+
     The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
     bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
     returned separately and evaluation never includes it.
 
     Returns:
         dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) (for
-        layer-wise latents (B, L, D), unscaled) or None and ``bow`` (B,) or None; all nats per
-        sentence.
+        layer-wise latents (B, L, D), unscaled) or None, ``bow`` (B,) or None and ``cls``
+        (scalar) or None; nats per sentence (``cls`` per labelled sentence).
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
         return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
-                "bow": None}
+                "bow": None, "cls": None}
     q, p = model.posterior_and_prior(batch)
     scale = getattr(q, "log_prob_scale", 1.0)
     kl_dims = kl_per_dim(q, p)
@@ -226,8 +238,11 @@ def elbo(
             kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode) * scale
         else:
             kl = (log_q - p.log_prob(z))[0]
-            floor = free_bits * (z[0, 0].numel() if free_bits_mode == "per_dim" else 1)
-            kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
+            floor = free_bits * (z[0, 0].numel() if free_bits_mode != "total" else 1)
+            if free_bits > 0 and free_bits_mode == "per_sentence_dim":  # each sentence's total
+                kl_term = torch.clamp(kl, min=floor).mean()
+            else:
+                kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
     rec = -model.log_likelihood(batch, z)[0]  # (B,)
     loss = rec.mean() + beta * kl_term
     if kl_target > 0 and kl_target_weight > 0:
@@ -236,7 +251,14 @@ def elbo(
     if model.bow_head is not None:
         bow = -model.bow_head.log_prob(z[0], batch["input_ids"], batch["attention_mask"])  # (B,)
         loss = loss + model.bow_weight * bow.mean()
-    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow}
+    cls = None
+    if getattr(model, "classifier", None) is not None and "labels" in batch:
+        labelled = batch["labels"] >= 0  # -1: hidden from the semi-supervised classifier
+        if bool(labelled.any()):
+            logits = model.classifier(z[0][labelled].float())  # (B_labelled, classes)
+            cls = F.cross_entropy(logits, batch["labels"][labelled])
+            loss = loss + model.classifier_weight * cls
+    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow, "cls": cls}
 
 
 def iw_log_weights(

@@ -141,8 +141,16 @@ def _pyplot():
     return plt
 
 
+def _field(record: dict, key: str):
+    """record[key], following dots into nested dicts (``encoder_dispersion.total_variance``);
+    None where missing."""
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    pairs = [(r["step"], _field(r, key)) for r in records if _field(r, key) is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
@@ -153,6 +161,9 @@ CURVES = (  # (record type, key, title)
     ("mi", "mutual information I(x; z)  (nats)"),
     ("au", "active units (dimensions)"),
     ("z_gap", "z-usage gap  (nats/sentence)"),
+    # Long et al. 2019's encoder feature dispersion, of the summaries the posterior heads read
+    ("encoder_dispersion.mean_cosine_distance", "encoder dispersion: mean pairwise cosine distance"),
+    ("encoder_dispersion.relative_variance", "encoder dispersion: total variance / mean ||h||^2"),
 )
 
 
@@ -172,8 +183,8 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
     """
     plt = _pyplot()
     curves = CURVES if has_latent else LM_CURVES
-    fig, axes = plt.subplots(*((2, 3) if has_latent else (1, 1)),
-                             figsize=(14, 7.5) if has_latent else (7, 4.5),
+    fig, axes = plt.subplots(*((2, 4) if has_latent else (1, 1)),
+                             figsize=(18, 7.5) if has_latent else (7, 4.5),
                              constrained_layout=True, squeeze=False)
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -294,6 +305,105 @@ def plot_projection(
     return Path(path)
 
 
+def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) -> dict:
+    """The rate-distortion plane of Alemi et al. 2018 ("Fixing a Broken ELBO", Fig. 1).
+
+    Each run with a latent is a point at rate R = ``kl`` (x) and distortion D = ``rec`` (y),
+    both nats per sentence (EOS counted), labelled with its IW-NLL, MI (nats) and AU. Dashed
+    grey lines are R + D = c, the runs of equal ELBO (-ELBO = R + D); points further down-left
+    have a better bound. A run without latent (a language model: ``kl`` is None and ``nll`` is
+    its exact -log p(x)) is drawn at R = 0, D = NLL, with its line R + D = NLL (dash-dot): a VAE
+    below that line has an ELBO better than the LM's exact NLL. Runs without ``kl``/``rec`` and
+    without ``nll`` are left out.
+
+    Args:
+        rows: run name -> evaluation dict (``textvae evaluate``'s JSON).
+        path: PNG to write.
+        title: the figure title.
+
+    Returns:
+        ``{"points": [{"name", "rate", "distortion", "nll", "mi", "au"}, ...], "lm": [{"name",
+        "nll"}, ...], "elbo_lines": [c, ...]}``: what was drawn, in nats per sentence.
+    """
+    points = [{"name": n, "rate": r["kl"], "distortion": r["rec"], "nll": r.get("nll"),
+               "mi": r.get("mi"), "au": r.get("au")}
+              for n, r in rows.items() if r.get("kl") is not None and r.get("rec") is not None]
+    lms = [{"name": n, "nll": r["nll"]} for n, r in rows.items()
+           if r.get("kl") is None and r.get("nll") is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 6.5), constrained_layout=True)
+    totals = [p["rate"] + p["distortion"] for p in points] + [m["nll"] for m in lms]
+    rates = [p["rate"] for p in points] + [0.0]
+    dists = [p["distortion"] for p in points] + [m["nll"] for m in lms]
+    elbo_lines: list[float] = []
+    if totals:
+        x_hi = max(rates) * 1.3 + 0.5  # room for the labels right of the points
+        y_lo, y_hi = min(dists), max(dists)
+        pad = max(0.5, 0.08 * (y_hi - y_lo + x_hi))
+        ax.set_xlim(-0.03 * x_hi - 0.05, x_hi)
+        ax.set_ylim(y_lo - pad, y_hi + pad)
+        # about eight lines across the visible range of R + D
+        lo, hi = y_lo - pad, y_hi + pad + x_hi
+        step = _nice_step((hi - lo) / 8)
+        c = math.floor(lo / step) * step
+        while c <= hi:
+            elbo_lines.append(round(c, 6))
+            c += step
+        xs = [0.0, x_hi]
+        for c in elbo_lines:
+            ax.plot(xs, [c - x for x in xs], ls="--", lw=0.8, color="0.65", zorder=1)
+            x_text = c - (y_lo - pad)  # where the line meets the bottom of the axes
+            if 0 < x_text < x_hi * 0.97:
+                ax.text(x_text, y_lo - pad, f" {c:g}", fontsize=7, color="0.45",
+                        ha="left", va="bottom")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ax.plot([], [], ls="--", lw=0.8, color="0.65", label="R + D = const (equal ELBO; its value at the bottom)")
+    for m in lms:
+        x_end = ax.get_xlim()[1]
+        ax.plot([0.0, x_end], [m["nll"], m["nll"] - x_end], ls="-.", lw=1.3, color="black",
+                zorder=2, label=f"{m['name']}: LM, exact NLL {m['nll']:.2f} (R = 0, D = NLL)")
+        ax.plot([0.0], [m["nll"]], marker="s", color="black", ms=7, zorder=4)
+    fig.canvas.draw()  # fixes the axes' transform for the label placement below
+    placed: list[tuple[float, float, float, float]] = []  # label boxes in pixels
+    px = fig.dpi / 72.0  # pixels per point
+    for i, p in enumerate(sorted(points, key=lambda p: (p["distortion"], p["rate"]))):
+        ax.scatter([p["rate"]], [p["distortion"]], s=45, color=colors[i % len(colors)],
+                   zorder=5, edgecolor="black", linewidth=0.5)
+        nll = "–" if p["nll"] is None else f"{p['nll']:.2f}"
+        mi = "–" if p["mi"] is None else f"{p['mi']:.2f}"
+        au = "–" if p["au"] is None else str(p["au"])
+        text = f"{p['name']}\nIW-NLL {nll}, MI {mi}, AU {au}"
+        # greedy placement: move the label up until it clears the labels already placed
+        x0, y0 = ax.transData.transform((p["rate"], p["distortion"]))
+        w = 7 * 0.6 * px * max(len(line) for line in text.split("\n"))
+        h = 2 * 8.5 * px
+        dy = 4 * px
+        while any(x0 + 6 * px < b[2] and b[0] < x0 + 6 * px + w and y0 + dy < b[3]
+                  and b[1] < y0 + dy + h for b in placed):
+            dy += 3 * px
+        placed.append((x0 + 6 * px, y0 + dy, x0 + 6 * px + w, y0 + dy + h))
+        ax.annotate(text, (p["rate"], p["distortion"]), textcoords="offset pixels",
+                    xytext=(6 * px, dy), fontsize=7, color=colors[i % len(colors)],
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if dy > 12 * px else None)
+    ax.set_xlabel("rate R = KL(q(z|x) || p(z))  (nats/sentence)")
+    ax.set_ylabel("distortion D = E_q[-log p(x|z)]  (nats/sentence)")
+    ax.set_title(f"{title}\nlabels: IW-NLL (nats/sentence), MI (nats), active units", fontsize=10)
+    if points or lms:
+        ax.legend(fontsize=8, loc="upper right")
+    else:
+        ax.text(0.5, 0.5, "no run with an evaluation (kl, rec or nll)", ha="center",
+                va="center", transform=ax.transAxes, color="gray")
+    fig.savefig(path)
+    plt.close(fig)
+    return {"points": points, "lm": lms, "elbo_lines": elbo_lines}
+
+
+def _nice_step(raw: float) -> float:
+    """1, 2 or 5 times a power of ten, at least ``raw``."""
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
 def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None) -> str:
     value = result.get(key)
     if key == "nll":
@@ -383,7 +493,7 @@ def write_report(
     groups = read_log(run_dir)
     model, tokenizer = textvae.load(run_dir)
     cfg = model.config
-    corpus = load_split(cfg.data, split)
+    corpus = load_split(cfg.data, split, whole=True)
     texts = corpus.texts[:max_sentences]
     labels = corpus.labels[:max_sentences] if corpus.labels else None
     contexts = corpus.contexts[:max_sentences] if corpus.contexts else None
@@ -400,7 +510,8 @@ def write_report(
     plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves", model.has_latent)
 
     quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
-                     batch_size=cfg.eval.batch_size, seed=seed, progress=progress)
+                     batch_size=cfg.eval.batch_size, seed=seed, skip_too_long=True,
+                     progress=progress)
     evaluations = read_evaluations(run_dir)
     latent_dim = math.prod(model.latent_shape) if model.has_latent else None
     t = cfg.train
@@ -452,6 +563,15 @@ def write_report(
            "last row is this report's own single-sample pass. Units: nats per sentence (EOS "
            "counted)" + (f"; MI {quick['mi_estimator']}." if model.has_latent else "."), "",
            evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
+    disp = quick.get("encoder_dispersion") or {}
+    if disp.get("total_variance") is not None:
+        md += [f"Encoder feature dispersion (Long et al. 2019; the {disp['dim']}-dimensional "
+               f"summaries the posterior heads read, over the {disp['n']} sentences above): mean "
+               f"pairwise cosine distance {disp['mean_cosine_distance']:.4f}, total variance "
+               f"{disp['total_variance']:.4g} ({disp['relative_variance']:.4f} of the mean "
+               "squared norm); the curves below follow it over training.", ""]
+    elif disp.get("reason"):
+        md += [f"Encoder feature dispersion: not measured ({disp['reason']}).", ""]
     md += ["## Training curves", "", "![training curves](curves.png)", "",
            "Thin lines: means over `train.log_every` training steps; markers: validations "
            "(single-sample ELBO terms on the validation split).", ""]
@@ -517,16 +637,93 @@ def _file_name(path: str | None) -> str | None:
     return None if path is None else Path(path).name
 
 
+def _in_index_order(r: dict, n_words: list[int]) -> list[float]:
+    """The per-sentence NLLs of an evaluation written before ``sentence_index`` existed (in the
+    evaluation batches' order: sentences stably sorted by token count), put back in dataset
+    order. Only for a word-level tokenizer, whose token count is the word count + 1 (EOS), so
+    the order is that of ``n_words`` (the other evaluation's ``n_words_per_sentence``).
+
+    Raises:
+        ValueError: the tokenizer is not word-level (its order cannot be recovered).
+    """
+    if not str(r.get("tokenizer", "")).startswith("WordLevel"):
+        raise ValueError(f"its nll_per_sentence has no sentence_index and is in the order of its "
+                         f"{r.get('tokenizer') or 'unknown'} token counts, which cannot be put back "
+                         "in dataset order; re-run textvae evaluate")
+    order = sorted(range(len(n_words)), key=lambda i: n_words[i])
+    out = [0.0] * len(order)
+    for value, i in zip(r["nll_per_sentence"], order, strict=True):
+        out[i] = value
+    return out
+
+
+def paired_nll(ref: dict, other: dict) -> torch.Tensor:
+    """Per-sentence IW-NLL differences d_i = nll_i(other) - nll_i(ref) on the same sentences,
+    paired by sentence index: (N,) float64, nats per sentence, in dataset order.
+
+    Both evaluations must have scored the same sentences: the same ``data`` file name (the
+    folder may be written relative or absolute) and ``split``, the same ``sentence_index`` and
+    the same ``n_words_per_sentence``. An evaluation written before ``sentence_index`` existed
+    holds its values in length-sorted order; it is paired only when its tokenizer is
+    word-level (the order is then that of the word counts, recovered exactly; two such old
+    evaluations pair position by position), never for subword tokenizers.
+
+    Raises:
+        ValueError: the reason the two cannot be paired (missing values, different file, split,
+            sentences or word counts, or an old subword evaluation).
+    """
+    for name, r in (("reference", ref), ("other", other)):
+        if not r.get("nll_per_sentence"):
+            raise ValueError(f"the {name} evaluation has no nll_per_sentence")
+    if _file_name(ref.get("data")) != _file_name(other.get("data")) or ref.get("split") != other.get("split"):
+        raise ValueError(f"different data: {_file_name(other.get('data'))} ({other.get('split')}) vs "
+                         f"{_file_name(ref.get('data'))} ({ref.get('split')})")
+    new = [r.get("sentence_index") is not None for r in (ref, other)]
+    if not any(new):  # two old evaluations: both must be word-level (same length order)
+        if ref.get("n_sentences") != other.get("n_sentences") or ref.get("n_words") != other.get("n_words"):
+            raise ValueError("different sentences (count or words differ)")
+        for r in (ref, other):
+            if not str(r.get("tokenizer", "")).startswith("WordLevel"):
+                raise ValueError(f"an evaluation without sentence_index ({r.get('tokenizer')}) is in "
+                                 "the order of its subword token counts; re-run textvae evaluate")
+        a, b = ref["nll_per_sentence"], other["nll_per_sentence"]
+    else:
+        full = ref if new[0] else other
+        index, words = full["sentence_index"], full["n_words_per_sentence"]
+        vals = {}
+        for key, r in (("ref", ref), ("other", other)):
+            if r.get("sentence_index") is None:
+                if index != list(range(len(index))) or r.get("n_sentences") != len(index):
+                    raise ValueError("an evaluation without sentence_index can only be paired with "
+                                     "one of every sentence 0..N-1 of the same N")
+                if r.get("n_words") != sum(words):
+                    raise ValueError("different sentences (word totals differ)")
+                vals[key] = _in_index_order(r, words)
+                continue
+            if r["sentence_index"] != index:
+                diff = set(r["sentence_index"]) ^ set(index)
+                raise ValueError(f"different sentences: {len(diff)} indices scored by one only "
+                                 f"(e.g. {min(diff)})" if diff else "sentence_index out of order")
+            if r["n_words_per_sentence"] != words:
+                k = next(i for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words, strict=True)) if x != y)
+                raise ValueError(f"the same indices hold different sentences (sentence "
+                                 f"{index[k]}: {r['n_words_per_sentence'][k]} vs {words[k]} words)")
+            vals[key] = r["nll_per_sentence"]
+        a, b = vals["ref"], vals["other"]
+    if len(a) != len(b):
+        raise ValueError(f"different numbers of sentences ({len(b)} vs {len(a)})")
+    return torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+
+
 def paired_differences(rows: dict[str, dict]) -> list[str]:
     """Markdown lines: each run's IW-NLL minus the first run's, paired over sentences.
 
     Two evaluations of the same sentences share most of their variance (long sentences cost
     every model more), so the standard error of the difference of means is that of the
     per-sentence differences d_i = nll_i(run) - nll_i(first), std(d) / sqrt(N), usually far
-    smaller than either run's own ``nll_stderr``. Runs are paired only when both JSONs have
-    ``nll_per_sentence`` (evaluations before it existed do not) and the same ``data`` file name
-    (the folder may be written relative or absolute), ``split``, number of sentences and of
-    words; others are listed as not paired.
+    smaller than either run's own ``nll_stderr``. Sentences are paired by index
+    (:func:`paired_nll`); a run whose evaluation did not score the same sentences is listed as
+    not paired, with the reason.
 
     Args:
         rows: run name -> evaluation dict (``textvae evaluate``'s JSON), the first the reference.
@@ -539,16 +736,13 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
         return []
     ref_name, ref = names[0], rows[names[0]]
     lines = [f"Paired IW-NLL differences against {ref_name} (nats per sentence, mean over the "
-             "same sentences ± standard error of the per-sentence differences):", ""]
-    base = torch.tensor(ref["nll_per_sentence"], dtype=torch.float64)
+             "same sentences paired by index ± standard error of the per-sentence differences):", ""]
     for name in names[1:]:
-        r = rows[name]
-        same = (_file_name(r.get("data")) == _file_name(ref.get("data"))
-                and all(r.get(k) == ref.get(k) for k in ("split", "n_sentences", "n_words")))
-        if not same or len(r["nll_per_sentence"]) != len(base):
-            lines.append(f"- {name}: not paired (different sentences: data, split or count differ)")
+        try:
+            d = paired_nll(ref, rows[name])
+        except ValueError as err:
+            lines.append(f"- {name}: not paired ({err})")
             continue
-        d = torch.tensor(r["nll_per_sentence"], dtype=torch.float64) - base
         se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
         lines.append(f"- {name} - {ref_name}: {float(d.mean()):+.2f} ± {se:.2f} "
                      f"({int((d < 0).sum())} of {len(d)} sentences lower)")
@@ -575,8 +769,9 @@ def compare_runs(
             ``eval_name`` (:func:`best_evaluation`; or the file ``eval_name`` when it names
             one, e.g. ``eval-test-full-K500-bf16``; a row of dashes if none) and ``log.jsonl``.
             The table names each row's file.
-        output: folder for ``compare.md`` and ``compare_curves.png`` (created; those two files
-            are replaced); None: :func:`default_compare_dir`.
+        output: folder for ``compare.md``, ``compare_curves.png`` and ``rate_distortion.png``
+            (:func:`plot_rate_distortion`; created; those files are replaced); None:
+            :func:`default_compare_dir`.
 
     Returns:
         (markdown text, output folder).
@@ -612,6 +807,7 @@ def compare_runs(
     output.mkdir(parents=True, exist_ok=True)
     plot_curves(logs, output / "compare_curves.png", "training curves",
                 any(MODELS[OmegaConf.load(p / "config.yaml").model.name].has_latent for p in paths))
+    plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
     notes = ["Evaluations (written by `textvae evaluate`; the most complete of the split "
              f"`{eval_name}` in each run: more sentences, then larger K): "
              + "; ".join(f"{n}: `{f}`" for n, f in files.items())
@@ -628,7 +824,8 @@ def compare_runs(
     paired = paired_differences(rows)
     text = "\n".join(["# Run comparison", "", evaluation_table(rows, dims), "",
                       *[f"- {n}" for n in notes], "", *paired,
-                      "![training curves](compare_curves.png)", ""])
+                      "![training curves](compare_curves.png)", "",
+                      "![rate-distortion plane](rate_distortion.png)", ""])
     tmp = output / "compare.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, output / "compare.md")

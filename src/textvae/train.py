@@ -75,10 +75,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
-from textvae.data import TextDataset, load_split, load_tokenizer
+from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
@@ -361,11 +361,14 @@ def update_ae_early_stop(state: TrainerState, rec: float, patience: int) -> bool
 
 def frozen_parameters(model, config: Config, state: TrainerState) -> list[torch.nn.Parameter]:
     """The parameters held fixed at this step: the model's ``decoder_modules`` in phase ``ae``
-    with ``train.ae_freeze_decoder``, else none. The loop drops their gradients before the
+    with ``train.ae_freeze_decoder`` (and its ``latent_projection_modules`` with
+    ``train.ae_freeze_latent_projection``), else none. The loop drops their gradients before the
     update, so no optimizer (nor weight decay) moves them."""
     if not (config.train.ae_freeze_decoder and state.phase == "ae"):
         return []
-    return [p for name in model.decoder_modules if getattr(model, name, None) is not None
+    names = model.decoder_modules + (getattr(model, "latent_projection_modules", ())
+                                     if config.train.ae_freeze_latent_projection else ())
+    return [p for name in names if getattr(model, name, None) is not None
             for p in getattr(model, name).parameters()]
 
 
@@ -448,7 +451,8 @@ def reset_generative(model, config: Config, tokenizer) -> list[str]:
 
 
 def train(
-    config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None
+    config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None,
+    on_validation: Callable[[dict], None] | None = None,
 ) -> Path:
     """Train ``config`` into ``run_dir`` (or continue it with ``resume=True``).
 
@@ -457,6 +461,10 @@ def train(
     each epoch's end when that is 0, and once more at the end of training. The phases of
     ``train.ae_pretrain_steps`` and aggressive training (``train.aggressive``) are described in
     the module docstring.
+
+    ``on_validation``, when given, is called with each validation's ``log.jsonl`` record (step,
+    elbo, rec, kl, ... in nats per sentence) after its checkpoints are written; an exception it
+    raises stops training there, resumable (``textvae sweep`` prunes trials this way).
 
     SIGINT (Ctrl-C) and SIGTERM, when ``train`` runs in the main thread, stop it after the
     current step: ``checkpoints/last`` is written (atomically) at that step, a ``{"type":
@@ -477,11 +485,11 @@ def train(
         textvae.data.DataError: corpus problems.
     """
     with _StopSignals() as stop_signals:
-        return _train(config, Path(run_dir), resume, overrides, stop_signals)
+        return _train(config, Path(run_dir), resume, overrides, on_validation, stop_signals)
 
 
 def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[str] | None,
-           stop_signals: _StopSignals) -> Path:
+           on_validation: Callable[[dict], None] | None, stop_signals: _StopSignals) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -538,7 +546,13 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
     if resume and main:
         save_config(config, run_dir / "config.yaml.tmp")
         os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
-    train_ds = TextDataset(train_corpus.texts, tokenizer, train_corpus.labels, train_corpus.contexts)
+    train_labels = train_corpus.labels
+    if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
+        if train_labels is None:
+            raise DataError(f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "
+                            "has none: use a labelled corpus (yelp_sentiment) or data.label_field")
+        train_labels = semi_supervised_labels(train_labels, config.model.classifier_label_fraction)
+    train_ds = TextDataset(train_corpus.texts, tokenizer, train_labels, train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
     valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
@@ -610,20 +624,25 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         record = {"type": "valid", "step": state.step, "epoch": state.epoch,
                   "beta": phase_beta(state, config.kl),
                   **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
-                                       "z_gap", "kl_per_dim")}}
+                                       "z_gap", "kl_per_dim", "encoder_dispersion")}}
         write_log(record)
         if raw.has_latent:
             log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
-                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"], m["mi"], m["au"],
+                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"],
+                     math.nan if m["mi"] is None else m["mi"], m["au"],
                      math.prod(raw.latent_shape), m["z_gap"] if m["z_gap"] is not None else math.nan)
             check_collapse(m)
+            if state.phase == "ae" and m["rec"] < state.ae_best_rec:
+                save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
+                if not t.ae_patience:  # update_ae_early_stop tracks it when it runs
+                    state.ae_best_rec = m["rec"]
             if update_ae_early_stop(state, m["rec"], t.ae_patience):
                 log.info("step %d: validation rec has not improved for %d validations: the "
                          "autoencoder phase ends", state.step, t.ae_patience)
                 write_log({"type": "event", "event": "ae early stop", "step": state.step,
                            "rec": m["rec"], "best_rec": state.ae_best_rec})
             last_mi = state.last_mi
-            if update_aggressive(state, m["mi"]):
+            if m["mi"] is not None and update_aggressive(state, m["mi"]):  # None: a flow's I(x; z_K) failed
                 log.info("step %d: validation MI fell from %.3f to %.3f nats: aggressive training "
                          "off", state.step, last_mi, m["mi"])
                 write_log({"type": "event", "event": "aggressive off", "step": state.step,
@@ -663,6 +682,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                 (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
                 _commit_dir(tmp, best)
         save_last()
+        if on_validation is not None:
+            on_validation(record)
         return record
 
     def save_last() -> None:
@@ -694,9 +715,32 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                 "lower train.lr or lengthen the KL warm-up, then resume or restart.")
         return out
 
+    def save_ae_best(rec: float) -> None:
+        """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
+        if not main:
+            return
+        folder = run_dir / "checkpoints" / "ae_best"
+        tmp = _temp_dir(folder)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "info.json").write_text(json.dumps({"step": state.step, "rec": rec}))
+        _commit_dir(tmp, folder)
+
     def start_vae_phase() -> None:
         """Li et al. 2019 hand-off: decoder side re-initialised, optimizers and LR schedules as
-        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here."""
+        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here. With
+        ``train.ae_start: best`` the weights are first those of the best phase-1 validation rec
+        (Park & Lee 2021's early stopping keeps its argmin), when a validation happened."""
+        start = {"start": "last", "from_step": state.step}
+        if t.ae_start == "best":
+            accelerator.wait_for_everyone()
+            folder = run_dir / "checkpoints" / "ae_best"
+            if (folder / "model.safetensors").is_file():
+                raw.load_state_dict(load_file(str(folder / "model.safetensors")))
+                info = json.loads((folder / "info.json").read_text())
+                start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
+            else:
+                start["start"] = "last (no phase-1 validation to choose from)"
         reset = reset_generative(raw, config, tokenizer) if t.ae_reset_decoder else []
         for opt in optimizers:
             opt.state.clear()
@@ -711,7 +755,7 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         log.info("step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
                  "re-initialised)", state.step, reason, len(reset))
         write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset),
-                   "reason": reason})
+                   "reason": reason, **start})
 
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = len(train_ds.batches(t.batch_size, True, t.seed, 0)) // n_proc
@@ -732,7 +776,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
     def new_window() -> dict:
-        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "inner": 0, "n": 0, "tokens": 0,
+        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "cls": 0.0, "n_cls": 0, "inner": 0,
+                "n": 0, "tokens": 0,
                 "t0": time.perf_counter()}
 
     window = new_window()
@@ -793,6 +838,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                 window["kl"] += out["kl"].mean().item()
                 if out["bow"] is not None:
                     window["bow"] += out["bow"].mean().item()
+                if out.get("cls") is not None:
+                    window["cls"] += out["cls"].item()
+                    window["n_cls"] += 1
                 window["inner"] += inner
                 window["n"] += 1
                 window["tokens"] += int(batch["attention_mask"].sum())
@@ -805,6 +853,8 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                               "tokens_per_s": window["tokens"] * n_proc / max(dt, 1e-9)}
                     if raw.bow_head is not None:
                         record["bow"] = window["bow"] / n
+                    if window["n_cls"]:  # classifier cross-entropy, nats per labelled sentence
+                        record["cls"] = window["cls"] / window["n_cls"]
                     if t.aggressive:
                         record["inner_steps"] = window["inner"] / n
                     write_log(record)

@@ -70,6 +70,15 @@ class TextVAE(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.unk_id = tokenizer.unk_token_id
 
+    max_positions: int | None = None  # the longest sequence its networks take; None: no limit
+
+    def positions_needed(self, n_tokens: int, n_context: int = 0) -> int:
+        """Positions the networks use for a sentence of ``n_tokens`` token ids (EOS included)
+        with a context of ``n_context`` ids (conditional models; 0 otherwise), compared with
+        :attr:`max_positions` by the evaluation, which scores every sentence whole. By default
+        the sentence's own length (models with a limit override it, e.g. DELLA's BOS)."""
+        return n_tokens
+
     @property
     def latent_shape(self) -> tuple[int, ...]:
         """The event shape of q(z|x) and p(z): (D,) (DELLA overrides it with (L, D))."""

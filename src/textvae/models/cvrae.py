@@ -94,9 +94,14 @@ class CVRAE(TextVAE):
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x, c): batch (B,), event (D,), float32 (a flow distribution with a flow)."""
-        h = torch.cat([self.encoder(batch["input_ids"], batch["attention_mask"]),
-                       self.context(batch)], dim=-1)  # (B, H_x + H_c)
+        h = self.encoder_summary(batch)  # (B, H_x + H_c)
         return self.posterior_flow(self.posterior_head(h), h)
+
+    def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[h_x ; h_c] (B, H_x + H_c): the response's pooled summary and the context's, what the
+        posterior head reads (:func:`textvae.metrics.encoder_dispersion`)."""
+        return torch.cat([self.encoder(batch["input_ids"], batch["attention_mask"]),
+                          self.context(batch)], dim=-1)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
         """p(z|c): batch (B,), event (D,), float32; needs a batch with the context."""

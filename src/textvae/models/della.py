@@ -179,12 +179,14 @@ class LayerwiseHead(nn.Module):
 
     ``forward(recurrence, *features, reduction)`` with each feature (B, L, H_f) (none for an
     unconditional prior: batch shape ()) returns a :class:`LayerwiseGaussian`. ``first_bias`` False
-    fixes b_1 = 0 (with zbar_1 = 0 and no feature: p(z_1) = N(0, I) exactly). Weights start as
-    ``nn.Linear``'s (uniform, +- 1/sqrt(fan-in)), biases at 0.
+    fixes b_1 = 0 (with zbar_1 = 0 and no feature: p(z_1) = N(0, I) exactly); ``bias`` False
+    fixes b_l = 0 for l >= 2 (Hu et al. 2022, eq. 8, has no bias; the released code has). Weights
+    start as ``nn.Linear``'s (uniform, +- 1/sqrt(fan-in)), biases at 0 (a fixed bias stays a
+    masked parameter, so every variant has the same state-dict keys).
     """
 
     def __init__(self, n_layers: int, latent_dim: int, feature_dims: tuple[int, ...] = (),
-                 first_bias: bool = True):
+                 first_bias: bool = True, bias: bool = True):
         super().__init__()
         two_d = 2 * latent_dim
         self.zbar_weight = nn.Parameter(torch.empty(n_layers, two_d, latent_dim).uniform_(
@@ -193,9 +195,8 @@ class LayerwiseHead(nn.Module):
             nn.Parameter(torch.empty(n_layers, two_d, h).uniform_(-h**-0.5, h**-0.5))
             for h in feature_dims])
         self.bias = nn.Parameter(torch.zeros(n_layers, two_d))
-        mask = torch.ones(n_layers, 1)
-        if not first_bias:
-            mask[0] = 0.0
+        mask = torch.full((n_layers, 1), 1.0 if bias else 0.0)
+        mask[0] = 1.0 if first_bias else 0.0
         self.register_buffer("bias_mask", mask, persistent=False)
 
     def forward(self, recurrence: LatentRecurrence, *features: torch.Tensor,
@@ -269,7 +270,7 @@ class DELLA(TextVAE):
         self.lm_head = None if gpt2.lm_head.weight is self.transformer.wte.weight else gpt2.lm_head
         self.n_layer, self.n_head, self.hidden = c.n_layer, c.n_head, c.n_embd
         self.head_dim = c.n_embd // c.n_head
-        self.n_positions = c.n_positions
+        self.n_positions = self.max_positions = c.n_positions
         self.scale_attn_weights = c.scale_attn_weights
         self.scale_attn_by_inverse_layer_idx = c.scale_attn_by_inverse_layer_idx
         self.fusion_kind = cfg.fusion
@@ -288,11 +289,14 @@ class DELLA(TextVAE):
         self.kl_reduction = cfg.kl_reduction
         self.pool_attention = (nn.ModuleList(AttentionPool(h) for _ in range(n_lat))
                                if cfg.pooling == "attention" else None)
-        self.pool_norm = nn.ModuleList(nn.LayerNorm(h) for _ in range(n_lat))
+        # the released code's LayerNorm on x_l (model.feature_norm); the paper has none
+        self.pool_norm = (nn.ModuleList(nn.LayerNorm(h) for _ in range(n_lat))
+                          if cfg.feature_norm else None)
         features = (h, h) if self.conditional else (h,)
-        self.posterior_head = LayerwiseHead(n_lat, d, features)
+        self.posterior_head = LayerwiseHead(n_lat, d, features, first_bias=cfg.head_bias,
+                                            bias=cfg.head_bias)
         self.prior_head = LayerwiseHead(n_lat, d, (h,) if self.conditional else (),
-                                        first_bias=cfg.first_prior == "learned")
+                                        first_bias=cfg.first_prior == "learned", bias=cfg.head_bias)
         self.recurrence = LatentRecurrence(n_lat, d)
         self.fusion = self.memory = self.z_embed = self.z_softmax = None
         if cfg.fusion in LAYERWISE_FUSIONS:
@@ -368,6 +372,12 @@ class DELLA(TextVAE):
         hidden = hidden + block.mlp(block.ln_2(hidden))
         return hidden, k, v
 
+    def positions_needed(self, n_tokens: int, n_context: int = 0) -> int:
+        """Positions a sentence of ``n_tokens`` ids (EOS included) uses: the encoder reads
+        ``[BOS] + x`` (1 + n_tokens), ``della_cvae``'s context encoder ``[BOS] + c``
+        (1 + n_context) and its decoder the response after the context's n_context positions."""
+        return max(1 + n_tokens, 1 + n_context, n_context + n_tokens)
+
     # --- q(z|x) and p(z) -------------------------------------------------------------------------
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -387,7 +397,8 @@ class DELLA(TextVAE):
             if layer in self.latent_layers:
                 k = self.latent_layers.index(layer)
                 attention = self.pool_attention[k] if self.pool_attention is not None else None
-                pooled.append(self.pool_norm[k](masked_pool(hidden, mask, self.pooling, attention)))
+                feature = masked_pool(hidden, mask, self.pooling, attention)
+                pooled.append(self.pool_norm[k](feature) if self.pool_norm is not None else feature)
         return torch.stack(pooled, dim=1)
 
     def _context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

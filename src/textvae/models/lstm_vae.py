@@ -13,6 +13,7 @@ to every decoder input) and ``kl.target`` (KL target penalty).
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
@@ -30,7 +31,9 @@ class LSTMVAE(TextVAE):
 
     Remedies from the config: ``encoder_token_drop`` (denoising), ``posterior_bn_gamma`` and
     ``min_rate_delta`` in the posterior head (:class:`~textvae.posteriors.GaussianHead`; with a posterior flow they act on the base
-    Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`. The
+    Gaussian q0), ``bow_weight`` adds a :class:`~textvae.decoders.BagOfWordsHead`,
+    ``classifier_weight`` a linear classifier from z to the corpus label (``classifier``; the
+    flow VRAE's sentiment task, Chien & Luo 2022, trained jointly, semi-supervised). The
     inference network is ``encoder``, ``posterior_head`` and ``posterior_flow``.
     """
 
@@ -46,7 +49,7 @@ class LSTMVAE(TextVAE):
         )
         self.posterior_head = GaussianHead(
             self.encoder.out_dim, cfg.latent_dim, bn_gamma=cfg.posterior_bn_gamma,
-            min_rate_delta=cfg.min_rate_delta,
+            bn_eps=cfg.posterior_bn_eps, min_rate_delta=cfg.min_rate_delta,
         )
         self.decoder = LSTMDecoder(
             self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,
@@ -56,6 +59,10 @@ class LSTMVAE(TextVAE):
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
             self.bow_weight = cfg.bow_weight
+        self.classifier = None  # Chien & Luo 2022's classifier on z: only when configured
+        self.classifier_weight = cfg.classifier_weight
+        if cfg.classifier_weight > 0:
+            self.classifier = nn.Linear(cfg.latent_dim, cfg.classifier_classes)
         # no parameters (and no RNG draws) unless a flow is configured
         self.posterior_flow = PosteriorFlow(
             cfg.posterior_flow, cfg.latent_dim, self.encoder.out_dim, cfg.posterior_flow_steps,
@@ -70,11 +77,17 @@ class LSTMVAE(TextVAE):
         posterior flow when one is configured; batch (B,), event (D,), float32. In training
         with ``encoder_token_drop`` > 0 the encoder reads the sentence with tokens deleted
         (:func:`textvae.encoders.delete_tokens`)."""
+        h = self.encoder_summary(batch)  # (B, H_out)
+        return self.posterior_flow(self.posterior_head(h), h)
+
+    def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's pooled summary h (B, H_out) that the posterior heads (and the flow) read,
+        before any head: what the encoder-feature dispersion of Long et al. 2019 measures
+        (:func:`textvae.metrics.encoder_dispersion`). Token deletion applies in training."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.training and self.encoder_token_drop > 0:  # denoising, the decoder target stays
             ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
-        h = self.encoder(ids, mask)  # (B, H_out)
-        return self.posterior_flow(self.posterior_head(h), h)
+        return self.encoder(ids, mask)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
         """p(z) = N(0, I), pushed through the prior flow when one is configured: batch shape

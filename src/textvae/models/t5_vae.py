@@ -87,6 +87,7 @@ class T5VAE(TextVAE):
 
     inference_modules = ("encoder", "pool_attention", "posterior_head")
     decoder_modules = ("shared", "decoder", "lm_head")
+    latent_projection_modules = ("memory", "z_embed")  # z -> decoder (train.ae_freeze_latent_projection)
     backbone = "t5"
 
     @classmethod
@@ -135,6 +136,7 @@ class T5VAE(TextVAE):
         self.pool_attention = AttentionPool(c.d_model) if cfg.pooling == "attention" else None
         self.posterior_head = GaussianHead(c.d_model, cfg.latent_dim, bias=False,
                                            bn_gamma=cfg.posterior_bn_gamma,
+                                           bn_eps=cfg.posterior_bn_eps,
                                            min_rate_delta=cfg.min_rate_delta)
         use_memory = cfg.latent_injection in ("memory", "both")
         use_embedding = cfg.latent_injection in ("embedding", "both")
@@ -148,11 +150,16 @@ class T5VAE(TextVAE):
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x) = N(mu, diag sigma^2): batch (B,), event (D,), float32. In training with
         ``encoder_token_drop`` > 0 the encoder reads the sentence with tokens deleted."""
+        return self.posterior_head(self.encoder_summary(batch))
+
+    def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The masked pooling of the T5 encoder's last layer (B, d_model), what the bias-free
+        heads read (:func:`textvae.metrics.encoder_dispersion`)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if self.training and self.encoder_token_drop > 0:
             ids, mask = delete_tokens(ids, mask, self.encoder_token_drop, self.pad_id)
         states = self.encoder(inputs_embeds=self.shared(ids), attention_mask=mask).last_hidden_state
-        return self.posterior_head(masked_pool(states, mask, self.pooling, self.pool_attention))
+        return masked_pool(states, mask, self.pooling, self.pool_attention)
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
         """p(z) = N(0, I): batch shape (B,) for a batch, () without; event (D,)."""

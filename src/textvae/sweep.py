@@ -1,0 +1,860 @@
+"""Sweeps: many runs from one YAML file, searched or gridded by Optuna (``textvae sweep``).
+
+A sweep file names a base preset, optional named **entries** (each a preset and/or a list of
+overrides: the rows of a fixed table), a search **space** over any config keys, the **budget**
+of each trial, the **evaluation** that scores a trial and one or more **objectives** read from
+the evaluation JSON. Every trial is an ordinary run folder, ``OUT/trial-NNNN[-entry]`` or, for a
+table of entries without a space, ``OUT/<entry>`` (``textvae train --resume``, ``evaluate``,
+``report`` and ``compare`` work on it) holding the evaluation
+``<evaluation.output>.json`` and ``trial.json`` (its overrides and wall times). The study lives
+in an Optuna RDB storage, by default ``sqlite:///OUT/study.db``, so running the same command
+again continues it: finished trials are kept, a trial cut off mid-training resumes its run
+folder (Optuna's heartbeat marks it stale after ``study.heartbeat_seconds`` x 2 and
+:class:`optuna.storages.RetryHeartbeatStaleTrialCallback` queues it again with the same
+parameters; the retry keeps the original trial's number and therefore its folder). ``OUT/sweep.md``
+lists every trial (settings, evaluation fields with units, wall times; the Pareto front marked)
+and ``OUT/rate_distortion.png`` draws them on the rate-distortion plane
+(:func:`textvae.report.plot_rate_distortion`).
+
+The file, every key optional except ``base`` or ``entries``::
+
+    name: remedy-search            # study name (default: the file's stem)
+    out_dir: runs/remedy-search    # default sweep folder (relative to the working directory)
+    base: ../configs/ptb/lstm-vae-cpu.yaml   # relative to the sweep file
+    overrides: [train.progress=false]        # for every trial, after the preset
+    entries:                       # named rows: a categorical parameter ``entry``
+      lm: [model.name=lstm_lm]     # overrides on ``base``
+      bn: {preset: ../configs/ptb/lstm-vae-bn-cpu.yaml, overrides: [...]}
+    space:                         # parameters, applied after the entry's overrides
+      kl.free_bits: {low: 0.0, high: 0.5}             # float
+      train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+      model.latent_dim: {type: int, low: 8, high: 64, step: 8}
+      model.pooling: {choices: [last, mean, max]}     # categorical
+      # model.word_dropout: {grid: [0.0, 0.2, 0.4]}   # a grid: then every parameter is one
+    budget: {trials: 20, max_steps: 2000, minutes: 600}
+    evaluation: {split: valid, max_sentences: 1000, iw_samples: 100, precision: bf16}
+    objectives: {nll: minimize, mi: maximize}
+    study: {sampler: auto, seed: 0, heartbeat_seconds: 30, pruner: none}
+
+A sweep whose parameters are all grids (entries are always a grid) runs every combination once
+with Optuna's ``GridSampler`` (trial i is grid point i); otherwise ``TPESampler`` (one objective)
+or ``NSGAIISampler`` (several) samples ``budget.trials`` trials. ``budget.minutes`` stops
+starting new trials after that many minutes of this invocation. A null objective field (the
+``mi`` of a language model, which has no latent) counts as the worst value (+inf for minimize,
+-inf for maximize). ``study.pruner: median`` (one minimized objective) stops a trial whose
+validation -ELBO at a validation is worse than the median of earlier trials' at the same step
+(Optuna's ``MedianPruner`` after ``study.pruner_startup_trials``, default 5, finished trials).
+
+Trials are scored on the validation split by default: select recipes on ``valid``, and use the
+test split only for the final evaluation of the chosen ones (selecting on test overstates them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from textvae.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+TOP_KEYS = ("name", "out_dir", "base", "overrides", "entries", "space", "budget", "evaluation",
+            "objectives", "study")
+BUDGET_KEYS = ("trials", "max_steps", "max_epochs", "minutes")
+EVALUATION_KEYS = ("split", "max_sentences", "iw_samples", "precision", "au_delta", "batch_size",
+                   "seed", "checkpoint", "output", "generation", "gen_sentences", "gen_samples",
+                   "gen_responses", "skip_too_long", "flow_mi_sentences")
+STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
+SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
+# evaluation fields a trial can be scored on (numbers in the evaluation JSON)
+OBJECTIVE_FIELDS = ("rec", "kl", "elbo", "nll", "ppl_token", "ppl_word", "ppl_elbo_token", "mi",
+                    "mi_batch", "au", "z_gap", "rec_bleu", "self_bleu", "distinct_1",
+                    "distinct_2", "response_bleu")
+
+
+class SweepError(ValueError):
+    """A sweep file is invalid (the message names the file and the key), or a sweep folder
+    belongs to another sweep."""
+
+
+@dataclass
+class Param:
+    """One searched config key: ``kind`` is ``float``, ``int``, ``categorical`` or ``grid``."""
+
+    key: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    """A parsed, validated sweep file (:func:`load_sweep`)."""
+
+    path: Path
+    name: str
+    out_dir: Path | None
+    base: Path | None
+    overrides: list[str]
+    entries: dict[str, tuple[Path | None, list[str]]]
+    space: list[Param]
+    trials: int
+    budget: list[str]
+    minutes: float | None
+    evaluation: dict
+    objectives: dict[str, str]
+    sampler: str
+    seed: int
+    heartbeat_seconds: int
+    pruner: str
+    pruner_startup_trials: int
+    raw: dict
+
+    @property
+    def is_grid(self) -> bool:
+        return all(p.kind == "grid" for p in self.space)
+
+    def grid(self) -> dict[str, list]:
+        """Optuna's GridSampler search space: parameter name -> values (``entry`` first)."""
+        out = {"entry": list(self.entries)} if self.entries else {}
+        out.update({p.key: list(p.choices) for p in self.space})
+        return out
+
+
+def _err(path: Path, key: str, message: str) -> SweepError:
+    return SweepError(f"{path}: '{key}': {message}")
+
+
+def _overrides(path: Path, key: str, value) -> list[str]:
+    """A list of ``key=value`` strings, or a mapping ``{key: value}`` turned into one."""
+    if value is None:
+        return []
+    if isinstance(value, DictConfig):
+        return [f"{k}={_yaml_value(v)}" for k, v in value.items()]
+    if not isinstance(value, ListConfig) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise _err(path, key, "expected a list of 'config.key=value' strings (or a mapping "
+                   "config.key: value)")
+    return list(value)
+
+
+def _yaml_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _param(path: Path, key: str, spec) -> Param:
+    where = f"space.{key}"
+    if not isinstance(spec, DictConfig):
+        raise _err(path, where, "expected a mapping: {low, high[, log, step, type: int]}, "
+                   "{choices: [...]} or {grid: [...]}")
+    spec = OmegaConf.to_container(spec)
+    allowed = {"type", "low", "high", "log", "step", "choices", "grid"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise _err(path, where, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    kind = spec.get("type")
+    if "grid" in spec or kind == "grid":
+        values = spec.get("grid")
+        if not isinstance(values, list) or not values:
+            raise _err(path, where, "'grid' needs a non-empty list of values")
+        return Param(key, "grid", choices=values)
+    if "choices" in spec or kind == "categorical":
+        values = spec.get("choices")
+        if not isinstance(values, list) or not values:
+            raise _err(path, where, "'choices' needs a non-empty list of values")
+        return Param(key, "categorical", choices=values)
+    kind = kind or "float"
+    if kind not in ("float", "int"):
+        raise _err(path, where, f"type '{kind}' is not one of float, int, categorical, grid")
+    if "low" not in spec or "high" not in spec:
+        raise _err(path, where, "a float or int parameter needs 'low' and 'high'")
+    low, high = spec["low"], spec["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise _err(path, where, f"'low' and 'high' must be numbers (got {low!r}, {high!r})")
+    if low > high:
+        raise _err(path, where, f"low ({low}) is above high ({high})")
+    log_scale = bool(spec.get("log", False))
+    if log_scale and low <= 0:
+        raise _err(path, where, f"a log-scale parameter needs low > 0 (got {low})")
+    if log_scale and spec.get("step") is not None:
+        raise _err(path, where, "'step' and 'log' cannot be combined (Optuna)")
+    return Param(key, kind, low=low, high=high, log=log_scale, step=spec.get("step"))
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every trial's config keys are checked against the
+    config schema before anything runs (a grid: every trial's full config).
+
+    Raises:
+        SweepError: unparsable YAML, an unknown or ill-typed key, an unknown config key in
+            ``overrides``/``entries``/``space`` (the message names the file and the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry the line number in their text
+        raise SweepError(f"{path}: cannot parse YAML: {err}") from None
+    if not isinstance(raw, DictConfig):
+        raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise _err(path, unknown[0], f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
+    here = path.resolve().parent
+
+    def preset(value, key: str) -> Path:
+        file = (here / str(value)).resolve()
+        if not file.is_file():
+            raise _err(path, key, f"preset not found: {file}")
+        return file
+
+    base = preset(raw.base, "base") if raw.get("base") is not None else None
+    entries: dict[str, tuple[Path | None, list[str]]] = {}
+    for name, spec in (raw.get("entries") or {}).items():
+        key = f"entries.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise _err(path, key, "an entry name is also a folder name: letters, digits, '.', "
+                       "'_', '-'")
+        if isinstance(spec, DictConfig):
+            bad = sorted(set(spec) - {"preset", "overrides"})
+            if bad:
+                raise _err(path, key, f"unknown field(s) {bad}; an entry has 'preset' and/or "
+                           "'overrides'")
+            entry_preset = preset(spec.preset, f"{key}.preset") if spec.get("preset") else None
+            entries[str(name)] = (entry_preset, _overrides(path, f"{key}.overrides",
+                                                           spec.get("overrides")))
+        else:
+            entries[str(name)] = (None, _overrides(path, key, spec))
+        if entries[str(name)][0] is None and base is None:
+            raise _err(path, key, "no preset: give the sweep a 'base' or the entry a 'preset'")
+    if base is None and not entries:
+        raise _err(path, "base", "a sweep needs a base preset (or entries that name presets)")
+    space_raw = raw.get("space")
+    space_raw = OmegaConf.create({}) if space_raw is None else space_raw
+    if not isinstance(space_raw, DictConfig):
+        raise _err(path, "space", "expected a mapping of config keys to parameter specs")
+    space = [_param(path, str(k), v) for k, v in space_raw.items()]
+    kinds = {p.kind == "grid" for p in space}
+    if len(kinds) > 1:
+        raise _err(path, "space", "mixes grid and sampled parameters; Optuna's GridSampler needs "
+                   "every parameter on the grid (give each one 'grid: [...]', or none)")
+
+    budget_raw = raw.get("budget") or {}
+    bad = sorted(set(budget_raw) - set(BUDGET_KEYS))
+    if bad:
+        raise _err(path, f"budget.{bad[0]}", f"unknown key; valid: {', '.join(BUDGET_KEYS)}")
+    budget = [f"train.{k}={budget_raw[k]}" for k in ("max_steps", "max_epochs")
+              if budget_raw.get(k) is not None]
+    minutes = budget_raw.get("minutes")
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise _err(path, "budget.minutes", f"must be a positive number of minutes (got {minutes!r})")
+
+    evaluation = {"split": "valid", "max_sentences": None, "iw_samples": None, "precision": None,
+                  "au_delta": None, "batch_size": None, "seed": 0, "checkpoint": "best",
+                  "output": None, "generation": False, "gen_sentences": 1000, "gen_samples": 500,
+                  "gen_responses": 5, "skip_too_long": False, "flow_mi_sentences": None}
+    eval_raw = raw.get("evaluation") or {}
+    bad = sorted(set(eval_raw) - set(EVALUATION_KEYS))
+    if bad:
+        raise _err(path, f"evaluation.{bad[0]}", f"unknown key; valid: {', '.join(EVALUATION_KEYS)}")
+    evaluation.update(OmegaConf.to_container(eval_raw) if eval_raw else {})
+    if evaluation["split"] not in ("train", "valid", "test"):
+        raise _err(path, "evaluation.split", f"'{evaluation['split']}' is not train, valid or test")
+    if evaluation["checkpoint"] not in ("best", "last"):
+        raise _err(path, "evaluation.checkpoint", "must be best or last")
+    if evaluation["precision"] not in (None, "fp32", "bf16"):
+        raise _err(path, "evaluation.precision", "must be fp32 or bf16")
+    evaluation["output"] = evaluation["output"] or f"eval-{evaluation['split']}"
+
+    objectives_raw = raw.get("objectives") or {"nll": "minimize"}
+    if not isinstance(objectives_raw, DictConfig | dict):
+        raise _err(path, "objectives", "expected a mapping field: minimize|maximize")
+    objectives = {}
+    for key, direction in objectives_raw.items():
+        if key not in OBJECTIVE_FIELDS:
+            raise _err(path, f"objectives.{key}", f"not an evaluation field; choose from "
+                       f"{', '.join(OBJECTIVE_FIELDS)}")
+        if direction not in ("minimize", "maximize"):
+            raise _err(path, f"objectives.{key}", f"'{direction}' is not minimize or maximize")
+        objectives[str(key)] = str(direction)
+
+    study_raw = raw.get("study") or {}
+    bad = sorted(set(study_raw) - set(STUDY_KEYS))
+    if bad:
+        raise _err(path, f"study.{bad[0]}", f"unknown key; valid: {', '.join(STUDY_KEYS)}")
+    sampler = study_raw.get("sampler", "auto")
+    if sampler not in SAMPLERS:
+        raise _err(path, "study.sampler", f"'{sampler}' is not one of {', '.join(SAMPLERS)}")
+    is_grid = all(p.kind == "grid" for p in space)
+    if sampler == "auto":
+        sampler = "grid" if is_grid else ("tpe" if len(objectives) == 1 else "nsga2")
+    if sampler == "grid" and not is_grid:
+        raise _err(path, "study.sampler", "grid needs every space parameter to be a 'grid'")
+    if sampler != "grid" and space and all(p.kind == "grid" for p in space):
+        raise _err(path, "study.sampler", f"'{sampler}' cannot sample 'grid' parameters; "
+                   "use 'choices' for a sampled categorical")
+    n_grid = math.prod(len(v) for v in
+                       ([list(entries)] if entries else []) + [p.choices for p in space])
+    trials = budget_raw.get("trials")
+    if sampler == "grid":
+        if trials is not None and trials != n_grid:
+            raise _err(path, "budget.trials", f"the grid has {n_grid} points; leave 'trials' out "
+                       f"or set it to {n_grid}")
+        trials = n_grid
+    elif trials is None or not isinstance(trials, int) or trials < 1:
+        raise _err(path, "budget.trials", "a sampled sweep needs a positive number of trials")
+    heartbeat = study_raw.get("heartbeat_seconds", 30)
+    if not isinstance(heartbeat, int) or heartbeat < 1:
+        raise _err(path, "study.heartbeat_seconds", "must be a positive integer")
+    pruner = study_raw.get("pruner", "none")
+    if pruner not in ("none", "median"):
+        raise _err(path, "study.pruner", f"'{pruner}' is not none or median")
+    if pruner == "median" and list(objectives.values()) != ["minimize"]:
+        raise _err(path, "study.pruner", "pruning compares the validation loss (-ELBO) of "
+                   "trials, so it needs exactly one objective, minimized (Optuna cannot prune "
+                   "multi-objective studies)")
+    startup = study_raw.get("pruner_startup_trials", 5)
+    if not isinstance(startup, int) or startup < 0:
+        raise _err(path, "study.pruner_startup_trials", "must be an integer >= 0")
+
+    sweep = Sweep(
+        path=path, name=str(raw.get("name") or path.stem),
+        out_dir=Path(raw.out_dir) if raw.get("out_dir") else None, base=base,
+        overrides=_overrides(path, "overrides", raw.get("overrides")), entries=entries,
+        space=space, trials=trials, budget=budget, minutes=minutes, evaluation=evaluation,
+        objectives=objectives, sampler=sampler, seed=int(study_raw.get("seed", 0)),
+        heartbeat_seconds=heartbeat, pruner=pruner, pruner_startup_trials=startup,
+        raw=OmegaConf.to_container(raw))
+    _check_configs(sweep)
+    return sweep
+
+
+def _check_configs(sweep: Sweep) -> None:
+    """Load the config of every entry with each parameter at its ends (every trial of a grid)."""
+    import itertools
+
+    names = list(sweep.entries) or [None]
+    if sweep.is_grid:
+        combos = [("space", dict(zip([p.key for p in sweep.space], values, strict=True)))
+                  for values in itertools.product(*[p.choices for p in sweep.space])]
+    else:
+        combos = []
+        for p in sweep.space:
+            ends = p.choices if p.kind == "categorical" else [p.low, p.high]
+            combos += [(f"space.{p.key}", {p.key: _typed(p, v)}) for v in ends]
+    combos = [("overrides", {})] + combos  # the preset and the fixed overrides first
+    for name in names:
+        for where, params in combos:
+            preset, overrides = trial_overrides(sweep, name, params)
+            try:
+                load_config(preset, overrides)
+            except ConfigError as err:
+                if name is not None:
+                    where = f"entries.{name}' with '{where}"
+                raise SweepError(f"{sweep.path}: '{where}' (parameters {params}): {err}") from None
+
+
+def _typed(p: Param, value):
+    return int(value) if p.kind == "int" else value
+
+
+def trial_overrides(sweep: Sweep, entry: str | None, params: dict) -> tuple[Path, list[str]]:
+    """(preset, overrides) of one trial: the entry's preset (or the base), then the sweep's
+    ``overrides``, the entry's overrides, the parameters and the budget, later ones winning."""
+    preset, own = sweep.entries[entry] if entry is not None else (None, [])
+    items = list(sweep.overrides) + list(own)
+    items += [f"{k}={_yaml_value(v)}" for k, v in params.items() if k != "entry"]
+    return preset or sweep.base, items + list(sweep.budget)
+
+
+def trial_dir(sweep: Sweep, out_dir: Path, number: int, entry: str | None) -> Path:
+    """The run folder of a trial: ``OUT/<entry>`` when the sweep is a table of entries alone
+    (no space), else ``OUT/trial-NNNN[-entry]`` (a retried trial keeps its original number)."""
+    if entry is not None and not sweep.space:
+        return out_dir / entry
+    return out_dir / (f"trial-{number:04d}" + (f"-{entry}" if entry else ""))
+
+
+def _json(path: Path, record: dict) -> None:
+    import json
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
+    """Evaluate a run folder as ``textvae evaluate`` does, with a sweep's evaluation settings;
+    writes and returns ``RUN_DIR/<output>.json``."""
+    import textvae
+    from textvae.data import TextDataset, load_split
+    from textvae.metrics import evaluate, generation_metrics, response_metrics
+
+    e = evaluation
+    start = time.perf_counter()
+    model, tokenizer = textvae.load(run_dir, which=e["checkpoint"])
+    cfg = model.config
+    corpus = load_split(cfg.data, e["split"], whole=True)  # never data.max_length
+    n = e["max_sentences"]
+    texts = corpus.texts[:n] if n else corpus.texts
+    contexts = (corpus.contexts[:n] if n else corpus.contexts) if corpus.contexts else None
+    dataset = TextDataset(texts, tokenizer, contexts=contexts)
+    result = evaluate(model, dataset, iw_samples=e["iw_samples"] if e["iw_samples"] is not None
+                      else cfg.eval.iw_samples, au_delta=e["au_delta"] or cfg.eval.au_delta,
+                      batch_size=e["batch_size"] or cfg.eval.batch_size,
+                      chunk_tokens=cfg.eval.chunk_tokens,
+                      precision=e["precision"] or cfg.eval.precision, seed=e["seed"],
+                      skip_too_long=e["skip_too_long"], flow_mi_sentences=e["flow_mi_sentences"])
+    result["data"], result["split"] = corpus.source, e["split"]
+    if e["generation"] and model.conditional:
+        g = e["gen_sentences"]
+        result.update(response_metrics(model, dataset.contexts[:g], dataset.texts[:g],
+                                       n_responses=e["gen_responses"], seed=e["seed"]))
+    elif e["generation"]:
+        result.update(generation_metrics(model, dataset.texts[: e["gen_sentences"]],
+                                         n_samples=e["gen_samples"], seed=e["seed"]))
+    result["seconds"] = time.perf_counter() - start
+    _json(run_dir / f"{e['output']}.json", result)
+    return result
+
+
+def usable_dir(run_dir: Path) -> Path:
+    """``run_dir`` if it is missing, empty, finished or resumable; otherwise the first of
+    ``run_dir.2``, ``run_dir.3``, ... that is (a folder cut off before its first checkpoint
+    cannot be resumed and is never overwritten)."""
+    candidate, n = run_dir, 1
+    while (candidate.is_dir() and any(candidate.iterdir())
+           and not (candidate / "trial.json").is_file()
+           and not (candidate / "checkpoints" / "last").is_dir()):
+        n += 1
+        candidate = run_dir.with_name(f"{run_dir.name}.{n}")
+    return candidate
+
+
+def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict,
+              on_validation: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) and evaluate one trial's run folder; returns ``trial.json``'s record
+    plus ``eval`` (the evaluation dict).
+
+    A folder with ``trial.json`` and the evaluation file is reused as it is; one with a
+    ``checkpoints/last`` but no ``trial.json`` is resumed (``train(resume=True)``); an empty or
+    missing one is trained from scratch (call :func:`usable_dir` first). ``on_validation`` goes
+    to :func:`textvae.train.train` (pruning).
+
+    Raises:
+        whatever training and evaluation raise (``TrainingDiverged``, ``DataError``, ...).
+    """
+    import json
+
+    from textvae.train import train
+
+    record_path = run_dir / "trial.json"
+    eval_path = run_dir / f"{sweep.evaluation['output']}.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if record is None:
+        preset, overrides = trial_overrides(sweep, entry, params)
+        resumed = (run_dir / "checkpoints" / "last").is_dir()
+        start = time.perf_counter()
+        if resumed:
+            log.info("trial folder %s: resuming its training", run_dir)
+            train(None, run_dir, resume=True, on_validation=on_validation)
+        else:
+            train(load_config(preset, overrides), run_dir, on_validation=on_validation)
+        record = {"entry": entry, "params": params, "preset": str(preset),
+                  "overrides": overrides, "train_s": time.perf_counter() - start,
+                  "resumed": resumed}
+        _json(record_path, record)
+    if eval_path.is_file():
+        result = json.loads(eval_path.read_text())
+    else:
+        result = evaluate_run(run_dir, sweep.evaluation)
+    record["eval_s"] = result.get("seconds")
+    return record | {"eval": result}
+
+
+def storage_url(sweep: Sweep, out_dir: Path, storage: str | None) -> str:
+    return storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+
+
+def _storage(sweep: Sweep, url: str):
+    import optuna
+    from optuna.storages import RDBStorage
+
+    # optuna >= 4.9 names the stale-trial callback RetryHeartbeatStaleTrialCallback (passed as
+    # heartbeat_stale_trial_callback); earlier 4.x: RetryFailedTrialCallback, failed_trial_callback
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    keyword = "heartbeat_stale_trial_callback"
+    if retry is None:
+        retry, keyword = optuna.storages.RetryFailedTrialCallback, "failed_trial_callback"
+    with warnings.catch_warnings():  # the heartbeat API is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url, heartbeat_interval=sweep.heartbeat_seconds,
+            grace_period=2 * sweep.heartbeat_seconds, **{keyword: retry(max_retry=None)},
+            engine_kwargs={"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None)
+
+
+def _sampler(sweep: Sweep, seed: int):
+    import optuna
+
+    if sweep.sampler == "grid":
+        # GridSampler shuffles its grid with the seed and gives trial i grid point i: every
+        # worker and invocation must use the same seed, or points would repeat
+        return optuna.samplers.GridSampler(sweep.grid(), seed=sweep.seed)
+    if sweep.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if sweep.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def open_study(sweep: Sweep, url: str, seed: int | None = None):
+    """Create the sweep's Optuna study in ``url``, or load it (``load_if_exists``)."""
+    import optuna
+
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
+              if sweep.pruner == "median" else optuna.pruners.NopPruner())
+    return optuna.create_study(
+        storage=_storage(sweep, url), study_name=sweep.name, load_if_exists=True,
+        directions=list(sweep.objectives.values()), pruner=pruner,
+        sampler=_sampler(sweep, sweep.seed if seed is None else seed))
+
+
+class _Overflow(Exception):
+    """A trial asked for after the budget was used up (a race between workers): not run."""
+
+
+def _identity(trial) -> int:
+    """A trial's own number, or the original's for a retry of a stale (dead) trial."""
+    original = trial.system_attrs.get("failed_trial")
+    return trial.number if original is None else int(original)
+
+
+def _overflows(sweep: Sweep, trial, trials) -> bool:
+    """Whether a new (not retried) trial is beyond the budget: the trials numbered below it
+    already hold ``sweep.trials`` identities, or (a grid) one of them holds its grid point.
+    Trial numbers are given out atomically by the storage, so two workers never both pass."""
+    lower = [t for t in trials if t.number < trial.number and not t.user_attrs.get("overflow")]
+    if len({_identity(t) for t in lower}) >= sweep.trials:
+        return True
+    grid_id = trial.system_attrs.get("grid_id")
+    return grid_id is not None and any(t.system_attrs.get("grid_id") == grid_id for t in lower)
+
+
+def _slots(trials) -> tuple[set[int], bool, bool]:
+    """(identities started, any WAITING, any RUNNING). A failed trial's identity counts as
+    started: a stale one is queued again (WAITING) by the heartbeat callback, one that raised
+    by :func:`retry_failed` at the next invocation."""
+    from optuna.trial import TrialState
+
+    used = {_identity(t) for t in trials if not t.user_attrs.get("overflow")}
+    return (used, any(t.state == TrialState.WAITING for t in trials),
+            any(t.state == TrialState.RUNNING for t in trials))
+
+
+def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
+               threads: int | None = None, deadline: float | None = None) -> int:
+    """One worker's loop: run trials of the study until its budget is used, then wait for
+    running trials (its own peers' or dead ones that the heartbeat will queue again).
+
+    Returns:
+        The number of trials this worker ran.
+    """
+    import optuna
+    import torch
+    from optuna.storages import fail_stale_trials
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    sweep, out = load_sweep(sweep_path), Path(out_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ran = 0
+
+    def objective(trial) -> list[float]:
+        trials = study.get_trials(deepcopy=False)
+        frozen = next(t for t in trials if t.number == trial.number)
+        number = _identity(frozen)
+        if frozen.system_attrs.get("failed_trial") is None and _overflows(sweep, frozen, trials):
+            trial.set_user_attr("overflow", True)
+            raise _Overflow(f"trial {number}: the budget of {sweep.trials} trials is used")
+        entry = trial.suggest_categorical("entry", list(sweep.entries)) if sweep.entries else None
+        params = {}
+        for p in sweep.space:
+            if p.kind in ("categorical", "grid"):
+                params[p.key] = trial.suggest_categorical(p.key, p.choices)
+            elif p.kind == "int":
+                params[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high),
+                                                  step=int(p.step or 1), log=p.log)
+            else:
+                params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+        run_dir = usable_dir(trial_dir(sweep, out, number, entry))
+        trial.set_user_attr("run_dir", run_dir.name)
+
+        def report(record: dict) -> None:
+            """Median pruning on the validation loss -ELBO (nats/sentence) at each validation."""
+            if record.get("elbo") is None or sweep.pruner == "none":
+                return
+            trial.report(-record["elbo"], record["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"step {record['step']}: validation -ELBO "
+                                         f"{-record['elbo']:.2f} is above the median")
+
+        try:
+            record = run_trial(sweep, run_dir, entry, params, report)
+        except optuna.TrialPruned:
+            raise
+        except Exception as err:  # recorded in sweep.md; the next invocation retries it
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            log.exception("trial %d (%s) failed", number, run_dir)
+            raise
+        trial.set_user_attr("train_s", record["train_s"])
+        trial.set_user_attr("eval_s", record["eval_s"])
+        values = []
+        for key, direction in sweep.objectives.items():
+            value = record["eval"].get(key)
+            worst = math.inf if direction == "minimize" else -math.inf
+            values.append(worst if value is None else float(value))
+        return values
+
+    while deadline is None or time.time() < deadline:
+        study = open_study(sweep, url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        used, waiting, running = _slots(trials)
+        if len(used) >= sweep.trials and not waiting:
+            if not running:
+                break
+            time.sleep(min(5.0, sweep.heartbeat_seconds))  # peers' trials, or dead ones
+            continue
+        # a sampler seed of its own for every trial, worker and invocation: a re-run must not
+        # replay the random draws of the trials it already has (a grid keeps its one seed)
+        study = open_study(sweep, url, seed=sweep.seed + 1000 * worker + len(trials))
+        study.optimize(objective, n_trials=1, catch=(Exception,))
+        ran += 1
+    return ran
+
+
+def retry_failed(study) -> list[int]:
+    """Queue once more, with the same parameters, every trial whose last attempt raised (its
+    ``error`` is kept in the failed attempt; the retry resumes the run folder when it can).
+
+    Returns:
+        The trial numbers (identities) queued.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    latest = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if not t.user_attrs.get("overflow"):
+            latest[_identity(t)] = t
+    queued = []
+    for number, t in latest.items():
+        if t.state == TrialState.FAIL and "error" in t.user_attrs:
+            history = list(t.system_attrs.get("retry_history", [])) + [t.number]
+            study.add_trial(optuna.create_trial(
+                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                system_attrs={**t.system_attrs, "failed_trial": number, "retry_history": history}))
+            queued.append(number)
+    return queued
+
+
+def _worker_main(sweep_path: str, out_dir: str, url: str, worker: int, threads: int,
+                 deadline: float | None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    run_worker(sweep_path, out_dir, url, worker, threads, deadline)
+
+
+def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
+              storage: str | None = None, jobs: int = 1) -> tuple[Path, dict]:
+    """Run (or continue) a sweep: ``jobs`` worker processes on this machine share the study,
+    each with ``max(1, cores // jobs)`` torch threads; then write ``sweep.md`` and
+    ``rate_distortion.png``.
+
+    Args:
+        sweep_path: the sweep YAML.
+        out_dir: the sweep folder (default: the file's ``out_dir``, else ``runs/sweep-<name>``).
+        storage: an Optuna RDB URL (default ``sqlite:///OUT/study.db``); e.g.
+            ``postgresql://user:password@host/db`` lets workers on several machines share the
+            study (their run folders are written under their own ``out_dir``).
+        jobs: worker processes on this machine (1: in this process).
+
+    Returns:
+        (sweep folder, :func:`write_summary`'s summary).
+
+    Raises:
+        SweepError: invalid file, or the folder holds another sweep's ``sweep.yaml``.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep = load_sweep(sweep_path)
+    out = Path(out_dir) if out_dir else (sweep.out_dir or Path("runs") / f"sweep-{sweep.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "sweep.yaml"
+    resolved = OmegaConf.to_yaml(OmegaConf.create(sweep.raw))
+    if saved.is_file() and saved.read_text() != resolved:
+        raise SweepError(f"{out} holds a different sweep ({saved} differs from {sweep.path}); "
+                         "choose another --out-dir, or restore the sweep file")
+    if not saved.is_file():
+        saved.write_text(resolved)
+    url = storage_url(sweep, out, storage)
+    retry_failed(open_study(sweep, url))  # created once here, so workers only load it
+    deadline = time.time() + 60 * sweep.minutes if sweep.minutes else None
+    if jobs <= 1:
+        run_worker(str(sweep.path), str(out), url, 0, None, deadline)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=_worker_main, args=(str(sweep.path), str(out), url, i,
+                                                              threads, deadline))
+                   for i in range(jobs)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        failed = [w.exitcode for w in workers if w.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"sweep workers exited with codes {failed}; see their output")
+    return out, write_summary(sweep, out, url)
+
+
+UNITS_NOTE = ("rec, KL, ELBO, IW-NLL (± its standard error over sentences), z-usage gap: nats per "
+              "sentence, EOS counted; MI: nats (aggregate posterior over the evaluated set); AU: "
+              "active dimensions (threshold δ) of the latent size; PPL per word incl. EOS; BLEU "
+              "0-100; wall times in seconds")
+
+
+def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
+    """``OUT/sweep.md`` (one row per trial; the Pareto front marked ★) and
+    ``OUT/rate_distortion.png``; returns ``{"trials": [...], "pareto": [numbers], "plot": ...}``.
+    """
+    import json
+
+    from optuna.trial import TrialState
+
+    from textvae.report import evaluation_table, plot_rate_distortion
+
+    study = open_study(sweep, url)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow")]
+    best = {t.number for t in study.best_trials} if any(
+        t.state == TrialState.COMPLETE for t in trials) else set()
+    shown, rows, dims, latest = [], {}, {}, {}
+    for t in sorted(trials, key=lambda t: (_identity(t), t.number)):
+        latest[_identity(t)] = t  # a retried trial: its last attempt stands for it
+    order = sorted(latest)
+    if sweep.sampler == "grid":  # rows in the order the file declares the grid
+        import itertools
+
+        grid = sweep.grid()
+        points = list(itertools.product(*grid.values()))
+
+        def position(n: int) -> int:
+            point = tuple(latest[n].params.get(k) for k in grid)
+            return points.index(point) if point in points else len(points) + n
+
+        order.sort(key=position)
+    for number in order:
+        t = latest[number]
+        folder = out_dir / t.user_attrs["run_dir"] if "run_dir" in t.user_attrs else None
+        result = {}
+        if folder is not None and (folder / f"{sweep.evaluation['output']}.json").is_file():
+            result = json.loads((folder / f"{sweep.evaluation['output']}.json").read_text())
+        label = folder.name if folder is not None else f"trial-{number:04d}"
+        if result:
+            rows[label] = result
+            config = OmegaConf.load(folder / "config.yaml")
+            # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
+            dims[label] = (config.model.latent_dim if result.get("au") is not None
+                           and not str(config.model.name).startswith("della") else None)
+        settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
+        values = ", ".join("–" if v is None else f"{v:.3f}" for v in (t.values or []))
+        if t.state == TrialState.PRUNED and t.intermediate_values:
+            step = max(t.intermediate_values)
+            values = f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
+        shown.append({"number": number, "label": label, "state": t.state.name,
+                      "settings": settings, "values": values, "pareto": t.number in best,
+                      "train_s": t.user_attrs.get("train_s"), "eval_s": t.user_attrs.get("eval_s"),
+                      "error": t.user_attrs.get("error")})
+    e = sweep.evaluation
+    first = next(iter(rows.values()), {})
+    ks = sorted({r["iw_samples"] for r in rows.values() if r.get("iw_samples")})
+    objectives = ", ".join(f"{d} {k}" for k, d in sweep.objectives.items())
+    lines = [
+        f"# Sweep {sweep.name}", "",
+        f"Sweep file `{sweep.path}`; study `{sweep.name}` in `{_hide_password(url)}`; sampler "
+        f"{sweep.sampler}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
+        f"(★: on the Pareto front{'' if len(sweep.objectives) > 1 else ', i.e. the best trial'}).",
+        f"Evaluation: split **{e['split']}** ({first.get('data', '–')}, "
+        f"{first.get('n_sentences', '–')} sentences), {e['checkpoint']} checkpoint, K = "
+        f"{', '.join(str(k) for k in ks) or '–'} (IW-NLL; a model without latent: exact), "
+        f"precision {first.get('precision', e['precision'])}, seed {e['seed']}; "
+        f"`{e['output']}.json` in each trial's run folder.",
+    ]
+    if sweep.entries:
+        lines += ["", "Entries (on " + (f"`{sweep.base.name}`" if sweep.base else "their presets")
+                  + (", after the common overrides " + ", ".join(f"`{o}`" for o in sweep.overrides)
+                     if sweep.overrides else "") + "):", ""]
+        for name, (preset, own) in sweep.entries.items():
+            parts = ([f"preset `{preset.name}`"] if preset else []) + [f"`{o}`" for o in own]
+            lines.append(f"- {name}: {', '.join(parts) or 'the base preset'}")
+    if sweep.budget:
+        lines += ["", "Budget per trial: " + ", ".join(f"`{b}`" for b in sweep.budget) + "."]
+    if e["split"] == "test":
+        lines.append("This sweep is scored on the **test** split: it evaluates fixed recipes; "
+                     "do not select among them on these numbers.")
+    lines += ["", f"| trial | state | settings | {', '.join(sweep.objectives)} | train s | eval s "
+              "| Pareto |",
+              "|---|---|---|---:|---:|---:|:---:|"]
+    for s in shown:
+        state = s["state"] if not s["error"] else f"{s['state']}: {s['error'][:80]}"
+        lines.append(f"| {s['label']} | {state} | {s['settings'] or 'base'} | {s['values'] or '–'} "
+                     f"| {_num(s['train_s'])} | {_num(s['eval_s'])} | {'★' if s['pareto'] else ''} |")
+    lines += ["", UNITS_NOTE + ".", ""]
+    if rows:
+        lines += [evaluation_table(rows, dims), ""]
+    plot = plot_rate_distortion(rows, out_dir / "rate_distortion.png", f"sweep {sweep.name}")
+    lines += ["![rate-distortion plane of the trials](rate_distortion.png)", ""]
+    tmp = out_dir / "sweep.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, out_dir / "sweep.md")
+    return {"trials": shown, "pareto": sorted(s["number"] for s in shown if s["pareto"]),
+            "plot": plot}
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def _hide_password(url: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    head, sep, tail = url.partition("@")
+    if not sep or "://" not in head or ":" not in head.split("://", 1)[1]:
+        return url
+    scheme, user = head.split("://", 1)
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{tail}"
+
+
+def config_of(sweep: Sweep, entry: str | None, params: dict) -> Config:
+    """The resolved config of one trial (for inspection and tests)."""
+    preset, overrides = trial_overrides(sweep, entry, params)
+    return load_config(preset, overrides)
