@@ -1,4 +1,4 @@
-"""DELLA (Hu et al. 2022, SPEC 1.4) at tiny size: the layer-wise latent distribution and its KL,
+"""DELLA (Hu et al., NAACL 2022) at tiny size: the layer-wise latent distribution and its KL,
 the reduction to a single latent, the value fusion (the paper's low-rank product is rank 1),
 masked pooling, ancestral prior samples, step-wise decoding for every fusion, the conditional
 model, the released code's layer mean flagged as not a bound, the ``from_pretrained`` path

@@ -1,4 +1,4 @@
-"""The two-phase T5 VAE (Park & Lee 2021, SPEC 1.3) at tiny size: masked pooling, the memory
+"""The two-phase T5 VAE (Park & Lee, Insights @ EMNLP 2021) at tiny size: masked pooling, the memory
 slot's batch layout, likelihood units, denoising, the phase hand-off with early stopping and a
 frozen decoder, resume across it, the ``from_pretrained`` path, evaluation and generation."""
 
