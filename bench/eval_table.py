@@ -1,4 +1,4 @@
-"""Markdown table of `textvae evaluate` JSON files, for README sections.
+"""Markdown table of `textvae evaluate` JSON files, for the write-ups in docs/results/.
 
 Usage: python bench/eval_table.py [--layers] NAME=PATH/eval.json ...
 

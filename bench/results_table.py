@@ -1,4 +1,4 @@
-"""Markdown table of evaluation JSONs (and wall times from runs/timings.txt) for README.
+"""Markdown table of evaluation JSONs (and wall times from runs/timings.txt) for docs/results/.
 
 Usage: python bench/results_table.py runs/ptb-lstm-lm-cpu runs/ptb-lstm-vae-cpu ...
 """

@@ -24,6 +24,12 @@ from textvae.metrics import EVAL_KEYS, RESPONSE_KEYS, evaluate, response_metrics
 from textvae.train import train
 
 
+def _only(paths):
+    """The one path of an iterator (the one evaluation a test wrote)."""
+    (path,) = list(paths)
+    return path
+
+
 def test_utterances_pairs_and_context_window():
     line = "Hi , Tom . __eou__ Hello ! __eou__  How are you ?  __eou__ Fine . __eou__\n"
     utterances = split_utterances(line)
@@ -127,7 +133,7 @@ def test_respond_cli_on_a_tiny_dialogue_corpus(tiny_dialogues, tmp_path, monkeyp
     assert cli.main(["evaluate", str(run), "--split", "test", "--iw-samples", "4",
                      "--max-sentences", "8", "--generation", "--gen-sentences", "4",
                      "--gen-responses", "3"]) == 0
-    result = json.loads((run / "eval-test.json").read_text())
+    result = json.loads(_only(run.glob("eval-test-*.json")).read_text())
     assert result["n_sentences"] == 8 and result["kl_samples"] == 4
     assert result["generation"]["contexts"] == 4 and 0 <= result["response_bleu"] <= 100
     assert "validation" in result["data"]  # the test role is played by the validation split
@@ -194,7 +200,7 @@ def test_seq2seq_trains_evaluates_and_responds_from_the_cli(tiny_dialogues, tmp_
     assert cli.main(["evaluate", str(run), "--split", "test", "--max-sentences", "8",
                      "--generation", "--gen-sentences", "4", "--gen-responses", "2",
                      "--gen-strategy", "sample"]) == 0
-    result = json.loads((run / "eval-test.json").read_text())
+    result = json.loads(_only(run.glob("eval-test-*.json")).read_text())
     assert result["n_sentences"] == 8 and result["kl"] is None
     assert result["generation"]["latent"] == "none" and result["generation"]["contexts"] == 4
     contexts = tmp_path / "contexts.txt"

@@ -213,7 +213,7 @@ def test_report_of_a_tiny_run(tiny_config, tmp_path):
     for name in ("curves.png", "kl_per_dim.png", "latent_pca.png"):
         _assert_png(folder / name)
     md = (folder / "report.md").read_text()
-    for text in ("# Run report", "**Latent status**", "## Evaluation", "eval-test (K=3)",
+    for text in ("# Run report", "**Latent status**", "## Evaluation", "`eval-test-full-K3-fp32-gen.json`",
                  "## Examples", "Reconstructions", "Interpolation"):
         assert text in md, text
     for image in ("curves.png", "kl_per_dim.png", "latent_pca.png"):
@@ -239,7 +239,7 @@ def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
     assert cli.main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp")]) == 0
     out = capsys.readouterr().out
     assert "| run-last |" in out and "| run-mean |" in out and "KL (nats/sent)" in out
-    assert "No `eval-test.json` in: run-mean" in out
+    assert "No evaluation of `test` in: run-mean" in out
     _assert_png(tmp_path / "cmp" / "compare_curves.png")
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("# Run comparison")
     assert len(read_log(runs[0])["valid"]) == 2
@@ -273,7 +273,7 @@ def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_pa
     for run in runs:
         assert cli.main(["evaluate", str(run), "--iw-samples", "3", "--max-sentences", "12"]) == 0
     capsys.readouterr()
-    r = [json.loads((run / "eval-test.json").read_text()) for run in runs]
+    r = [json.loads((run / "eval-test-12-K3-fp32.json").read_text()) for run in runs]
     for result in r:  # the per-sentence values are the ones behind nll
         assert len(result["nll_per_sentence"]) == 12
         assert sum(result["nll_per_sentence"]) / 12 == pytest.approx(result["nll"], rel=1e-9)

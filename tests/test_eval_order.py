@@ -71,7 +71,7 @@ def test_evaluation_scores_sentences_whole_despite_max_length(tiny_corpus, tmp_p
     run = train(cfg, tmp_path / "run")
     assert cli.main(["evaluate", str(run), "--iw-samples", "2"]) == 0
     capsys.readouterr()
-    r = json.loads((run / "eval-test.json").read_text())
+    r = json.loads((run / "eval-test-full-K2-fp32.json").read_text())
     texts = (tiny_corpus / "test.txt").read_text().split("\n")
     texts = [t for t in texts if t.strip()]
     assert r["n_sentences"] == len(texts)

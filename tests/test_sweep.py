@@ -231,7 +231,7 @@ def test_rate_distortion_plot_returns_what_it_draws(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
 def test_experiment_files_are_valid_sweeps(path):
-    """Every multi-run experiment of the README is a sweep file whose presets and keys load
+    """Every multi-run experiment of docs/results/ is a sweep file whose presets and keys load
     (each entry's config, each parameter at its ends)."""
     sweep = load_sweep(path)
     assert sweep.trials >= 1 and sweep.objectives

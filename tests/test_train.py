@@ -122,7 +122,7 @@ def test_cli_end_to_end(tiny_corpus, tmp_path, capsys):
     assert cli.main(["train", str(preset), *overrides, "--run-dir", str(run)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["evaluate", str(run), "--iw-samples", "7", "--max-sentences", "10"]) == 0
-    result = json.loads((run / "eval-test.json").read_text())
+    result = json.loads((run / "eval-test-10-K7-fp32.json").read_text())  # named by what it is
     assert result["iw_samples"] == 7 and result["n_sentences"] == 10
     assert "nats/sentence" in capsys.readouterr().out
     sentence_file = tmp_path / "in.txt"

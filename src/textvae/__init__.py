@@ -17,9 +17,27 @@ Entry points: :func:`load` a trained run; ``textvae.train.train``; ``textvae.met
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
-__version__ = "0.1.0"
+# Before torch is imported (libgomp reads it once, when torch loads it): OpenMP threads that
+# wait at a barrier sleep instead of spinning, so a core taken by another process slows this one
+# down about in proportion instead of 3-50x (textvae/threads.py, bench/RESULTS.md). A value the user
+# set is kept.
+_WAIT_POLICY_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from textvae import threads as _threads  # noqa: E402  (after the environment is set)
+
+_threads.WAIT_POLICY_APPLIED = not _WAIT_POLICY_LATE
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("textvae")
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0.1.0"
 
 
 def load(run_dir: str | Path, which: str = "best"):
@@ -57,4 +75,9 @@ def load(run_dir: str | Path, which: str = "best"):
     return model, tokenizer
 
 
-__all__ = ["load", "__version__"]
+def set_threads(threads: int | None = None) -> tuple[int, str]:
+    """PyTorch's CPU thread count from the free cores (:func:`textvae.threads.set_threads`)."""
+    return _threads.set_threads(threads)
+
+
+__all__ = ["load", "set_threads", "__version__"]

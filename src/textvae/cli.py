@@ -10,39 +10,31 @@ import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
 
-UNITS = {
-    "rec": "nats/sentence", "kl": "nats/sentence", "elbo": "nats/sentence",
-    "nll": "nats/sentence (IW)", "nll_stderr": "nats/sentence", "ppl_token": "per token incl. EOS",
-    "ppl_word": "per word incl. EOS",
-    "ppl_elbo_token": "exp(-ELBO / tokens incl. EOS): a bound, Park & Lee's 'PPL'",
-    "mi": "nats (aggregate posterior, whole set)",
-    "mi_batch": "nats (He et al. 2019 minibatch)", "au": "dimensions", "au_delta": "threshold",
-    "iw_samples": "K", "n_sentences": "", "n_tokens": "incl. EOS", "n_words": "incl. EOS",
-    "z_gap": "nats/sentence (rec with shuffled z - rec with own z)",
-    "rec_bleu": "BLEU 0-100 (greedy reconstruction vs input)",
-    "self_bleu": "BLEU 0-100 (prior samples vs each other)",
-    "distinct_1": "distinct unigrams / unigrams (prior samples; responses for cvrae)",
-    "distinct_2": "distinct bigrams / bigrams (prior samples; responses for cvrae)",
-    "kl_samples": "MC samples/sentence (null: closed form)",
-    "response_bleu": "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
-    "au_by_delta": "active dimensions at each threshold (0.2: DELLA's)",
-    "au_per_layer": "active dimensions per latent layer, at each threshold",
-    "kl_per_layer": "nats/sentence per latent layer",
-    "bound_valid": "false: elbo/nll are not bounds (kl_reduction: mean)",
-    "n_skipped": "sentences past the model's position limit (--skip-too-long)",
-    "encoder_dispersion": "of the encoder summaries (Long et al. 2019)",
-    "classifier_accuracy": "fraction (classifier on E_q[z|x])", "classifier_n": "labelled sentences",
-    "au_layer_mean": "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
-}
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number, as shells do
+
+
+def _set_threads(args) -> None:
+    """PyTorch's thread count: --threads, else OMP_NUM_THREADS, else the free cores."""
+    from textvae.threads import set_threads
+
+    n, reason = set_threads(args.threads)
+    print(f"threads: {n} ({reason}; --threads N to choose)", file=sys.stderr)
+
+
+def _progress(args) -> bool:
+    """Progress bars on stderr: unless --no-progress, and only when stderr is a terminal."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _cmd_train(args) -> int:
     from textvae.config import load_config
-    from textvae.train import default_run_dir, train
+    from textvae.train import TrainingInterrupted, default_run_dir, train
 
     if args.config and "=" in args.config and not Path(args.config).is_file():
         args.overrides.insert(0, args.config)  # `train --resume --run-dir D key=value`
@@ -50,7 +42,8 @@ def _cmd_train(args) -> int:
     if args.resume:
         if args.run_dir is None:
             raise SystemExit("error: --resume needs --run-dir DIR")
-        config = load_config(args.config, []) if args.config else None
+        # the starting command with --resume added: same preset and overrides, maybe a new budget
+        config = load_config(args.config, args.overrides) if args.config else None
         run_dir = Path(args.run_dir)
         overrides = args.overrides
     else:
@@ -67,8 +60,16 @@ def _cmd_train(args) -> int:
 
             PartialState(cpu=not torch.cuda.is_available())
             run_dir = broadcast_object_list([run_dir])[0]
+    _set_threads(args)
     start = time.perf_counter()
-    run_dir = train(config, run_dir, resume=args.resume, overrides=overrides)
+    try:
+        run_dir = train(config, run_dir, resume=args.resume, overrides=overrides)
+    except TrainingInterrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"{name}: training stopped after step {stop.step}; checkpoints/last holds it. "
+              f"Continue with:\n  textvae train --resume --run-dir {shlex.quote(str(run_dir))}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED.get(name, 128 + stop.signum)
     if int(os.environ.get("RANK", "0")) == 0:  # the main one of several processes
         print(f"run folder: {run_dir}  ({time.perf_counter() - start:.0f} s)")
     return 0
@@ -77,13 +78,44 @@ def _cmd_train(args) -> int:
 def _dataset_for(model, config, split: str, data: str | None, max_sentences: int | None):
     from textvae.data import TextDataset, load_split
 
+    if max_sentences is not None and max_sentences < 1:
+        raise ValueError(f"--max-sentences must be at least 1, got {max_sentences} (leave it out "
+                         "to use every sentence)")
     corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
     texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
         texts = texts[:max_sentences]
         labels = labels[:max_sentences] if labels else labels
         contexts = contexts[:max_sentences] if contexts is not None else None
-    return TextDataset(texts, model.tokenizer, labels, contexts), corpus.source
+    full = len(texts) == len(corpus.texts)
+    return TextDataset(texts, model.tokenizer, labels, contexts), corpus.source, full
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: an evaluation is never replaced silently; pass "
+                              "--overwrite to replace it, or choose another --output")
+    return path
+
+
+def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precision: str) -> Path:
+    """Where an evaluation goes: ``--output``, else RUN_DIR/eval-<what it is>.json, with a
+    numeric suffix when that name is taken (an earlier evaluation is never replaced).
+
+    Raises:
+        FileExistsError: ``--output`` exists and ``--overwrite`` was not given.
+    """
+    from textvae.report import evaluation_name
+
+    if args.output:
+        return _refuse_existing(Path(args.output), args.overwrite)
+    what = args.split if args.data is None else Path(args.data).stem
+    stem = evaluation_name(what, None if full else n_sentences,
+                           k if model.has_latent else None, precision, args.generation)
+    path, i = Path(args.run_dir) / f"{stem}.json", 2
+    while path.exists():
+        path, i = Path(args.run_dir) / f"{stem}-{i}.json", i + 1
+    return path
 
 
 def _write_json(record: dict, path: str | Path) -> Path:
@@ -97,8 +129,14 @@ def _write_json(record: dict, path: str | Path) -> Path:
 
 def _cmd_evaluate(args) -> int:
     import textvae
-    from textvae.metrics import evaluate
+    from textvae.metrics import UNITS, evaluate
 
+    if args.max_sentences is not None and args.max_sentences < 1:
+        raise ValueError(f"--max-sentences must be at least 1, got {args.max_sentences} (leave "
+                         "it out to evaluate every sentence)")
+    if args.output:
+        _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
+    _set_threads(args)
     model, _ = textvae.load(args.run_dir)
     cfg = model.config
     # under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the sentences are sharded across
@@ -110,20 +148,23 @@ def _cmd_evaluate(args) -> int:
 
         shard = PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without GPU
         model.to(shard.device)
-    dataset, source = _dataset_for(model, cfg, args.split, args.data, args.max_sentences)
+    dataset, source, full = _dataset_for(model, cfg, args.split, args.data, args.max_sentences)
     k = args.iw_samples if args.iw_samples is not None else cfg.eval.iw_samples
     precision = args.precision or cfg.eval.precision
+    progress = _progress(args)
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
                       batch_size=args.batch_size or cfg.eval.batch_size,
                       chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
                       skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences,
+                      progress=progress,
                       num_processes=shard.num_processes if shard else 1,
                       process_index=shard.process_index if shard else 0)
     if shard is not None and not shard.is_main_process:
         shard.wait_for_everyone()  # the main process generates, writes and prints
         return 0
     result["data"], result["split"] = source, args.split if args.data is None else None
+    result["max_sentences"] = None if full else len(dataset)
     if args.generation and model.conditional:
         from textvae.metrics import response_metrics
 
@@ -131,19 +172,20 @@ def _cmd_evaluate(args) -> int:
         result.update(response_metrics(
             model, dataset.contexts[:n], dataset.texts[:n], n_responses=args.gen_responses,
             strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress))
     elif args.generation:
         from textvae.metrics import generation_metrics
 
         result.update(generation_metrics(
             model, dataset.texts[: args.gen_sentences], n_samples=args.gen_samples,
             strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress))
     seconds = time.perf_counter() - start
     result["seconds"] = seconds
-    output = _write_json(result, args.output or Path(args.run_dir) / f"eval-{args.split}.json")
+    output = _write_json(result, _evaluation_path(args, model, len(dataset), full, k, precision))
     processes = f", {shard.num_processes} processes" if shard is not None else ""
-    print(f"evaluated {source} ({result['n_sentences']} sentences, K={k}, precision={precision}, "
+    how = f"IW-NLL with K={k}" if model.has_latent else "exact likelihood (no latent)"
+    print(f"evaluated {source} ({result['n_sentences']} sentences, {how}, precision={precision}, "
           f"{seconds:.0f} s{processes})")
     for key, value in result.items():
         if key == "generation":
@@ -151,6 +193,8 @@ def _cmd_evaluate(args) -> int:
             continue
         if key in ("nll_per_sentence", "sentence_index", "n_words_per_sentence"):
             continue  # N numbers: in the JSON only
+        if value is None and not model.has_latent:
+            continue  # a language model has no latent fields
         if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
                 rows = value if value and isinstance(value[0], list) else [value]  # (L, D) or (D,)
@@ -184,6 +228,7 @@ def _cmd_generate(args) -> int:
     import textvae
     from textvae.generate import interpolate, reconstruct, sample_prior
 
+    _set_threads(args)
     torch.manual_seed(args.seed)
     model, _ = textvae.load(args.run_dir)
     options = dict(strategy=args.strategy, max_length=args.max_length, temperature=args.temperature,
@@ -257,11 +302,13 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
 
 def _cmd_probe(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     import textvae
     from textvae.data import TextDataset
     from textvae.metrics import probe_accuracy
 
+    _set_threads(args)
     model, tokenizer = textvae.load(args.run_dir)
     if not model.has_latent:
         raise ValueError(f"{args.run_dir}: the model has no latent variable to probe")
@@ -283,8 +330,12 @@ def _cmd_probe(args) -> int:
         dataset = TextDataset(texts, tokenizer, labels)
         mu = torch.empty(len(dataset), math.prod(model.latent_shape))
         with torch.no_grad():
+            bar = tqdm(total=len(dataset), desc=f"encode {role}", unit="sent", leave=False,
+                       disable=not _progress(args))
             for indices in dataset.batches(256):
                 mu[indices] = model.posterior(dataset.collate(indices)).mean.float().flatten(1)
+                bar.update(len(indices))
+            bar.close()
         features[role] = (mu, labels, source)
     (fit_x, fit_y, fit_src), (score_x, score_y, score_src) = features["train"], features["valid"]
     results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
@@ -309,8 +360,9 @@ def _cmd_probe(args) -> int:
 def _cmd_report(args) -> int:
     from textvae.report import write_report
 
+    _set_threads(args)
     folder = write_report(args.run_dir, split=args.split, max_sentences=args.max_sentences,
-                          n_examples=args.examples, seed=args.seed)
+                          n_examples=args.examples, seed=args.seed, progress=_progress(args))
     print(f"written: {folder / 'report.md'}")
     for png in sorted(folder.glob("*.png")):
         print(f"written: {png}")
@@ -346,72 +398,111 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it in words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _heavy(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """Options of every command that computes: --threads (and --no-progress)."""
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
+                   "when set, else the cores that are free when the command starts)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true",
+                       help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textvae", description=__doc__)
+    from textvae import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="textvae", description=__doc__, formatter_class=_HelpFormatter,
+        epilog="Exit codes: 0 done, 1 an error (the message says what to do), 130 training "
+               "stopped by SIGINT (Ctrl-C) or 143 by SIGTERM after writing checkpoints/last "
+               "(continue with: textvae train --resume --run-dir RUN_DIR).")
+    parser.add_argument("--version", action="version", version=f"textvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a preset YAML")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    p = command("train", help="train a model from a preset YAML")
     p.add_argument("config", nargs="?", help="preset YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
     p.add_argument("--run-dir", help="run folder (default: runs/<preset>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (the starting command with --resume added "
+                   "works: only train.max_steps / train.max_epochs may differ)")
+    _heavy(p, progress=False)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="the evaluation protocol on a split or file")
+    p = command("evaluate", help="the evaluation protocol on a split or file")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--data", help="evaluate this file instead of the config's split")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to evaluate")
+    p.add_argument("--data", help="evaluate this file instead of the config's split (default: none)")
     p.add_argument("--iw-samples", type=int, help="K of the IW-NLL (default from config: 500)")
-    p.add_argument("--max-sentences", type=int, help="only the first N sentences")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--au-delta", type=float)
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast for the network")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sentences", type=int, help="only the first N sentences, N >= 1 (default: all)")
+    p.add_argument("--batch-size", type=int, help="sentences per batch (default from config: eval.batch_size)")
+    p.add_argument("--au-delta", type=float, help="active-unit threshold (default from config: 0.01)")
+    p.add_argument("--precision", choices=["fp32", "bf16"],
+                   help="bf16: autocast for the network (default from config: eval.precision)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--skip-too-long", action="store_true",
                    help="leave out (and count in n_skipped) sentences past the model's position "
                    "limit instead of failing; sentences are never shortened")
     p.add_argument("--flow-mi-sentences", type=int,
                    help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
                    "flow inverses; default 500; 0 = all)")
-    p.add_argument("--output", help="JSON path (default RUN_DIR/eval-<split>.json)")
+    p.add_argument("--output", help="JSON path (default: RUN_DIR/eval-<split>-<full|N>-K<k>-"
+                   "<precision>[-gen].json, numbered when taken; never replaces an evaluation)")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
+    _heavy(p)
     g = p.add_argument_group("generation metrics (--generation)")
     g.add_argument("--generation", action="store_true",
                    help="add rec_bleu, self_bleu, distinct_1, distinct_2 (sacrebleu)")
     g.add_argument("--gen-sentences", type=int, default=1000,
-                   help="reconstruct the first N evaluated sentences for rec_bleu (default 1000)")
+                   help="reconstruct the first N evaluated sentences for rec_bleu")
     g.add_argument("--gen-samples", type=int, default=500,
-                   help="prior samples for self-BLEU and distinct-n (default 500)")
+                   help="prior samples for self-BLEU and distinct-n")
     g.add_argument("--gen-responses", type=int, default=5,
                    help="conditional models: responses per context (from z ~ p(z|c)) for "
-                   "response_bleu and distinct-n over the first --gen-sentences contexts (default 5)")
+                   "response_bleu and distinct-n over the first --gen-sentences contexts")
     g.add_argument("--gen-strategy", default="greedy", choices=["greedy", "sample"],
                    help="decoding of the prior samples (reconstructions are always greedy)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-length", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    g.add_argument("--max-length", type=int, default=50, help="tokens per decoded sentence at most")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("generate", help="prior samples, reconstructions, interpolations, responses")
+    p = command("generate", help="prior samples, reconstructions, interpolations, responses")
     p.add_argument("run_dir")
     p.add_argument("--mode", default="sample",
                    choices=["sample", "reconstruct", "interpolate", "respond"],
                    help="respond (conditional models): N responses to each context of --input")
     p.add_argument("-n", type=int, default=10,
                    help="samples, interpolation steps, or responses per context")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--beam-size", type=int, default=5)
-    p.add_argument("--max-length", type=int, default=50)
-    p.add_argument("--interpolation", default="linear", choices=["linear", "spherical"])
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"],
+                   help="decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    p.add_argument("--beam-size", type=int, default=5, help="beams of --strategy beam")
+    p.add_argument("--max-length", type=int, default=50, help="tokens per sentence at most")
+    p.add_argument("--interpolation", default="linear", choices=["linear", "spherical"],
+                   help="path between the two posterior means")
     p.add_argument("--input", nargs="+", help="a file (one sentence per line; for respond one "
-                   "context per line, utterances separated by __eou__) or sentences")
-    p.add_argument("--seed", type=int, default=0)
+                   "context per line, utterances separated by __eou__) or sentences (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _heavy(p, progress=False)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("probe", help="logistic-regression probe of a label from the posterior mean")
+    p = command("probe", help="logistic-regression probe of a label from the posterior mean")
     p.add_argument("run_dir")
     p.add_argument("--data", help="corpus name (default: the run's corpus), e.g. yelp_sentiment")
     p.add_argument("--fit", help="split name or labelled file the probe is trained on "
@@ -422,29 +513,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="text column/key of TSV/JSONL files")
     p.add_argument("--labels", default="100,1000,all",
                    help="labelled-example counts, comma-separated; 'all' = the whole fit set")
-    p.add_argument("--repeats", type=int, default=5, help="random subsets per count (default 5)")
+    p.add_argument("--repeats", type=int, default=5, help="random subsets per count")
     p.add_argument("--max-sentences", type=int,
-                   help="use only the first N sentences of the fit and of the score set")
-    p.add_argument("--seed", type=int, default=0)
+                   help="use only the first N sentences of the fit and of the score set (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
     p.add_argument("--output", help="JSON path (default RUN_DIR/probe-<data>.json)")
+    _heavy(p)
     p.set_defaults(func=_cmd_probe)
 
-    p = sub.add_parser("report", help="RUN_DIR/report/: report.md and plots")
+    p = command("report", help="RUN_DIR/report/: report.md and plots")
     p.add_argument("run_dir")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"],
-                   help="sentences for the latent plots and examples (default valid)")
-    p.add_argument("--max-sentences", type=int, default=2000)
-    p.add_argument("--examples", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+                   help="sentences for the latent plots and examples")
+    p.add_argument("--max-sentences", type=int, default=2000, help="first N sentences of --split")
+    p.add_argument("--examples", type=int, default=5, help="examples of each kind in report.md")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _heavy(p)
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("compare", help="evaluation fields side by side and overlaid curves")
+    p = command("compare", help="evaluation fields side by side and overlaid curves")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--eval", default="eval-test", help="evaluation JSON stem (default eval-test)")
-    p.add_argument("--output", default="compare", help="folder for compare.md and the plot")
+    p.add_argument("--eval", default="test",
+                   help="a split (each run's most complete evaluation of it: more sentences, "
+                   "then larger K) or an evaluation file name such as eval-test-full-K500-bf16")
+    p.add_argument("--output", help="folder for compare.md and the plot (default: "
+                   "compare-<runs> beside the first run)")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
+    p = command("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
                        "(docs/sweep.md); running it again continues it")
     p.add_argument("sweep", help="sweep YAML, e.g. experiments/remedy-matrix.yaml")
     p.add_argument("--jobs", type=int, default=1,
@@ -472,9 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunDirError, TrainingDiverged, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, RunDirError, TrainingDiverged, FileNotFoundError,
+            FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outside training (which stops cleanly): nothing was written
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED["SIGINT"]
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def load_split(
     ``path`` overrides the config with an explicit file. Lines are whitespace-normalised;
     blank lines are skipped and counted; sentences over ``cfg.max_length`` words are truncated
     or dropped (``cfg.long_policy``) and counted, unless ``whole`` is set: evaluation reads
-    every sentence whole (a length cap is a training setting, SPEC 3), so sentence i of the
+    every sentence whole (a length cap is a training setting; README, "Evaluate"), so sentence i of the
     result is sentence i of the file (after blank lines are skipped) whatever the config. ``train_limit`` / ``valid_limit`` keep the
     first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
     permutation (seed 0) so that a limit keeps both classes. A dialogue corpus

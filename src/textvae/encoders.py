@@ -70,12 +70,12 @@ def delete_tokens(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, fraction: float, pad_id: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Denoising by token deletion on the encoder input (Park & Lee 2021, phase 2; SPEC 2).
+    """Denoising by token deletion on the encoder input (Park & Lee, Insights @ EMNLP 2021, phase 2).
 
     In each sentence, ``round(fraction * (n - 1))`` of its n real tokens are deleted, chosen
     uniformly without replacement among all but the last real token (EOS is kept, so every
     sentence keeps at least one token). The survivors keep their order and are packed to the
-    left; ids and mask are edited together (Park & Lee's released code swaps the two, SPEC 5);
+    left; ids and mask are edited together (Park & Lee's released code swaps the two, a pitfall of public code listed in README);
     columns that hold only padding afterwards are cut. The caller's tensors are not modified,
     so the decoder's target stays the full sentence.
 

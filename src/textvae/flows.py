@@ -1,6 +1,7 @@
 """Normalising flows for posteriors and priors: ``torch.distributions`` transforms, exact log-dets.
 
-A flow posterior (SPEC 1.2, Chien & Luo 2022) pushes the encoder's diagonal Gaussian
+A flow posterior (Chien & Luo, APSIPA ASC 2022, "Flow-Based Variational Sequence
+Autoencoder") pushes the encoder's diagonal Gaussian
 q0(z_0|x) through K invertible maps, z_K = f_K(...f_1(z_0)), and
 
     log q(z_K|x) = log q0(z_0|x) - sum_k log |det df_k/dz_{k-1}|         (Rezende & Mohamed 2015, eq. 7)

@@ -106,14 +106,110 @@ from textvae.objectives import (
 
 log = logging.getLogger(__name__)
 
-EVAL_KEYS = (
-    "rec", "kl", "kl_samples", "elbo", "nll", "nll_stderr", "ppl_token", "ppl_word",
-    "ppl_elbo_token", "mi",
-    "mi_batch", "au", "au_delta", "kl_per_dim", "z_gap", "iw_samples", "n_sentences", "n_tokens",
-    "n_words", "tokenizer", "mi_estimator", "precision", "seed", "au_by_delta", "kl_per_layer",
-    "au_per_layer", "bound_valid", "nll_per_sentence", "sentence_index", "n_words_per_sentence",
-    "n_skipped", "encoder_dispersion", "classifier_accuracy", "classifier_n", "au_layer_mean",
+# The one table of evaluation fields: (name, unit, meaning). The evaluation JSON of ``textvae
+# evaluate`` holds the "protocol" fields (:func:`evaluate`, in this order), the "record" fields
+# and, with --generation, the "generation" (or, for conditional models, "response") fields;
+# the CLI prints each with its unit and README's key list is rendered from it
+# (:func:`fields_markdown`; tests/test_first_day.py checks README against it).
+EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, meaning)
+    ("protocol", "rec", "nats/sentence",
+     "E_q[-log p(x|z)], Monte Carlo over the K samples"),
+    ("protocol", "kl", "nats/sentence",
+     "KL(q(z|x) || p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)"),
+    ("protocol", "kl_samples", "MC samples/sentence (null: closed form)",
+     "samples behind a Monte Carlo `kl`"),
+    ("protocol", "elbo", "nats/sentence", "-(rec + kl)"),
+    ("protocol", "nll", "nats/sentence (IW)",
+     "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k|x) (Burda et al. 2016); exact for the LM"),
+    ("protocol", "nll_stderr", "nats/sentence", "standard error of `nll` over sentences"),
+    ("protocol", "ppl_token", "per token incl. EOS", "exp(Σ nll / predicted tokens)"),
+    ("protocol", "ppl_word", "per word incl. EOS",
+     "exp(Σ nll / (whitespace words + one EOS per sentence)); comparable across tokenizers"),
+    ("protocol", "ppl_elbo_token", "per token incl. EOS",
+     "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL"),
+    ("protocol", "mi", "nats (aggregate posterior, whole set)",
+     "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory "
+     "linear in the set; at most log N); for a flow posterior I(x; z_K) through the flow's "
+     "inverse (N^2 inverses: over the first 500 sentences unless `--flow-mi-sentences N` says "
+     "otherwise, 0 = all), null with the reason in `mi_estimator` where it cannot be computed"),
+    ("protocol", "mi_batch", "nats (He et al. 2019 minibatch)",
+     "the minibatch estimator of He et al. 2019, over the evaluation batches"),
+    ("protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z|x]) > `au_delta`"),
+    ("protocol", "au_delta", "threshold", "the active-unit threshold (default 0.01)"),
+    ("protocol", "kl_per_dim", "nats/sentence", "mean KL per latent dimension (null for a flow)"),
+    ("protocol", "z_gap", "nats/sentence (rec with shuffled z - rec with own z)",
+     "z-usage gap: rec with z shuffled across the batch minus rec with each sentence's own z "
+     "(one z ~ q per sentence, a derangement, so no sentence keeps its z); 0 = the decoder ignores z"),
+    ("protocol", "iw_samples", "K", "importance samples K (null for the exact LM)"),
+    ("protocol", "n_sentences", "sentences", "evaluated sentences"),
+    ("protocol", "n_tokens", "incl. EOS", "predicted tokens"),
+    ("protocol", "n_words", "incl. EOS", "whitespace words plus one EOS per sentence"),
+    ("protocol", "tokenizer", "", "tokenizer kind and size"),
+    ("protocol", "mi_estimator", "", "how `mi` and `mi_batch` were estimated"),
+    ("protocol", "precision", "", "fp32, or bf16 autocast for the network"),
+    ("protocol", "seed", "", "sampling seed"),
+    ("protocol", "au_by_delta", "active dimensions at each threshold (0.2: DELLA's)",
+     "`au` at `au_delta` and at 0.2"),
+    ("protocol", "kl_per_layer", "nats/sentence per latent layer", "layer-wise latents only"),
+    ("protocol", "au_per_layer", "active dimensions per latent layer, at each threshold",
+     "layer-wise latents only"),
+    ("protocol", "bound_valid", "false: elbo/nll are not bounds (kl_reduction: mean)",
+     "whether `elbo` and `nll` bound log p(x)"),
+    ("protocol", "nll_per_sentence", "nats/sentence, dataset order",
+     "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and "
+     "`bench/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of "
+     "different sentences"),
+    ("protocol", "sentence_index", "dataset positions",
+     "the dataset position of each `nll_per_sentence` value (JSON only)"),
+    ("protocol", "n_words_per_sentence", "incl. EOS",
+     "whitespace words + 1 of each evaluated sentence (JSON only)"),
+    ("protocol", "n_skipped", "sentences past the model's position limit (--skip-too-long)",
+     "sentences left out with `--skip-too-long` (else such a sentence is an error); every "
+     "sentence is scored whole"),
+    ("protocol", "encoder_dispersion", "of the encoder summaries (Long et al. 2019)",
+     "Long et al. 2019's encoder feature dispersion: total and relative variance and mean "
+     "pairwise cosine distance of the summaries the posterior heads read (null values with a "
+     "`reason` for DELLA)"),
+    ("protocol", "classifier_accuracy", "fraction (classifier on E_q[z|x])",
+     "a jointly trained classifier on z (`model.classifier_weight`): accuracy on the labelled "
+     "sentences"),
+    ("protocol", "classifier_n", "labelled sentences", "sentences behind `classifier_accuracy`"),
+    ("protocol", "au_layer_mean", "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
+     "layer-wise latents: DELLA's own active-unit figure, comparable with the paper's table"),
+    ("record", "data", "", "the evaluated file"),
+    ("record", "split", "", "the split name (null for `--data FILE`)"),
+    ("record", "max_sentences", "", "the `--max-sentences` cap (null: the whole split or file)"),
+    ("record", "seconds", "s", "wall time of the evaluation"),
+    ("generation", "rec_bleu", "BLEU 0-100 (greedy reconstruction vs input)",
+     "sacrebleu corpus BLEU of greedy decodings of each sentence's posterior mean against the "
+     "sentence, over the first `--gen-sentences` evaluated sentences"),
+    ("generation", "self_bleu", "BLEU 0-100 (prior samples vs each other)",
+     "mean sentence BLEU of each of `--gen-samples` prior samples against all the others "
+     "(Zhu et al. 2018); high = repetitive"),
+    ("generation", "distinct_1", "distinct unigrams / unigrams (prior samples; responses for cvrae)",
+     "distinct unigrams over all unigrams (Li et al. 2016)"),
+    ("generation", "distinct_2", "distinct bigrams / bigrams (prior samples; responses for cvrae)",
+     "distinct bigrams over all bigrams"),
+    ("generation", "generation", "", "decoding settings and sacrebleu signatures"),
+    ("response", "response_bleu", "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
+     "conditional models: corpus BLEU of `--gen-responses` responses per context"),
 )
+UNITS = {name: unit for _, name, unit, _ in EVAL_FIELDS}
+EVAL_KEYS = tuple(name for group, name, _, _ in EVAL_FIELDS if group == "protocol")
+
+
+def fields_markdown(groups: tuple[str, ...] = ("protocol", "record")) -> str:
+    """README's key table (``| key | unit | meaning |``) of the :data:`EVAL_FIELDS` in
+    ``groups``, one row per field."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| key | unit | meaning |", "|---|---|---|"]
+    lines += [f"| `{name}` | {cell(unit)} | {cell(meaning)} |"
+              for group, name, unit, meaning in EVAL_FIELDS if group in groups]
+    return "\n".join(lines)
+
+
 AU_DELTA_PAPER = 0.2  # DELLA's (Hu et al. 2022) active-unit threshold, reported beside au_delta
 MI_ESTIMATOR = (
     "aggregate posterior q(z) over all evaluated sentences, one z ~ q(z|x) per sentence used "
@@ -357,6 +453,13 @@ def tokenizer_kind(tokenizer) -> str:
     return f"{kind} ({len(tokenizer)} types)"
 
 
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr counting sentences (a no-op when not ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="sent", disable=not enabled, leave=False)
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -386,7 +489,7 @@ def batch_seed(seed: int, index: int) -> int:
 def evaluate(
     model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
     batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
-    skip_too_long: bool = False, flow_mi_sentences: int | None = None,
+    skip_too_long: bool = False, flow_mi_sentences: int | None = None, progress: bool = False,
     num_processes: int = 1, process_index: int = 0,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
@@ -398,7 +501,8 @@ def evaluate(
     under a forked RNG seeded by :func:`batch_seed` (``seed``, batch index), so evaluation is
     repeatable, leaves the caller's RNG untouched and does not depend on the process count.
     With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
-    log-densities, log-sum-exp and all sums stay float32/float64.
+    log-densities, log-sum-exp and all sums stay float32/float64. ``progress`` shows a tqdm
+    bar on stderr (sentences done, elapsed, remaining; the main process's share when sharded).
 
     A flow posterior's ``mi`` (I(x; z_K), N^2 flow inverses) is taken over the first
     ``flow_mi_sentences`` scored sentences in dataset order (0 = all of them; default
@@ -462,9 +566,13 @@ def evaluate(
                     "Monte Carlo draws, not the estimator)", len(batches), batch_size,
                     num_processes, num_processes - len(batches))
     records = []  # one per batch scored here, everything on the CPU (gathered when sharded)
+    mine = sum(len(b) for j, b in enumerate(batches) if j % num_processes == process_index)
+    bar, done = _progress_bar(mine, "evaluate", progress and process_index == 0), 0
     for j, indices in enumerate(batches):
         if j % num_processes != process_index:
             continue
+        bar.update(done)  # the previous batch's sentences
+        done = len(indices)
         r = {"batch": j, "indices": indices}
         records.append(r)
         batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
@@ -538,6 +646,8 @@ def evaluate(
                 r["kl"] = (kl_sum / n_samples).cpu()
             if iw_samples:
                 r["nll"] = (-iw_bound(torch.cat(log_w, dim=0))).cpu()
+    bar.update(done)
+    bar.close()
     if num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -582,6 +692,8 @@ def evaluate(
             torch.manual_seed(batch_seed(seed, -1))
             flow_mi = _flow_mi(model, dataset, sorted(order)[:cap], len(order), batch_size, device,
                                precision)
+    bar.update(done)
+    bar.close()
     model.train(was_training)
     n = len(order)
     index = sorted(order)
@@ -712,7 +824,7 @@ def self_bleu(texts: list[str]) -> tuple[float, str]:
 def generation_metrics(
     model, texts: list[str], n_samples: int = 500, strategy: str = "greedy",
     max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    seed: int = 0, batch_size: int = 256,
+    seed: int = 0, batch_size: int = 256, progress: bool = False,
 ) -> dict:
     """BLEU of reconstructions, self-BLEU and distinct-1/2 of prior samples.
 
@@ -725,7 +837,7 @@ def generation_metrics(
     Returns:
         dict with :data:`GENERATION_KEYS`; ``generation`` records the decoding settings, the
         number of reconstructed sentences and sacrebleu's signatures. Runs under a forked RNG
-        seeded by ``seed``.
+        seeded by ``seed``. ``progress``: a tqdm bar on stderr (sentences decoded).
 
     Raises:
         ValueError: ``n_samples`` < 2 (self-BLEU needs two samples), or an unknown strategy.
@@ -734,11 +846,13 @@ def generation_metrics(
 
     options = dict(strategy=strategy, max_length=max_length, temperature=temperature,
                    top_k=top_k, top_p=top_p)
+    bar = _progress_bar(n_samples + (len(texts) if model.has_latent else 0), "generation", progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         samples: list[str] = []
         for start in range(0, n_samples, batch_size):
             samples += sample_prior(model, min(batch_size, n_samples - start), **options)
+            bar.update(min(batch_size, n_samples - start))
     out = dict.fromkeys(GENERATION_KEYS)
     settings = {"prior_samples": n_samples, **options, "seed": seed,
                 "reconstruction": None, "rec_sentences": 0}
@@ -747,9 +861,11 @@ def generation_metrics(
         for start in range(0, len(texts), batch_size):
             recs += reconstruct(model, texts[start : start + batch_size], strategy="greedy",
                                 max_length=max_length)
+            bar.update(len(texts[start : start + batch_size]))
         references = [" ".join(t.split()) for t in texts]
         out["rec_bleu"], settings["bleu_signature"] = corpus_bleu(recs, references)
         settings.update(reconstruction="greedy from the posterior mean", rec_sentences=len(texts))
+    bar.close()
     out["self_bleu"], settings["self_bleu_signature"] = self_bleu(samples)
     out["distinct_1"], out["distinct_2"] = distinct_n(samples, 1), distinct_n(samples, 2)
     out["generation"] = settings
@@ -760,7 +876,7 @@ def generation_metrics(
 def response_metrics(
     model, contexts: list[str], references: list[str], n_responses: int = 5,
     strategy: str = "greedy", max_length: int = 50, temperature: float = 1.0, top_k: int = 0,
-    top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
+    top_p: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = False,
 ) -> dict:
     """Response generation of a conditional model (SPEC 3, "BLEU/distinct for conditional
     tasks"): for each context, ``n_responses`` responses decoded from z ~ p(z|c) with
@@ -773,7 +889,8 @@ def response_metrics(
 
     Returns:
         dict with :data:`RESPONSE_KEYS`; ``generation`` records the settings and the sacrebleu
-        signature. Runs under a forked RNG seeded by ``seed``.
+        signature. Runs under a forked RNG seeded by ``seed``. ``progress``: a tqdm bar on
+        stderr (contexts answered).
 
     Raises:
         ValueError: contexts and references differ in length or are empty, or the model is not
@@ -791,8 +908,11 @@ def response_metrics(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         groups: list[list[str]] = []
+        bar = _progress_bar(len(contexts), "responses", progress)
         for start in range(0, len(contexts), batch_size):
             groups += respond(model, contexts[start : start + batch_size], n_responses, **options)
+            bar.update(len(contexts[start : start + batch_size]))
+        bar.close()
     hypotheses = [r for group in groups for r in group]
     refs = [" ".join(ref.split()) for ref, group in zip(references, groups, strict=True) for _ in group]
     out = dict.fromkeys(RESPONSE_KEYS)

@@ -153,7 +153,7 @@ def standard_normal(latent_dim: int, batch_shape: tuple[int, ...] = (), device=N
     return Independent(Normal(loc, torch.ones_like(loc)), 1)
 
 
-# --- layer-wise latents (DELLA, Hu et al. 2022; SPEC 1.4) ----------------------------------------
+# --- layer-wise latents (DELLA, Hu et al., NAACL 2022, arXiv 2207.06130) ----------------------------------------
 
 # E_q[z|x] of a layer-wise posterior is estimated from this many ancestral draws with common random
 # numbers (the same draws for every sentence, so the estimate is a fixed function of x)
@@ -161,7 +161,7 @@ LAYERWISE_MEAN_SAMPLES, LAYERWISE_MEAN_SEED = 256, 0
 
 
 class LatentRecurrence(nn.Module):
-    """The deterministic summary of the latents below a layer (Hu et al. 2022, DELLA; SPEC 1.4):
+    """The deterministic summary of the latents below a layer (DELLA, Hu et al., NAACL 2022):
     zbar_1 = 0 and zbar_l = tanh(W_hh^l zbar_{l-1} + W_ih^l z_{l-1}) for l = 2..L (zbar_0 = z_0 = 0
     makes zbar_1 = tanh(0) = 0), bias-free as the paper writes it (the released code's cells have
     biases, so its zbar_1 = tanh(b) is a learned constant). Prior and posterior share it.
@@ -206,7 +206,7 @@ class LayerwiseGaussian(Distribution):
     with zbar_l = :class:`LatentRecurrence` (z_<l), A_l (2D, D) the map of the summary and o_l
     (2D) an offset that carries everything else the layer conditions on (DELLA's posterior
     q(z_l | z_<l, x): o_l = W_x x_l + b from the pooled encoder layer l; its prior
-    p(z_l | z_<l): o_l = b, or W_c c_l + b for conditional DELLA; Hu et al. 2022, SPEC 1.4).
+    p(z_l | z_<l): o_l = b, or W_c c_l + b for conditional DELLA; Hu et al., NAACL 2022).
     Because zbar is a function of the sample itself, ``log_prob(z)`` of the prior needs nothing
     from the posterior: it recomputes zbar from the posterior's sample, so p and q are two
     distributions over the same (L, D) space and the shared protocol (ELBO, IW bound, Monte

@@ -62,16 +62,65 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict]]:
     return groups
 
 
+def evaluation_name(what: str, n_sentences: int | None, iw_samples: int | None, precision: str,
+                    generation: bool = False) -> str:
+    """The file stem of an evaluation, naming what it is: ``eval-<split or file stem>-<full or
+    N sentences>[-K<k>]-<precision>[-gen]``, e.g. ``eval-test-full-K500-bf16``.
+
+    Args:
+        what: the split (``test``) or the evaluated file's stem.
+        n_sentences: None for the whole split or file, else the count evaluated.
+        iw_samples: K, or None for a model without latent (its likelihood is exact).
+        generation: whether generation metrics are included.
+    """
+    parts = ["eval", what, "full" if n_sentences is None else str(n_sentences)]
+    if iw_samples is not None:
+        parts.append(f"K{iw_samples}")
+    parts.append(precision)
+    if generation:
+        parts.append("gen")
+    return "-".join(parts)
+
+
 def read_evaluations(run_dir: str | Path) -> dict[str, dict]:
-    """``{file stem: evaluation dict}`` of every ``eval-*.json`` in the run folder.
+    """``{file name: evaluation dict}`` of every ``eval-*.json`` in the run folder, the old
+    ``eval-<split>.json`` names included, most complete first (:func:`completeness`).
 
     Raises:
         ValueError: a file is not valid JSON (the file is named).
     """
-    out = {}
-    for path in sorted(Path(run_dir).glob("eval-*.json")):
-        out[path.stem] = _read_json(path)
-    return out
+    found = [(path, _read_json(path)) for path in Path(run_dir).glob("eval-*.json")]
+    found.sort(key=lambda item: completeness(item[1], item[0]), reverse=True)
+    return {path.name: record for path, record in found}
+
+
+def completeness(record: dict, path: Path | None = None) -> tuple:
+    """Sort key of evaluations of one split, larger = more complete: more sentences (the full
+    set over a subset), then more importance samples K (an exact likelihood counts as the most),
+    then fp32 over bf16, then the newer file."""
+    k = record.get("iw_samples")
+    if k is None and record.get("nll") is not None:
+        k = math.inf  # exact -log p(x) of a model without latent
+    return (record.get("n_sentences") or 0, k or 0, record.get("precision") == "fp32",
+            path.stat().st_mtime if path is not None else 0.0)
+
+
+def best_evaluation(run_dir: str | Path, which: str = "test") -> tuple[str, dict] | None:
+    """The most complete evaluation (:func:`completeness`) of split ``which``, or the file
+    ``which`` (a name with or without ``.json``) when it exists: (file name, record), or None.
+
+    Raises:
+        ValueError: a file is not valid JSON (the file is named).
+    """
+    run_dir = Path(run_dir)
+    for name in (which, f"{which}.json"):
+        if name.startswith("eval-") and (run_dir / name).is_file():
+            return name, _read_json(run_dir / name)
+    split = which.removeprefix("eval-")
+    for name, record in read_evaluations(run_dir).items():
+        if record.get("split") == split:
+            return name, record
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -118,8 +167,13 @@ CURVES = (  # (record type, key, title)
 )
 
 
-def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str) -> Path:
-    """Training curves against optimizer step, one panel per quantity of :data:`CURVES`.
+LM_CURVES = (("rec", "-log p(x)  (nats/sentence)"),)  # a language model has nothing else
+
+
+def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str,
+                has_latent: bool = True) -> Path:
+    """Training curves against optimizer step, one panel per quantity of :data:`CURVES` (of
+    :data:`LM_CURVES` when ``has_latent`` is False: a language model has no KL, beta or latent).
 
     Args:
         runs: ``{label: read_log(run)}``; one run draws training windows (thin) and
@@ -128,13 +182,16 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
         path: PNG to write.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), constrained_layout=True)
+    curves = CURVES if has_latent else LM_CURVES
+    fig, axes = plt.subplots(*((2, 4) if has_latent else (1, 1)),
+                             figsize=(18, 7.5) if has_latent else (7, 4.5),
+                             constrained_layout=True, squeeze=False)
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, groups) in enumerate(runs.items()):
         color = colors[i % len(colors)]
         train, valid = groups.get("train", []), groups.get("valid", [])
-        for ax, (key, panel) in zip(axes.flat, CURVES, strict=True):
+        for ax, (key, panel) in zip(axes.flat, curves, strict=True):
             if key in ("rec", "kl", "beta"):
                 x, y = _series(train, key)
                 if x:
@@ -148,9 +205,9 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
                             label=(f"{label} valid" if not single else "validation"))
             ax.set_title(panel)
             ax.set_xlabel("optimizer step")
-    au_axis = axes.flat[[k for k, _ in CURVES].index("au")]
-    if au_axis.lines:
-        au_axis.set_ylim(bottom=0)  # a count: start at 0, so a flat 32 does not look like noise
+    keys = [k for k, _ in curves]
+    if "au" in keys and axes.flat[keys.index("au")].lines:
+        axes.flat[keys.index("au")].set_ylim(bottom=0)  # a count: start at 0, so a flat 32 does not look like noise
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
@@ -408,7 +465,7 @@ def _commit(tmp: Path, final: Path) -> None:
 @torch.no_grad()
 def write_report(
     run_dir: str | Path, split: str = "valid", max_sentences: int = 2000, n_examples: int = 5,
-    seed: int = 0, label_names: dict[int, str] | None = None,
+    seed: int = 0, label_names: dict[int, str] | None = None, progress: bool = False,
 ) -> Path:
     """Write ``RUN_DIR/report/`` (report.md, curves.png, and for latent models kl_per_dim.png
     and latent_pca.png) for a trained run.
@@ -417,7 +474,9 @@ def write_report(
     corpus) through the best checkpoint: KL per dimension, AU, MI and the z-usage gap from
     :func:`textvae.metrics.evaluate` without IW samples; any ``eval-*.json`` of the run is
     tabulated as well. Examples (prior samples, reconstructions, one interpolation) are greedy
-    decodings under a forked RNG seeded by ``seed``.
+    decodings under a forked RNG seeded by ``seed``. ``progress``: a tqdm bar on stderr for the
+    evaluation pass. A language model gets only what it has: the reconstruction curve, no KL
+    schedule, no latent panels.
 
     Returns:
         The report folder.
@@ -448,10 +507,11 @@ def write_report(
         shutil.rmtree(tmp)
     tmp.mkdir()
     name = run_dir.name
-    plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves")
+    plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves", model.has_latent)
 
     quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
-                     batch_size=cfg.eval.batch_size, seed=seed, skip_too_long=True)
+                     batch_size=cfg.eval.batch_size, seed=seed, skip_too_long=True,
+                     progress=progress)
     evaluations = read_evaluations(run_dir)
     latent_dim = math.prod(model.latent_shape) if model.has_latent else None
     t = cfg.train
@@ -484,17 +544,24 @@ def write_report(
            f"- model `{m.name}`: {arch}"
            + (f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
               if model.has_latent else ""),
-           f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
-           f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})",
+           *([f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
+              f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})"]
+             if model.has_latent else []),
            f"- training: {train_steps} optimizer steps, batch {t.batch_size}, `{t.optimizer}` lr "
            f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
            f"- tokenizer: {quick['tokenizer']}", ""]
-    rows = {f"{stem} (K={e.get('iw_samples')})": e for stem, e in evaluations.items()}
-    rows[f"{split}, first {len(texts)} (no IW)"] = quick
+    preferred = {}  # split -> its most complete evaluation (read_evaluations: most complete first)
+    for file, e in evaluations.items():
+        preferred.setdefault(e.get("split"), file)
+    rows = {f"`{file}`" + (" (most complete)" if preferred.get(e.get("split")) == file
+                           and len(evaluations) > 1 else ""): e
+            for file, e in evaluations.items()}
+    rows[f"{split}, first {len(texts)} (this report, no IW)"] = quick
     md += ["## Evaluation", "",
-           "Rows named `eval-*` are `textvae evaluate` outputs; the last row is this report's "
-           "own single-sample pass. Units: nats per sentence (EOS counted); MI "
-           f"{quick['mi_estimator'] or 'n/a'}.", "",
+           "Each row names the file its numbers come from (`textvae evaluate` outputs in the run "
+           "folder, the most complete of each split first: more sentences, then larger K); the "
+           "last row is this report's own single-sample pass. Units: nats per sentence (EOS "
+           "counted)" + (f"; MI {quick['mi_estimator']}." if model.has_latent else "."), "",
            evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
     disp = quick.get("encoder_dispersion") or {}
     if disp.get("total_variance") is not None:
@@ -682,16 +749,29 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def default_compare_dir(run_dirs: list[str | Path]) -> Path:
+    """``compare-<run>-<run>...`` beside the first run (``compare-<first>-and-<n>-more`` when
+    the names are long), never the working directory."""
+    names = [Path(r).name for r in run_dirs]
+    joined = "-".join(names)
+    if len(joined) > 80:
+        joined = f"{names[0]}-and-{len(names) - 1}-more"
+    return Path(run_dirs[0]).parent / f"compare-{joined}"
+
+
 def compare_runs(
-    run_dirs: list[str | Path], output: str | Path, eval_name: str = "eval-test"
+    run_dirs: list[str | Path], output: str | Path | None = None, eval_name: str = "test"
 ) -> tuple[str, Path]:
     """Side-by-side evaluation table and an overlay of training curves.
 
     Args:
-        run_dirs: run folders; each contributes ``<eval_name>.json`` (a row of dashes if
-            missing) and ``log.jsonl``.
+        run_dirs: run folders; each contributes its most complete evaluation of split
+            ``eval_name`` (:func:`best_evaluation`; or the file ``eval_name`` when it names
+            one, e.g. ``eval-test-full-K500-bf16``; a row of dashes if none) and ``log.jsonl``.
+            The table names each row's file.
         output: folder for ``compare.md``, ``compare_curves.png`` and ``rate_distortion.png``
-            (:func:`plot_rate_distortion`; created; those files are replaced).
+            (:func:`plot_rate_distortion`; created; those files are replaced); None:
+            :func:`default_compare_dir`.
 
     Returns:
         (markdown text, output folder).
@@ -710,12 +790,12 @@ def compare_runs(
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"two runs share a folder name: {names}")
-    rows, dims, logs, missing = {}, {}, {}, []
+    rows, dims, logs, missing, files = {}, {}, {}, [], {}
     for path in paths:
         logs[path.name] = read_log(path)
-        file = path / f"{eval_name}.json"
-        if file.is_file():
-            rows[path.name] = _read_json(file)
+        found = best_evaluation(path, eval_name)
+        if found is not None:
+            files[path.name], rows[path.name] = found
         else:
             rows[path.name] = {}
             missing.append(path.name)
@@ -723,18 +803,21 @@ def compare_runs(
         cls = MODELS[cfg.model.name]
         # DELLA's L x D latents: L depends on the backbone, so no denominator is shown
         dims[path.name] = cfg.model.latent_dim if cls.has_latent and cls.backbone != "gpt2" else None
-    output = Path(output)
+    output = Path(output) if output is not None else default_compare_dir(paths)
     output.mkdir(parents=True, exist_ok=True)
-    plot_curves(logs, output / "compare_curves.png", "training curves")
+    plot_curves(logs, output / "compare_curves.png", "training curves",
+                any(MODELS[OmegaConf.load(p / "config.yaml").model.name].has_latent for p in paths))
     plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
-    notes = [f"Evaluation: `{eval_name}.json` of each run (written by `textvae evaluate`); "
-             "nats per sentence with EOS counted; IW-NLL ± standard error over sentences."]
+    notes = ["Evaluations (written by `textvae evaluate`; the most complete of the split "
+             f"`{eval_name}` in each run: more sentences, then larger K): "
+             + "; ".join(f"{n}: `{f}`" for n, f in files.items())
+             + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences."]
     tokenizers = {n: r.get("tokenizer") for n, r in rows.items() if r.get("tokenizer")}
     if len(set(tokenizers.values())) > 1:
         notes.append("Tokenizers differ (" + "; ".join(f"{n}: {t}" for n, t in tokenizers.items())
                      + "): compare PPL per word, not per token.")
     if missing:
-        notes.append(f"No `{eval_name}.json` in: {', '.join(missing)}.")
+        notes.append(f"No evaluation of `{eval_name}` in: {', '.join(missing)}.")
     ks = {r["iw_samples"] for r in rows.values() if r.get("iw_samples")}
     if len(ks) > 1:
         notes.append(f"Runs use different IW sample counts {sorted(ks)}: NLLs are not equally tight.")

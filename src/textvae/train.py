@@ -74,6 +74,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -81,6 +83,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
 from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
@@ -105,6 +108,49 @@ class TrainingDiverged(RuntimeError):
 
 class RunDirError(ValueError):
     """The run folder cannot be used as asked (exists and is not empty, or nothing to resume)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a finished step; ``checkpoints/last`` holds
+    that step, so ``train(None, run_dir, resume=True)`` continues exactly.
+
+    Attributes:
+        signum: the signal's number (``signal.SIGINT`` 2, ``signal.SIGTERM`` 15).
+        step: the optimizer steps done. run_dir: the run folder.
+    """
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, Path(run_dir)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: training stopped after step {step}; the full state is in "
+                         f"{self.run_dir / 'checkpoints' / 'last'}")
+
+
+class _StopSignals:
+    """Within ``with``: SIGINT and SIGTERM set :attr:`signum` instead of stopping the process
+    (a second one stops it at once with KeyboardInterrupt); the previous handlers come back on
+    exit. Only in the main thread (signal handlers cannot be set elsewhere)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s: stopping after the current step (again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -170,6 +216,17 @@ def _temp_dir(final: Path) -> Path:
     return tmp
 
 
+def _usual_modes(folder: Path) -> None:
+    """Give the files of ``folder`` the mode a new file gets (0666 less the umask): safetensors
+    writes through a private temporary file and leaves its weights at 0600, unreadable to the
+    group that can read everything else in the run folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def _commit_dir(tmp: Path, final: Path) -> None:
     """Rename a fully written ``tmp`` over ``final`` (the old one survives as ``.old`` until then)."""
     old = final.with_name(final.name + ".old")
@@ -204,26 +261,41 @@ def _flat(config: Config) -> dict:
 
 
 def resume_config(run_dir: Path, config: Config | None, overrides: list[str]) -> Config:
-    """The saved config of ``run_dir`` with budget overrides applied.
+    """The saved config of ``run_dir`` with the budget of ``config`` and ``overrides`` applied.
+
+    So the command that started a run, re-run with ``--resume``, continues it: an override or
+    a given config may repeat any key's saved value; only :data:`RESUMABLE_OVERRIDES` may differ
+    (a given config's values of those keys are taken, then the overrides').
 
     Raises:
         ConfigError: an override or a given config changes a key other than
-            :data:`RESUMABLE_OVERRIDES`.
+            :data:`RESUMABLE_OVERRIDES` (the key, its saved and its given value are named).
     """
     saved = config_from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    for item in overrides:
-        key = item.split("=", 1)[0]
-        if key not in RESUMABLE_OVERRIDES:
-            raise ConfigError(f"--resume: '{key}' cannot change in a resumed run "
-                              f"(only {', '.join(RESUMABLE_OVERRIDES)})")
-    merged = OmegaConf.merge(OmegaConf.structured(saved), OmegaConf.from_dotlist(overrides))
-    resumed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    base = OmegaConf.structured(saved)
     if config is not None:
-        a, b = _flat(resumed), _flat(config)
-        changed = [k for k in a if a[k] != b[k] and k not in RESUMABLE_OVERRIDES]
+        given = _flat(config)
+        budget = OmegaConf.create({})
+        for key in RESUMABLE_OVERRIDES:
+            OmegaConf.update(budget, key, given[key])
+        base = OmegaConf.merge(base, budget)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:  # unknown key, wrong type
+        raise ConfigError(f"--resume: {err}") from err
+    resumed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    old, new = _flat(saved), _flat(resumed)
+    for key in old:
+        if old[key] != new[key] and key not in RESUMABLE_OVERRIDES:
+            raise ConfigError(f"--resume: '{key}' cannot change in a resumed run ({run_dir}/"
+                              f"config.yaml has {old[key]!r}, the override {new[key]!r}; only "
+                              f"{', '.join(RESUMABLE_OVERRIDES)} may change)")
+    if config is not None:
+        given = _flat(config)
+        changed = [k for k in new if new[k] != given[k] and k not in RESUMABLE_OVERRIDES]
         if changed:
             raise ConfigError(f"--resume: the given config differs from {run_dir}/config.yaml "
-                              f"in {', '.join(changed)}")
+                              f"in {', '.join(f'{k} ({new[k]!r} saved, {given[k]!r} given)' for k in changed)}")
     return resumed
 
 
@@ -406,30 +478,55 @@ def train(
     elbo, rec, kl, ... in nats per sentence) after its checkpoints are written; an exception it
     raises stops training there, resumable (``textvae sweep`` prunes trials this way).
 
+    SIGINT (Ctrl-C) and SIGTERM, when ``train`` runs in the main thread, stop it after the
+    current step: ``checkpoints/last`` is written (atomically) at that step, a ``{"type":
+    "event", "event": "interrupted"}`` record is logged and :class:`TrainingInterrupted` is
+    raised; a second signal stops at once. A folder stopped before its first checkpoint (e.g.
+    killed) holds ``config.yaml`` only: ``resume=True`` then starts it afresh from that config
+    (its earlier ``log.jsonl`` is kept as ``log.aborted-<n>.jsonl``).
+
     Returns:
         The run folder.
 
     Raises:
         RunDirError: ``run_dir`` exists and is not empty (without ``resume``), has no
-            checkpoint to resume, or its checkpoint was written by another number of processes.
+            ``config.yaml`` to resume, or its checkpoint was written by another number of
+            processes.
         ConfigError: a resumed run would change more than its budget; ``train.batch_size`` is
             not a multiple of the number of processes; the ``train.log_with`` tracker's package
             is not installed.
         TrainingDiverged: a non-finite loss; ``checkpoints/last`` holds the last good state.
+        TrainingInterrupted: SIGINT or SIGTERM; ``checkpoints/last`` holds the state.
         textvae.data.DataError: corpus problems.
     """
+    with _StopSignals() as stop_signals:
+        return _train(config, Path(run_dir), resume, overrides, on_validation, stop_signals)
+
+
+def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[str] | None,
+           on_validation: Callable[[dict], None] | None, stop_signals: _StopSignals) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    run_dir = Path(run_dir)
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
-        checkpoint_dir(run_dir, "last")
         config = resume_config(run_dir, config, overrides or [])
+        try:
+            checkpoint_dir(run_dir, "last")
+        except RunDirError:  # stopped before its first checkpoint: a fresh start of its config
+            resume = False
+            log.warning("%s has no checkpoint yet: training starts afresh from its config.yaml",
+                        run_dir)
+            # (several processes: the first one moves it)
+            if (run_dir / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
+                n = 1
+                while (run_dir / f"log.aborted-{n}.jsonl").exists():
+                    n += 1
+                os.replace(run_dir / "log.jsonl", run_dir / f"log.aborted-{n}.jsonl")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir} exists and is not empty; pass --resume to continue it or "
                           "choose another --run-dir (nothing was changed)")
@@ -633,8 +730,15 @@ def train(
                 tmp = _temp_dir(best)
                 tmp.mkdir(parents=True)
                 save_file(weights, str(tmp / "model.safetensors"))
+                _usual_modes(tmp)
                 (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
                 _commit_dir(tmp, best)
+        save_last()
+        if on_validation is not None:
+            on_validation(record)
+        return record
+
+    def save_last() -> None:
         # every process saves its own RNG state into the same folder; the main one commits it
         last = run_dir / "checkpoints" / "last"
         tmp = _temp_dir(last) if main else last.with_name("last.tmp")
@@ -642,10 +746,8 @@ def train(
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
+            _usual_modes(tmp)
             _commit_dir(tmp, last)
-        if on_validation is not None:
-            on_validation(record)
-        return record
 
     def forward(batch: dict, beta: float) -> dict:
         """The training objective on a batch; a non-finite loss stops the run."""
@@ -745,6 +847,14 @@ def train(
         while not stop:
             batches = epoch_batches(state.epoch)  # global batches; each process takes its share
             while state.batch_in_epoch < len(batches) and not stop:
+                if stop_signals.signum is not None:  # SIGINT/SIGTERM during the last step
+                    save_last()
+                    write_log({"type": "event", "event": "interrupted", "step": state.step,
+                               "signal": signal.Signals(stop_signals.signum).name})
+                    bar.close()
+                    if log_file is not None:
+                        log_file.close()
+                    raise TrainingInterrupted(stop_signals.signum, state.step, run_dir)
                 if state.phase == "ae" and (state.step >= t.ae_pretrain_steps or state.ae_stopped):
                     start_vae_phase()
                 n_global = len(batches[state.batch_in_epoch])

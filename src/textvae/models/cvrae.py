@@ -1,4 +1,4 @@
-"""Conditional variational recurrent autoencoder for dialogue (SPEC 1.2, Chien & Luo 2022's
+"""Conditional variational recurrent autoencoder for dialogue (Chien & Luo, APSIPA ASC 2022's
 conditional VRAE; the CVAE of Zhao, Zhao & Eskenazi 2017 with LSTM encoders).
 
 Given a context c (the previous utterances) and a response x:

@@ -1,5 +1,5 @@
 """DELLA (Hu, Yi, Li, Sun & Xie, "Fuse It More Deeply! A Variational Transformer with Layer-Wise
-Latent Variable Inference for Text Generation", NAACL 2022, arXiv 2207.06130; SPEC 1.4) on the
+Latent Variable Inference for Text Generation", NAACL 2022, arXiv 2207.06130) on the
 Hugging Face ``transformers`` GPT-2, with the single-latent baselines of the paper on the same
 backbone, and conditional DELLA (``della_cvae``).
 
@@ -49,10 +49,10 @@ Where this departs from the released code (github.com/OpenVLG/DELLA, ``model.py`
 
 - It averages the per-layer KL terms and the per-layer log p(z) and log q(z) over layers
   (``torch.stack(all_kl_loss).mean(0)``), which under-charges the latent cost L-fold: its ELBO
-  and IW-PPL are not bounds (SPEC 5). Here the sum; ``kl_reduction: mean`` reproduces it and
+  and IW-PPL are not bounds (a pitfall of public code listed in README). Here the sum; ``kl_reduction: mean`` reproduces it and
   evaluation then reports ``bound_valid: false``.
 - Its attention pooling (``AverageSelfAttention``) is called without the attention mask, so
-  padding enters x_l and a sentence's posterior depends on its batch (SPEC 5); here masked.
+  padding enters x_l and a sentence's posterior depends on its batch (a pitfall of public code listed in README); here masked.
 - ``get_prior`` (generation from the prior) indexes the prior networks, recurrent cells and
   condition states by ``layer - begin_layer`` while training indexes them by ``layer``: with
   ``begin_layer > 0`` prior samples go through other networks than the ones trained. Here one
@@ -70,7 +70,7 @@ Where this departs from the released code (github.com/OpenVLG/DELLA, ``model.py`
   values are replaced from the start. Here the factors start at v~ = v o (1 + W z) with W small
   (the pretrained network is unchanged at step 0).
 - Its posterior does not see the condition (``recog_network`` reads [x_l ; zbar_l]); here
-  [zbar_l ; x_l ; c_l] as SPEC 1.4 states it. Its recurrent cells and heads have biases (so its
+  [zbar_l ; x_l ; c_l] as the paper's CVAE states it. Its recurrent cells and heads have biases (so its
   zbar_1 = tanh(b) is learned); here bias-free cells as the paper writes them. It clamps mu and
   log sigma^2 to [-5, 5]; here log sigma^2 is clamped to [-20, 10] as every model of the library.
 """
@@ -122,7 +122,7 @@ class ValueFusion(nn.Module):
     Both kinds hold r factor pairs W_v^(j) ((H + 1) x H, the last row the weight of the appended 1)
     and W_z^(j) ((D + 1) x H):
 
-    - ``della``, as the paper writes it (SPEC 1.4): v~ = (sum_j [v ; 1] W_v^(j)) o
+    - ``della``, as the paper writes it (Hu et al. 2022): v~ = (sum_j [v ; 1] W_v^(j)) o
       (sum_j [z ; 1] W_z^(j)). A sum of linear maps is one linear map, so this is exactly the
       rank-1 fusion with the merged weights W_v = sum_j W_v^(j), W_z = sum_j W_z^(j), whatever r
       is (tested): r only changes the parameterisation (the merged weight moves r times as fast
@@ -578,7 +578,7 @@ class DELLA(TextVAE):
 
 
 class DELLACVAE(DELLA):
-    """Conditional DELLA (SPEC 1.4; Hu et al. 2022's CVAE for stories and dialogue): p(z|c),
+    """Conditional DELLA (Hu et al., NAACL 2022's CVAE for stories and dialogue): p(z|c),
     q(z|x, c), p(x|z, c) with the context encoded by the shared GPT-2 (module docstring). The
     batch carries ``context_ids`` / ``context_mask`` (a dialogue corpus); generation starts from
     :meth:`initial_state` (``textvae generate --mode respond``).

@@ -4,7 +4,7 @@ He et al. 2019 configuration (``configs/ptb/lstm-vae.yaml``): 1-layer LSTM encod
 decoder, embedding 512, hidden 1024, latent 32, decoder dropout 0.5 in and out, z as the
 decoder's initial state and concatenated to every input embedding.
 
-The flow-based VRAE (Chien & Luo 2022, SPEC 1.2; ``configs/ptb/flow-vrae*.yaml``) is this
+The flow-based VRAE (Chien & Luo, APSIPA ASC 2022; ``configs/ptb/flow-vrae*.yaml``) is this
 model with options: ``posterior_flow`` (an amortised flow on q(z|x)), ``prior_flow`` (an
 autoregressive flow prior), ``embed_noise`` (amortised regularisation), ``z_skip`` (z added
 to every decoder input) and ``kl.target`` (KL target penalty).

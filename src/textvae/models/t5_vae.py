@@ -1,5 +1,5 @@
 """T5 VAE finetuned in two phases (Park & Lee 2021, "Finetuning Pretrained Transformers into
-Variational Autoencoders", Insights @ EMNLP, arXiv 2108.02446; SPEC 1.3).
+Variational Autoencoders", Insights @ EMNLP, arXiv 2108.02446).
 
 The backbone is a Hugging Face ``transformers`` T5: ``model.pretrained`` (``t5-small``, a folder)
 through ``from_pretrained`` with its tokenizer, or a ``T5Config`` built from the ``model.t5_*``
@@ -180,7 +180,7 @@ class T5VAE(TextVAE):
 
         One projection gives (N, L * 2 * H * d_kv); it is viewed batch first as
         (N, L, 2, H, 1, d_kv) and indexed, never reshaped across the batch dimension (the
-        Optimus/T5-VAE reshape without permute mixes rows, SPEC 5).
+        Optimus/T5-VAE reshape without permute mixes rows, a pitfall of public code listed in README).
         """
         n = z.size(0)
         m = self.memory(z).view(n, self.n_layers, 2, self.n_heads, 1, self.d_kv)
@@ -213,7 +213,7 @@ class T5VAE(TextVAE):
         depend on its batch's padding. Park & Lee's released code instead averages the token
         losses over all B x T positions of the padded batch (padding counted as zero loss) and
         adds the mean per-sentence KL to that per-token average, which re-weights the KL by
-        about 1/T and makes the weight depend on the batch's padding (SPEC 5). The S samples of
+        about 1/T and makes the weight depend on the batch's padding (a pitfall of public code listed in README). The S samples of
         a sentence go through the decoder as one (S * B, T) batch, sample-major.
         """
         s, b, d = z.shape
