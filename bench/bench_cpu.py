@@ -56,7 +56,12 @@ def forward_flops_per_token(e: int, h: int, d: int, v: int, decoder_only: bool =
 
 
 def train_steps(
-    cfg, tok, ds, precision: str, n_batches: int | None = None, warmup: int = 5,
+    cfg,
+    tok,
+    ds,
+    precision: str,
+    n_batches: int | None = None,
+    warmup: int = 5,
     compile_model: bool = False,
 ) -> tuple[torch.nn.Module, float, float]:
     """Train a fresh model (seed 0) with the preset's Adam, clip and beta schedule for
@@ -85,7 +90,9 @@ def train_steps(
 
 
 @torch.no_grad()
-def reference_iw_loop(model, ds: TextDataset, k: int, per_chunk: int = 100) -> tuple[float, list[float]]:
+def reference_iw_loop(
+    model, ds: TextDataset, k: int, per_chunk: int = 100
+) -> tuple[float, list[float]]:
     """The public implementations' IW loop: one sentence at a time, ``per_chunk`` samples per
     decoder call, the encoder re-run for every chunk. Returns (seconds, per-sentence nll)."""
     model.eval()
@@ -109,14 +116,18 @@ def main() -> None:
     parser.add_argument("--reference-sentences", type=int, default=16)
     parser.add_argument("--iw-samples", type=int, default=500)
     parser.add_argument("--train-batches", type=int, default=60)
-    parser.add_argument("--one-epoch", action="store_true", help="also train one epoch in fp32 and bf16")
+    parser.add_argument(
+        "--one-epoch", action="store_true", help="also train one epoch in fp32 and bf16"
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (bf16)")
     args = parser.parse_args()
 
     cfg = load_config(PRESET)
     m = cfg.model
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     if args.run_dir:
         model, tok = textvae.load(args.run_dir)
         cfg = model.config
@@ -125,10 +136,14 @@ def main() -> None:
         torch.manual_seed(0)
         model = MODELS[m.name](m, tok).eval()
     v = len(tok)
-    print(f"model: embed {m.embed_dim}, hidden {m.hidden_dim}, latent {m.latent_dim}, vocab {v}, "
-          f"batch {cfg.train.batch_size}")
+    print(
+        f"model: embed {m.embed_dim}, hidden {m.hidden_dim}, latent {m.latent_dim}, vocab {v}, "
+        f"batch {cfg.train.batch_size}"
+    )
 
-    print(f"\n## matmul rate, output projection shape (16384 x {m.hidden_dim}) @ ({m.hidden_dim} x {v})")
+    print(
+        f"\n## matmul rate, output projection shape (16384 x {m.hidden_dim}) @ ({m.hidden_dim} x {v})"
+    )
     rates = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         rates[name] = matmul_rate(16384, m.hidden_dim, v, dtype)
@@ -137,29 +152,39 @@ def main() -> None:
     train_texts = load_split(cfg.data, "train").texts
     ds = TextDataset(train_texts, tok)
     f_train = 3 * forward_flops_per_token(m.embed_dim, m.hidden_dim, m.latent_dim, v)
-    print(f"\n## training throughput ({args.train_batches} steps, {f_train / 1e6:.1f} MFLOP per token fwd+bwd)")
+    print(
+        f"\n## training throughput ({args.train_batches} steps, {f_train / 1e6:.1f} MFLOP per token fwd+bwd)"
+    )
     for precision in ("fp32", "bf16"):
         _, tps, sec = train_steps(cfg, tok, ds, precision, args.train_batches)
-        print(f"  {precision}: {tps:.0f} tokens/s, {tps * f_train / 1e9:.0f} GFLOP/s achieved "
-              f"({100 * tps * f_train / 1e9 / rates[precision]:.0f}% of the {precision} matmul rate)")
+        print(
+            f"  {precision}: {tps:.0f} tokens/s, {tps * f_train / 1e9:.0f} GFLOP/s achieved "
+            f"({100 * tps * f_train / 1e9 / rates[precision]:.0f}% of the {precision} matmul rate)"
+        )
 
     if args.compile:
         start = time.perf_counter()
         try:
             _, tps, sec = train_steps(cfg, tok, ds, "bf16", args.train_batches, compile_model=True)
-            print(f"  bf16 + torch.compile: {tps:.0f} tokens/s "
-                  f"(warm-up incl. compilation {time.perf_counter() - start - sec:.0f} s)")
+            print(
+                f"  bf16 + torch.compile: {tps:.0f} tokens/s "
+                f"(warm-up incl. compilation {time.perf_counter() - start - sec:.0f} s)"
+            )
         except Exception as err:  # report, do not hide: compile support varies by machine
             print(f"  bf16 + torch.compile: failed ({type(err).__name__}: {str(err)[:200]})")
 
     if args.one_epoch:
         valid = TextDataset(load_split(cfg.data, "valid").texts[:1000], tok)
-        print("\n## one epoch from the same init (validation: first 1000 valid sentences, 1-sample ELBO)")
+        print(
+            "\n## one epoch from the same init (validation: first 1000 valid sentences, 1-sample ELBO)"
+        )
         for precision in ("fp32", "bf16"):
             trained, tps, sec = train_steps(cfg, tok, ds, precision, None, warmup=0)
             r = evaluate(trained, valid, iw_samples=0)
-            print(f"  {precision}: {tps:.0f} tokens/s over {sec:.0f} s, "
-                  f"valid ELBO {r['elbo']:.2f}, KL {r['kl']:.2f} nats/sentence")
+            print(
+                f"  {precision}: {tps:.0f} tokens/s over {sec:.0f} s, "
+                f"valid ELBO {r['elbo']:.2f}, KL {r['kl']:.2f} nats/sentence"
+            )
 
     test = TextDataset(load_split(cfg.data, "test").texts[: args.sentences], tok)
     k = args.iw_samples
@@ -172,14 +197,18 @@ def main() -> None:
         sec = time.perf_counter() - start
         sps = len(test) / sec
         gflops = sps * k * tokens_per_sentence * f_eval / 1e9
-        print(f"  textvae evaluate ({precision}): {sps:.2f} sentences/s, "
-              f"nll {r['nll']:.3f} +- {r['nll_stderr']:.3f}, {gflops:.0f} GFLOP/s achieved")
+        print(
+            f"  textvae evaluate ({precision}): {sps:.2f} sentences/s, "
+            f"nll {r['nll']:.3f} +- {r['nll_stderr']:.3f}, {gflops:.0f} GFLOP/s achieved"
+        )
     ref = TextDataset(test.texts[: args.reference_sentences], tok)
     sec, nll = reference_iw_loop(model, ref, k)
     batched = evaluate(model, ref, iw_samples=k)
-    print(f"  one-sentence loop (fp32, 100 samples/chunk, encoder re-run): "
-          f"{len(ref) / sec:.2f} sentences/s on the first {len(ref)}; its nll {sum(nll) / len(nll):.3f} "
-          f"vs batched {batched['nll']:.3f} +- {batched['nll_stderr']:.3f} on the same sentences")
+    print(
+        f"  one-sentence loop (fp32, 100 samples/chunk, encoder re-run): "
+        f"{len(ref) / sec:.2f} sentences/s on the first {len(ref)}; its nll {sum(nll) / len(nll):.3f} "
+        f"vs batched {batched['nll']:.3f} +- {batched['nll_stderr']:.3f} on the same sentences"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = load_split(DataConfig(corpus="ptb"), "test").texts
-    print(f"## self-BLEU (sacrebleu sentence BLEU vs all others), PTB test sentences, {torch.get_num_threads()} threads")
+    print(
+        f"## self-BLEU (sacrebleu sentence BLEU vs all others), PTB test sentences, {torch.get_num_threads()} threads"
+    )
     for n in map(int, args.sizes.split(",")):
         start = time.perf_counter()
         score, _ = self_bleu(texts[:n])
@@ -52,8 +54,10 @@ def main() -> None:
         start = time.perf_counter()
         generation_metrics(model, texts[:1000], n_samples=500)
         total = time.perf_counter() - start
-        print(f"## generation_metrics on {args.run_dir}: {total:.1f} s in all; greedy decoding of "
-              f"500 prior samples {t_samples:.1f} s, of 1000 reconstructions {t_recs:.1f} s")
+        print(
+            f"## generation_metrics on {args.run_dir}: {total:.1f} s in all; greedy decoding of "
+            f"500 prior samples {t_samples:.1f} s, of 1000 reconstructions {t_recs:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -42,23 +42,52 @@ def free_port() -> int:
 
 
 def run(processes: int, args, output: Path) -> dict:
-    cli = ["-m", "textvae.cli", "evaluate", args.run_dir, "--split", args.split, "--iw-samples",
-           str(args.iw_samples), "--max-sentences", str(args.max_sentences), "--output", str(output)]
+    cli = [
+        "-m",
+        "textvae.cli",
+        "evaluate",
+        args.run_dir,
+        "--split",
+        args.split,
+        "--iw-samples",
+        str(args.iw_samples),
+        "--max-sentences",
+        str(args.max_sentences),
+        "--output",
+        str(output),
+    ]
     if args.batch_size:
         cli += ["--batch-size", str(args.batch_size)]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *cli]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            *cli,
+        ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+    }
     before, start = loadavg(), time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     result = json.loads(output.read_text())
-    return {"processes": processes, "eval_s": result["seconds"], "wall_s": wall,
-            "load_before": before, "load_after": loadavg(), "result": result}
+    return {
+        "processes": processes,
+        "eval_s": result["seconds"],
+        "wall_s": wall,
+        "load_before": before,
+        "load_after": loadavg(),
+        "result": result,
+    }
 
 
 def main() -> None:
@@ -68,9 +97,13 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int, default=200)
     parser.add_argument("--iw-samples", type=int, default=500)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="evaluation batch (default: the run's eval.batch_size); the processes "
-                             "share whole batches, so there must be at least as many as processes")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="evaluation batch (default: the run's eval.batch_size); the processes "
+        "share whole batches, so there must be at least as many as processes",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         one = run(1, args, Path(tmp) / "one.json")
@@ -86,13 +119,19 @@ def main() -> None:
         elif isinstance(x, list) and x and isinstance(x[0], float):
             worst = max(worst, max(abs(u - v) for u, v in zip(x, y, strict=True)))
         elif x != y:
-            raise SystemExit(f"the {args.processes}-process evaluation differs in {key}: {x} vs {y}")
-    print(f"{args.run_dir}, {args.split} first {args.max_sentences} sentences, K={args.iw_samples}, "
-          f"batch size {args.batch_size or 'of the run'}, "
-          f"nll {a['nll']:.4f}; largest difference between the two JSONs: {worst:.2e}")
+            raise SystemExit(
+                f"the {args.processes}-process evaluation differs in {key}: {x} vs {y}"
+            )
+    print(
+        f"{args.run_dir}, {args.split} first {args.max_sentences} sentences, K={args.iw_samples}, "
+        f"batch size {args.batch_size or 'of the run'}, "
+        f"nll {a['nll']:.4f}; largest difference between the two JSONs: {worst:.2e}"
+    )
     for r in (one, many):
-        print(f"  {r['processes']} process(es), 1 thread each: evaluation {r['eval_s']:.1f} s, "
-              f"command {r['wall_s']:.1f} s; load average {r['load_before']} -> {r['load_after']}")
+        print(
+            f"  {r['processes']} process(es), 1 thread each: evaluation {r['eval_s']:.1f} s, "
+            f"command {r['wall_s']:.1f} s; load average {r['load_before']} -> {r['load_after']}"
+        )
     print(f"  speed-up of the evaluation: {one['eval_s'] / many['eval_s']:.2f}x")
 
 

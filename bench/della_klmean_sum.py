@@ -41,14 +41,20 @@ def main() -> None:
     start = time.perf_counter()
     result = evaluate(model, dataset, iw_samples=args.iw_samples, precision="bf16", seed=0)
     assert result["bound_valid"], "the summed KL must give a valid bound"
-    result.update(data=corpus.source, split="test", seconds=time.perf_counter() - start,
-                  note="weights trained with kl_reduction=mean, evaluated with the sum over layers")
+    result.update(
+        data=corpus.source,
+        split="test",
+        seconds=time.perf_counter() - start,
+        note="weights trained with kl_reduction=mean, evaluated with the sum over layers",
+    )
     out = Path(args.run_dir) / f"eval-test{args.max_sentences}-sum.json"
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
-    print(f"nll {result['nll']:.2f} ± {result['nll_stderr']:.2f}, kl {result['kl']:.2f}, "
-          f"ppl_word {result['ppl_word']:.1f}; written: {out}")
+    print(
+        f"nll {result['nll']:.2f} ± {result['nll_stderr']:.2f}, kl {result['kl']:.2f}, "
+        f"ppl_word {result['ppl_word']:.1f}; written: {out}"
+    )
 
 
 if __name__ == "__main__":

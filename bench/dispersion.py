@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--preset", default="configs/ptb/lstm-vae-cpu.yaml")
     args = parser.parse_args()
     base = load_config(args.preset)
-    tok = build_tokenizer(load_split(base.data, "train").texts, base.data.min_frequency,
-                          base.data.max_vocab)
+    tok = build_tokenizer(
+        load_split(base.data, "train").texts, base.data.min_frequency, base.data.max_vocab
+    )
     texts = load_split(base.data, "test", whole=True).texts[: args.sentences]
     ds = TextDataset(texts, tok)
     print("| pooling | mean pairwise cosine distance | total variance | relative variance | s |")
@@ -40,8 +41,10 @@ def main() -> None:
         model = MODELS[cfg.model.name](cfg.model, tok)
         start = time.perf_counter()
         d = evaluate(model, ds, iw_samples=0, batch_size=64)["encoder_dispersion"]
-        print(f"| {pooling} | {d['mean_cosine_distance']:.4f} | {d['total_variance']:.4g} | "
-              f"{d['relative_variance']:.4f} | {time.perf_counter() - start:.0f} |")
+        print(
+            f"| {pooling} | {d['mean_cosine_distance']:.4f} | {d['total_variance']:.4g} | "
+            f"{d['relative_variance']:.4f} | {time.perf_counter() - start:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -40,19 +40,29 @@ def row(name: str, r: dict, layers: bool) -> str:
         return "?" if count is None else f"{count}/{n_dims}" if n_dims else str(count)
 
     cells = [
-        name, _fmt(r.get("rec"), "{:.2f}"), _fmt(r.get("kl"), "{:.2f}"),
-        f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}", "exact" if exact else str(r["iw_samples"]),
-        _fmt(r.get("ppl_word"), "{:.1f}"), _fmt(r.get("ppl_token"), "{:.1f}"),
-        _fmt(r.get("ppl_elbo_token"), "{:.1f}"), _fmt(r.get("mi"), "{:.2f}"),
-        au_at("0.01"), au_at("0.2"), _fmt(r.get("z_gap"), "{:.2f}"),
-        "yes" if r.get("bound_valid", True) else "**no**", f"{r['seconds'] / 60:.1f}",
+        name,
+        _fmt(r.get("rec"), "{:.2f}"),
+        _fmt(r.get("kl"), "{:.2f}"),
+        f"{r['nll']:.2f} ± {r['nll_stderr']:.2f}",
+        "exact" if exact else str(r["iw_samples"]),
+        _fmt(r.get("ppl_word"), "{:.1f}"),
+        _fmt(r.get("ppl_token"), "{:.1f}"),
+        _fmt(r.get("ppl_elbo_token"), "{:.1f}"),
+        _fmt(r.get("mi"), "{:.2f}"),
+        au_at("0.01"),
+        au_at("0.2"),
+        _fmt(r.get("z_gap"), "{:.2f}"),
+        "yes" if r.get("bound_valid", True) else "**no**",
+        f"{r['seconds'] / 60:.1f}",
     ]
     if layers:
         kl_layers = r.get("kl_per_layer")
         au_layers = (r.get("au_per_layer") or {}).get("0.01")
-        cells += [" / ".join(f"{x:.2f}" for x in kl_layers) if kl_layers else "–",
-                  " / ".join(str(x) for x in au_layers) if au_layers else "–",
-                  _fmt(r.get("au_layer_mean"), "{:.1f}")]
+        cells += [
+            " / ".join(f"{x:.2f}" for x in kl_layers) if kl_layers else "–",
+            " / ".join(str(x) for x in au_layers) if au_layers else "–",
+            _fmt(r.get("au_layer_mean"), "{:.1f}"),
+        ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -61,8 +71,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("entries", nargs="+", help="NAME=PATH to an evaluation JSON")
     parser.add_argument("--layers", action="store_true", help="add KL and AU per latent layer")
     args = parser.parse_args(argv)
-    head = ["run", "rec", "KL", "IW-NLL ± se", "K", "PPL/word", "PPL/token", "ELBO-PPL/token",
-            "MI", "AU (0.01)", "AU (0.2)", "z-usage gap", "bound", "eval min"]
+    head = [
+        "run",
+        "rec",
+        "KL",
+        "IW-NLL ± se",
+        "K",
+        "PPL/word",
+        "PPL/token",
+        "ELBO-PPL/token",
+        "MI",
+        "AU (0.01)",
+        "AU (0.2)",
+        "z-usage gap",
+        "bound",
+        "eval min",
+    ]
     if args.layers:
         head += ["KL per layer", "AU per layer (0.01)", "AU layer mean (0.2, DELLA A.3)"]
     print("| " + " | ".join(head) + " |")

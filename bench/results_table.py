@@ -17,7 +17,9 @@ def main(run_dirs: list[str]) -> None:
         for line in timing_file.read_text().splitlines():
             name, kind, seconds = line.split()
             timings[(name, kind)] = f"{int(seconds) / 60:.1f}"
-    print("| run | rec | kl | nll ± stderr | ppl_word | mi | mi_batch | au (δ) | K | train min | eval min |")
+    print(
+        "| run | rec | kl | nll ± stderr | ppl_word | mi | mi_batch | au (δ) | K | train min | eval min |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in run_dirs:
         r = json.loads((Path(run) / "eval-test.json").read_text())
@@ -27,10 +29,12 @@ def main(run_dirs: list[str]) -> None:
             return "–" if r[key] is None else fmt.format(r[key])
 
         au = "–" if r["au"] is None else f"{r['au']} ({r['au_delta']})"
-        print(f"| {name} | {f('rec')} | {f('kl')} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
-              f"{f('ppl_word', '{:.1f}')} | {f('mi', '{:.3f}')} | {f('mi_batch', '{:.3f}')} | {au} | "
-              f"{r['iw_samples'] or 'exact'} | {timings.get((name, 'train_s'), '?')} | "
-              f"{timings.get((name, 'eval_s'), '?')} |")
+        print(
+            f"| {name} | {f('rec')} | {f('kl')} | {r['nll']:.2f} ± {r['nll_stderr']:.2f} | "
+            f"{f('ppl_word', '{:.1f}')} | {f('mi', '{:.3f}')} | {f('mi_batch', '{:.3f}')} | {au} | "
+            f"{r['iw_samples'] or 'exact'} | {timings.get((name, 'train_s'), '?')} | "
+            f"{timings.get((name, 'eval_s'), '?')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main() -> None:
     train_corpus, valid_corpus = load_split(config.data, "train"), load_split(config.data, "valid")
     # a dialogue corpus: the vocabulary covers responses and contexts, as textvae train builds it
     tokenizer = MODELS[config.model.name].make_tokenizer(
-        config, train_corpus.texts + (train_corpus.contexts or []))
+        config, train_corpus.texts + (train_corpus.contexts or [])
+    )
     print(f"tokenizer: {len(tokenizer)} types, built in {time.perf_counter() - start:.1f} s")
     train_ds = TextDataset(train_corpus.texts, tokenizer, contexts=train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
@@ -54,8 +55,11 @@ def main() -> None:
         model = MODELS[config.model.name](config.model, tokenizer).train()
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
         times, tokens = [], 0
         for i in range(args.warmup + args.steps):
             batch = train_ds.collate(batches[i % len(batches)])
@@ -71,18 +75,28 @@ def main() -> None:
                 tokens += int(batch["attention_mask"].sum())
         per_step = sum(times) / len(times)
         t0 = time.perf_counter()
-        evaluate(model, valid_ds, iw_samples=0, batch_size=config.eval.batch_size,
-                 chunk_tokens=config.eval.chunk_tokens, precision=precision)
+        evaluate(
+            model,
+            valid_ds,
+            iw_samples=0,
+            batch_size=config.eval.batch_size,
+            chunk_tokens=config.eval.chunk_tokens,
+            precision=precision,
+        )
         valid_s = time.perf_counter() - t0
-        print(f"{precision}: {n_params / 1e6:.2f} M parameters, {per_step:.3f} s/step "
-              f"(mean of {len(times)}; min {min(times):.3f}, max {max(times):.3f}), "
-              f"{tokens / sum(times):.0f} tokens/s; one validation ({len(valid_ds)} sentences) "
-              f"{valid_s:.1f} s")
+        print(
+            f"{precision}: {n_params / 1e6:.2f} M parameters, {per_step:.3f} s/step "
+            f"(mean of {len(times)}; min {min(times):.3f}, max {max(times):.3f}), "
+            f"{tokens / sum(times):.0f} tokens/s; one validation ({len(valid_ds)} sentences) "
+            f"{valid_s:.1f} s"
+        )
         if t.max_steps:
             n_valid_passes = t.max_steps // t.eval_every if t.eval_every else 0
             total = t.max_steps * per_step + n_valid_passes * valid_s
-            print(f"  projected for train.max_steps={t.max_steps} with {n_valid_passes} "
-                  f"validations: {total / 60:.1f} min")
+            print(
+                f"  projected for train.max_steps={t.max_steps} with {n_valid_passes} "
+                f"validations: {total / 60:.1f} min"
+            )
 
 
 if __name__ == "__main__":

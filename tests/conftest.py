@@ -34,10 +34,18 @@ def tiny_overrides(corpus, **extra) -> list[str]:
         "data.train_path": str(corpus / "train.txt"),
         "data.valid_path": str(corpus / "valid.txt"),
         "data.test_path": str(corpus / "test.txt"),
-        "model.embed_dim": 16, "model.hidden_dim": 16, "model.latent_dim": 4,
-        "train.batch_size": 16, "train.optimizer": "adam", "train.lr": 0.01,
-        "train.lr_scheduler": "constant", "train.log_every": 5, "train.progress": "false",
-        "train.num_samples": 2, "kl.warmup_steps": 20, "eval.iw_samples": 10,
+        "model.embed_dim": 16,
+        "model.hidden_dim": 16,
+        "model.latent_dim": 4,
+        "train.batch_size": 16,
+        "train.optimizer": "adam",
+        "train.lr": 0.01,
+        "train.lr_scheduler": "constant",
+        "train.log_every": 5,
+        "train.progress": "false",
+        "train.num_samples": 2,
+        "kl.warmup_steps": 20,
+        "eval.iw_samples": 10,
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
@@ -47,8 +55,12 @@ def dialogue_overrides(*extra: str) -> list[str]:
     """tiny_overrides' sizes and training settings on DailyDialog by name (the tiny_dialogues
     fixture under $TEXTVAE_DATA_DIR): trains on 'test', validates and tests on 'validation'."""
     return [o for o in tiny_overrides(Path(".")) if not o.startswith("data.")] + [
-        "data.corpus=dailydialog", "data.train_split=test", "data.valid_split=validation",
-        "data.test_split=validation", *extra]
+        "data.corpus=dailydialog",
+        "data.train_split=test",
+        "data.valid_split=validation",
+        "data.test_split=validation",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -65,12 +77,23 @@ def tokenizer():
 
 
 # the T5 backbone at tiny size (read by t5_vae only)
-TINY_T5 = ["model.t5_d_model=16", "model.t5_d_ff=32", "model.t5_num_layers=1",
-           "model.t5_num_decoder_layers=2", "model.t5_num_heads=2", "model.t5_d_kv=8",
-           "model.t5_vocab_size=60"]
+TINY_T5 = [
+    "model.t5_d_model=16",
+    "model.t5_d_ff=32",
+    "model.t5_num_layers=1",
+    "model.t5_num_decoder_layers=2",
+    "model.t5_num_heads=2",
+    "model.t5_d_kv=8",
+    "model.t5_vocab_size=60",
+]
 # the GPT-2 backbone at tiny size (read by della / della_cvae only)
-TINY_GPT2 = ["model.gpt2_n_embd=16", "model.gpt2_n_layer=2", "model.gpt2_n_head=2",
-             "model.gpt2_n_positions=128", "model.gpt2_vocab_size=60"]
+TINY_GPT2 = [
+    "model.gpt2_n_embd=16",
+    "model.gpt2_n_layer=2",
+    "model.gpt2_n_head=2",
+    "model.gpt2_n_positions=128",
+    "model.gpt2_vocab_size=60",
+]
 
 
 @pytest.fixture
@@ -78,9 +101,18 @@ def tiny_model(tokenizer):
     """Build any registered model at tiny size: tiny_model(name, **model_overrides)."""
 
     def make(name="lstm_vae", **extra):
-        cfg = load_config(None, [f"model.name={name}", "model.embed_dim=16", "model.hidden_dim=16",
-                                 "model.latent_dim=4", *TINY_T5, *TINY_GPT2]
-                          + [f"model.{k}={v}" for k, v in extra.items()])
+        cfg = load_config(
+            None,
+            [
+                f"model.name={name}",
+                "model.embed_dim=16",
+                "model.hidden_dim=16",
+                "model.latent_dim=4",
+                *TINY_T5,
+                *TINY_GPT2,
+            ]
+            + [f"model.{k}={v}" for k, v in extra.items()],
+        )
         torch.manual_seed(0)
         return MODELS[name](cfg.model, tokenizer).eval()
 
@@ -91,8 +123,10 @@ def tiny_model(tokenizer):
 def tiny_batch(tokenizer):
     """Six sentences; with contexts (``context_ids``/``context_mask``) for conditional models
     (the other models ignore them)."""
-    contexts = [" __eou__ ".join(pair) for pair in zip(make_sentences(6, seed=6),
-                                                        make_sentences(6, seed=7), strict=True)]
+    contexts = [
+        " __eou__ ".join(pair)
+        for pair in zip(make_sentences(6, seed=6), make_sentences(6, seed=7), strict=True)
+    ]
     ds = TextDataset(make_sentences(6, seed=5), tokenizer, contexts=contexts)
     return ds.collate(list(range(len(ds))))
 
@@ -100,8 +134,10 @@ def tiny_batch(tokenizer):
 def make_dialogues(n: int, seed: int = 0) -> list[str]:
     """DailyDialog-format lines: 2-5 utterances, each ended by `` __eou__``."""
     rng = random.Random(seed)
-    return [" ".join(s + " __eou__" for s in make_sentences(rng.randint(2, 5), seed * 1000 + i))
-            for i in range(n)]
+    return [
+        " ".join(s + " __eou__" for s in make_sentences(rng.randint(2, 5), seed * 1000 + i))
+        for i in range(n)
+    ]
 
 
 @pytest.fixture

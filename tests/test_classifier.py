@@ -44,7 +44,9 @@ def test_classifier_loss_uses_the_labelled_sentences_only(tiny_model, tokenizer)
     torch.manual_seed(0)
     plain = elbo(model, {k: v for k, v in batch.items() if k != "labels"})
     assert plain["cls"] is None and out["cls"] > 0
-    assert out["loss"].item() == pytest.approx(plain["loss"].item() + 2.0 * out["cls"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(
+        plain["loss"].item() + 2.0 * out["cls"].item(), rel=1e-5
+    )
     out["loss"].backward()
     assert model.classifier.weight.grad.abs().sum() > 0
     assert model.encoder.embed.weight.grad.abs().sum() > 0  # the classifier shapes z
@@ -56,13 +58,21 @@ def test_classifier_trains_jointly_and_evaluate_reports_its_accuracy(tmp_path):
     for name, n, seed in (("train", 240, 0), ("valid", 40, 1), ("test", 60, 2)):
         (tmp_path / f"{name}.tsv").write_text(_labelled_corpus(tmp_path, n, seed))
     overrides = {k: v for k, v in (o.split("=", 1) for o in tiny_overrides(tmp_path))}
-    overrides.update({"data.train_path": str(tmp_path / "train.tsv"),
-                      "data.valid_path": str(tmp_path / "valid.tsv"),
-                      "data.test_path": str(tmp_path / "test.tsv"), "data.label_field": "label",
-                      "model.classifier_weight": "10.0", "model.classifier_label_fraction": "0.5",
-                      "model.pooling": "mean", "model.posterior_flow": "iaf",
-                      "model.posterior_flow_steps": "1", "model.flow_hidden": "16",
-                      "train.max_steps": "90"})
+    overrides.update(
+        {
+            "data.train_path": str(tmp_path / "train.tsv"),
+            "data.valid_path": str(tmp_path / "valid.tsv"),
+            "data.test_path": str(tmp_path / "test.tsv"),
+            "data.label_field": "label",
+            "model.classifier_weight": "10.0",
+            "model.classifier_label_fraction": "0.5",
+            "model.pooling": "mean",
+            "model.posterior_flow": "iaf",
+            "model.posterior_flow_steps": "1",
+            "model.flow_hidden": "16",
+            "train.max_steps": "90",
+        }
+    )
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
     run = train(cfg, tmp_path / "run")
     import textvae
@@ -77,7 +87,9 @@ def test_classifier_trains_jointly_and_evaluate_reports_its_accuracy(tmp_path):
         mean = model.posterior(TextDataset(test.texts, tok).collate(list(range(60)))).mean
         manual = (model.classifier(mean).argmax(-1) == torch.tensor(test.labels)).float().mean()
     assert r["classifier_accuracy"] == pytest.approx(float(manual), abs=1 / 60 + 1e-9)
-    assert evaluate(model, TextDataset(test.texts, tok), iw_samples=2)["classifier_accuracy"] is None
+    assert (
+        evaluate(model, TextDataset(test.texts, tok), iw_samples=2)["classifier_accuracy"] is None
+    )
     logged = [line for line in (run / "log.jsonl").read_text().splitlines() if '"cls"' in line]
     assert logged  # the cross-entropy is in the training log
 
@@ -86,9 +98,12 @@ def test_classifier_options_are_validated(tiny_corpus):
     with pytest.raises(ConfigError, match="classifier_label_fraction"):
         load_config(None, tiny_overrides(tiny_corpus, **{"model.classifier_label_fraction": 1.5}))
     with pytest.raises(ConfigError, match="no classifier on z"):
-        load_config(None, tiny_overrides(tiny_corpus, **{"model.name": "cvrae",
-                                                         "model.classifier_weight": 1.0}))
-    cfg = load_config(None, tiny_overrides(tiny_corpus, **{"model.classifier_weight": 1.0,
-                                                           "train.max_steps": 2}))
+        load_config(
+            None,
+            tiny_overrides(tiny_corpus, **{"model.name": "cvrae", "model.classifier_weight": 1.0}),
+        )
+    cfg = load_config(
+        None, tiny_overrides(tiny_corpus, **{"model.classifier_weight": 1.0, "train.max_steps": 2})
+    )
     with pytest.raises(ValueError, match="needs labels"):
         train(cfg, tiny_corpus / "run")

@@ -20,8 +20,11 @@ def test_model_contract(name, tiny_model, tiny_batch):
         if model.conditional:  # p(z|c) depends on the batch's context
             with pytest.raises(ValueError, match="context"):
                 model.prior()
-            other = dict(tiny_batch, context_ids=tiny_batch["context_ids"].flip(0),
-                         context_mask=tiny_batch["context_mask"].flip(0))
+            other = dict(
+                tiny_batch,
+                context_ids=tiny_batch["context_ids"].flip(0),
+                context_mask=tiny_batch["context_mask"].flip(0),
+            )
             assert not torch.allclose(model.prior(other).mean, p.mean)
         else:
             assert model.prior().batch_shape == ()

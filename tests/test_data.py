@@ -32,10 +32,13 @@ def test_blank_lines_are_skipped_and_counted(tmp_path):
     assert corpus.stats["blank_lines"] == 2
 
 
-@pytest.mark.parametrize("policy, texts, counted", [
-    ("truncate", ["a b", "c d", "e"], ("truncated", 2)),
-    ("drop", ["e"], ("dropped", 2)),
-])
+@pytest.mark.parametrize(
+    "policy, texts, counted",
+    [
+        ("truncate", ["a b", "c d", "e"], ("truncated", 2)),
+        ("drop", ["e"], ("dropped", 2)),
+    ],
+)
 def test_long_sentences_truncated_or_dropped_and_counted(tmp_path, policy, texts, counted):
     f = tmp_path / "c.txt"
     f.write_text("a b x y\nc d z\ne\n")
@@ -66,9 +69,15 @@ def test_tsv_and_jsonl_with_labels(tmp_path):
     corpus = load_split(cfg_for(tsv, label_field="label"), "train")
     assert corpus.texts == ["good food", "bad service"] and corpus.labels == [1, 0]
     jl = tmp_path / "c.jsonl"
-    jl.write_text(json.dumps({"text": "a b", "y": 1}) + "\n\n" + json.dumps({"text": "c", "y": 0}) + "\n")
+    jl.write_text(
+        json.dumps({"text": "a b", "y": 1}) + "\n\n" + json.dumps({"text": "c", "y": 0}) + "\n"
+    )
     corpus = load_split(cfg_for(jl, label_field="y"), "train")
-    assert corpus.texts == ["a b", "c"] and corpus.labels == [1, 0] and corpus.stats["blank_lines"] == 1
+    assert (
+        corpus.texts == ["a b", "c"]
+        and corpus.labels == [1, 0]
+        and corpus.stats["blank_lines"] == 1
+    )
 
 
 def test_malformed_records_name_the_line(tmp_path):
@@ -93,7 +102,8 @@ def test_yelp_by_name_labels_from_file_suffix(tmp_path, monkeypatch):
     cfg = DataConfig(corpus="yelp_sentiment", train_split="test")
     corpus = load_split(cfg, "train")
     assert sorted(zip(corpus.texts, corpus.labels, strict=True)) == sorted(
-        [("bad", 0), ("awful place", 0), ("great", 1), ("lovely", 1), ("nice staff", 1)])
+        [("bad", 0), ("awful place", 0), ("great", 1), ("lovely", 1), ("nice staff", 1)]
+    )
     with pytest.raises(DataError, match="sentiment.dev.0"):
         load_split(DataConfig(corpus="yelp_sentiment", valid_split="dev"), "valid")
 
@@ -105,8 +115,10 @@ def test_word_level_tokenizer_round_trip(tmp_path):
     assert ds.ids[1][1] == tok.unk_token_id and ds.ids[0][-1] == tok.eos_token_id
     tok.save_pretrained(str(tmp_path / "tok"))
     again = data.load_tokenizer(tmp_path / "tok")
-    assert again("the cat sat", add_special_tokens=False)["input_ids"] == \
-        tok("the cat sat", add_special_tokens=False)["input_ids"]
+    assert (
+        again("the cat sat", add_special_tokens=False)["input_ids"]
+        == tok("the cat sat", add_special_tokens=False)["input_ids"]
+    )
     capped = build_tokenizer(["a a a b b c"], max_vocab=6)
     assert len(capped) == 6  # 4 specials + the 2 most frequent words
 
@@ -126,7 +138,9 @@ def test_batches_are_bucketed_and_a_function_of_seed_and_epoch():
     a, b = ds.batches(10, True, seed=1, epoch=2), ds.batches(10, True, seed=1, epoch=2)
     assert a == b and a != ds.batches(10, True, seed=1, epoch=3)
     assert sorted(i for batch in a for i in batch) == list(range(300))
-    spread = sum(max(len(ds.ids[i]) for i in bt) - min(len(ds.ids[i]) for i in bt) for bt in a) / len(a)
+    spread = sum(
+        max(len(ds.ids[i]) for i in bt) - min(len(ds.ids[i]) for i in bt) for bt in a
+    ) / len(a)
     assert spread < 3  # length-bucketed: little padding
 
 
@@ -141,7 +155,8 @@ def http_folder(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served)))
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(served))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}/"

@@ -39,8 +39,13 @@ def della(tokenizer):
     """della(name="della", n_layer=2, **model_overrides): a tiny DELLA in eval mode."""
 
     def make(name="della", n_layer=2, **extra):
-        items = ["model.latent_dim=4", "model.hidden_dim=16", *TINY_GPT2,
-                 f"model.gpt2_n_layer={n_layer}", f"model.name={name}"]
+        items = [
+            "model.latent_dim=4",
+            "model.hidden_dim=16",
+            *TINY_GPT2,
+            f"model.gpt2_n_layer={n_layer}",
+            f"model.name={name}",
+        ]
         cfg = load_config(None, items + [f"model.{k}={v}" for k, v in extra.items()])
         torch.manual_seed(0)
         return MODELS[name](cfg.model, tokenizer).eval()
@@ -62,13 +67,19 @@ def _randomise(model, std=0.3):
 def _layerwise(batch=(5,), n_layers=3, d=4, seed=0):
     torch.manual_seed(seed)
     rec = LatentRecurrence(n_layers, d)
-    q = LayerwiseGaussian(torch.randn(*batch, n_layers, 2 * d), rec, torch.randn(n_layers, 2 * d, d))
-    p = LayerwiseGaussian(0.5 * torch.randn(n_layers, 2 * d).expand(*batch, n_layers, 2 * d), rec,
-                          torch.randn(n_layers, 2 * d, d))
+    q = LayerwiseGaussian(
+        torch.randn(*batch, n_layers, 2 * d), rec, torch.randn(n_layers, 2 * d, d)
+    )
+    p = LayerwiseGaussian(
+        0.5 * torch.randn(n_layers, 2 * d).expand(*batch, n_layers, 2 * d),
+        rec,
+        torch.randn(n_layers, 2 * d, d),
+    )
     return q, p
 
 
 # --- the layer-wise distribution ----------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_layerwise_gaussian_samples_ancestrally_and_sums_layers():
@@ -82,8 +93,10 @@ def test_layerwise_gaussian_samples_ancestrally_and_sums_layers():
     zbar, total = torch.zeros(2, 5, 4), torch.zeros(2, 5)
     for layer in range(3):
         if layer:
-            zbar = torch.tanh(zbar @ q.recurrence.weight_hh[layer - 1].T
-                              + z[..., layer - 1, :] @ q.recurrence.weight_ih[layer - 1].T)
+            zbar = torch.tanh(
+                zbar @ q.recurrence.weight_hh[layer - 1].T
+                + z[..., layer - 1, :] @ q.recurrence.weight_ih[layer - 1].T
+            )
         mu, logvar = (q.offset[:, layer] + zbar @ q.weight[layer].T).chunk(2, -1)
         eps = torch.randn(2, 5, 4)
         assert torch.allclose(z[..., layer, :], mu + torch.exp(0.5 * logvar) * eps, atol=1e-5)
@@ -124,13 +137,17 @@ def test_free_bits_per_layer_floors_each_layers_batch_mean():
 def test_distribution_mi_equals_the_gaussian_estimator():
     torch.manual_seed(0)
     mu, logvar = torch.randn(30, 3), 0.3 * torch.randn(30, 3)
-    qs = [Independent(Normal(mu[i : i + 7], torch.exp(0.5 * logvar[i : i + 7])), 1) for i in range(0, 30, 7)]
+    qs = [
+        Independent(Normal(mu[i : i + 7], torch.exp(0.5 * logvar[i : i + 7])), 1)
+        for i in range(0, 30, 7)
+    ]
     z = torch.cat([q.sample() for q in qs])
     general = distribution_mi(qs, list(z.split([q.batch_shape[0] for q in qs])), chunk=4)
     assert general == pytest.approx(aggregate_mi(mu, logvar, z), abs=1e-6)
 
 
 # --- the model ----------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_one_latent_layer_is_a_single_latent_vae(della, tiny_batch):
@@ -144,7 +161,9 @@ def test_one_latent_layer_is_a_single_latent_vae(della, tiny_batch):
     gauss = q.conditionals(z)  # does not depend on z for one layer
     plain_q = Independent(Normal(gauss.loc[0], gauss.scale[0]), 2)
     assert torch.allclose(q.log_prob(z), plain_q.log_prob(z), atol=1e-5)
-    assert torch.allclose(p.log_prob(z), Independent(Normal(torch.zeros(4), 1.0), 1).log_prob(z[..., 0, :]), atol=1e-5)
+    assert torch.allclose(
+        p.log_prob(z), Independent(Normal(torch.zeros(4), 1.0), 1).log_prob(z[..., 0, :]), atol=1e-5
+    )
     assert torch.allclose(q.mean, gauss.loc[0], atol=1e-6)
     out = elbo(model, tiny_batch)
     closed = kl_divergence(Normal(gauss.loc[0], gauss.scale[0]), Normal(0.0, 1.0)).sum((-2, -1))
@@ -154,7 +173,9 @@ def test_one_latent_layer_is_a_single_latent_vae(della, tiny_batch):
     z3 = p3.sample((2000,))
     assert z3[:, 0].std(0).sub(1).abs().max() < 0.1 and z3[:, 0].mean(0).abs().max() < 0.1
     learned = della(n_layer=3, first_prior="learned")
-    assert {n for n, _ in learned.prior_head.named_parameters()} == {n for n, _ in model.prior_head.named_parameters()}
+    assert {n for n, _ in learned.prior_head.named_parameters()} == {
+        n for n, _ in model.prior_head.named_parameters()
+    }
     with torch.no_grad():
         learned.prior_head.bias.fill_(0.7)
     assert torch.allclose(learned.prior().mean[0], torch.full((4,), 0.7))
@@ -194,8 +215,10 @@ def test_posterior_does_not_depend_on_padding(della, tokenizer, pooling):
     assert batch["attention_mask"][0].sum() < batch["attention_mask"].size(1)  # really padded
     padded = model.posterior(batch)
     assert torch.allclose(padded.offset[:1], alone.offset, atol=1e-5)
-    more = {k: torch.cat([v, torch.zeros_like(v)], 1) if v.dim() == 2 else v for k, v in batch.items()}
-    more["input_ids"][:, batch["input_ids"].size(1):] = model.pad_id
+    more = {
+        k: torch.cat([v, torch.zeros_like(v)], 1) if v.dim() == 2 else v for k, v in batch.items()
+    }
+    more["input_ids"][:, batch["input_ids"].size(1) :] = model.pad_id
     assert torch.allclose(model.posterior(more).offset, padded.offset, atol=1e-5)
 
 
@@ -293,12 +316,16 @@ def test_kl_reduction_mean_is_flagged_as_not_a_bound(della, tokenizer):
 
 # --- conditional DELLA --------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_conditional_della_reads_the_context_everywhere(della, tiny_batch, tokenizer):
     model = _randomise(della("della_cvae"))
     assert model.conditional
-    swapped = dict(tiny_batch, context_ids=tiny_batch["context_ids"].roll(1, 0),
-                   context_mask=tiny_batch["context_mask"].roll(1, 0))
+    swapped = dict(
+        tiny_batch,
+        context_ids=tiny_batch["context_ids"].roll(1, 0),
+        context_mask=tiny_batch["context_mask"].roll(1, 0),
+    )
     assert not torch.allclose(model.prior(swapped).offset, model.prior(tiny_batch).offset)
     assert not torch.allclose(model.posterior(swapped).offset, model.posterior(tiny_batch).offset)
     z = model.posterior(tiny_batch).sample((1,))
@@ -309,9 +336,13 @@ def test_conditional_della_reads_the_context_everywhere(della, tiny_batch, token
         model.decode_step(z[0], torch.full((6,), model.bos_id), None)
     # a response's likelihood does not depend on how far its context is padded
     one = encode_texts(tokenizer, ["the cat sat"], contexts=["a dog"])
-    two = encode_texts(tokenizer, ["the cat sat", "a mat"], contexts=["a dog", "the big red dog ran on a log"])
+    two = encode_texts(
+        tokenizer, ["the cat sat", "a mat"], contexts=["a dog", "the big red dog ran on a log"]
+    )
     zz = torch.randn(1, 2, *model.latent_shape)
-    assert torch.allclose(model.log_likelihood(one, zz[:, :1]), model.log_likelihood(two, zz)[:, :1], atol=1e-5)
+    assert torch.allclose(
+        model.log_likelihood(one, zz[:, :1]), model.log_likelihood(two, zz)[:, :1], atol=1e-5
+    )
     with pytest.raises(ConfigError, match="model.first_prior"):
         load_config(None, ["model.name=della_cvae", "model.first_prior=standard"])
     groups = respond(model, ["the cat __eou__ a dog", "a mat"], 2, max_length=5)
@@ -344,6 +375,7 @@ def test_conditional_samples_share_one_context_prefix(della, tiny_batch, fusion)
 
 # --- from_pretrained ----------------------------------------------------------------------------
 
+
 @pytest.fixture
 def tiny_gpt2(tmp_path, tiny_corpus):
     """A tiny GPT-2 and a GPT-2-like tokenizer (byte-level BPE, one special token
@@ -355,14 +387,29 @@ def tiny_gpt2(tmp_path, tiny_corpus):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                        eos_token="<|endoftext|>")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
     torch.manual_seed(11)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16,
-                                      n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
     folder = tmp_path / "tiny-gpt2"
     gpt2.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -371,17 +418,30 @@ def tiny_gpt2(tmp_path, tiny_corpus):
 
 def test_from_pretrained_round_trip(tiny_config, tmp_path, tiny_gpt2):
     folder, gpt2 = tiny_gpt2
-    cfg = tiny_config(**{"model.name": "della", "model.pretrained": str(folder),
-                         "model.gpt2_n_embd": 48, "model.fusion": "embedding",
-                         "model.pooling": "mean", "model.gpt2_dropout": 0.0,
-                         "train.ae_reset_decoder": "false", "train.max_steps": 2,
-                         "train.eval_every": 2, "eval.iw_samples": 2})
+    cfg = tiny_config(
+        **{
+            "model.name": "della",
+            "model.pretrained": str(folder),
+            "model.gpt2_n_embd": 48,
+            "model.fusion": "embedding",
+            "model.pooling": "mean",
+            "model.gpt2_dropout": 0.0,
+            "train.ae_reset_decoder": "false",
+            "train.max_steps": 2,
+            "train.eval_every": 2,
+            "eval.iw_samples": 2,
+        }
+    )
     tokenizer = MODELS["della"].make_tokenizer(cfg, [])
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == tokenizer.bos_token_id == 0
     model = MODELS["della"](cfg.model, tokenizer).eval()
     assert model.hidden == 16  # the checkpoint's sizes, not gpt2_*
     saved, own = gpt2.state_dict(), model.state_dict()
-    for key in ("transformer.wte.weight", "transformer.h.1.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.bias"):
+    for key in (
+        "transformer.wte.weight",
+        "transformer.h.1.attn.c_attn.weight",
+        "transformer.h.0.mlp.c_fc.bias",
+    ):
         assert torch.equal(own[key], saved[key]), key
     # with z's contribution removed, the VAE's decoder is the pretrained GPT-2: the adapted blocks
     # compute what transformers' GPT-2 computes
@@ -406,11 +466,15 @@ def test_from_pretrained_round_trip(tiny_config, tmp_path, tiny_gpt2):
 
 # --- config, presets, CLI -----------------------------------------------------------------------
 
+
 def test_config_errors_name_the_key(tiny_config, della):
     for overrides, key in (
         (["model.name=della", "model.latent_layers=3-5"], "model.latent_layers"),
         (["model.name=della", "model.latent_layers=2..1"], "model.latent_layers"),
-        (["model.name=della", "model.fusion=memory", "model.latent_layers=0..1"], "model.latent_layers"),
+        (
+            ["model.name=della", "model.fusion=memory", "model.latent_layers=0..1"],
+            "model.latent_layers",
+        ),
         (["model.name=lstm_vae", "model.fusion=lmf"], "model.fusion"),
         (["model.name=lstm_vae", "kl.free_bits_mode=per_layer"], "kl.free_bits_mode"),
         (["model.name=della", "model.fusion=tensor"], "model.fusion"),
@@ -428,9 +492,16 @@ def test_config_errors_name_the_key(tiny_config, della):
     assert resolve_cycle(KLConfig(schedule="cyclical"), 13).cycle_steps == KLConfig().cycle_steps
 
 
-@pytest.mark.parametrize("preset", ["ptb/della-cpu.yaml", "ptb/della-gpt2.yaml",
-                                    "ptb/della-embedding-cpu.yaml", "ptb/della-memory-cpu.yaml",
-                                    "dailydialog/della-cvae-cpu.yaml"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "ptb/della-cpu.yaml",
+        "ptb/della-gpt2.yaml",
+        "ptb/della-embedding-cpu.yaml",
+        "ptb/della-memory-cpu.yaml",
+        "dailydialog/della-cvae-cpu.yaml",
+    ],
+)
 def test_presets_load(preset):
     cfg = load_config(ROOT / "configs" / preset)
     assert cfg.model.name in ("della", "della_cvae")
@@ -447,8 +518,9 @@ def test_paper_configuration_has_no_feature_norm_and_bias_free_heads(della, toke
     """feature_norm false: x_l is the pooled state itself; head_bias false: the heads' offsets
     come from zbar and the features only (p(z_1) = N(0, I) with first_prior standard); the
     released code's variants keep their LayerNorm and biases, with the same state-dict keys."""
-    paper = della(n_layer=2, pooling="first", feature_norm=False, head_bias=False,
-                  first_prior="standard")
+    paper = della(
+        n_layer=2, pooling="first", feature_norm=False, head_bias=False, first_prior="standard"
+    )
     released = della(n_layer=2, feature_norm=True, head_bias=True)
     assert paper.pool_norm is None and released.pool_norm is not None
     keys, released_keys = set(paper.state_dict()), set(released.state_dict())
@@ -468,18 +540,34 @@ def test_paper_configuration_has_no_feature_norm_and_bias_free_heads(della, toke
     paper.posterior_head.bias.data.zero_()
     assert torch.equal(paper.posterior(batch).conditionals(zero).mean, q_before)
     released.posterior_head.bias.data.fill_(5.0)  # the released variant's biases act
-    assert not torch.equal(released.posterior(batch).conditionals(zero).mean,
-                           della(n_layer=2).posterior(batch).conditionals(zero).mean)
+    assert not torch.equal(
+        released.posterior(batch).conditionals(zero).mean,
+        della(n_layer=2).posterior(batch).conditionals(zero).mean,
+    )
 
 
 def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
     """The CPU preset at tiny size: tokenizer trained on the corpus, a few steps, IW evaluation
     with per-layer fields, prior samples and reconstructions from the saved run."""
     run = tmp_path / "run"
-    overrides = tiny_overrides(tiny_corpus, **{"train.max_steps": 4, "train.eval_every": 2,
-                                               "eval.iw_samples": 3}) + TINY_GPT2
-    assert cli.main(["train", str(ROOT / "configs" / "ptb" / "della-cpu.yaml"), *overrides,
-                     "--run-dir", str(run)]) == 0
+    overrides = (
+        tiny_overrides(
+            tiny_corpus, **{"train.max_steps": 4, "train.eval_every": 2, "eval.iw_samples": 3}
+        )
+        + TINY_GPT2
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                str(ROOT / "configs" / "ptb" / "della-cpu.yaml"),
+                *overrides,
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     events = [json.loads(line) for line in open(run / "log.jsonl")]
     assert any(e.get("event") == "kl cycle" for e in events)
     assert cli.main(["evaluate", str(run), "--split", "test", "--max-sentences", "6"]) == 0
@@ -487,8 +575,24 @@ def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
     assert result["bound_valid"] is True and len(result["kl_per_layer"]) == 2
     capsys.readouterr()
     assert cli.main(["generate", str(run), "--mode", "sample", "-n", "2", "--max-length", "5"]) == 0
-    assert cli.main(["generate", str(run), "--mode", "interpolate", "-n", "3", "--max-length", "4",
-                     "--input", "the cat", "a dog"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(run),
+                "--mode",
+                "interpolate",
+                "-n",
+                "3",
+                "--max-length",
+                "4",
+                "--input",
+                "the cat",
+                "a dog",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 2 + 3
     from textvae.report import write_report
 
@@ -499,17 +603,46 @@ def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
 def test_cli_conditional_della_responds(tiny_dialogues, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
     overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
-        "train.max_steps=3", "train.eval_every=3", "eval.iw_samples=2", *TINY_GPT2]
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "eval.iw_samples=2",
+        *TINY_GPT2,
+    ]
     run = tmp_path / "run"
-    assert cli.main(["train", str(ROOT / "configs" / "dailydialog" / "della-cvae-cpu.yaml"),
-                     *overrides, "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(ROOT / "configs" / "dailydialog" / "della-cvae-cpu.yaml"),
+                *overrides,
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert " => " in (run / "samples.txt").read_text()
     assert cli.main(["evaluate", str(run), "--split", "test", "--max-sentences", "5"]) == 0
     contexts = tmp_path / "contexts.txt"
     contexts.write_text("the cat sat __eou__ a dog ran __eou__\n")
     capsys.readouterr()
-    assert cli.main(["generate", str(run), "--mode", "respond", "--input", str(contexts),
-                     "-n", "2", "--max-length", "5"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(run),
+                "--mode",
+                "respond",
+                "--input",
+                str(contexts),
+                "-n",
+                "2",
+                "--max-length",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert len(capsys.readouterr().out.splitlines()) == 1 + 2
 
 
@@ -519,4 +652,6 @@ def test_subword_tokenizer_of_a_from_scratch_gpt2(tiny_config):
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
     model = MODELS["della"](cfg.model, tokenizer)
     assert model.bos_id == model.eos_id == 1  # GPT-2's convention: EOS starts a sentence too
-    assert model.vocab_size == len(tokenizer) == len(train_subword_tokenizer(make_sentences(200), 60))
+    assert (
+        model.vocab_size == len(tokenizer) == len(train_subword_tokenizer(make_sentences(200), 60))
+    )

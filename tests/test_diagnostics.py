@@ -41,6 +41,7 @@ class _ScalarCodeModel:
 
 # --- z-usage gap -------------------------------------------------------------------------------
 
+
 def test_z_gap_is_zero_when_the_decoder_ignores_z(tiny_model, tiny_batch):
     model = tiny_model("lstm_vae", z_init_state=False, z_every_step=False)  # z reaches nothing
     z = torch.randn(tiny_batch["input_ids"].size(0), 4) * 5
@@ -60,8 +61,12 @@ def test_z_gap_known_answer_for_two_sentences():
 def test_z_gap_never_gives_a_sentence_its_own_code():
     targets = torch.arange(7, dtype=torch.float32)
     for seed in range(20):
-        gap = z_usage_gap(_ScalarCodeModel(), {"target": targets}, targets.unsqueeze(1),
-                          torch.Generator().manual_seed(seed))
+        gap = z_usage_gap(
+            _ScalarCodeModel(),
+            {"target": targets},
+            targets.unsqueeze(1),
+            torch.Generator().manual_seed(seed),
+        )
         assert bool((gap >= 1.0).all()), seed  # distinct integer codes: every swap costs >= 1
 
 
@@ -71,9 +76,19 @@ def test_z_gap_is_undefined_for_one_sentence():
 
 def test_z_gap_is_large_for_a_model_trained_to_use_z(tiny_config, tmp_path):
     """Overfitting three sentences with free bits makes reconstructions depend on z."""
-    run = train(tiny_config(**{"train.max_steps": 150, "train.lr": 0.02, "kl.free_bits": 1.0,
-                               "data.train_limit": 3, "train.batch_size": 3,
-                               "train.collapse_patience": 0}), tmp_path / "r")
+    run = train(
+        tiny_config(
+            **{
+                "train.max_steps": 150,
+                "train.lr": 0.02,
+                "kl.free_bits": 1.0,
+                "data.train_limit": 3,
+                "train.batch_size": 3,
+                "train.collapse_patience": 0,
+            }
+        ),
+        tmp_path / "r",
+    )
     import textvae
 
     model, tok = textvae.load(run, "last")
@@ -84,15 +99,24 @@ def test_z_gap_is_large_for_a_model_trained_to_use_z(tiny_config, tmp_path):
 
 # --- collapse warnings during training ---------------------------------------------------------
 
+
 def _records(run, kind):
     return [r for r in map(json.loads, open(run / "log.jsonl")) if r["type"] == kind]
 
 
 def test_validation_logs_the_diagnostics_and_warns_of_collapse(tiny_config, tmp_path):
     # any KL is below a threshold of 1e9: every validation counts as collapsed
-    run = train(tiny_config(**{"train.max_steps": 12, "train.eval_every": 2,
-                               "train.collapse_kl": 1e9, "train.collapse_patience": 3}),
-                tmp_path / "r")
+    run = train(
+        tiny_config(
+            **{
+                "train.max_steps": 12,
+                "train.eval_every": 2,
+                "train.collapse_kl": 1e9,
+                "train.collapse_patience": 3,
+            }
+        ),
+        tmp_path / "r",
+    )
     valid = _records(run, "valid")
     assert len(valid) == 6
     for key in ("kl_per_dim", "au", "mi", "mi_batch", "z_gap", "beta"):
@@ -104,16 +128,33 @@ def test_validation_logs_the_diagnostics_and_warns_of_collapse(tiny_config, tmp_
 
 
 def test_no_collapse_warning_when_switched_off_or_above_thresholds(tiny_config, tmp_path):
-    off = train(tiny_config(**{"train.max_steps": 8, "train.eval_every": 2,
-                               "train.collapse_kl": 1e9, "train.collapse_patience": 0}),
-                tmp_path / "off")
-    fine = train(tiny_config(**{"train.max_steps": 8, "train.eval_every": 2,
-                                "train.collapse_kl": -1, "train.collapse_z_gap": -1e9}),
-                 tmp_path / "fine")
+    off = train(
+        tiny_config(
+            **{
+                "train.max_steps": 8,
+                "train.eval_every": 2,
+                "train.collapse_kl": 1e9,
+                "train.collapse_patience": 0,
+            }
+        ),
+        tmp_path / "off",
+    )
+    fine = train(
+        tiny_config(
+            **{
+                "train.max_steps": 8,
+                "train.eval_every": 2,
+                "train.collapse_kl": -1,
+                "train.collapse_z_gap": -1e9,
+            }
+        ),
+        tmp_path / "fine",
+    )
     assert _records(off, "warning") == [] and _records(fine, "warning") == []
 
 
 # --- generation metrics -------------------------------------------------------------------------
+
 
 def test_distinct_n_on_a_fixed_list():
     texts = ["a b a b", "a b c", ""]
@@ -152,6 +193,7 @@ def test_generation_metrics_on_a_tiny_model(tiny_model):
 
 # --- latent probe -------------------------------------------------------------------------------
 
+
 def test_probe_reads_a_separable_label_and_reports_the_majority_baseline():
     torch.manual_seed(0)
     y_fit, y_score = torch.randint(0, 2, (400,)), torch.tensor([0] * 150 + [1] * 50)
@@ -184,10 +226,22 @@ def test_probe_cli_on_labelled_files(tiny_config, tmp_path, capsys):
     for name, n in (("fit", 60), ("score", 30)):
         rows = ["text\tlabel"]
         for i in range(n):
-            rows.append(f"{make_sentences(1, seed=i + 100 * n)[0]}\t{['neg', 'pos'][rng.randint(0, 1)]}")
+            rows.append(
+                f"{make_sentences(1, seed=i + 100 * n)[0]}\t{['neg', 'pos'][rng.randint(0, 1)]}"
+            )
         (tmp_path / f"{name}.tsv").write_text("\n".join(rows) + "\n")
-    args = ["probe", str(run), "--fit", str(tmp_path / "fit.tsv"), "--score",
-            str(tmp_path / "score.tsv"), "--labels", "10,all", "--repeats", "2"]
+    args = [
+        "probe",
+        str(run),
+        "--fit",
+        str(tmp_path / "fit.tsv"),
+        "--score",
+        str(tmp_path / "score.tsv"),
+        "--labels",
+        "10,all",
+        "--repeats",
+        "2",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "majority class" in out and "| 60 |" in out
@@ -200,6 +254,7 @@ def test_probe_cli_on_labelled_files(tiny_config, tmp_path, capsys):
 
 # --- reports and comparison ---------------------------------------------------------------------
 
+
 def _assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC, path
     assert matplotlib.image.imread(path).shape[0] > 100
@@ -207,14 +262,35 @@ def _assert_png(path):
 
 def test_report_of_a_tiny_run(tiny_config, tmp_path):
     run = train(tiny_config(**{"train.max_steps": 10, "train.eval_every": 5}), tmp_path / "r")
-    assert cli.main(["evaluate", str(run), "--iw-samples", "3", "--generation",
-                     "--gen-samples", "6", "--gen-sentences", "5"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(run),
+                "--iw-samples",
+                "3",
+                "--generation",
+                "--gen-samples",
+                "6",
+                "--gen-sentences",
+                "5",
+            ]
+        )
+        == 0
+    )
     folder = write_report(run, max_sentences=30, n_examples=3)
     for name in ("curves.png", "kl_per_dim.png", "latent_pca.png"):
         _assert_png(folder / name)
     md = (folder / "report.md").read_text()
-    for text in ("# Run report", "**Latent status**", "## Evaluation", "`eval-test-full-K3-fp32-gen.json`",
-                 "## Examples", "Reconstructions", "Interpolation"):
+    for text in (
+        "# Run report",
+        "**Latent status**",
+        "## Evaluation",
+        "`eval-test-full-K3-fp32-gen.json`",
+        "## Examples",
+        "Reconstructions",
+        "Interpolation",
+    ):
         assert text in md, text
     for image in ("curves.png", "kl_per_dim.png", "latent_pca.png"):
         assert f"]({image})" in md
@@ -232,8 +308,13 @@ def test_report_of_a_language_model_has_no_latent_plots(tiny_config, tmp_path):
 
 
 def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
-    runs = [train(tiny_config(**{"train.max_steps": 6, "train.eval_every": 3, "model.pooling": p}),
-                  tmp_path / f"run-{p}") for p in ("last", "mean")]
+    runs = [
+        train(
+            tiny_config(**{"train.max_steps": 6, "train.eval_every": 3, "model.pooling": p}),
+            tmp_path / f"run-{p}",
+        )
+        for p in ("last", "mean")
+    ]
     cli.main(["evaluate", str(runs[0]), "--iw-samples", "2"])
     capsys.readouterr()
     assert cli.main(["compare", *map(str, runs), "--output", str(tmp_path / "cmp")]) == 0
@@ -248,16 +329,30 @@ def test_compare_two_tiny_runs(tiny_config, tmp_path, capsys):
 
 
 def test_paired_differences_use_the_per_sentence_differences():
-    ref = {"nll_per_sentence": [10.0, 20.0, 30.0, 40.0], "data": "d", "split": "test", "n_sentences": 4,
-           "sentence_index": [0, 1, 2, 3], "n_words_per_sentence": [3, 4, 5, 6]}
+    ref = {
+        "nll_per_sentence": [10.0, 20.0, 30.0, 40.0],
+        "data": "d",
+        "split": "test",
+        "n_sentences": 4,
+        "sentence_index": [0, 1, 2, 3],
+        "n_words_per_sentence": [3, 4, 5, 6],
+    }
     # the same offset on every sentence: mean difference 1.5, paired standard error 0
     # (the unpaired standard errors would be about 6.5 each)
     shifted = dict(ref, nll_per_sentence=[11.5, 21.5, 31.5, 41.5])
     mixed = dict(ref, nll_per_sentence=[9.0, 21.0, 29.0, 41.0])  # d = -1, 1, -1, 1
     other = dict(ref, data="elsewhere")
     same_file = dict(shifted, data="/abs/folder/d")  # the same file, written absolute
-    lines = paired_differences({"ref": ref, "shifted": shifted, "mixed": mixed, "other": other,
-                                "same_file": same_file, "old": {"nll": 3.0}})
+    lines = paired_differences(
+        {
+            "ref": ref,
+            "shifted": shifted,
+            "mixed": mixed,
+            "other": other,
+            "same_file": same_file,
+            "old": {"nll": 3.0},
+        }
+    )
     assert "- same_file - ref: +1.50 ± 0.00 (0 of 4 sentences lower)" in lines
     assert "- shifted - ref: +1.50 ± 0.00 (0 of 4 sentences lower)" in lines
     # std of (-1, 1, -1, 1) with N - 1 = 3: sqrt(4 / 3); / sqrt(4) = 0.577
@@ -268,8 +363,10 @@ def test_paired_differences_use_the_per_sentence_differences():
 
 
 def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_path, capsys):
-    runs = [train(tiny_config(**{"train.max_steps": 4, "model.pooling": p}), tmp_path / f"r-{p}")
-            for p in ("last", "mean")]
+    runs = [
+        train(tiny_config(**{"train.max_steps": 4, "model.pooling": p}), tmp_path / f"r-{p}")
+        for p in ("last", "mean")
+    ]
     for run in runs:
         assert cli.main(["evaluate", str(run), "--iw-samples", "3", "--max-sentences", "12"]) == 0
     capsys.readouterr()
@@ -285,8 +382,13 @@ def test_compare_pairs_two_evaluations_of_the_same_sentences(tiny_config, tmp_pa
 
 
 def test_evaluation_table_formats_units_and_missing_values():
-    table = evaluation_table({"a": {"nll": 100.0, "nll_stderr": 0.5, "au": 3, "au_delta": 0.01,
-                                    "kl": 1.23456}, "b": {"kl": None}}, {"a": 32, "b": 32})
+    table = evaluation_table(
+        {
+            "a": {"nll": 100.0, "nll_stderr": 0.5, "au": 3, "au_delta": 0.01, "kl": 1.23456},
+            "b": {"kl": None},
+        },
+        {"a": 32, "b": 32},
+    )
     lines = table.splitlines()
     assert lines[0] == "| run | KL (nats/sent) | IW-NLL (nats/sent) | AU |"
     assert lines[2] == "| a | 1.235 | 100.00 ± 0.50 | 3/32 (δ=0.01) |"

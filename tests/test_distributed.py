@@ -32,10 +32,22 @@ LOSS_TOL = 1e-4
 
 def launch(*argv: str, n: int = 2, cwd: Path | None = None) -> None:
     """``torchrun --nproc_per_node n -m textvae.cli argv`` on a free port of 127.0.0.1."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "textvae.cli", *argv]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={n}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "textvae.cli",
+        *argv,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -63,10 +75,18 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny_corpus, tmp_
     # one epoch of 203 sentences in global batches of 16: twelve split 8 + 8 and a short one of
     # 11 split 6 + 5, whose two shares DDP must weigh 6/11 and 5/11, not 1/2 each
     (tiny_corpus / "train203.txt").write_text("\n".join(make_sentences(203, seed=4)) + "\n")
-    overrides = tiny_overrides(tiny_corpus, **{
-        "model.name": "lstm_lm", "model.dec_dropout_in": 0, "model.dec_dropout_out": 0,
-        "data.train_path": tiny_corpus / "train203.txt", "train.max_epochs": 1,
-        "train.log_every": 1, "train.num_samples": 0})
+    overrides = tiny_overrides(
+        tiny_corpus,
+        **{
+            "model.name": "lstm_lm",
+            "model.dec_dropout_in": 0,
+            "model.dec_dropout_out": 0,
+            "data.train_path": tiny_corpus / "train203.txt",
+            "train.max_epochs": 1,
+            "train.log_every": 1,
+            "train.num_samples": 0,
+        },
+    )
     train(load_config(None, overrides), tmp_path / "one")
     # no --run-dir: every process must agree on the first one's time-stamped folder
     launch("train", preset(overrides, tmp_path / "tiny.yaml"), cwd=tmp_path)
@@ -83,26 +103,31 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny_corpus, tmp_
     assert vb["elbo"] == pytest.approx(va["elbo"], abs=LOSS_TOL)
     # the main process alone writes the run folder
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one").iterdir())
+        p.name for p in (tmp_path / "one").iterdir()
+    )
 
 
 def test_two_process_run_resumed_ends_where_the_uninterrupted_run_ends(tiny_corpus, tmp_path):
     # a VAE with dropout: every process's RNG state must come back for the runs to agree
-    common = tiny_overrides(tiny_corpus, **{"train.eval_every": 4, "train.log_every": 2,
-                                            "train.num_samples": 0})
+    common = tiny_overrides(
+        tiny_corpus, **{"train.eval_every": 4, "train.log_every": 2, "train.num_samples": 0}
+    )
     yaml = preset(common, tmp_path / "tiny.yaml")
     launch("train", "--run-dir", str(tmp_path / "full"), yaml, "train.max_steps=8")
     launch("train", "--run-dir", str(tmp_path / "cut"), yaml, "train.max_steps=4")
     ckpt = tmp_path / "cut" / "checkpoints" / "last"
     assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     launch("train", "--resume", "--run-dir", str(tmp_path / "cut"), "train.max_steps=8")
     full = load_file(tmp_path / "full" / "checkpoints" / "last" / "model.safetensors")
     resumed = load_file(tmp_path / "cut" / "checkpoints" / "last" / "model.safetensors")
     for key, value in full.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
     assert records(tmp_path / "cut", "valid")[-1]["elbo"] == pytest.approx(
-        records(tmp_path / "full", "valid")[-1]["elbo"], abs=1e-6)
+        records(tmp_path / "full", "valid")[-1]["elbo"], abs=1e-6
+    )
     # one process cannot continue the RNG streams of two
     config = load_config(None, [*common, "train.max_steps=12"])
     with pytest.raises(RunDirError, match="written by 2 process"):
@@ -113,8 +138,12 @@ def test_two_process_run_resumed_ends_where_the_uninterrupted_run_ends(tiny_corp
 
 EVAL_MODELS = {  # every way evaluate() collects a batch: Gaussian, flow, layer-wise, no latent
     "gaussian": ["model.name=lstm_vae"],
-    "flow": ["model.name=lstm_vae", "model.posterior_flow=iaf", "model.posterior_flow_steps=2",
-             "model.flow_hidden=8"],
+    "flow": [
+        "model.name=lstm_vae",
+        "model.posterior_flow=iaf",
+        "model.posterior_flow_steps=2",
+        "model.flow_hidden=8",
+    ],
     "layerwise": ["model.name=della", *TINY_GPT2],
     "lm": ["model.name=lstm_lm"],
 }
@@ -122,8 +151,10 @@ EVAL_MODELS = {  # every way evaluate() collects a batch: Gaussian, flow, layer-
 
 def _tiny(name: str):
     tokenizer = build_tokenizer(make_sentences(200))
-    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                             *EVAL_MODELS[name]])
+    cfg = load_config(
+        None,
+        ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4", *EVAL_MODELS[name]],
+    )
     torch.manual_seed(0)
     model = MODELS[cfg.model.name](cfg.model, tokenizer).eval()
     return model, TextDataset(make_sentences(37, seed=3), tokenizer)
@@ -131,14 +162,28 @@ def _tiny(name: str):
 
 def _evaluate_all(num_processes: int = 1, process_index: int = 0) -> dict:
     # 37 sentences in batches of 8: 5 batches, so the two processes score 3 and 2
-    return {name: evaluate(*_tiny(name), iw_samples=12, batch_size=8, chunk_tokens=200, seed=3,
-                           num_processes=num_processes, process_index=process_index)
-            for name in EVAL_MODELS}
+    return {
+        name: evaluate(
+            *_tiny(name),
+            iw_samples=12,
+            batch_size=8,
+            chunk_tokens=200,
+            seed=3,
+            num_processes=num_processes,
+            process_index=process_index,
+        )
+        for name in EVAL_MODELS
+    }
 
 
 def _sharded_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     from accelerate import PartialState
 

@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = sorted([ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "bench" / "RESULTS.md",
-                *(ROOT / "docs").rglob("*.md")])
+PAGES = sorted(
+    [
+        ROOT / "README.md",
+        ROOT / "ARCHITECTURE.md",
+        ROOT / "bench" / "RESULTS.md",
+        *(ROOT / "docs").rglob("*.md"),
+    ]
+)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 
@@ -43,7 +49,9 @@ def test_every_relative_link_resolves(page):
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            broken.append(f"{target}: no such file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
+            broken.append(
+                f"{target}: no such file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}"
+            )
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
@@ -51,7 +59,9 @@ def test_every_relative_link_resolves(page):
 
 def test_the_link_checker_catches_a_broken_link(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("# Title\n[ok](#title) [gone](missing.md) `[code](nothere.md)`\n"
-                    "```\n[fenced](nothere.md)\n```\n![img](http://example.org/x.png)\n")
+    page.write_text(
+        "# Title\n[ok](#title) [gone](missing.md) `[code](nothere.md)`\n"
+        "```\n[fenced](nothere.md)\n```\n![img](http://example.org/x.png)\n"
+    )
     assert links(page) == ["#title", "missing.md"]
     assert _anchors(page) == {"title"}

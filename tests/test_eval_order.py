@@ -20,12 +20,19 @@ def test_nll_per_sentence_is_in_dataset_order(tiny_model, tokenizer):
     sentence i's own (evaluation sorts the batches by length; before the fix the values stayed
     in that sorted order)."""
     model = tiny_model("lstm_lm")
-    texts = ["the cat sat on the mat under a big red log", "a dog", "the big dog ran on a mat",
-             "red", "a small blue cat sat"]
+    texts = [
+        "the cat sat on the mat under a big red log",
+        "a dog",
+        "the big dog ran on a mat",
+        "red",
+        "a small blue cat sat",
+    ]
     r = evaluate(model, TextDataset(texts, tokenizer), iw_samples=3, batch_size=2)
     with torch.no_grad():
-        alone = [-float(model.log_likelihood(TextDataset([t], tokenizer).collate([0]), None)[0, 0])
-                 for t in texts]
+        alone = [
+            -float(model.log_likelihood(TextDataset([t], tokenizer).collate([0]), None)[0, 0])
+            for t in texts
+        ]
     assert r["sentence_index"] == list(range(5))
     assert r["nll_per_sentence"] == pytest.approx(alone, rel=1e-5)
     assert r["n_words_per_sentence"] == [len(t.split()) + 1 for t in texts]
@@ -33,9 +40,17 @@ def test_nll_per_sentence_is_in_dataset_order(tiny_model, tokenizer):
 
 def _record(values, words, tokenizer="WordLevel (30 types)", index=None, **extra):
     n = len(values)
-    return {"nll_per_sentence": values, "sentence_index": list(range(n)) if index is None else index,
-            "n_words_per_sentence": words, "data": "test.txt", "split": "test", "n_sentences": n,
-            "n_words": sum(words), "tokenizer": tokenizer, **extra}
+    return {
+        "nll_per_sentence": values,
+        "sentence_index": list(range(n)) if index is None else index,
+        "n_words_per_sentence": words,
+        "data": "test.txt",
+        "split": "test",
+        "n_sentences": n,
+        "n_words": sum(words),
+        "tokenizer": tokenizer,
+        **extra,
+    }
 
 
 def test_pairing_is_by_sentence_index_and_refuses_other_sentences():
@@ -53,21 +68,32 @@ def test_pairing_is_by_sentence_index_and_refuses_other_sentences():
         paired_nll(ref, dict(other, data="valid.txt"))
     # an old word-level evaluation (no sentence_index): its values are in the batches' order,
     # sentences stably sorted by token count = words + 1, i.e. indices 1, 3, 2, 0
-    old = {"nll_per_sentence": [22.0, 44.0, 33.0, 11.0], "data": "/abs/test.txt", "split": "test",
-           "n_sentences": 4, "n_words": 14, "tokenizer": "WordLevel (30 types)"}
+    old = {
+        "nll_per_sentence": [22.0, 44.0, 33.0, 11.0],
+        "data": "/abs/test.txt",
+        "split": "test",
+        "n_sentences": 4,
+        "n_words": 14,
+        "tokenizer": "WordLevel (30 types)",
+    }
     assert paired_nll(ref, old).tolist() == [1.0, 2.0, 3.0, 4.0]
     assert paired_nll(old, ref).tolist() == [-1.0, -2.0, -3.0, -4.0]
     with pytest.raises(ValueError, match="re-run textvae evaluate"):  # subword order: unknown
         paired_nll(ref, dict(old, tokenizer="BPE (500 types)"))
-    lines = paired_differences({"ref": ref, "bpe": other, "moved": _record([1.0] * 4, [5, 2, 9, 3])})
+    lines = paired_differences(
+        {"ref": ref, "bpe": other, "moved": _record([1.0] * 4, [5, 2, 9, 3])}
+    )
     assert "- bpe - ref: +2.50 ± 0.65 (0 of 4 sentences lower)" in lines
-    assert any(line.startswith("- moved: not paired (the same indices hold different") for line in lines)
+    assert any(
+        line.startswith("- moved: not paired (the same indices hold different") for line in lines
+    )
 
 
 def test_evaluation_scores_sentences_whole_despite_max_length(tiny_corpus, tmp_path, capsys):
     """data.max_length=2 truncates training sentences, never the evaluated ones."""
-    cfg = load_config(None, tiny_overrides(tiny_corpus, **{"train.max_steps": 2,
-                                                          "data.max_length": 2}))
+    cfg = load_config(
+        None, tiny_overrides(tiny_corpus, **{"train.max_steps": 2, "data.max_length": 2})
+    )
     run = train(cfg, tmp_path / "run")
     assert cli.main(["evaluate", str(run), "--iw-samples", "2"]) == 0
     capsys.readouterr()
@@ -81,8 +107,9 @@ def test_evaluation_scores_sentences_whole_despite_max_length(tiny_corpus, tmp_p
 
 def test_dialogue_responses_are_scored_whole(tiny_dialogues, monkeypatch):
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    cfg = load_config(None, dialogue_overrides("model.name=cvrae", "data.max_length=2",
-                                               "data.long_policy=drop"))
+    cfg = load_config(
+        None, dialogue_overrides("model.name=cvrae", "data.max_length=2", "data.long_policy=drop")
+    )
     kept = load_split(cfg.data, "test")
     whole = load_split(cfg.data, "test", whole=True)
     assert kept.stats["dropped"] > 0 and whole.stats["dropped"] == whole.stats["truncated"] == 0
@@ -99,7 +126,11 @@ def test_position_limit_fails_or_counts_the_skipped(tiny_model, tokenizer, name)
     with pytest.raises(ValueError, match="longer than the model's 9 positions"):
         evaluate(model, ds, iw_samples=2, batch_size=3)
     r = evaluate(model, ds, iw_samples=2, batch_size=3, skip_too_long=True)
-    long = [i for i, t in enumerate(texts) if model.positions_needed(len(t.split()) + 1, 3 if contexts else 0) > 9]
+    long = [
+        i
+        for i, t in enumerate(texts)
+        if model.positions_needed(len(t.split()) + 1, 3 if contexts else 0) > 9
+    ]
     assert r["n_skipped"] == len(long) >= 1
     assert r["sentence_index"] == [i for i in range(6) if i not in long]
     assert r["n_words"] == sum(len(texts[i].split()) + 1 for i in r["sentence_index"])
@@ -126,13 +157,22 @@ def test_encoder_dispersion_is_that_of_the_summaries_and_tells_pooling_apart(tok
     from textvae.metrics import DispersionSums, encoder_dispersion
     from textvae.models import MODELS
 
-    texts = [" ".join(s.split()[:3]) + " the cat sat on the mat under the big red log"
-             for s in make_sentences(30, seed=2)]
+    texts = [
+        " ".join(s.split()[:3]) + " the cat sat on the mat under the big red log"
+        for s in make_sentences(30, seed=2)
+    ]
     ds = TextDataset(texts, tokenizer)
     out = {}
     for pooling in ("last", "mean", "max"):
-        cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                                 f"model.pooling={pooling}"])
+        cfg = load_config(
+            None,
+            [
+                "model.embed_dim=16",
+                "model.hidden_dim=16",
+                "model.latent_dim=4",
+                f"model.pooling={pooling}",
+            ],
+        )
         torch.manual_seed(0)
         model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
         r = evaluate(model, ds, iw_samples=0, batch_size=7)
@@ -144,11 +184,13 @@ def test_encoder_dispersion_is_that_of_the_summaries_and_tells_pooling_apart(tok
         unit = h / h.norm(dim=-1, keepdim=True)
         cos = unit @ unit.T
         assert d["mean_cosine_distance"] == pytest.approx(
-            1 - float((cos.sum() - 30) / (30 * 29)), rel=1e-3, abs=1e-9)
+            1 - float((cos.sum() - 30) / (30 * 29)), rel=1e-3, abs=1e-9
+        )
         sums = DispersionSums()
         sums.add(h)
         assert encoder_dispersion(sums)["relative_variance"] == pytest.approx(
-            d["relative_variance"], rel=1e-4, abs=1e-12)
+            d["relative_variance"], rel=1e-4, abs=1e-12
+        )
         out[pooling] = d
     for pooled in ("mean", "max"):  # measured: last 5e-8, mean 4e-4, max 2e-3
         assert out["last"]["mean_cosine_distance"] < out[pooled]["mean_cosine_distance"] / 100

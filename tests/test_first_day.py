@@ -46,8 +46,17 @@ def _start_training(tmp_path: Path, corpus: Path, run: Path, *extra: str) -> sub
     """A real `textvae train` process on the tiny corpus with a budget it will not reach."""
     overrides = tiny_overrides(corpus, **{"train.max_steps": 100000, "train.log_every": 1})
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "textvae.cli", "train", str(_preset(tmp_path)), *overrides,
-           *extra, "--run-dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "textvae.cli",
+        "train",
+        str(_preset(tmp_path)),
+        *overrides,
+        *extra,
+        "--run-dir",
+        str(run),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -66,9 +75,11 @@ def _wait_for_training(proc: subprocess.Popen, run: Path, timeout: float = 120) 
 
 # --- interrupts and resume ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_continues(
-        sig, code, tiny_corpus, tmp_path):
+    sig, code, tiny_corpus, tmp_path
+):
     run = tmp_path / "run"
     proc = _start_training(tmp_path, tiny_corpus, run, "train.eval_every=0")
     _wait_for_training(proc, run)
@@ -83,7 +94,9 @@ def test_a_signal_stops_after_a_step_with_a_checkpoint_and_resume_continues(
     assert step >= 1 and (run / "checkpoints" / "last" / "model.safetensors").is_file()
     assert not (run / "checkpoints" / "last.tmp").exists()
     # the printed command continues from exactly that step
-    assert cli.main(["train", "--resume", "--run-dir", str(run), f"train.max_steps={step + 3}"]) == 0
+    assert (
+        cli.main(["train", "--resume", "--run-dir", str(run), f"train.max_steps={step + 3}"]) == 0
+    )
     records = _log(run)
     assert [r["step"] for r in records if r.get("event") == "resume"] == [step]
     assert records[-1] == {**records[-1], "event": "finished", "step": step + 3}
@@ -99,10 +112,16 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_as_a_fresh_start(tiny_
     assert cli.main(["train", "--resume", "--run-dir", str(run), "train.max_steps=4"]) == 0
     assert (run / "log.aborted-1.jsonl").is_file()  # the aborted attempt's log is kept
     # the same weights as an uninterrupted run of the same config
-    whole = train(textvae.config.load_config(
-        _preset(tmp_path), tiny_overrides(tiny_corpus, **{"train.max_steps": 4, "train.log_every": 1,
-                                                          "train.eval_every": 100000})),
-        tmp_path / "whole")
+    whole = train(
+        textvae.config.load_config(
+            _preset(tmp_path),
+            tiny_overrides(
+                tiny_corpus,
+                **{"train.max_steps": 4, "train.log_every": 1, "train.eval_every": 100000},
+            ),
+        ),
+        tmp_path / "whole",
+    )
     a = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(whole / "checkpoints" / "last" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -113,17 +132,56 @@ def test_the_starting_command_with_resume_added_continues_the_run(tiny_corpus, t
     "'data.train_limit' cannot change")."""
     run, preset = tmp_path / "run", _preset(tmp_path)
     overrides = tiny_overrides(tiny_corpus, **{"train.eval_every": 3, "data.train_limit": 150})
-    assert cli.main(["train", str(preset), *overrides, "train.max_steps=6", "--run-dir", str(run)]) == 0
-    assert cli.main(["train", str(preset), *overrides, "train.max_steps=9", "--resume",
-                     "--run-dir", str(run)]) == 0, capsys.readouterr().err
+    assert (
+        cli.main(["train", str(preset), *overrides, "train.max_steps=6", "--run-dir", str(run)])
+        == 0
+    )
+    assert (
+        cli.main(
+            [
+                "train",
+                str(preset),
+                *overrides,
+                "train.max_steps=9",
+                "--resume",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert [r["step"] for r in _log(run) if r["type"] == "valid"] == [3, 6, 9]
     # the same command without the new budget continues too (it has nothing to do)
-    assert cli.main(["train", str(preset), *overrides, "train.max_steps=9", "--resume",
-                     "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(preset),
+                *overrides,
+                "train.max_steps=9",
+                "--resume",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     # a real change is still refused, naming the key and both values
     capsys.readouterr()
-    assert cli.main(["train", str(preset), *overrides, "model.latent_dim=8", "--resume",
-                     "--run-dir", str(run)]) == 1
+    assert (
+        cli.main(
+            [
+                "train",
+                str(preset),
+                *overrides,
+                "model.latent_dim=8",
+                "--resume",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "model.latent_dim" in err and "4" in err and "8" in err
     assert cli.main(["train", "--resume", "--run-dir", str(run), "data.train_limit=100"]) == 1
@@ -131,6 +189,7 @@ def test_the_starting_command_with_resume_added_continues_the_run(tiny_corpus, t
 
 
 # --- evaluations are results --------------------------------------------------------------------
+
 
 @pytest.fixture
 def tiny_run(tiny_config, tmp_path):
@@ -145,7 +204,10 @@ def test_evaluations_are_named_by_what_they_are_and_never_overwritten(tiny_run, 
     assert cli.main(["evaluate", str(run), "--iw-samples", "5", "--max-sentences", "7"]) == 0
     assert cli.main(["evaluate", str(run), "--iw-samples", "3"]) == 0  # the same again: kept apart
     assert sorted(p.name for p in run.glob("eval-*.json")) == [
-        "eval-test-7-K5-fp32.json", "eval-test-full-K3-fp32-2.json", "eval-test-full-K3-fp32.json"]
+        "eval-test-7-K5-fp32.json",
+        "eval-test-full-K3-fp32-2.json",
+        "eval-test-full-K3-fp32.json",
+    ]
     assert full.read_text() == first
     record = json.loads((run / "eval-test-7-K5-fp32.json").read_text())
     assert record["max_sentences"] == 7 and record["n_sentences"] == 7
@@ -154,13 +216,16 @@ def test_evaluations_are_named_by_what_they_are_and_never_overwritten(tiny_run, 
     capsys.readouterr()
     assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--output", str(full)]) == 1
     assert "--overwrite" in capsys.readouterr().err and full.read_text() == first
-    assert cli.main(["evaluate", str(run), "--iw-samples", "2", "--output", str(full),
-                     "--overwrite"]) == 0
+    assert (
+        cli.main(["evaluate", str(run), "--iw-samples", "2", "--output", str(full), "--overwrite"])
+        == 0
+    )
     assert json.loads(full.read_text())["iw_samples"] == 2
 
 
 def test_report_and_compare_name_their_evaluation_and_prefer_the_most_complete(
-        tiny_config, tmp_path, capsys):
+    tiny_config, tmp_path, capsys
+):
     a = train(tiny_config(**{"train.max_steps": 4}), tmp_path / "a")
     b = train(tiny_config(**{"train.max_steps": 4, "model.pooling": "mean"}), tmp_path / "b")
     for run in (a, b):
@@ -187,7 +252,8 @@ def test_report_and_compare_name_their_evaluation_and_prefer_the_most_complete(
 
 
 def test_compare_writes_beside_the_first_run_not_into_the_working_directory(
-        tiny_config, tmp_path, monkeypatch):
+    tiny_config, tmp_path, monkeypatch
+):
     runs = tmp_path / "runs"
     a = train(tiny_config(**{"train.max_steps": 2}), runs / "a")
     b = train(tiny_config(**{"train.max_steps": 2}), runs / "b")
@@ -207,6 +273,7 @@ def test_evaluate_max_sentences_zero_is_a_clear_error(tiny_run, capsys):
 
 # --- progress -----------------------------------------------------------------------------------
 
+
 def test_evaluation_shows_progress_when_asked_and_not_when_piped(tiny_run, capsys):
     model, tokenizer = textvae.load(tiny_run)
     texts = (tiny_run.parent / "test.txt").read_text().splitlines()
@@ -220,6 +287,7 @@ def test_evaluation_shows_progress_when_asked_and_not_when_piped(tiny_run, capsy
 
 
 # --- a language model is shown with what it has -------------------------------------------------
+
 
 def _png_width(path: Path) -> int:
     return struct.unpack(">I", path.read_bytes()[16:20])[0]
@@ -244,10 +312,13 @@ def test_a_language_model_is_printed_and_drawn_with_only_what_it_has(tiny_config
 
 # --- the command line -----------------------------------------------------------------------
 
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["--version"])
-    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"textvae {textvae.__version__}"
+    assert (
+        stop.value.code == 0 and capsys.readouterr().out.strip() == f"textvae {textvae.__version__}"
+    )
 
 
 def test_help_shows_every_options_default():
@@ -294,16 +365,19 @@ def test_importing_textvae_first_makes_openmp_threads_wait_passively():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(SRC)
     code = "import os, textvae, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "PASSIVE"
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's own choice is kept
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "ACTIVE"
 
 
 # --- files and packaging ------------------------------------------------------------------------
+
 
 def test_checkpoint_weights_get_the_usual_file_mode(tiny_run):
     umask = os.umask(0)
@@ -315,7 +389,10 @@ def test_checkpoint_weights_get_the_usual_file_mode(tiny_run):
 
 def test_readme_key_list_is_the_field_table():
     readme = (ROOT / "README.md").read_text()
-    for tag, groups in (("evaluation", ("protocol", "record")), ("generation", ("generation", "response"))):
+    for tag, groups in (
+        ("evaluation", ("protocol", "record")),
+        ("generation", ("generation", "response")),
+    ):
         start, end = f"<!-- {tag} fields: start -->", f"<!-- {tag} fields: end -->"
         assert start in readme and end in readme, tag
         listed = readme.split(start)[1].split(end)[0].strip()

@@ -84,7 +84,9 @@ def test_cclin_iaf_is_volume_preserving():
     for t in q.transforms:
         assert torch.all(t.log_abs_det_jacobian(x, t(x)) == 0)
         lower = t.lower
-        assert torch.allclose(lower, torch.tril(lower)) and torch.all(lower.diagonal(dim1=-2, dim2=-1) == 1)
+        assert torch.allclose(lower, torch.tril(lower)) and torch.all(
+            lower.diagonal(dim1=-2, dim2=-1) == 1
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -107,8 +109,9 @@ def test_autoregressive_prior_density_matches_change_of_variables():
     one-pass map z -> eps), and sampling (D passes per step) inverts that map."""
     torch.manual_seed(0)
     prior = AutoregressivePrior(D, 3, hidden=8, context_dim=C).double()
-    base = Independent(Normal(torch.zeros(B, D, dtype=torch.float64),
-                              torch.ones(B, D, dtype=torch.float64)), 1)
+    base = Independent(
+        Normal(torch.zeros(B, D, dtype=torch.float64), torch.ones(B, D, dtype=torch.float64)), 1
+    )
     p = prior(base, 2.0 * torch.randn(B, C, dtype=torch.float64))
     z = 2.0 * torch.randn(S, B, D, dtype=torch.float64)
 
@@ -161,7 +164,9 @@ def test_cclin_iaf_monte_carlo_kl_matches_the_full_covariance_closed_form():
     normal = q.base_dist.base_dist
     cov = lower @ torch.diag_embed(normal.scale**2) @ lower.transpose(-1, -2)
     full = MultivariateNormal((lower @ normal.loc.unsqueeze(-1)).squeeze(-1), cov)
-    prior = MultivariateNormal(torch.zeros(B, D, dtype=torch.float64), torch.eye(D, dtype=torch.float64))
+    prior = MultivariateNormal(
+        torch.zeros(B, D, dtype=torch.float64), torch.eye(D, dtype=torch.float64)
+    )
     closed = kl_divergence(full, prior)
     torch.manual_seed(0)
     z, log_q = q.rsample_and_log_prob((40000,))
@@ -204,8 +209,14 @@ def test_iw_bound_with_a_flow_grows_with_k(tiny_model, tiny_batch):
 def test_every_flow_trains_evaluates_and_generates(kind, tiny_model, tiny_batch, tokenizer):
     from textvae.generate import reconstruct, sample_prior
 
-    model = tiny_model("lstm_vae", posterior_flow=kind, posterior_flow_steps=2, flow_hidden=8,
-                       prior_flow="iaf", prior_flow_steps=1)
+    model = tiny_model(
+        "lstm_vae",
+        posterior_flow=kind,
+        posterior_flow_steps=2,
+        flow_hidden=8,
+        prior_flow="iaf",
+        prior_flow_steps=1,
+    )
     q = model.posterior(tiny_batch)
     b = tiny_batch["input_ids"].size(0)
     assert q.batch_shape == (b,) and q.event_shape == (4,) and q.sample((3,)).shape == (3, b, 4)
@@ -215,7 +226,9 @@ def test_every_flow_trains_evaluates_and_generates(kind, tiny_model, tiny_batch,
     assert all(p.grad is not None for p in model.posterior_flow.parameters())
     assert all(p.grad is not None for p in model.prior_flow.parameters())
     model.eval()
-    r = evaluate(model, TextDataset(make_sentences(10, seed=4), tokenizer), iw_samples=8, batch_size=5)
+    r = evaluate(
+        model, TextDataset(make_sentences(10, seed=4), tokenizer), iw_samples=8, batch_size=5
+    )
     assert tuple(r) == EVAL_KEYS and r["kl_samples"] == 8 and r["kl_per_dim"] is None
     assert all(math.isfinite(r[k]) for k in ("rec", "kl", "nll", "mi", "mi_batch"))
     assert "flow posterior" in r["mi_estimator"]
@@ -288,12 +301,24 @@ def test_flow_presets_share_their_flow_options():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    keys = ("posterior_flow", "posterior_flow_steps", "flow_hidden", "prior_flow",
-            "prior_flow_steps", "embed_noise", "z_skip")
-    full, cpu = load_config(root / "ptb/flow-vrae.yaml"), load_config(root / "ptb/flow-vrae-cpu.yaml")
+    keys = (
+        "posterior_flow",
+        "posterior_flow_steps",
+        "flow_hidden",
+        "prior_flow",
+        "prior_flow_steps",
+        "embed_noise",
+        "z_skip",
+    )
+    full, cpu = (
+        load_config(root / "ptb/flow-vrae.yaml"),
+        load_config(root / "ptb/flow-vrae-cpu.yaml"),
+    )
     dialogue = load_config(root / "dailydialog/cvrae-cpu.yaml")
     for key in keys:
-        assert getattr(full.model, key) == getattr(cpu.model, key) == getattr(dialogue.model, key), key
+        assert (
+            getattr(full.model, key) == getattr(cpu.model, key) == getattr(dialogue.model, key)
+        ), key
     assert full.model.hidden_dim == 1024 and cpu.model.hidden_dim == 256
     assert dialogue.model.name == "cvrae" and dialogue.data.train_split == "test"
     assert dialogue.data.valid_split == dialogue.data.test_split == "validation"
@@ -303,8 +328,14 @@ def test_flow_presets_share_their_flow_options():
 def test_flows_run_under_bf16_autocast(name, tiny_model, tiny_batch, tokenizer):
     """Flow parameters and contexts computed under bf16 autocast are kept in float32, so the
     flow can be sampled later outside autocast (evaluate, generation)."""
-    model = tiny_model(name, posterior_flow="iaf", posterior_flow_steps=2, flow_hidden=8,
-                       prior_flow="iaf", prior_flow_steps=1)
+    model = tiny_model(
+        name,
+        posterior_flow="iaf",
+        posterior_flow_steps=2,
+        flow_hidden=8,
+        prior_flow="iaf",
+        prior_flow_steps=1,
+    )
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(tiny_batch)
@@ -319,8 +350,16 @@ def test_flows_run_under_bf16_autocast(name, tiny_model, tiny_batch, tokenizer):
 def test_report_of_a_flow_run_has_no_per_dimension_kl(tiny_config, tmp_path):
     from textvae.report import write_report
 
-    run = train(tiny_config(**{"train.max_steps": 4, "model.posterior_flow": "planar",
-                               "model.posterior_flow_steps": 2}), tmp_path / "flow")
+    run = train(
+        tiny_config(
+            **{
+                "train.max_steps": 4,
+                "model.posterior_flow": "planar",
+                "model.posterior_flow_steps": 2,
+            }
+        ),
+        tmp_path / "flow",
+    )
     folder = write_report(run, max_sentences=20, n_examples=2)
     md = (folder / "report.md").read_text()
     assert "**Latent status**" in md and "Reconstructions" in md
@@ -383,13 +422,17 @@ def test_flow_mi_equals_the_gaussian_mi_of_z_k():
         mi_flow = distribution_mi(flows, zs)
         assert mi_flow == pytest.approx(distribution_mi(gaussians, zs), abs=1e-9)
     bases = [q.base_dist for q in flows]
-    mi_z0 = aggregate_mi(torch.cat([b.mean for b in bases]), torch.cat([b.variance.log() for b in bases]),
-                         torch.cat([b.sample() for b in bases]))
+    mi_z0 = aggregate_mi(
+        torch.cat([b.mean for b in bases]),
+        torch.cat([b.variance.log() for b in bases]),
+        torch.cat([b.sample() for b in bases]),
+    )
     assert abs(mi_flow - mi_z0) > 0.05
 
 
-@pytest.mark.parametrize(("kind", "scale"), [("planar", 30.0), ("iaf", 150.0), ("cclin_iaf", 30.0),
-                                           ("sylvester", 30.0)])
+@pytest.mark.parametrize(
+    ("kind", "scale"), [("planar", 30.0), ("iaf", 150.0), ("cclin_iaf", 30.0), ("sylvester", 30.0)]
+)
 def test_evaluate_reports_the_mi_of_z_k_not_z_0(tokenizer, kind, scale):
     """The base q0 is N(0, I) for every sentence (heads zeroed), so I(x; z_0) = 0 exactly (what
     evaluate reported before: identical Gaussians give 0.0), while the flow, computed from the
@@ -398,9 +441,17 @@ def test_evaluate_reports_the_mi_of_z_k_not_z_0(tokenizer, kind, scale):
     from tests.conftest import make_sentences as sentences
     from textvae.models import MODELS
 
-    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                             f"model.posterior_flow={kind}", "model.posterior_flow_steps=2",
-                             "model.flow_hidden=16"])
+    cfg = load_config(
+        None,
+        [
+            "model.embed_dim=16",
+            "model.hidden_dim=16",
+            "model.latent_dim=4",
+            f"model.posterior_flow={kind}",
+            "model.posterior_flow_steps=2",
+            "model.flow_hidden=16",
+        ],
+    )
     torch.manual_seed(0)
     model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
     with torch.no_grad():
@@ -422,13 +473,24 @@ def test_flow_mi_is_null_with_the_reason_when_the_inverse_fails(tokenizer, monke
     import textvae.flows
     from textvae.models import MODELS
 
-    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                             "model.posterior_flow=sylvester", "model.posterior_flow_steps=2"])
+    cfg = load_config(
+        None,
+        [
+            "model.embed_dim=16",
+            "model.hidden_dim=16",
+            "model.latent_dim=4",
+            "model.posterior_flow=sylvester",
+            "model.posterior_flow_steps=2",
+        ],
+    )
     model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
     monkeypatch.setattr(textvae.flows, "INVERSE_TOL", -1.0)  # no residual is accepted
     r = evaluate(model, TextDataset(make_sentences(6, seed=3), tokenizer), iw_samples=2)
     assert r["mi"] is None and r["mi_batch"] is None
-    assert "not computed" in r["mi_estimator"] and "SylvesterTransform inverse residual" in r["mi_estimator"]
+    assert (
+        "not computed" in r["mi_estimator"]
+        and "SylvesterTransform inverse residual" in r["mi_estimator"]
+    )
     assert r["nll"] is not None and r["au"] is not None
 
 
@@ -438,8 +500,16 @@ def test_flow_mi_over_the_first_sentences_when_capped(tokenizer):
     from textvae.metrics import FLOW_MI_VALIDATION_SENTENCES
     from textvae.models import MODELS
 
-    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    cfg = load_config(
+        None,
+        [
+            "model.embed_dim=16",
+            "model.hidden_dim=16",
+            "model.latent_dim=4",
+            "model.posterior_flow=radial",
+            "model.posterior_flow_steps=1",
+        ],
+    )
     model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
     ds = TextDataset(make_sentences(10, seed=3), tokenizer)
     r = evaluate(model, ds, iw_samples=2, flow_mi_sentences=6)
@@ -454,10 +524,21 @@ def test_flow_mi_default_cap_at_evaluation_and_zero_means_all(tokenizer, monkeyp
     from textvae import metrics
     from textvae.models import MODELS
 
-    cfg = load_config(None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4",
-                             "model.posterior_flow=radial", "model.posterior_flow_steps=1"])
+    cfg = load_config(
+        None,
+        [
+            "model.embed_dim=16",
+            "model.hidden_dim=16",
+            "model.latent_dim=4",
+            "model.posterior_flow=radial",
+            "model.posterior_flow_steps=1",
+        ],
+    )
     model = MODELS["lstm_vae"](cfg.model, tokenizer).eval()
     ds = TextDataset(make_sentences(10, seed=3), tokenizer)
     monkeypatch.setattr(metrics, "FLOW_MI_EVAL_SENTENCES", 4)
     assert "over the first 4 of 10 sentences" in evaluate(model, ds, iw_samples=2)["mi_estimator"]
-    assert "over the first" not in evaluate(model, ds, iw_samples=2, flow_mi_sentences=0)["mi_estimator"]
+    assert (
+        "over the first"
+        not in evaluate(model, ds, iw_samples=2, flow_mi_sentences=0)["mi_estimator"]
+    )

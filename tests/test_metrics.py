@@ -54,15 +54,21 @@ def test_mi_saturates_at_log_n_whatever_the_true_information():
         mi = aggregate_mi(mu, logvar, z)
         assert mi == pytest.approx(math.log(n), abs=1e-6)
         # sharper posteriors: more information, the same estimate
-        assert aggregate_mi(mu, logvar - 4.0, mu + 0.001 * torch.randn(n, 8)) == pytest.approx(mi, abs=1e-6)
+        assert aggregate_mi(mu, logvar - 4.0, mu + 0.001 * torch.randn(n, 8)) == pytest.approx(
+            mi, abs=1e-6
+        )
 
 
 def test_mi_chunking_changes_nothing():
     torch.manual_seed(0)
     mu, logvar = torch.randn(300, 3), torch.randn(300, 3) * 0.3
     z = mu + torch.exp(0.5 * logvar) * torch.randn(300, 3)
-    assert aggregate_mi(mu, logvar, z, chunk=7) == pytest.approx(aggregate_mi(mu, logvar, z, chunk=300))
-    assert batch_mi(mu, logvar, z) == pytest.approx(aggregate_mi(mu, logvar, z, analytic_entropy=True))
+    assert aggregate_mi(mu, logvar, z, chunk=7) == pytest.approx(
+        aggregate_mi(mu, logvar, z, chunk=300)
+    )
+    assert batch_mi(mu, logvar, z) == pytest.approx(
+        aggregate_mi(mu, logvar, z, analytic_entropy=True)
+    )
 
 
 def test_active_units_known_answer():

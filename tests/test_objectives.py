@@ -36,8 +36,10 @@ def test_iw_bound_grows_with_k(tiny_model, tiny_batch):
     torch.manual_seed(0)
     bounds = []
     for k in (1, 10, 100):
-        reps = [iw_bound(iw_log_weights(model, tiny_batch, q, p, q.sample((k,)))[0]).mean()
-                for _ in range(20)]
+        reps = [
+            iw_bound(iw_log_weights(model, tiny_batch, q, p, q.sample((k,)))[0]).mean()
+            for _ in range(20)
+        ]
         bounds.append(float(torch.stack(reps).mean()))
     assert bounds[0] < bounds[1] < bounds[2]
 
@@ -71,8 +73,10 @@ def test_elbo_reconstruction_is_summed_not_averaged_over_padding(tiny_model, tin
     averaging over padded positions)."""
     model = tiny_model()
     pad = torch.full((tiny_batch["input_ids"].size(0), 7), model.pad_id)
-    padded = {"input_ids": torch.cat([tiny_batch["input_ids"], pad], 1),
-              "attention_mask": torch.cat([tiny_batch["attention_mask"], torch.zeros_like(pad)], 1)}
+    padded = {
+        "input_ids": torch.cat([tiny_batch["input_ids"], pad], 1),
+        "attention_mask": torch.cat([tiny_batch["attention_mask"], torch.zeros_like(pad)], 1),
+    }
     torch.manual_seed(3)
     a = elbo(model, tiny_batch)
     torch.manual_seed(3)
@@ -104,7 +108,10 @@ def test_free_bits_per_sentence_and_dimension_as_park_and_lee_released_code():
     assert x.grad.tolist() == [[0.0, 0.5], [0.5, 0.0]]  # no gradient where a sentence is below
     from textvae.config import load_config
 
-    assert load_config(None, ["kl.free_bits_mode=per_sentence_dim"]).kl.free_bits_mode == "per_sentence_dim"
+    assert (
+        load_config(None, ["kl.free_bits_mode=per_sentence_dim"]).kl.free_bits_mode
+        == "per_sentence_dim"
+    )
 
 
 def test_kl_schedules():
@@ -116,6 +123,9 @@ def test_kl_schedules():
     lg = KLConfig(schedule="logistic", beta_max=1.0, logistic_k=0.1, logistic_x0=50)
     assert kl_weight(50, lg) == pytest.approx(0.5)
     assert kl_weight(0, lg) == pytest.approx(1 / (1 + math.exp(5)))
-    cyc = KLConfig(schedule="cyclical", beta_max=1.0, cycle_steps=100, ratio_zero=0.25, ratio_increase=0.5)
+    cyc = KLConfig(
+        schedule="cyclical", beta_max=1.0, cycle_steps=100, ratio_zero=0.25, ratio_increase=0.5
+    )
     assert [kl_weight(s, cyc) for s in (0, 24, 25, 50, 75, 99, 100, 150)] == pytest.approx(
-        [0, 0, 0, 0.5, 1, 1, 0, 0.5])
+        [0, 0, 0, 0.5, 1, 1, 0, 0.5]
+    )

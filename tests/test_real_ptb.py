@@ -27,12 +27,37 @@ def ptb_present():
 
 def test_ptb_cpu_preset_trains_and_evaluates(ptb_present, tmp_path, capsys):
     run = tmp_path / "ptb"
-    assert cli.main(["train", str(PRESET), "data.train_limit=2000",
-                     "train.max_steps=30", "train.valid_limit_eval=100", "train.progress=false",
-                     "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(PRESET),
+                "data.train_limit=2000",
+                "train.max_steps=30",
+                "train.valid_limit_eval=100",
+                "train.progress=false",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "data.json").read_text())["train"]["sentences"] == 2000
-    assert cli.main(["evaluate", str(run), "--iw-samples", "10", "--max-sentences", "40",
-                     "--precision", "bf16"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(run),
+                "--iw-samples",
+                "10",
+                "--max-sentences",
+                "40",
+                "--precision",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     r = json.loads(_only(run.glob("eval-test-*.json")).read_text())
     assert r["n_sentences"] == 40 and r["n_tokens"] == r["n_words"]  # word-level: one token a word
     assert r["nll"] <= -r["elbo"] + 3 * r["nll_stderr"]
@@ -44,14 +69,45 @@ def test_yelp_preset_trains_probes_and_reports(tmp_path, capsys):
         pytest.skip("Yelp sentiment not under TEXTVAE_DATA_DIR")
     run = tmp_path / "yelp"
     preset = PRESET.parent.parent / "yelp" / "lstm-vae-cpu.yaml"
-    assert cli.main(["train", str(preset), "data.train_limit=3000", "train.max_steps=40",
-                     "train.eval_every=20", "train.valid_limit_eval=200", "train.progress=false",
-                     "--run-dir", str(run)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                str(preset),
+                "data.train_limit=3000",
+                "train.max_steps=40",
+                "train.eval_every=20",
+                "train.valid_limit_eval=200",
+                "train.progress=false",
+                "--run-dir",
+                str(run),
+            ]
+        )
+        == 0
+    )
     data = json.loads((run / "data.json").read_text())
-    assert "sentiment.test.0" in data["train"]["source"] and "sentiment.dev.1" in data["valid"]["source"]
+    assert (
+        "sentiment.test.0" in data["train"]["source"]
+        and "sentiment.dev.1" in data["valid"]["source"]
+    )
     capsys.readouterr()
-    assert cli.main(["probe", str(run), "--data", "yelp_sentiment", "--labels", "100,all",
-                     "--max-sentences", "1500", "--repeats", "2"]) == 0
+    assert (
+        cli.main(
+            [
+                "probe",
+                str(run),
+                "--data",
+                "yelp_sentiment",
+                "--labels",
+                "100,all",
+                "--max-sentences",
+                "1500",
+                "--repeats",
+                "2",
+            ]
+        )
+        == 0
+    )
     record = json.loads((run / "probe-yelp_sentiment.json").read_text())
     assert "sentiment.test" in record["fit"] and "sentiment.dev" in record["score"]
     assert [r["n"] for r in record["results"]] == [100, 1500]

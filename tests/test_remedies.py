@@ -17,13 +17,16 @@ from textvae.posteriors import GaussianHead, min_rate_max_logvar, standard_norma
 def _random_batch(tokenizer, n: int, seed: int) -> dict[str, torch.Tensor]:
     """n random sentences of random length over the tiny vocabulary."""
     g = torch.Generator().manual_seed(seed)
-    texts = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(k),), generator=g))
-             for k in torch.randint(1, 12, (n,), generator=g)]
+    texts = [
+        " ".join(WORDS[i] for i in torch.randint(len(WORDS), (int(k),), generator=g))
+        for k in torch.randint(1, 12, (n,), generator=g)
+    ]
     ds = TextDataset(texts, tokenizer)
     return ds.collate(list(range(n)))
 
 
 # --- BN-VAE --------------------------------------------------------------------------------------
+
 
 def _bn_bound(head: GaussianHead, h: torch.Tensor) -> torch.Tensor:
     """1/2 (beta_d^2 + gamma^2 v_d / (v_d + eps)) per dimension, v_d the biased batch variance of
@@ -73,7 +76,9 @@ def test_bn_vae_floor_vanishes_when_the_encoder_shrinks_below_eps():
     h = torch.randn(256, 10)
     q = head(h)
     var = q.base_dist.scale**2
-    healthy = float(kl_per_dim(q, p).sum(-1).mean() - 0.5 * (var - 1 - torch.log(var)).sum(-1).mean())
+    healthy = float(
+        kl_per_dim(q, p).sum(-1).mean() - 0.5 * (var - 1 - torch.log(var)).sum(-1).mean()
+    )
     assert healthy == pytest.approx(d * gamma**2 / 2, rel=1e-3)  # the floor, at v_d >> eps
     head.mu.weight.mul_(1e-4 / head.mu.weight.abs().max())  # v_d ~ 1e-8 << eps = 1e-5
     head.mu.bias.zero_()
@@ -142,7 +147,9 @@ def test_bn_vae_evaluation_does_not_depend_on_the_batch(tiny_model, tokenizer):
     assert not torch.allclose(model.posterior_head.bn_running_mean, torch.zeros(4))
     model.eval()
     batch = _random_batch(tokenizer, 8, 9)
-    one = {k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items() if v.dim() == 2}
+    one = {
+        k: v[:1, : int(batch["attention_mask"][0].sum())] for k, v in batch.items() if v.dim() == 2
+    }
     assert torch.allclose(model.posterior(batch).mean[:1], model.posterior(one).mean, atol=1e-5)
     # and a training batch of one sentence falls back to the running statistics instead of failing
     model.train()
@@ -152,13 +159,17 @@ def test_bn_vae_evaluation_does_not_depend_on_the_batch(tiny_model, tokenizer):
 def test_bn_vae_parameters_saved_and_shift_learnable(tiny_model):
     model = tiny_model("lstm_vae", posterior_bn_gamma=0.5)
     keys = set(model.state_dict())
-    assert {"posterior_head.bn_shift", "posterior_head.bn_running_mean",
-            "posterior_head.bn_running_var"} <= keys
+    assert {
+        "posterior_head.bn_shift",
+        "posterior_head.bn_running_mean",
+        "posterior_head.bn_running_var",
+    } <= keys
     assert model.posterior_head.bn_shift.requires_grad
     assert "posterior_head.bn_shift" not in tiny_model("lstm_vae").state_dict()
 
 
 # --- delta-VAE minimum rate ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("delta", [0.01, 0.1, 0.5, 2.0, 8.0])
 def test_min_rate_root_solves_the_kl_floor(delta):
@@ -207,6 +218,7 @@ def test_remedy_config_keys_are_checked():
 
 # --- bag-of-words loss ---------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def test_bow_loss_is_a_masked_sum_of_log_softmax(tiny_model, tiny_batch):
     model = tiny_model("lstm_vae", bow_weight=1.0)
@@ -227,8 +239,12 @@ def test_bow_gradient_reaches_the_latent_and_the_encoder(tiny_model, tiny_batch)
     bow = -model.bow_head.log_prob(z, tiny_batch["input_ids"], tiny_batch["attention_mask"])
     bow.mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
-    for name in ("encoder.lstm.weight_ih_l0", "encoder.embed.weight", "posterior_head.mu.weight",
-                 "posterior_head.logvar.weight"):
+    for name in (
+        "encoder.lstm.weight_ih_l0",
+        "encoder.embed.weight",
+        "posterior_head.mu.weight",
+        "posterior_head.logvar.weight",
+    ):
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
     assert model.decoder.lstm.weight_ih_l0.grad is None  # the BoW loss bypasses the decoder
 
@@ -249,10 +265,15 @@ def test_bow_is_reported_separately_and_weighted_into_the_loss(tiny_model, tiny_
 
 def test_bow_never_enters_evaluation(tiny_model, tokenizer):
     with_bow = tiny_model("lstm_vae", bow_weight=2.0)
-    without = MODELS["lstm_vae"](load_config(None, ["model.embed_dim=16", "model.hidden_dim=16",
-                                                    "model.latent_dim=4"]).model, tokenizer).eval()
-    without.load_state_dict({k: v for k, v in with_bow.state_dict().items()
-                             if not k.startswith("bow_head")})
+    without = MODELS["lstm_vae"](
+        load_config(
+            None, ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4"]
+        ).model,
+        tokenizer,
+    ).eval()
+    without.load_state_dict(
+        {k: v for k, v in with_bow.state_dict().items() if not k.startswith("bow_head")}
+    )
     ds = TextDataset(["the cat sat on the mat", "a dog ran", "big red cat sat"], tokenizer)
     a, b = evaluate(with_bow, ds, iw_samples=5), evaluate(without, ds, iw_samples=5)
     for key in ("rec", "kl", "elbo", "nll", "mi", "au"):

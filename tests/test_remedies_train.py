@@ -39,6 +39,7 @@ def _final(run_dir):
 
 # --- aggressive training: the inner loop --------------------------------------------------------
 
+
 def _tiny_batches(tokenizer, n=6):
     ds = TextDataset(make_sentences(16 * n, seed=3), tokenizer)
     return [ds.collate(list(range(i, i + 16))) for i in range(0, 16 * n, 16)]
@@ -54,8 +55,15 @@ def test_inner_loop_is_bounded_and_updates_only_the_inference_network(tiny_model
         drawn.append(i)
         return batches[i % len(batches)]
 
-    n = aggressive_inner_loop(model, enc_opt, draw, lambda b: elbo(model, b, beta=1.0)["loss"],
-                              max_inner=7, window=1000, grad_clip=5.0)
+    n = aggressive_inner_loop(
+        model,
+        enc_opt,
+        draw,
+        lambda b: elbo(model, b, beta=1.0)["loss"],
+        max_inner=7,
+        window=1000,
+        grad_clip=5.0,
+    )
     assert n == 7 and drawn == list(range(7))  # never more than max_inner steps
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -67,14 +75,18 @@ def test_inner_loop_is_bounded_and_updates_only_the_inference_network(tiny_model
     assert all(p.grad is None for p in model.parameters())  # no stale gradients left behind
 
 
-@pytest.mark.parametrize(("losses", "window", "expect"), [
-    ([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2], 2, 9),  # always improving: max_inner
-    ([1.0, 1.0, 2.0, 2.0, 0.0, 0.0], 2, 4),  # window 2 worse than window 1: stop after it
-    ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 3, 6),  # equal is not worse (He et al.: pre - cur < 0)
-    ([3.0, 2.0, 2.5, 1.0, 9.0, 9.0, 1.0, 1.0, 1.0], 3, 6),
-])
-def test_inner_loop_stops_when_the_window_loss_stops_improving(tiny_model, tokenizer, losses,
-                                                               window, expect):
+@pytest.mark.parametrize(
+    ("losses", "window", "expect"),
+    [
+        ([5.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.4, 0.3, 0.2], 2, 9),  # always improving: max_inner
+        ([1.0, 1.0, 2.0, 2.0, 0.0, 0.0], 2, 4),  # window 2 worse than window 1: stop after it
+        ([1.0, 1.0, 1.0, 1.0, 1.0, 1.0], 3, 6),  # equal is not worse (He et al.: pre - cur < 0)
+        ([3.0, 2.0, 2.5, 1.0, 9.0, 9.0, 1.0, 1.0, 1.0], 3, 6),
+    ],
+)
+def test_inner_loop_stops_when_the_window_loss_stops_improving(
+    tiny_model, tokenizer, losses, window, expect
+):
     """The scripted losses are per sentence; every batch has the same token count, so the
     per-token window means compare like the scripted values."""
     model = tiny_model("lstm_vae").train()
@@ -87,8 +99,15 @@ def test_inner_loop_stops_when_the_window_loss_stops_improving(tiny_model, token
         calls.append(1)
         return anchor.sum() * 0 + losses[len(calls) - 1]
 
-    n = aggressive_inner_loop(model, enc_opt, lambda i: batch, loss_of, max_inner=len(losses),
-                              window=window, grad_clip=0.0)
+    n = aggressive_inner_loop(
+        model,
+        enc_opt,
+        lambda i: batch,
+        loss_of,
+        max_inner=len(losses),
+        window=window,
+        grad_clip=0.0,
+    )
     assert n == expect == len(calls)
 
 
@@ -106,13 +125,29 @@ def test_inner_loop_stops_on_the_loss_summed_over_processes(tiny_model, tokenize
     def all_sum(sums):
         return sums + torch.tensor([next(remote) * 16, tokens], dtype=torch.float64)
 
-    n = aggressive_inner_loop(model, enc_opt, lambda i: batch,
-                              lambda b: anchor.sum() * 0 + next(local), max_inner=6, window=1,
-                              grad_clip=0.0, all_sum=all_sum)
+    n = aggressive_inner_loop(
+        model,
+        enc_opt,
+        lambda i: batch,
+        lambda b: anchor.sum() * 0 + next(local),
+        max_inner=6,
+        window=1,
+        grad_clip=0.0,
+        all_sum=all_sum,
+    )
     assert n == 2
-    assert aggressive_inner_loop(model, enc_opt, lambda i: batch,
-                                 lambda b: anchor.sum() * 0 + 1.0, max_inner=6, window=1,
-                                 grad_clip=0.0) == 6
+    assert (
+        aggressive_inner_loop(
+            model,
+            enc_opt,
+            lambda i: batch,
+            lambda b: anchor.sum() * 0 + 1.0,
+            max_inner=6,
+            window=1,
+            grad_clip=0.0,
+        )
+        == 6
+    )
 
 
 def test_aggressive_switch_off_rule():
@@ -134,9 +169,16 @@ def test_aggressive_run_switches_off_when_validation_mi_falls(tiny_config, tmp_p
         return out
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
-    cfg = tiny_config(**{"train.aggressive": "true", "train.aggressive_max_inner": 3,
-                         "train.aggressive_window": 1, "train.max_steps": 8,
-                         "train.eval_every": 2, "train.log_every": 1})
+    cfg = tiny_config(
+        **{
+            "train.aggressive": "true",
+            "train.aggressive_max_inner": 3,
+            "train.aggressive_window": 1,
+            "train.max_steps": 8,
+            "train.eval_every": 2,
+            "train.log_every": 1,
+        }
+    )
     run = train(cfg, tmp_path / "aggr")
     records = _records(run)
     assert all("phase" in r and "aggressive" in r for r in records)
@@ -144,15 +186,20 @@ def test_aggressive_run_switches_off_when_validation_mi_falls(tiny_config, tmp_p
     assert all(steps[s]["aggressive"] and 1 <= steps[s]["inner_steps"] <= 3 for s in range(1, 7))
     assert all(not steps[s]["aggressive"] and steps[s]["inner_steps"] == 0 for s in (7, 8))
     off = [r for r in records if r.get("event") == "aggressive off"]
-    assert len(off) == 1 and off[0]["step"] == 6 and off[0]["mi"] == 0.6 and off[0]["last_mi"] == 0.7
+    assert (
+        len(off) == 1 and off[0]["step"] == 6 and off[0]["mi"] == 0.6 and off[0]["last_mi"] == 0.7
+    )
     state = _trainer_state(run)
     assert state["aggressive"] is False and state["last_mi"] == 0.6
     # both optimizers are checkpointed (decoder side, inference network)
-    assert {"optimizer.bin", "optimizer_1.bin"} <= {p.name for p in (run / "checkpoints" / "last").iterdir()}
+    assert {"optimizer.bin", "optimizer_1.bin"} <= {
+        p.name for p in (run / "checkpoints" / "last").iterdir()
+    }
 
 
-def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(tiny_config, tmp_path,
-                                                                       monkeypatch):
+def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(
+    tiny_config, tmp_path, monkeypatch
+):
     """He et al. 2019, Algorithm 1: in aggressive mode the model update after the inner loop
     is theta (decoder) only. With the inner loop stubbed out the encoder must stay at its
     initialisation while the decoder trains."""
@@ -171,6 +218,7 @@ def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(tiny_conf
 
 # --- autoencoder pretraining, then the VAE phase ------------------------------------------------
 
+
 def test_phase_beta_counts_the_schedule_from_the_phase_start():
     kl = KLConfig(schedule="linear", beta_start=0.1, warmup_steps=10)
     assert phase_beta(TrainerState(step=7, phase="ae"), kl) == 0.0
@@ -178,8 +226,9 @@ def test_phase_beta_counts_the_schedule_from_the_phase_start():
     assert phase_beta(TrainerState(step=35, phase="vae", phase_start=30), kl) == kl_weight(5, kl)
 
 
-def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(tiny_config, tmp_path,
-                                                                      monkeypatch):
+def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
+    tiny_config, tmp_path, monkeypatch
+):
     betas, snaps = [], {}
     real_elbo, real_reset = base.elbo, train_module.reset_generative
 
@@ -196,9 +245,17 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(tiny_config
 
     monkeypatch.setattr(base, "elbo", spy_elbo)
     monkeypatch.setattr(train_module, "reset_generative", spy_reset)
-    cfg = tiny_config(**{"train.ae_pretrain_steps": 5, "train.max_steps": 8, "train.log_every": 1,
-                         "kl.beta_start": 0.1, "kl.warmup_steps": 20, "model.bow_weight": 0.3,
-                         "train.seed": 3})
+    cfg = tiny_config(
+        **{
+            "train.ae_pretrain_steps": 5,
+            "train.max_steps": 8,
+            "train.log_every": 1,
+            "kl.beta_start": 0.1,
+            "kl.warmup_steps": 20,
+            "model.bow_weight": 0.3,
+            "train.seed": 3,
+        }
+    )
     run = train(cfg, tmp_path / "ae")
     assert betas[:5] == [0.0] * 5  # the autoencoder phase never weighs the KL
     assert betas[5:] == [kl_weight(i, cfg.kl) for i in range(3)]  # the schedule restarts
@@ -214,7 +271,9 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(tiny_config
     fresh = MODELS["lstm_vae"](snaps["config"].model, snaps["tokenizer"]).state_dict()
     before, after = snaps["before"], snaps["after"]
     generative = [k for k in after if not k.startswith(("encoder.", "posterior_head."))]
-    assert sorted(generative) == snaps["keys"] and any(k.startswith("bow_head.") for k in generative)
+    assert sorted(generative) == snaps["keys"] and any(
+        k.startswith("bow_head.") for k in generative
+    )
     for key in generative:
         assert torch.equal(after[key], fresh[key]), key
     # ... so it differs from the trained phase-1 decoder, while the pretrained encoder is kept
@@ -231,10 +290,18 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(tiny_config
 def test_resume_across_the_phase_boundary_with_all_remedies_is_exact(tiny_config, tmp_path):
     """AE pretraining, aggressive training, BN-VAE, min rate and BoW composed; interrupted at
     the hand-off and after it, resumed, the run ends where the uninterrupted one does."""
-    extra = {"train.eval_every": 3, "train.ae_pretrain_steps": 6, "train.aggressive": "true",
-             "train.aggressive_max_inner": 3, "train.aggressive_window": 1,
-             "model.word_dropout": 0.2, "model.posterior_bn_gamma": 0.5,
-             "model.min_rate_delta": 0.05, "model.bow_weight": 0.5, "train.batch_size": 32}
+    extra = {
+        "train.eval_every": 3,
+        "train.ae_pretrain_steps": 6,
+        "train.aggressive": "true",
+        "train.aggressive_max_inner": 3,
+        "train.aggressive_window": 1,
+        "model.word_dropout": 0.2,
+        "model.posterior_bn_gamma": 0.5,
+        "model.min_rate_delta": 0.05,
+        "model.bow_weight": 0.5,
+        "train.batch_size": 32,
+    }
     whole = train(tiny_config(**extra, **{"train.max_steps": 12}), tmp_path / "whole")
     finals = {}
     for stop in (6, 9):  # at the boundary (checkpoint still in phase ae) and after it

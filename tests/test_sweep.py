@@ -81,8 +81,12 @@ def test_grid_sweep_runs_exactly_its_grid_and_writes_the_summary(tiny_corpus):
     table = [line for line in md.splitlines() if line.startswith("| trial-")]
     assert len(table) == 12  # the trial table and the evaluation table
     assert "split **valid**" in md and "- fb: `kl.free_bits=0.5`" in md
-    pareto = {t.number for t in optuna.load_study(
-        study_name="grid", storage=f"sqlite:///{out / 'study.db'}").best_trials}
+    pareto = {
+        t.number
+        for t in optuna.load_study(
+            study_name="grid", storage=f"sqlite:///{out / 'study.db'}"
+        ).best_trials
+    }
     assert set(summary["pareto"]) == pareto and pareto
     assert sum("★" in line for line in table) == len(pareto)
     # the rate-distortion plot: one point per VAE trial at (kl, rec), the LMs as references
@@ -91,7 +95,8 @@ def test_grid_sweep_runs_exactly_its_grid_and_writes_the_summary(tiny_corpus):
     drawn = {p["name"]: (p["rate"], p["distortion"]) for p in plot["points"]}
     assert drawn == {n: (r["kl"], r["rec"]) for n, r in rows.items() if r["kl"] is not None}
     assert sorted(m["nll"] for m in plot["lm"]) == sorted(
-        r["nll"] for r in rows.values() if r["kl"] is None)
+        r["nll"] for r in rows.values() if r["kl"] is None
+    )
     # running it again finds every trial finished: nothing is trained again
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("trial-*/checkpoints/last/*")}
     run_sweep(path, tiny_corpus / "out")
@@ -107,7 +112,9 @@ def test_killed_sweep_continues_without_rerunning_finished_trials(tiny_corpus):
     """`textvae sweep` killed once trial 0 is evaluated and trial 1 has a checkpoint: the same
     command finishes the study; trial 0 is not trained again and trial 1 resumes its folder."""
     _write_preset(tiny_corpus)
-    path = _write_sweep(tiny_corpus, """
+    path = _write_sweep(
+        tiny_corpus,
+        """
 base: tiny.yaml
 space:
   kl.free_bits: {low: 0.0, high: 0.5}
@@ -115,9 +122,14 @@ budget: {trials: 3, max_steps: 60}
 overrides: [train.eval_every=10, train.valid_limit_eval=8]
 evaluation: {max_sentences: 8, iw_samples: 2}
 study: {sampler: random, heartbeat_seconds: 1}
-""", "search.yaml")
+""",
+        "search.yaml",
+    )
     out = tiny_corpus / "out"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     command = [sys.executable, "-m", "textvae.cli", "sweep", str(path), "--out-dir", str(out)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_eval = out / "trial-0000" / "eval-valid.json"
@@ -155,7 +167,9 @@ study: {sampler: random, heartbeat_seconds: 1}
 
 def test_two_workers_share_one_sqlite_study_without_duplicates(tiny_corpus):
     _write_preset(tiny_corpus)
-    path = _write_sweep(tiny_corpus, """
+    path = _write_sweep(
+        tiny_corpus,
+        """
 base: tiny.yaml
 space:
   model.pooling: {grid: [last, max]}
@@ -163,7 +177,9 @@ space:
 budget: {max_steps: 3}
 evaluation: {max_sentences: 8, iw_samples: 2}
 study: {heartbeat_seconds: 1}
-""", "pair.yaml")
+""",
+        "pair.yaml",
+    )
     out, summary = run_sweep(path, tiny_corpus / "out", jobs=2)
     trials = [t for t in _trials(out, "pair") if not t.user_attrs.get("overflow")]
     assert all(t.state.name == "COMPLETE" for t in trials)
@@ -174,26 +190,46 @@ study: {heartbeat_seconds: 1}
     assert len(summary["trials"]) == 4
 
 
-@pytest.mark.parametrize("text, key", [
-    ("base: tiny.yaml\nbogus: 1\n", "'bogus': unknown key"),
-    ("base: missing.yaml\n", "'base': preset not found"),
-    ("base: tiny.yaml\nspace:\n  model.nonsense: {choices: [1, 2]}\nbudget: {trials: 2}\n",
-     "unknown config key 'model.nonsense'"),
-    ("base: tiny.yaml\nspace:\n  kl.free_bits: {low: 0.5, high: 0.1}\nbudget: {trials: 2}\n",
-     "'space.kl.free_bits': low (0.5) is above high"),
-    ("base: tiny.yaml\nspace:\n  kl.free_bits: {grid: [0.1]}\n  train.lr: {low: 0.1, high: 1}\n",
-     "'space': mixes grid and sampled"),
-    ("base: tiny.yaml\nspace:\n  kl.free_bits: {grid: [0.1, 0.2]}\nbudget: {trials: 5}\n",
-     "'budget.trials': the grid has 2 points"),
-    ("base: tiny.yaml\nobjectives: {loss: minimize}\n", "'objectives.loss': not an evaluation field"),
-    ("base: tiny.yaml\nobjectives: {nll: lower}\n", "'objectives.nll': 'lower' is not minimize"),
-    ("base: tiny.yaml\nevaluation: {split: dev}\n", "'evaluation.split': 'dev'"),
-    ("base: tiny.yaml\nspace:\n  train.lr: {low: 0.1, high: 1}\n", "'budget.trials': a sampled"),
-    ("entries:\n  a: [kl.free_bits=0.1]\n", "'entries.a': no preset"),
-    ("base: tiny.yaml\nentries:\n  a: [kl.free_bits]\n", "'entries.a': expected a list"),
-    ("base: tiny.yaml\nentries:\n  a: [model.pooling=diagonal]\n", "'entries.a'"),
-    ("base: [unclosed\n", "cannot parse YAML"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("base: tiny.yaml\nbogus: 1\n", "'bogus': unknown key"),
+        ("base: missing.yaml\n", "'base': preset not found"),
+        (
+            "base: tiny.yaml\nspace:\n  model.nonsense: {choices: [1, 2]}\nbudget: {trials: 2}\n",
+            "unknown config key 'model.nonsense'",
+        ),
+        (
+            "base: tiny.yaml\nspace:\n  kl.free_bits: {low: 0.5, high: 0.1}\nbudget: {trials: 2}\n",
+            "'space.kl.free_bits': low (0.5) is above high",
+        ),
+        (
+            "base: tiny.yaml\nspace:\n  kl.free_bits: {grid: [0.1]}\n  train.lr: {low: 0.1, high: 1}\n",
+            "'space': mixes grid and sampled",
+        ),
+        (
+            "base: tiny.yaml\nspace:\n  kl.free_bits: {grid: [0.1, 0.2]}\nbudget: {trials: 5}\n",
+            "'budget.trials': the grid has 2 points",
+        ),
+        (
+            "base: tiny.yaml\nobjectives: {loss: minimize}\n",
+            "'objectives.loss': not an evaluation field",
+        ),
+        (
+            "base: tiny.yaml\nobjectives: {nll: lower}\n",
+            "'objectives.nll': 'lower' is not minimize",
+        ),
+        ("base: tiny.yaml\nevaluation: {split: dev}\n", "'evaluation.split': 'dev'"),
+        (
+            "base: tiny.yaml\nspace:\n  train.lr: {low: 0.1, high: 1}\n",
+            "'budget.trials': a sampled",
+        ),
+        ("entries:\n  a: [kl.free_bits=0.1]\n", "'entries.a': no preset"),
+        ("base: tiny.yaml\nentries:\n  a: [kl.free_bits]\n", "'entries.a': expected a list"),
+        ("base: tiny.yaml\nentries:\n  a: [model.pooling=diagonal]\n", "'entries.a'"),
+        ("base: [unclosed\n", "cannot parse YAML"),
+    ],
+)
 def test_bad_sweep_files_give_errors_naming_file_and_key(tiny_corpus, text, key):
     _write_preset(tiny_corpus)
     path = _write_sweep(tiny_corpus, text, "bad.yaml")
@@ -214,14 +250,18 @@ def test_a_sweep_folder_refuses_another_sweep(tiny_corpus):
 
 
 def test_rate_distortion_plot_returns_what_it_draws(tmp_path):
-    rows = {"lm": {"kl": None, "rec": 119.8, "nll": 119.84},
-            "vae": {"kl": 0.01, "rec": 119.99, "nll": 119.91, "mi": 0.003, "au": 0},
-            "bow": {"kl": 2.17, "rec": 117.81, "nll": 119.25, "mi": 1.90, "au": 21},
-            "missing": {}}
+    rows = {
+        "lm": {"kl": None, "rec": 119.8, "nll": 119.84},
+        "vae": {"kl": 0.01, "rec": 119.99, "nll": 119.91, "mi": 0.003, "au": 0},
+        "bow": {"kl": 2.17, "rec": 117.81, "nll": 119.25, "mi": 1.90, "au": 21},
+        "missing": {},
+    }
     drawn = plot_rate_distortion(rows, tmp_path / "rd.png", "test")
     assert (tmp_path / "rd.png").stat().st_size > 10_000
     assert [(p["name"], p["rate"], p["distortion"]) for p in drawn["points"]] == [
-        ("vae", 0.01, 119.99), ("bow", 2.17, 117.81)]
+        ("vae", 0.01, 119.99),
+        ("bow", 2.17, 117.81),
+    ]
     assert drawn["lm"] == [{"name": "lm", "nll": 119.84}]
     lines = drawn["elbo_lines"]
     steps = {round(b - a, 6) for a, b in zip(lines, lines[1:], strict=False)}
@@ -229,7 +269,9 @@ def test_rate_distortion_plot_returns_what_it_draws(tmp_path):
     assert lines[0] <= 117.81 + 2.17 and lines[-1] >= 119.99 + 0.01  # they span the points
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_experiment_files_are_valid_sweeps(path):
     """Every multi-run experiment of docs/results/ is a sweep file whose presets and keys load
     (each entry's config, each parameter at its ends)."""
@@ -246,19 +288,28 @@ def test_remedy_matrix_entries_match_the_remedy_presets():
     from textvae.sweep import config_of
 
     sweep = load_sweep(ROOT / "experiments" / "remedy-matrix.yaml")
-    presets = {"lm": "lstm-lm-cpu.yaml", "bn": "lstm-vae-bn-cpu.yaml",
-               "bow": "lstm-vae-bow-cpu.yaml", "minrate": "lstm-vae-minrate-cpu.yaml",
-               "flow": "flow-vrae-cpu.yaml", "anneal": "lstm-vae-cpu.yaml"}
+    presets = {
+        "lm": "lstm-lm-cpu.yaml",
+        "bn": "lstm-vae-bn-cpu.yaml",
+        "bow": "lstm-vae-bow-cpu.yaml",
+        "minrate": "lstm-vae-minrate-cpu.yaml",
+        "flow": "flow-vrae-cpu.yaml",
+        "anneal": "lstm-vae-cpu.yaml",
+    }
     for name, preset in presets.items():
         from_preset = load_config(ROOT / "configs" / "ptb" / preset, sweep.overrides + sweep.budget)
-        assert dataclasses.asdict(config_of(sweep, name, {})) == dataclasses.asdict(from_preset), name
+        assert dataclasses.asdict(config_of(sweep, name, {})) == dataclasses.asdict(from_preset), (
+            name
+        )
 
 
 def test_median_pruning_stops_a_trial_worse_than_the_median(tiny_corpus):
     """study.pruner: median: a trial that cannot learn (lr 1e-7) is stopped at a validation where
     its -ELBO is above the finished trial's at the same step; its run folder stays resumable."""
     _write_preset(tiny_corpus)
-    path = _write_sweep(tiny_corpus, """
+    path = _write_sweep(
+        tiny_corpus,
+        """
 base: tiny.yaml
 overrides: [train.eval_every=5]
 entries:
@@ -268,28 +319,41 @@ budget: {max_steps: 20}
 evaluation: {max_sentences: 8, iw_samples: 2}
 objectives: {nll: minimize}
 study: {pruner: median, pruner_startup_trials: 1, heartbeat_seconds: 1, seed: 1}
-""", "prune.yaml")
+""",
+        "prune.yaml",
+    )
     out, summary = run_sweep(path, tiny_corpus / "out")
     trials = {t.params["entry"]: t for t in _trials(out, "prune")}
     # GridSampler(seed 1) runs good first, then bad (what the pruner needs here)
     assert [trials[n].number for n in ("good", "bad")] == [0, 1]
     assert trials["bad"].state.name == "PRUNED" and trials["good"].state.name == "COMPLETE"
-    steps = [json.loads(line)["step"] for line in open(out / "bad" / "log.jsonl")
-             if json.loads(line)["type"] == "valid"]
+    steps = [
+        json.loads(line)["step"]
+        for line in open(out / "bad" / "log.jsonl")
+        if json.loads(line)["type"] == "valid"
+    ]
     assert max(steps) < 20 and (out / "bad" / "checkpoints" / "last").is_dir()
     assert not (out / "bad" / "eval-valid.json").exists()
     assert "PRUNED" in (out / "sweep.md").read_text()
     with pytest.raises(SweepError, match="study.pruner"):
-        load_sweep(_write_sweep(tiny_corpus, "base: tiny.yaml\nobjectives: {nll: minimize, mi: "
-                                "maximize}\nstudy: {pruner: median}\n", "bad.yaml"))
+        load_sweep(
+            _write_sweep(
+                tiny_corpus,
+                "base: tiny.yaml\nobjectives: {nll: minimize, mi: "
+                "maximize}\nstudy: {pruner: median}\n",
+                "bad.yaml",
+            )
+        )
 
 
 def test_minutes_budget_and_storage_url(tiny_corpus):
     """budget.minutes: no trial starts after the time is up; --storage puts the study where the
     URL says (here another SQLite file; postgresql:// URLs work the same way)."""
     _write_preset(tiny_corpus)
-    path = _write_sweep(tiny_corpus, GRID.replace("budget: {max_steps: 3}",
-                                                  "budget: {max_steps: 3, minutes: 1.0e-6}"))
+    path = _write_sweep(
+        tiny_corpus,
+        GRID.replace("budget: {max_steps: 3}", "budget: {max_steps: 3, minutes: 1.0e-6}"),
+    )
     url = f"sqlite:///{tiny_corpus / 'elsewhere.db'}"
     out, summary = run_sweep(path, tiny_corpus / "out", storage=url)
     assert (tiny_corpus / "elsewhere.db").is_file() and not (out / "study.db").exists()

@@ -20,8 +20,12 @@ from textvae.models import MODELS
 from textvae.models.t5_vae import train_t5_tokenizer
 from textvae.train import train
 
-T5 = {"model.name": "t5_vae", **dict(item.split("=") for item in TINY_T5),
-      "model.pooling": "mean", "train.ae_reset_decoder": "false"}
+T5 = {
+    "model.name": "t5_vae",
+    **dict(item.split("=") for item in TINY_T5),
+    "model.pooling": "mean",
+    "train.ae_reset_decoder": "false",
+}
 
 
 def _only(paths):
@@ -39,7 +43,9 @@ def _final(run_dir):
 
 
 def _trainer_state(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last" / "custom_checkpoint_0.pkl", weights_only=False)
+    return torch.load(
+        run_dir / "checkpoints" / "last" / "custom_checkpoint_0.pkl", weights_only=False
+    )
 
 
 @pytest.fixture
@@ -51,7 +57,9 @@ def t5_tokenizer():
 def t5_model(t5_tokenizer):
     def make(**extra):
         overrides = {**T5, **{f"model.{k}": v for k, v in extra.items()}}
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items() if k.startswith("model.")])
+        cfg = load_config(
+            None, [f"{k}={v}" for k, v in overrides.items() if k.startswith("model.")]
+        )
         torch.manual_seed(0)
         return MODELS["t5_vae"](cfg.model, t5_tokenizer).eval()
 
@@ -63,6 +71,7 @@ def _batch(tokenizer, texts):
 
 
 # --- the model ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("pooling", ["mean", "max", "attention", "last"])
 @torch.no_grad()
@@ -76,8 +85,10 @@ def test_posterior_does_not_depend_on_padding(t5_model, t5_tokenizer, pooling):
     assert torch.allclose(padded.mean[:1], alone.mean, atol=1e-5)
     assert torch.allclose(padded.stddev[:1], alone.stddev, atol=1e-5)
     # more padding columns change nothing either
-    more = {k: torch.cat([v, torch.zeros_like(v)], 1) if v.dim() == 2 else v for k, v in batch.items()}
-    more["input_ids"][:, batch["input_ids"].size(1):] = model.pad_id
+    more = {
+        k: torch.cat([v, torch.zeros_like(v)], 1) if v.dim() == 2 else v for k, v in batch.items()
+    }
+    more["input_ids"][:, batch["input_ids"].size(1) :] = model.pad_id
     assert torch.allclose(model.posterior(more).mean, padded.mean, atol=1e-5)
 
 
@@ -106,8 +117,9 @@ def test_log_likelihood_is_the_sum_over_real_tokens(t5_model, t5_tokenizer):
 
 @pytest.mark.parametrize("injection", ["memory", "embedding", "both"])
 @torch.no_grad()
-def test_every_injection_decodes_step_by_step_as_in_teacher_forcing(t5_model, t5_tokenizer,
-                                                                     injection):
+def test_every_injection_decodes_step_by_step_as_in_teacher_forcing(
+    t5_model, t5_tokenizer, injection
+):
     model = t5_model(latent_injection=injection)
     assert (model.memory is not None) == (injection != "embedding")
     assert (model.z_embed is not None) == (injection != "memory")
@@ -139,7 +151,9 @@ def test_memory_slots_keep_batch_rows_apart(t5_model, t5_tokenizer):
     batch = _batch(t5_tokenizer, make_sentences(5, seed=9))
     ll = model.log_likelihood(batch, z.unsqueeze(0))[0]
     permuted = {key: value[perm] for key, value in batch.items()}
-    assert torch.allclose(model.log_likelihood(permuted, z[perm].unsqueeze(0))[0], ll[perm], atol=1e-5)
+    assert torch.allclose(
+        model.log_likelihood(permuted, z[perm].unsqueeze(0))[0], ll[perm], atol=1e-5
+    )
     z2 = z.clone()
     z2[2] += 3.0
     changed = (model.log_likelihood(batch, z2.unsqueeze(0))[0] - ll).abs() > 1e-4
@@ -156,9 +170,12 @@ def test_the_decoder_has_no_cross_attention(t5_model):
 
 # --- denoising ----------------------------------------------------------------------------------
 
+
 def test_delete_tokens_edits_ids_and_mask_together():
     gen = torch.Generator().manual_seed(0)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 2], [12, 13, 14, 2, 0, 0, 0, 0], [15, 2, 0, 0, 0, 0, 0, 0]])
+    ids = torch.tensor(
+        [[5, 6, 7, 8, 9, 10, 11, 2], [12, 13, 14, 2, 0, 0, 0, 0], [15, 2, 0, 0, 0, 0, 0, 0]]
+    )
     mask = (ids != 0).long()
     for _ in range(20):
         new_ids, new_mask = delete_tokens(ids, mask, 0.4, pad_id=0, generator=gen)
@@ -166,7 +183,9 @@ def test_delete_tokens_edits_ids_and_mask_together():
         for row in range(3):
             before = ids[row][mask[row].bool()].tolist()
             n_keep = int(new_mask[row].sum())
-            assert new_mask[row].tolist() == [1] * n_keep + [0] * (new_mask.size(1) - n_keep)  # left-packed
+            assert new_mask[row].tolist() == [1] * n_keep + [0] * (
+                new_mask.size(1) - n_keep
+            )  # left-packed
             after = new_ids[row][:n_keep].tolist()
             assert (new_ids[row][n_keep:] == 0).all()  # freed positions hold padding
             assert len(before) - n_keep == round(0.4 * (len(before) - 1))
@@ -180,7 +199,9 @@ def test_delete_tokens_edits_ids_and_mask_together():
 
 def test_denoising_reaches_the_encoder_only_in_training(t5_model, t5_tokenizer, monkeypatch):
     model = t5_model(encoder_token_drop=0.5, t5_dropout=0.0)
-    batch = _batch(t5_tokenizer, ["a big red dog ran under the small blue mat", "the cat sat on it"])
+    batch = _batch(
+        t5_tokenizer, ["a big red dog ran under the small blue mat", "the cat sat on it"]
+    )
     original = {k: v.clone() for k, v in batch.items()}
     seen = {}
     encoder_forward, decoder_forward = model.encoder.forward, model.decoder.forward
@@ -208,6 +229,7 @@ def test_denoising_reaches_the_encoder_only_in_training(t5_model, t5_tokenizer, 
 
 # --- training: phases, freezing, resume -----------------------------------------------------------
 
+
 def _t5_config(tiny_config, **extra):
     return tiny_config(**{**T5, **extra})
 
@@ -232,9 +254,16 @@ def test_phase_one_stops_early_then_phase_two_resumes_exactly(tiny_config, tmp_p
         return out
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
-    extra = {"train.ae_pretrain_steps": 100, "train.ae_patience": 1, "train.eval_every": 2,
-             "kl.free_bits": 0.1, "model.encoder_token_drop": 0.3, "kl.warmup_steps": 4,
-             "train.batch_size": 32, "train.log_every": 1}
+    extra = {
+        "train.ae_pretrain_steps": 100,
+        "train.ae_patience": 1,
+        "train.eval_every": 2,
+        "kl.free_bits": 0.1,
+        "model.encoder_token_drop": 0.3,
+        "kl.warmup_steps": 4,
+        "train.batch_size": 32,
+        "train.log_every": 1,
+    }
     # validations at 2, 4, 6, 8: rec 5.0 (best), 6.0 (not better: phase ends), then anything
     script = [5.0, 6.0, 1.0, 1.0]
     recs = iter(script)
@@ -252,10 +281,12 @@ def test_phase_one_stops_early_then_phase_two_resumes_exactly(tiny_config, tmp_p
     assert state["phase"] == "vae" and state["phase_start"] == 4 and state["ae_stopped"]
     for stop_at, done in ((4, [5.0, 6.0]), (6, [5.0, 6.0, 1.0])):
         recs = iter(done)
-        part = train(_t5_config(tiny_config, **extra, **{"train.max_steps": stop_at}),
-                     tmp_path / f"part{stop_at}")
+        part = train(
+            _t5_config(tiny_config, **extra, **{"train.max_steps": stop_at}),
+            tmp_path / f"part{stop_at}",
+        )
         assert _trainer_state(part)["phase"] == ("ae" if stop_at == 4 else "vae")
-        recs = iter(script[len(done):])
+        recs = iter(script[len(done) :])
         train(None, part, resume=True, overrides=["train.max_steps=8"])
         a, b = _final(whole), _final(part)
         assert a.keys() == b.keys()
@@ -276,14 +307,20 @@ def test_phase_two_starts_from_the_best_phase_one_weights(tiny_config, tmp_path,
         return out
 
     monkeypatch.setattr(train_module, "evaluate", scripted)
-    extra = {"train.ae_pretrain_steps": 4, "train.eval_every": 2, "train.max_steps": 6,
-             "train.log_every": 1}
+    extra = {
+        "train.ae_pretrain_steps": 4,
+        "train.eval_every": 2,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+    }
     finals = {}
     for order in ("best_first", "best_last"):
         for start in ("best", "last"):
             recs = iter([5.0, 6.0, 1.0] if order == "best_first" else [6.0, 5.0, 1.0])
-            run = train(_t5_config(tiny_config, **extra, **{"train.ae_start": start}),
-                        tmp_path / f"{order}-{start}")
+            run = train(
+                _t5_config(tiny_config, **extra, **{"train.ae_start": start}),
+                tmp_path / f"{order}-{start}",
+            )
             hand_off = next(r for r in _records(run) if r.get("event") == "phase")
             finals[order, start] = _final(run)
             if start == "best":
@@ -301,10 +338,17 @@ def test_phase_two_starts_from_the_best_phase_one_weights(tiny_config, tmp_path,
 
 
 def test_frozen_decoder_phase_can_freeze_the_latent_projection(tiny_config, tmp_path):
-    cfg = _t5_config(tiny_config, **{"train.ae_pretrain_steps": 3, "train.ae_freeze_decoder": "true",
-                                      "train.ae_freeze_latent_projection": "true",
-                                      "train.max_steps": 3, "train.seed": 4,
-                                      "model.latent_injection": "both"})
+    cfg = _t5_config(
+        tiny_config,
+        **{
+            "train.ae_pretrain_steps": 3,
+            "train.ae_freeze_decoder": "true",
+            "train.ae_freeze_latent_projection": "true",
+            "train.max_steps": 3,
+            "train.seed": 4,
+            "model.latent_injection": "both",
+        },
+    )
     run = train(cfg, tmp_path / "frozen")
     _, tokenizer = textvae.load(run)
     torch.manual_seed(4)
@@ -318,9 +362,16 @@ def test_frozen_decoder_phase_can_freeze_the_latent_projection(tiny_config, tmp_
 
 
 def test_frozen_decoder_phase_leaves_the_decoder_unchanged(tiny_config, tmp_path):
-    cfg = _t5_config(tiny_config, **{"train.ae_pretrain_steps": 3, "train.ae_freeze_decoder": "true",
-                                      "train.max_steps": 3, "train.seed": 4,
-                                      "model.latent_injection": "both"})
+    cfg = _t5_config(
+        tiny_config,
+        **{
+            "train.ae_pretrain_steps": 3,
+            "train.ae_freeze_decoder": "true",
+            "train.max_steps": 3,
+            "train.seed": 4,
+            "model.latent_injection": "both",
+        },
+    )
     run = train(cfg, tmp_path / "frozen")
     _, tokenizer = textvae.load(run)
     torch.manual_seed(4)
@@ -329,15 +380,20 @@ def test_frozen_decoder_phase_leaves_the_decoder_unchanged(tiny_config, tmp_path
     frozen = [k for k in after if k.startswith(("shared.", "decoder.", "lm_head."))]
     assert frozen and all(torch.equal(after[k], init[k]) for k in frozen)
     for prefix in ("encoder.", "posterior_head.", "memory.", "z_embed."):  # these trained
-        assert any(not torch.equal(after[k], init[k]) for k in after if k.startswith(prefix)), prefix
+        assert any(not torch.equal(after[k], init[k]) for k in after if k.startswith(prefix)), (
+            prefix
+        )
     train(None, run, resume=True, overrides=["train.max_steps=5"])  # phase vae: all train
     later = _final(run)
-    assert not torch.equal(later["decoder.block.0.layer.0.SelfAttention.q.weight"],
-                           init["decoder.block.0.layer.0.SelfAttention.q.weight"])
+    assert not torch.equal(
+        later["decoder.block.0.layer.0.SelfAttention.q.weight"],
+        init["decoder.block.0.layer.0.SelfAttention.q.weight"],
+    )
     assert not torch.equal(later["shared.weight"], init["shared.weight"])
 
 
 # --- from_pretrained, evaluation, generation ------------------------------------------------------
+
 
 @pytest.fixture(params=[True, False], ids=["t5", "t5-v1.1-scaling"])
 def tiny_pretrained(request, tmp_path, tiny_corpus):
@@ -348,9 +404,16 @@ def tiny_pretrained(request, tmp_path, tiny_corpus):
 
     texts = (tiny_corpus / "train.txt").read_text().splitlines()
     tokenizer = train_t5_tokenizer(texts, 60)
-    config = T5Config(vocab_size=len(tokenizer) + 8, d_model=16,  # padded, as t5-small's d_ff=32, d_kv=8, num_layers=1,
-                      num_decoder_layers=2, num_heads=2, tie_word_embeddings=request.param,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    config = T5Config(
+        vocab_size=len(tokenizer) + 8,
+        d_model=16,  # padded, as t5-small's d_ff=32, d_kv=8, num_layers=1,
+        num_decoder_layers=2,
+        num_heads=2,
+        tie_word_embeddings=request.param,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     torch.manual_seed(11)
     t5 = T5ForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -365,15 +428,25 @@ def tiny_pretrained(request, tmp_path, tiny_corpus):
 def test_from_pretrained_round_trip(tiny_config, tmp_path, tiny_pretrained):
     folder, t5 = tiny_pretrained
     saved = t5.state_dict()
-    cfg = _t5_config(tiny_config, **{"model.pretrained": str(folder), "model.t5_d_model": 64,
-                                      "train.max_steps": 2, "train.eval_every": 2})
+    cfg = _t5_config(
+        tiny_config,
+        **{
+            "model.pretrained": str(folder),
+            "model.t5_d_model": 64,
+            "train.max_steps": 2,
+            "train.eval_every": 2,
+        },
+    )
     tokenizer = MODELS["t5_vae"].make_tokenizer(cfg, [])
     model = MODELS["t5_vae"](cfg.model, tokenizer).eval()
     own = model.state_dict()
     assert model.shared.weight.shape == (len(tokenizer) + 8, 16)  # the checkpoint's sizes, not t5_*
-    for key in ("shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
-                "decoder.block.1.layer.2.DenseReluDense.wi.weight",
-                "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"):
+    for key in (
+        "shared.weight",
+        "encoder.block.0.layer.0.SelfAttention.q.weight",
+        "decoder.block.1.layer.2.DenseReluDense.wi.weight",
+        "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ):
         assert torch.equal(own[key], saved[key]), key
     # with z's contribution removed, the VAE decoder is the pretrained T5 decoder, logits and all
     embedding = MODELS["t5_vae"](_with_model(cfg, latent_injection="embedding"), tokenizer).eval()
@@ -398,8 +471,10 @@ def test_from_pretrained_round_trip(tiny_config, tmp_path, tiny_pretrained):
 
 
 def test_evaluation_and_generation_through_the_shared_code(tiny_config, tmp_path, capsys):
-    cfg = _t5_config(tiny_config, **{"train.max_steps": 4, "model.latent_injection": "both",
-                                      "train.ae_pretrain_steps": 2})
+    cfg = _t5_config(
+        tiny_config,
+        **{"train.max_steps": 4, "model.latent_injection": "both", "train.ae_pretrain_steps": 2},
+    )
     run = train(cfg, tmp_path / "run")
     model, tokenizer = textvae.load(run)
     texts = make_sentences(12, seed=8) + ["the zebra sat"]  # a word the tokenizer splits
@@ -410,12 +485,16 @@ def test_evaluation_and_generation_through_the_shared_code(tiny_config, tmp_path
     n = r["n_sentences"]
     assert r["ppl_token"] == pytest.approx(torch.tensor(r["nll"] * n / r["n_tokens"]).exp().item())
     assert r["ppl_word"] == pytest.approx(torch.tensor(r["nll"] * n / r["n_words"]).exp().item())
-    assert r["ppl_elbo_token"] == pytest.approx(torch.tensor(-r["elbo"] * n / r["n_tokens"]).exp().item())
+    assert r["ppl_elbo_token"] == pytest.approx(
+        torch.tensor(-r["elbo"] * n / r["n_tokens"]).exp().item()
+    )
     assert "WordLevel" not in r["tokenizer"]
     capsys.readouterr()
-    for args in (["--mode", "sample", "-n", "3"],
-                 ["--mode", "reconstruct", "--input", "the cat sat", "a dog ran", "--strategy", "beam"],
-                 ["--mode", "interpolate", "-n", "4", "--input", "the cat sat", "a dog ran"]):
+    for args in (
+        ["--mode", "sample", "-n", "3"],
+        ["--mode", "reconstruct", "--input", "the cat sat", "a dog ran", "--strategy", "beam"],
+        ["--mode", "interpolate", "-n", "4", "--input", "the cat sat", "a dog ran"],
+    ):
         assert cli.main(["generate", str(run), *args, "--max-length", "8"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 + 2 + 4
@@ -429,36 +508,52 @@ def test_cpu_preset_through_the_cli_at_tiny_size(tiny_corpus, tmp_path):
     from tests.conftest import tiny_overrides
 
     preset = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "t5-vae-cpu.yaml"
-    overrides = [*tiny_overrides(tiny_corpus), *TINY_T5, "train.max_steps=6",
-                 "train.ae_pretrain_steps=3", "train.eval_every=3", "train.valid_limit_eval=20",
-                 "kl.warmup_steps=2", "eval.batch_size=16", "train.log_every=1"]
+    overrides = [
+        *tiny_overrides(tiny_corpus),
+        *TINY_T5,
+        "train.max_steps=6",
+        "train.ae_pretrain_steps=3",
+        "train.eval_every=3",
+        "train.valid_limit_eval=20",
+        "kl.warmup_steps=2",
+        "eval.batch_size=16",
+        "train.log_every=1",
+    ]
     run = tmp_path / "cpu"
     assert cli.main(["train", str(preset), *overrides, "--run-dir", str(run)]) == 0
     phases = [r["phase"] for r in _records(run) if r["type"] == "train"]
     assert "ae" in phases and phases[-1] == "vae"
     assert cli.main(["evaluate", str(run), "--iw-samples", "4", "--max-sentences", "10"]) == 0
     result = json.loads(_only(run.glob("eval-test-*.json")).read_text())
-    assert result["ppl_elbo_token"] >= 1 and result["nll"] is not None and result["au_delta"] == 0.01
+    assert (
+        result["ppl_elbo_token"] >= 1 and result["nll"] is not None and result["au_delta"] == 0.01
+    )
     assert cli.main(["report", str(run)]) == 0
     assert "T5 from scratch" in (run / "report" / "report.md").read_text()
 
 
 # --- configuration ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["model.name=t5_vae", "train.ae_pretrain_steps=5"], "train.ae_reset_decoder"),
-    (["model.name=t5_vae", "model.backbone=lstm"], "model.backbone"),
-    (["model.name=t5_vae", "train.aggressive=true"], "train.aggressive"),
-    (["model.name=t5_vae", "model.posterior_flow=planar"], "model.posterior_flow"),
-    (["model.name=t5_vae", "model.latent_injection=prefix"], "model.latent_injection"),
-    (["model.name=lstm_vae", "model.pretrained=t5-small"], "model.pretrained"),
-    (["model.name=lstm_vae", "train.ae_pretrain_steps=5", "train.ae_freeze_decoder=true"],
-     "train.ae_freeze_decoder"),
-    (["model.name=t5_vae", "train.ae_patience=2"], "train.ae_patience"),
-    (["model.name=t5_vae", "model.encoder_token_drop=1.0"], "model.encoder_token_drop"),
-    (["model.name=cvrae", "model.encoder_token_drop=0.1"], "model.encoder_token_drop"),
-    (["model.name=t5_vae", "model.t5_num_heads=0"], "model.t5_num_heads"),
-])
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.name=t5_vae", "train.ae_pretrain_steps=5"], "train.ae_reset_decoder"),
+        (["model.name=t5_vae", "model.backbone=lstm"], "model.backbone"),
+        (["model.name=t5_vae", "train.aggressive=true"], "train.aggressive"),
+        (["model.name=t5_vae", "model.posterior_flow=planar"], "model.posterior_flow"),
+        (["model.name=t5_vae", "model.latent_injection=prefix"], "model.latent_injection"),
+        (["model.name=lstm_vae", "model.pretrained=t5-small"], "model.pretrained"),
+        (
+            ["model.name=lstm_vae", "train.ae_pretrain_steps=5", "train.ae_freeze_decoder=true"],
+            "train.ae_freeze_decoder",
+        ),
+        (["model.name=t5_vae", "train.ae_patience=2"], "train.ae_patience"),
+        (["model.name=t5_vae", "model.encoder_token_drop=1.0"], "model.encoder_token_drop"),
+        (["model.name=cvrae", "model.encoder_token_drop=0.1"], "model.encoder_token_drop"),
+        (["model.name=t5_vae", "model.t5_num_heads=0"], "model.t5_num_heads"),
+    ],
+)
 def test_bad_t5_settings_name_their_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, overrides)

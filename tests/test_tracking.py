@@ -13,8 +13,17 @@ from textvae.train import train
 def test_tensorboard_event_files_hold_the_log_scalars(tiny_config, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = train(tiny_config(**{"train.log_with": "tensorboard", "train.max_steps": 10,
-                               "train.eval_every": 5, "train.num_samples": 0}), tmp_path / "run")
+    run = train(
+        tiny_config(
+            **{
+                "train.log_with": "tensorboard",
+                "train.max_steps": 10,
+                "train.eval_every": 5,
+                "train.num_samples": 0,
+            }
+        ),
+        tmp_path / "run",
+    )
     events = EventAccumulator(str(run / "tensorboard" / "textvae"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -23,8 +32,11 @@ def test_tensorboard_event_files_hold_the_log_scalars(tiny_config, tmp_path):
     for record in log:
         if record["type"] not in ("train", "valid"):
             continue
-        keys = (("loss", "rec", "kl", "beta", "lr") if record["type"] == "train"
-                else ("elbo", "kl", "mi", "au", "z_gap"))
+        keys = (
+            ("loss", "rec", "kl", "beta", "lr")
+            if record["type"] == "train"
+            else ("elbo", "kl", "mi", "au", "z_gap")
+        )
         for key in keys:
             tag = f"{record['type']}/{key}"
             assert tag in tags, tag

@@ -23,7 +23,9 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_config, tmp_p
     # word dropout and decoder dropout make the run depend on the RNG state too
     extra = dict(**{"train.eval_every": 5, "model.word_dropout": 0.2, "train.batch_size": 32})
     whole = train(tiny_config(**extra, **{"train.max_steps": 16}), tmp_path / "whole")
-    part = train(tiny_config(**extra, **{"train.max_steps": 10}), tmp_path / "part")  # "interrupted"
+    part = train(
+        tiny_config(**extra, **{"train.max_steps": 10}), tmp_path / "part"
+    )  # "interrupted"
     train(None, part, resume=True, overrides=["train.max_steps=16"])
     a, b = _final_weights(whole), _final_weights(part)
     assert a.keys() == b.keys()
@@ -88,12 +90,23 @@ def test_load_round_trip_gives_identical_outputs(tiny_config, tmp_path):
 
 
 def test_overfit_a_few_sentences(tiny_config, tmp_path):
-    (tmp_path / "few.txt").write_text("the cat sat on the mat\na dog ran under the log\nbig red cat\n")
-    cfg = tiny_config(**{
-        "data.train_path": str(tmp_path / "few.txt"), "data.valid_path": str(tmp_path / "few.txt"),
-        "model.dec_dropout_in": 0.0, "model.dec_dropout_out": 0.0, "model.hidden_dim": 32,
-        "train.max_steps": 300, "train.batch_size": 3, "train.eval_every": 300,
-        "kl.schedule": "constant", "kl.beta_max": 0.1})
+    (tmp_path / "few.txt").write_text(
+        "the cat sat on the mat\na dog ran under the log\nbig red cat\n"
+    )
+    cfg = tiny_config(
+        **{
+            "data.train_path": str(tmp_path / "few.txt"),
+            "data.valid_path": str(tmp_path / "few.txt"),
+            "model.dec_dropout_in": 0.0,
+            "model.dec_dropout_out": 0.0,
+            "model.hidden_dim": 32,
+            "train.max_steps": 300,
+            "train.batch_size": 3,
+            "train.eval_every": 300,
+            "kl.schedule": "constant",
+            "kl.beta_max": 0.1,
+        }
+    )
     run = train(cfg, tmp_path / "overfit")
     model, tok = textvae.load(run, which="last")
     from textvae.generate import reconstruct
@@ -110,8 +123,15 @@ def test_cli_end_to_end(tiny_corpus, tmp_path, capsys):
     preset = tmp_path / "preset.yaml"
     preset.write_text("model:\n  name: lstm_vae\n  pooling: max\n")
     assert cli.main(["train", str(preset), *overrides, "--run-dir", str(run)]) == 0
-    for name in ("config.yaml", "log.jsonl", "samples.txt", "data.json", "tokenizer/tokenizer.json",
-                 "checkpoints/best/model.safetensors", "checkpoints/last/model.safetensors"):
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "samples.txt",
+        "data.json",
+        "tokenizer/tokenizer.json",
+        "checkpoints/best/model.safetensors",
+        "checkpoints/last/model.safetensors",
+    ):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in open(run / "log.jsonl")]
     train_rec = next(r for r in records if r["type"] == "train")
@@ -127,10 +147,24 @@ def test_cli_end_to_end(tiny_corpus, tmp_path, capsys):
     assert "nats/sentence" in capsys.readouterr().out
     sentence_file = tmp_path / "in.txt"
     sentence_file.write_text("the cat sat\na dog ran\n")
-    for args, n_lines in ((["--mode", "sample", "-n", "3", "--strategy", "sample", "--top-p", "0.9"], 3),
-                          (["--mode", "reconstruct", "--input", str(sentence_file), "--strategy", "beam"], 2),
-                          (["--mode", "interpolate", "--input", "the cat sat", "a dog ran", "-n", "4",
-                            "--interpolation", "spherical"], 4)):
+    for args, n_lines in (
+        (["--mode", "sample", "-n", "3", "--strategy", "sample", "--top-p", "0.9"], 3),
+        (["--mode", "reconstruct", "--input", str(sentence_file), "--strategy", "beam"], 2),
+        (
+            [
+                "--mode",
+                "interpolate",
+                "--input",
+                "the cat sat",
+                "a dog ran",
+                "-n",
+                "4",
+                "--interpolation",
+                "spherical",
+            ],
+            4,
+        ),
+    ):
         assert cli.main(["generate", str(run), *args]) == 0
         assert len(capsys.readouterr().out.splitlines()) == n_lines, args
     assert cli.main(["train", "--resume", "--run-dir", str(run), "train.max_steps=14"]) == 0

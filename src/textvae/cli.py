@@ -66,9 +66,11 @@ def _cmd_train(args) -> int:
         run_dir = train(config, run_dir, resume=args.resume, overrides=overrides)
     except TrainingInterrupted as stop:
         name = signal.Signals(stop.signum).name
-        print(f"{name}: training stopped after step {stop.step}; checkpoints/last holds it. "
-              f"Continue with:\n  textvae train --resume --run-dir {shlex.quote(str(run_dir))}",
-              file=sys.stderr)
+        print(
+            f"{name}: training stopped after step {stop.step}; checkpoints/last holds it. "
+            f"Continue with:\n  textvae train --resume --run-dir {shlex.quote(str(run_dir))}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED.get(name, 128 + stop.signum)
     if int(os.environ.get("RANK", "0")) == 0:  # the main one of several processes
         print(f"run folder: {run_dir}  ({time.perf_counter() - start:.0f} s)")
@@ -79,8 +81,10 @@ def _dataset_for(model, config, split: str, data: str | None, max_sentences: int
     from textvae.data import TextDataset, load_split
 
     if max_sentences is not None and max_sentences < 1:
-        raise ValueError(f"--max-sentences must be at least 1, got {max_sentences} (leave it out "
-                         "to use every sentence)")
+        raise ValueError(
+            f"--max-sentences must be at least 1, got {max_sentences} (leave it out "
+            "to use every sentence)"
+        )
     corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
     texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
     if max_sentences is not None:
@@ -93,8 +97,10 @@ def _dataset_for(model, config, split: str, data: str | None, max_sentences: int
 
 def _refuse_existing(path: Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists: an evaluation is never replaced silently; pass "
-                              "--overwrite to replace it, or choose another --output")
+        raise FileExistsError(
+            f"{path} exists: an evaluation is never replaced silently; pass "
+            "--overwrite to replace it, or choose another --output"
+        )
     return path
 
 
@@ -110,8 +116,13 @@ def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precisio
     if args.output:
         return _refuse_existing(Path(args.output), args.overwrite)
     what = args.split if args.data is None else Path(args.data).stem
-    stem = evaluation_name(what, None if full else n_sentences,
-                           k if model.has_latent else None, precision, args.generation)
+    stem = evaluation_name(
+        what,
+        None if full else n_sentences,
+        k if model.has_latent else None,
+        precision,
+        args.generation,
+    )
     path, i = Path(args.run_dir) / f"{stem}.json", 2
     while path.exists():
         path, i = Path(args.run_dir) / f"{stem}-{i}.json", i + 1
@@ -132,8 +143,10 @@ def _cmd_evaluate(args) -> int:
     from textvae.metrics import UNITS, evaluate
 
     if args.max_sentences is not None and args.max_sentences < 1:
-        raise ValueError(f"--max-sentences must be at least 1, got {args.max_sentences} (leave "
-                         "it out to evaluate every sentence)")
+        raise ValueError(
+            f"--max-sentences must be at least 1, got {args.max_sentences} (leave "
+            "it out to evaluate every sentence)"
+        )
     if args.output:
         _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
     _set_threads(args)
@@ -153,13 +166,21 @@ def _cmd_evaluate(args) -> int:
     precision = args.precision or cfg.eval.precision
     progress = _progress(args)
     start = time.perf_counter()
-    result = evaluate(model, dataset, iw_samples=k, au_delta=args.au_delta or cfg.eval.au_delta,
-                      batch_size=args.batch_size or cfg.eval.batch_size,
-                      chunk_tokens=cfg.eval.chunk_tokens, precision=precision, seed=args.seed,
-                      skip_too_long=args.skip_too_long, flow_mi_sentences=args.flow_mi_sentences,
-                      progress=progress,
-                      num_processes=shard.num_processes if shard else 1,
-                      process_index=shard.process_index if shard else 0)
+    result = evaluate(
+        model,
+        dataset,
+        iw_samples=k,
+        au_delta=args.au_delta or cfg.eval.au_delta,
+        batch_size=args.batch_size or cfg.eval.batch_size,
+        chunk_tokens=cfg.eval.chunk_tokens,
+        precision=precision,
+        seed=args.seed,
+        skip_too_long=args.skip_too_long,
+        flow_mi_sentences=args.flow_mi_sentences,
+        progress=progress,
+        num_processes=shard.num_processes if shard else 1,
+        process_index=shard.process_index if shard else 0,
+    )
     if shard is not None and not shard.is_main_process:
         shard.wait_for_everyone()  # the main process generates, writes and prints
         return 0
@@ -169,24 +190,47 @@ def _cmd_evaluate(args) -> int:
         from textvae.metrics import response_metrics
 
         n = args.gen_sentences
-        result.update(response_metrics(
-            model, dataset.contexts[:n], dataset.texts[:n], n_responses=args.gen_responses,
-            strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress))
+        result.update(
+            response_metrics(
+                model,
+                dataset.contexts[:n],
+                dataset.texts[:n],
+                n_responses=args.gen_responses,
+                strategy=args.gen_strategy,
+                max_length=args.max_length,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                progress=progress,
+            )
+        )
     elif args.generation:
         from textvae.metrics import generation_metrics
 
-        result.update(generation_metrics(
-            model, dataset.texts[: args.gen_sentences], n_samples=args.gen_samples,
-            strategy=args.gen_strategy, max_length=args.max_length, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, progress=progress))
+        result.update(
+            generation_metrics(
+                model,
+                dataset.texts[: args.gen_sentences],
+                n_samples=args.gen_samples,
+                strategy=args.gen_strategy,
+                max_length=args.max_length,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                progress=progress,
+            )
+        )
     seconds = time.perf_counter() - start
     result["seconds"] = seconds
     output = _write_json(result, _evaluation_path(args, model, len(dataset), full, k, precision))
     processes = f", {shard.num_processes} processes" if shard is not None else ""
     how = f"IW-NLL with K={k}" if model.has_latent else "exact likelihood (no latent)"
-    print(f"evaluated {source} ({result['n_sentences']} sentences, {how}, precision={precision}, "
-          f"{seconds:.0f} s{processes})")
+    print(
+        f"evaluated {source} ({result['n_sentences']} sentences, {how}, precision={precision}, "
+        f"{seconds:.0f} s{processes})"
+    )
     for key, value in result.items():
         if key == "generation":
             print(f"  {'generation':<12} {json.dumps(value)}")
@@ -204,7 +248,9 @@ def _cmd_evaluate(args) -> int:
         if isinstance(value, dict):
             print(f"  {key:<12} {json.dumps(value)}  {UNITS.get(key, '')}".rstrip())
             continue
-        shown = "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        shown = (
+            "null" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+        )
         note = ""
         if key == "mi" and value is not None and value > math.log(result["n_sentences"]) - 0.05:
             note = f" (saturated: the estimator's maximum is log N = {math.log(result['n_sentences']):.2f})"
@@ -231,22 +277,34 @@ def _cmd_generate(args) -> int:
     _set_threads(args)
     torch.manual_seed(args.seed)
     model, _ = textvae.load(args.run_dir)
-    options = dict(strategy=args.strategy, max_length=args.max_length, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size)
+    options = dict(
+        strategy=args.strategy,
+        max_length=args.max_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        beam_size=args.beam_size,
+    )
     if model.conditional != (args.mode == "respond"):
-        raise SystemExit("error: --mode respond is for conditional models (cvrae), and a "
-                         "conditional model only supports --mode respond")
+        raise SystemExit(
+            "error: --mode respond is for conditional models (cvrae), and a "
+            "conditional model only supports --mode respond"
+        )
     if args.mode == "respond":
         from textvae.data import context_string, split_utterances
         from textvae.generate import respond
 
         lines = _read_inputs(args.input or [])
         if not lines:
-            raise SystemExit("error: --mode respond needs --input CONTEXT_FILE (one context per "
-                             "line, utterances separated by __eou__) or contexts")
+            raise SystemExit(
+                "error: --mode respond needs --input CONTEXT_FILE (one context per "
+                "line, utterances separated by __eou__) or contexts"
+            )
         window = model.config.data.context_window
         contexts = [context_string(split_utterances(line), window) for line in lines]
-        for context, responses in zip(contexts, respond(model, contexts, args.n, **options), strict=True):
+        for context, responses in zip(
+            contexts, respond(model, contexts, args.n, **options), strict=True
+        ):
             print(f"# context: {context}")
             for response in responses:
                 print(response)
@@ -262,7 +320,9 @@ def _cmd_generate(args) -> int:
         else:
             if len(texts) != 2:
                 raise SystemExit("error: --mode interpolate needs exactly two sentences in --input")
-            lines = interpolate(model, texts[0], texts[1], steps=args.n, method=args.interpolation, **options)
+            lines = interpolate(
+                model, texts[0], texts[1], steps=args.n, method=args.interpolation, **options
+            )
     for line in lines:
         print(line)
     return 0
@@ -276,8 +336,9 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
 
     data_cfg = dataclasses.replace(cfg.data, train_limit=None, valid_limit=None)
     if which is not None and Path(which).is_file():
-        data_cfg = dataclasses.replace(data_cfg, corpus=None, label_field=args.label_field,
-                                       text_field=args.text_field)
+        data_cfg = dataclasses.replace(
+            data_cfg, corpus=None, label_field=args.label_field, text_field=args.text_field
+        )
         corpus = load_split(data_cfg, role, path=which)
     elif which is None and data is None and cfg.data.corpus is None:
         corpus = load_split(data_cfg, role)  # the run's own files
@@ -295,8 +356,10 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
         data_cfg = dataclasses.replace(data_cfg, corpus=name, **{f"{role}_split": which})
         corpus = load_split(data_cfg, role)
     if corpus.labels is None:
-        raise DataError(f"probe: {corpus.source} has no labels (give --label-field for "
-                        "TSV/JSONL files, or a labelled corpus such as yelp_sentiment)")
+        raise DataError(
+            f"probe: {corpus.source} has no labels (give --label-field for "
+            "TSV/JSONL files, or a labelled corpus such as yelp_sentiment)"
+        )
     return corpus.texts, corpus.labels, corpus.source
 
 
@@ -330,8 +393,13 @@ def _cmd_probe(args) -> int:
         dataset = TextDataset(texts, tokenizer, labels)
         mu = torch.empty(len(dataset), math.prod(model.latent_shape))
         with torch.no_grad():
-            bar = tqdm(total=len(dataset), desc=f"encode {role}", unit="sent", leave=False,
-                       disable=not _progress(args))
+            bar = tqdm(
+                total=len(dataset),
+                desc=f"encode {role}",
+                unit="sent",
+                leave=False,
+                disable=not _progress(args),
+            )
             for indices in dataset.batches(256):
                 mu[indices] = model.posterior(dataset.collate(indices)).mean.float().flatten(1)
                 bar.update(len(indices))
@@ -341,18 +409,28 @@ def _cmd_probe(args) -> int:
     results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
     fit_file = args.fit is not None and Path(args.fit).is_file()
     name = args.data or (Path(args.fit).stem if fit_file else cfg.data.corpus) or "data"
-    record = {"fit": fit_src, "score": score_src, "fit_sentences": len(fit_y),
-              "score_sentences": len(score_y), "features": f"posterior mean (D={math.prod(model.latent_shape)})",
-              "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
-              "seed": args.seed, "results": results}
+    record = {
+        "fit": fit_src,
+        "score": score_src,
+        "fit_sentences": len(fit_y),
+        "score_sentences": len(score_y),
+        "features": f"posterior mean (D={math.prod(model.latent_shape)})",
+        "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
+        "seed": args.seed,
+        "results": results,
+    }
     output = _write_json(record, args.output or Path(args.run_dir) / f"probe-{name}.json")
-    print(f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
-          f"({len(score_y)} sentences); features: posterior mean")
+    print(
+        f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
+        f"({len(score_y)} sentences); features: posterior mean"
+    )
     print("| labelled n | probe accuracy (%) | majority class (%) | subsets |")
     print("|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
-              f"{100 * r['majority']:.1f} | {r['repeats']} |")
+        print(
+            f"| {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
+            f"{100 * r['majority']:.1f} | {r['repeats']} |"
+        )
     print(f"written: {output}")
     return 0
 
@@ -361,8 +439,14 @@ def _cmd_report(args) -> int:
     from textvae.report import write_report
 
     _set_threads(args)
-    folder = write_report(args.run_dir, split=args.split, max_sentences=args.max_sentences,
-                          n_examples=args.examples, seed=args.seed, progress=_progress(args))
+    folder = write_report(
+        args.run_dir,
+        split=args.split,
+        max_sentences=args.max_sentences,
+        n_examples=args.examples,
+        seed=args.seed,
+        progress=_progress(args),
+    )
     print(f"written: {folder / 'report.md'}")
     for png in sorted(folder.glob("*.png")):
         print(f"written: {png}")
@@ -374,8 +458,10 @@ def _cmd_compare(args) -> int:
 
     text, folder = compare_runs(args.run_dirs, args.output, args.eval)
     print(text)
-    print(f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}, "
-          f"{folder / 'rate_distortion.png'}")
+    print(
+        f"written: {folder / 'compare.md'}, {folder / 'compare_curves.png'}, "
+        f"{folder / 'rate_distortion.png'}"
+    )
     return 0
 
 
@@ -403,28 +489,42 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+        if (
+            "default" in text
+            or action.default in (None, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
             return text
         return text + " (default: %(default)s)"
 
 
 def _heavy(p: argparse.ArgumentParser, progress: bool = True) -> None:
     """Options of every command that computes: --threads (and --no-progress)."""
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
-                   "when set, else the cores that are free when the command starts)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for PyTorch (default: OMP_NUM_THREADS "
+        "when set, else the cores that are free when the command starts)",
+    )
     if progress:
-        p.add_argument("--no-progress", action="store_true",
-                       help="no progress bar on stderr (it is off anyway when stderr is not a terminal)")
+        p.add_argument(
+            "--no-progress",
+            action="store_true",
+            help="no progress bar on stderr (it is off anyway when stderr is not a terminal)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from textvae import __version__
 
     parser = argparse.ArgumentParser(
-        prog="textvae", description=__doc__, formatter_class=_HelpFormatter,
+        prog="textvae",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
         epilog="Exit codes: 0 done, 1 an error (the message says what to do), 130 training "
-               "stopped by SIGINT (Ctrl-C) or 143 by SIGTERM after writing checkpoints/last "
-               "(continue with: textvae train --resume --run-dir RUN_DIR).")
+        "stopped by SIGINT (Ctrl-C) or 143 by SIGTERM after writing checkpoints/last "
+        "(continue with: textvae train --resume --run-dir RUN_DIR).",
+    )
     parser.add_argument("--version", action="version", version=f"textvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -435,45 +535,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="preset YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
     p.add_argument("--run-dir", help="run folder (default: runs/<preset>-<time>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir (the starting command with --resume added "
-                   "works: only train.max_steps / train.max_epochs may differ)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir (the starting command with --resume added "
+        "works: only train.max_steps / train.max_epochs may differ)",
+    )
     _heavy(p, progress=False)
     p.set_defaults(func=_cmd_train)
 
     p = command("evaluate", help="the evaluation protocol on a split or file")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to evaluate")
-    p.add_argument("--data", help="evaluate this file instead of the config's split (default: none)")
+    p.add_argument(
+        "--split", default="test", choices=["train", "valid", "test"], help="split to evaluate"
+    )
+    p.add_argument(
+        "--data", help="evaluate this file instead of the config's split (default: none)"
+    )
     p.add_argument("--iw-samples", type=int, help="K of the IW-NLL (default from config: 500)")
-    p.add_argument("--max-sentences", type=int, help="only the first N sentences, N >= 1 (default: all)")
-    p.add_argument("--batch-size", type=int, help="sentences per batch (default from config: eval.batch_size)")
-    p.add_argument("--au-delta", type=float, help="active-unit threshold (default from config: 0.01)")
-    p.add_argument("--precision", choices=["fp32", "bf16"],
-                   help="bf16: autocast for the network (default from config: eval.precision)")
+    p.add_argument(
+        "--max-sentences", type=int, help="only the first N sentences, N >= 1 (default: all)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="sentences per batch (default from config: eval.batch_size)"
+    )
+    p.add_argument(
+        "--au-delta", type=float, help="active-unit threshold (default from config: 0.01)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast for the network (default from config: eval.precision)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--skip-too-long", action="store_true",
-                   help="leave out (and count in n_skipped) sentences past the model's position "
-                   "limit instead of failing; sentences are never shortened")
-    p.add_argument("--flow-mi-sentences", type=int,
-                   help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
-                   "flow inverses; default 500; 0 = all)")
-    p.add_argument("--output", help="JSON path (default: RUN_DIR/eval-<split>-<full|N>-K<k>-"
-                   "<precision>[-gen].json, numbered when taken; never replaces an evaluation)")
+    p.add_argument(
+        "--skip-too-long",
+        action="store_true",
+        help="leave out (and count in n_skipped) sentences past the model's position "
+        "limit instead of failing; sentences are never shortened",
+    )
+    p.add_argument(
+        "--flow-mi-sentences",
+        type=int,
+        help="flow posteriors: I(x; z_K) over the first N sentences only (it costs N^2 "
+        "flow inverses; default 500; 0 = all)",
+    )
+    p.add_argument(
+        "--output",
+        help="JSON path (default: RUN_DIR/eval-<split>-<full|N>-K<k>-"
+        "<precision>[-gen].json, numbered when taken; never replaces an evaluation)",
+    )
     p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
     _heavy(p)
     g = p.add_argument_group("generation metrics (--generation)")
-    g.add_argument("--generation", action="store_true",
-                   help="add rec_bleu, self_bleu, distinct_1, distinct_2 (sacrebleu)")
-    g.add_argument("--gen-sentences", type=int, default=1000,
-                   help="reconstruct the first N evaluated sentences for rec_bleu")
-    g.add_argument("--gen-samples", type=int, default=500,
-                   help="prior samples for self-BLEU and distinct-n")
-    g.add_argument("--gen-responses", type=int, default=5,
-                   help="conditional models: responses per context (from z ~ p(z|c)) for "
-                   "response_bleu and distinct-n over the first --gen-sentences contexts")
-    g.add_argument("--gen-strategy", default="greedy", choices=["greedy", "sample"],
-                   help="decoding of the prior samples (reconstructions are always greedy)")
+    g.add_argument(
+        "--generation",
+        action="store_true",
+        help="add rec_bleu, self_bleu, distinct_1, distinct_2 (sacrebleu)",
+    )
+    g.add_argument(
+        "--gen-sentences",
+        type=int,
+        default=1000,
+        help="reconstruct the first N evaluated sentences for rec_bleu",
+    )
+    g.add_argument(
+        "--gen-samples", type=int, default=500, help="prior samples for self-BLEU and distinct-n"
+    )
+    g.add_argument(
+        "--gen-responses",
+        type=int,
+        default=5,
+        help="conditional models: responses per context (from z ~ p(z|c)) for "
+        "response_bleu and distinct-n over the first --gen-sentences contexts",
+    )
+    g.add_argument(
+        "--gen-strategy",
+        default="greedy",
+        choices=["greedy", "sample"],
+        help="decoding of the prior samples (reconstructions are always greedy)",
+    )
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
@@ -482,22 +623,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", help="prior samples, reconstructions, interpolations, responses")
     p.add_argument("run_dir")
-    p.add_argument("--mode", default="sample",
-                   choices=["sample", "reconstruct", "interpolate", "respond"],
-                   help="respond (conditional models): N responses to each context of --input")
-    p.add_argument("-n", type=int, default=10,
-                   help="samples, interpolation steps, or responses per context")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"],
-                   help="decoding")
+    p.add_argument(
+        "--mode",
+        default="sample",
+        choices=["sample", "reconstruct", "interpolate", "respond"],
+        help="respond (conditional models): N responses to each context of --input",
+    )
+    p.add_argument(
+        "-n", type=int, default=10, help="samples, interpolation steps, or responses per context"
+    )
+    p.add_argument(
+        "--strategy", default="greedy", choices=["greedy", "beam", "sample"], help="decoding"
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
     p.add_argument("--beam-size", type=int, default=5, help="beams of --strategy beam")
     p.add_argument("--max-length", type=int, default=50, help="tokens per sentence at most")
-    p.add_argument("--interpolation", default="linear", choices=["linear", "spherical"],
-                   help="path between the two posterior means")
-    p.add_argument("--input", nargs="+", help="a file (one sentence per line; for respond one "
-                   "context per line, utterances separated by __eou__) or sentences (default: none)")
+    p.add_argument(
+        "--interpolation",
+        default="linear",
+        choices=["linear", "spherical"],
+        help="path between the two posterior means",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        help="a file (one sentence per line; for respond one "
+        "context per line, utterances separated by __eou__) or sentences (default: none)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _heavy(p, progress=False)
     p.set_defaults(func=_cmd_generate)
@@ -505,17 +659,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("probe", help="logistic-regression probe of a label from the posterior mean")
     p.add_argument("run_dir")
     p.add_argument("--data", help="corpus name (default: the run's corpus), e.g. yelp_sentiment")
-    p.add_argument("--fit", help="split name or labelled file the probe is trained on "
-                   "(default: the run's train split; yelp_sentiment: test)")
-    p.add_argument("--score", help="split name or labelled file it is scored on "
-                   "(default: the run's valid split; yelp_sentiment: dev)")
+    p.add_argument(
+        "--fit",
+        help="split name or labelled file the probe is trained on "
+        "(default: the run's train split; yelp_sentiment: test)",
+    )
+    p.add_argument(
+        "--score",
+        help="split name or labelled file it is scored on "
+        "(default: the run's valid split; yelp_sentiment: dev)",
+    )
     p.add_argument("--label-field", default="label", help="label column/key of TSV/JSONL files")
     p.add_argument("--text-field", default="text", help="text column/key of TSV/JSONL files")
-    p.add_argument("--labels", default="100,1000,all",
-                   help="labelled-example counts, comma-separated; 'all' = the whole fit set")
+    p.add_argument(
+        "--labels",
+        default="100,1000,all",
+        help="labelled-example counts, comma-separated; 'all' = the whole fit set",
+    )
     p.add_argument("--repeats", type=int, default=5, help="random subsets per count")
-    p.add_argument("--max-sentences", type=int,
-                   help="use only the first N sentences of the fit and of the score set (default: all)")
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        help="use only the first N sentences of the fit and of the score set (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
     p.add_argument("--output", help="JSON path (default RUN_DIR/probe-<data>.json)")
     _heavy(p)
@@ -523,8 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", help="RUN_DIR/report/: report.md and plots")
     p.add_argument("run_dir")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"],
-                   help="sentences for the latent plots and examples")
+    p.add_argument(
+        "--split",
+        default="valid",
+        choices=["train", "valid", "test"],
+        help="sentences for the latent plots and examples",
+    )
     p.add_argument("--max-sentences", type=int, default=2000, help="first N sentences of --split")
     p.add_argument("--examples", type=int, default=5, help="examples of each kind in report.md")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -533,24 +703,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", help="evaluation fields side by side and overlaid curves")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--eval", default="test",
-                   help="a split (each run's most complete evaluation of it: more sentences, "
-                   "then larger K) or an evaluation file name such as eval-test-full-K500-bf16")
-    p.add_argument("--output", help="folder for compare.md and the plot (default: "
-                   "compare-<runs> beside the first run)")
+    p.add_argument(
+        "--eval",
+        default="test",
+        help="a split (each run's most complete evaluation of it: more sentences, "
+        "then larger K) or an evaluation file name such as eval-test-full-K500-bf16",
+    )
+    p.add_argument(
+        "--output",
+        help="folder for compare.md and the plot (default: compare-<runs> beside the first run)",
+    )
     p.set_defaults(func=_cmd_compare)
 
-    p = command("sweep", help="many runs from a sweep YAML: an Optuna search or a grid "
-                       "(docs/sweep.md); running it again continues it")
+    p = command(
+        "sweep",
+        help="many runs from a sweep YAML: an Optuna search or a grid "
+        "(docs/sweep.md); running it again continues it",
+    )
     p.add_argument("sweep", help="sweep YAML, e.g. experiments/remedy-matrix.yaml")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="trials in parallel worker processes on this machine, the CPU threads "
-                   "split between them (default 1)")
-    p.add_argument("--storage", help="Optuna RDB URL of the study (default "
-                   "sqlite:///OUT/study.db); postgresql://user:password@host/db lets workers "
-                   "on several machines share it")
-    p.add_argument("--out-dir", help="sweep folder (default: the file's out_dir, else "
-                   "runs/sweep-<name>)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trials in parallel worker processes on this machine, the CPU threads "
+        "split between them (default 1)",
+    )
+    p.add_argument(
+        "--storage",
+        help="Optuna RDB URL of the study (default "
+        "sqlite:///OUT/study.db); postgresql://user:password@host/db lets workers "
+        "on several machines share it",
+    )
+    p.add_argument(
+        "--out-dir", help="sweep folder (default: the file's out_dir, else runs/sweep-<name>)"
+    )
     p.set_defaults(func=_cmd_sweep)
     return parser
 
@@ -562,14 +748,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # several processes (torchrun / accelerate launch): the progress lines of the first only
     main_process = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if main_process else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunDirError, TrainingDiverged, FileNotFoundError,
-            FileExistsError, ValueError) as err:
+    except (
+        ConfigError,
+        DataError,
+        RunDirError,
+        TrainingDiverged,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outside training (which stops cleanly): nothing was written

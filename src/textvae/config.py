@@ -507,40 +507,71 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.name={config.model.name!r} is not one of {', '.join(MODELS)}")
     if config.data.corpus is None and config.data.train_path is None:
         raise ConfigError("data.corpus is null, so data.train_path must be set")
-    for key in ("train.batch_size", "model.latent_dim", "model.hidden_dim", "eval.iw_samples",
-                "train.aggressive_max_inner", "train.aggressive_window", "model.flow_hidden",
-                "model.flow_components", "data.context_window"):
+    for key in (
+        "train.batch_size",
+        "model.latent_dim",
+        "model.hidden_dim",
+        "eval.iw_samples",
+        "train.aggressive_max_inner",
+        "train.aggressive_window",
+        "model.flow_hidden",
+        "model.flow_components",
+        "data.context_window",
+    ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
     m, t = config.model, config.train
     if not 0.0 < m.classifier_label_fraction <= 1.0:
-        raise ConfigError(f"model.classifier_label_fraction={m.classifier_label_fraction} must be "
-                          "in (0, 1]")
+        raise ConfigError(
+            f"model.classifier_label_fraction={m.classifier_label_fraction} must be in (0, 1]"
+        )
     if m.classifier_classes < 2:
         raise ConfigError("model.classifier_classes must be >= 2")
     if m.classifier_weight > 0 and m.name != "lstm_vae":
-        raise ConfigError(f"model.classifier_weight: model.name={m.name!r} has no classifier on z "
-                          "(lstm_vae, with or without flows, has); set it to 0")
-    for key in ("model.posterior_bn_gamma", "model.min_rate_delta", "model.bow_weight",
-                "model.classifier_weight",
-                "train.ae_pretrain_steps", "model.posterior_flow_steps", "model.prior_flow_steps",
-                "model.embed_noise", "kl.target", "kl.target_weight"):
+        raise ConfigError(
+            f"model.classifier_weight: model.name={m.name!r} has no classifier on z "
+            "(lstm_vae, with or without flows, has); set it to 0"
+        )
+    for key in (
+        "model.posterior_bn_gamma",
+        "model.min_rate_delta",
+        "model.bow_weight",
+        "model.classifier_weight",
+        "train.ae_pretrain_steps",
+        "model.posterior_flow_steps",
+        "model.prior_flow_steps",
+        "model.embed_noise",
+        "kl.target",
+        "kl.target_weight",
+    ):
         section, name = key.split(".")
         if getattr(getattr(config, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")
-    for key in ("model.t5_d_model", "model.t5_d_ff", "model.t5_num_layers",
-                "model.t5_num_decoder_layers", "model.t5_num_heads", "model.t5_d_kv",
-                "model.t5_vocab_size", "model.gpt2_n_embd", "model.gpt2_n_layer",
-                "model.gpt2_n_head", "model.gpt2_n_positions", "model.gpt2_vocab_size",
-                "model.fusion_rank"):
+    for key in (
+        "model.t5_d_model",
+        "model.t5_d_ff",
+        "model.t5_num_layers",
+        "model.t5_num_decoder_layers",
+        "model.t5_num_heads",
+        "model.t5_d_kv",
+        "model.t5_vocab_size",
+        "model.gpt2_n_embd",
+        "model.gpt2_n_layer",
+        "model.gpt2_n_head",
+        "model.gpt2_n_positions",
+        "model.gpt2_vocab_size",
+        "model.fusion_rank",
+    ):
         if getattr(m, key.split(".")[1]) < 1:
             raise ConfigError(f"{key} must be >= 1")
     if t.ae_patience < 0:
         raise ConfigError("train.ae_patience must be >= 0")
     if not m.posterior_bn_eps > 0:
-        raise ConfigError(f"model.posterior_bn_eps={m.posterior_bn_eps} must be > 0 (BatchNorm "
-                          "divides by sqrt(batch variance + eps))")
+        raise ConfigError(
+            f"model.posterior_bn_eps={m.posterior_bn_eps} must be > 0 (BatchNorm "
+            "divides by sqrt(batch variance + eps))"
+        )
     if not 0.0 <= m.encoder_token_drop < 1.0:
         raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
     if not 0.0 <= m.t5_dropout < 1.0:
@@ -548,38 +579,62 @@ def validate(config: Config) -> None:
     if not 0.0 <= m.gpt2_dropout < 1.0:
         raise ConfigError(f"model.gpt2_dropout={m.gpt2_dropout} must be in [0, 1)")
     if m.gpt2_n_embd % m.gpt2_n_head:
-        raise ConfigError(f"model.gpt2_n_embd={m.gpt2_n_embd} must be a multiple of "
-                          f"model.gpt2_n_head={m.gpt2_n_head}")
+        raise ConfigError(
+            f"model.gpt2_n_embd={m.gpt2_n_embd} must be a multiple of "
+            f"model.gpt2_n_head={m.gpt2_n_head}"
+        )
     k = config.kl
     if k.cycle_epochs < 0:
         raise ConfigError("kl.cycle_epochs must be >= 0")
     if k.cycle_epochs > 0 and k.schedule != "cyclical":
-        raise ConfigError(f"kl.cycle_epochs sets the period of the cyclical schedule, but "
-                          f"kl.schedule={k.schedule!r}; set kl.schedule=cyclical or cycle_epochs=0")
+        raise ConfigError(
+            f"kl.cycle_epochs sets the period of the cyclical schedule, but "
+            f"kl.schedule={k.schedule!r}; set kl.schedule=cyclical or cycle_epochs=0"
+        )
     if m.latent_layers is not None:
         parse_latent_layers(m.latent_layers)
     _validate_model_keys(config)
     if m.min_rate_delta > 9:
-        raise ConfigError("model.min_rate_delta must be at most 9 nats per dimension (the "
-                          "posterior log-variance is clamped at -20)")
+        raise ConfigError(
+            "model.min_rate_delta must be at most 9 nats per dimension (the "
+            "posterior log-variance is clamped at -20)"
+        )
     if not MODELS[m.name].has_latent:
-        used = [key for key, on in (
-            ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-            ("model.min_rate_delta", m.min_rate_delta > 0), ("model.bow_weight", m.bow_weight > 0),
-            ("train.aggressive", t.aggressive), ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
-            ("model.posterior_flow", m.posterior_flow != "none"),
-            ("model.prior_flow", m.prior_flow != "none"), ("model.embed_noise", m.embed_noise > 0),
-            ("model.z_skip", m.z_skip), ("kl.target", config.kl.target > 0),
-        ) if on]
+        used = [
+            key
+            for key, on in (
+                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+                ("model.min_rate_delta", m.min_rate_delta > 0),
+                ("model.bow_weight", m.bow_weight > 0),
+                ("train.aggressive", t.aggressive),
+                ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
+                ("model.posterior_flow", m.posterior_flow != "none"),
+                ("model.prior_flow", m.prior_flow != "none"),
+                ("model.embed_noise", m.embed_noise > 0),
+                ("model.z_skip", m.z_skip),
+                ("kl.target", config.kl.target > 0),
+            )
+            if on
+        ]
         if used:
-            raise ConfigError(f"model.name={m.name!r} has no latent variable, so "
-                              f"{', '.join(used)} cannot be used; set them to 0/false/none")
+            raise ConfigError(
+                f"model.name={m.name!r} has no latent variable, so "
+                f"{', '.join(used)} cannot be used; set them to 0/false/none"
+            )
     if MODELS[m.name].conditional:
-        used = [key for key, on in (("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-                                    ("model.min_rate_delta", m.min_rate_delta > 0)) if on]
+        used = [
+            key
+            for key, on in (
+                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+                ("model.min_rate_delta", m.min_rate_delta > 0),
+            )
+            if on
+        ]
         if used:
-            raise ConfigError(f"model.name={m.name!r} has a learned prior p(z|c), but "
-                              f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0")
+            raise ConfigError(
+                f"model.name={m.name!r} has a learned prior p(z|c), but "
+                f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0"
+            )
 
 
 def _validate_model_keys(config: Config) -> None:
@@ -590,72 +645,122 @@ def _validate_model_keys(config: Config) -> None:
     m, t = config.model, config.train
     cls = MODELS[m.name]
     if m.backbone is not None and m.backbone != cls.backbone:
-        raise ConfigError(f"model.backbone={m.backbone!r} does not fit model.name={m.name!r} "
-                          f"(its backbone is {cls.backbone!r}; or leave model.backbone null)")
+        raise ConfigError(
+            f"model.backbone={m.backbone!r} does not fit model.name={m.name!r} "
+            f"(its backbone is {cls.backbone!r}; or leave model.backbone null)"
+        )
     if m.encoder_token_drop > 0 and m.name not in ("lstm_vae", "t5_vae", "della", "della_cvae"):
-        raise ConfigError(f"model.encoder_token_drop: model.name={m.name!r} does not delete encoder "
-                          "tokens (lstm_vae, t5_vae and della do); set it to 0")
+        raise ConfigError(
+            f"model.encoder_token_drop: model.name={m.name!r} does not delete encoder "
+            "tokens (lstm_vae, t5_vae and della do); set it to 0"
+        )
     if config.kl.free_bits_mode == "per_layer" and cls.backbone != "gpt2":
-        raise ConfigError(f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
-                          "layer; per_layer is for della's layer-wise latents (use per_dim or total)")
+        raise ConfigError(
+            f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
+            "layer; per_layer is for della's layer-wise latents (use per_dim or total)"
+        )
     if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
-        raise ConfigError("train.ae_patience needs an autoencoder phase: set "
-                          "train.ae_pretrain_steps > 0 (the phase's longest length)")
+        raise ConfigError(
+            "train.ae_patience needs an autoencoder phase: set "
+            "train.ae_pretrain_steps > 0 (the phase's longest length)"
+        )
     if t.ae_freeze_latent_projection and not t.ae_freeze_decoder:
-        raise ConfigError("train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
-                          "train.ae_freeze_decoder=true too")
+        raise ConfigError(
+            "train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
+            "train.ae_freeze_decoder=true too"
+        )
     if t.ae_freeze_decoder:
         if t.ae_pretrain_steps == 0:
-            raise ConfigError("train.ae_freeze_decoder needs an autoencoder phase: set "
-                              "train.ae_pretrain_steps > 0")
+            raise ConfigError(
+                "train.ae_freeze_decoder needs an autoencoder phase: set "
+                "train.ae_pretrain_steps > 0"
+            )
         if not cls.decoder_modules:
-            raise ConfigError(f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
-                              "decoder to freeze (t5_vae does); set it to false")
+            raise ConfigError(
+                f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
+                "decoder to freeze (t5_vae does); set it to false"
+            )
     defaults = ModelConfig()
-    della_keys = ("fusion", "fusion_rank", "latent_layers", "first_prior", "kl_reduction",
-                  "feature_norm", "head_bias")
+    della_keys = (
+        "fusion",
+        "fusion_rank",
+        "latent_layers",
+        "first_prior",
+        "kl_reduction",
+        "feature_norm",
+        "head_bias",
+    )
     if cls.backbone != "gpt2":
         used = [f"model.{key}" for key in della_keys if getattr(m, key) != getattr(defaults, key)]
         if used:
-            raise ConfigError(f"{', '.join(used)}: only the GPT-2 backbone (model.name=della or "
-                              f"della_cvae) reads this; model.name={m.name!r}")
+            raise ConfigError(
+                f"{', '.join(used)}: only the GPT-2 backbone (model.name=della or "
+                f"della_cvae) reads this; model.name={m.name!r}"
+            )
     if cls.backbone in ("t5", "gpt2"):
-        used = [key for key, on in (
-            ("model.posterior_flow", m.posterior_flow != "none"),
-            ("model.prior_flow", m.prior_flow != "none"), ("model.embed_noise", m.embed_noise > 0),
-            ("model.z_skip", m.z_skip), ("model.word_dropout", m.word_dropout > 0),
-            ("model.bidirectional", m.bidirectional), ("train.aggressive", t.aggressive),
-        ) if on]
+        used = [
+            key
+            for key, on in (
+                ("model.posterior_flow", m.posterior_flow != "none"),
+                ("model.prior_flow", m.prior_flow != "none"),
+                ("model.embed_noise", m.embed_noise > 0),
+                ("model.z_skip", m.z_skip),
+                ("model.word_dropout", m.word_dropout > 0),
+                ("model.bidirectional", m.bidirectional),
+                ("train.aggressive", t.aggressive),
+            )
+            if on
+        ]
         if used:
-            raise ConfigError(f"model.name={m.name!r} does not support {', '.join(used)} (the "
-                              f"{cls.backbone} encoder and decoder share their token embedding, and "
-                              "the LSTM options have no Transformer counterpart here); set them to "
-                              "0/false/none")
+            raise ConfigError(
+                f"model.name={m.name!r} does not support {', '.join(used)} (the "
+                f"{cls.backbone} encoder and decoder share their token embedding, and "
+                "the LSTM options have no Transformer counterpart here); set them to "
+                "0/false/none"
+            )
         if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
-            raise ConfigError(f"train.ae_reset_decoder: the {cls.backbone} model's VAE phase starts "
-                              "from the autoencoder phase's weights (Park & Lee 2021; DELLA's encoder "
-                              "is its decoder); set train.ae_reset_decoder=false")
+            raise ConfigError(
+                f"train.ae_reset_decoder: the {cls.backbone} model's VAE phase starts "
+                "from the autoencoder phase's weights (Park & Lee 2021; DELLA's encoder "
+                "is its decoder); set train.ae_reset_decoder=false"
+            )
     else:
         used = [key for key, on in (("model.pretrained", m.pretrained is not None),) if on]
         if used:
-            raise ConfigError(f"{', '.join(used)}: only the Transformer backbones (model.name=t5_vae, "
-                              f"della, della_cvae) read this; model.name={m.name!r}")
+            raise ConfigError(
+                f"{', '.join(used)}: only the Transformer backbones (model.name=t5_vae, "
+                f"della, della_cvae) read this; model.name={m.name!r}"
+            )
     if cls.backbone != "t5" and m.latent_injection != "memory":
-        raise ConfigError(f"model.latent_injection: only the T5 backbone (model.name=t5_vae) reads "
-                          f"this (della: model.fusion); model.name={m.name!r}")
+        raise ConfigError(
+            f"model.latent_injection: only the T5 backbone (model.name=t5_vae) reads "
+            f"this (della: model.fusion); model.name={m.name!r}"
+        )
     if cls.backbone == "gpt2":
-        used = [key for key, on in (("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-                                    ("model.min_rate_delta", m.min_rate_delta > 0)) if on]
+        used = [
+            key
+            for key, on in (
+                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
+                ("model.min_rate_delta", m.min_rate_delta > 0),
+            )
+            if on
+        ]
         if used:
-            raise ConfigError(f"{', '.join(used)}: della's posterior is layer-wise (its p(z_l|z_<l) "
-                              "is learned), these bound the KL to N(0, I) only; set them to 0")
+            raise ConfigError(
+                f"{', '.join(used)}: della's posterior is layer-wise (its p(z_l|z_<l) "
+                "is learned), these bound the KL to N(0, I) only; set them to 0"
+            )
         if m.latent_layers is not None and m.fusion not in ("della", "lmf"):
-            raise ConfigError(f"model.latent_layers: model.fusion={m.fusion!r} is a single-latent "
-                              "baseline (one z from the last encoder layer); set latent_layers=null "
-                              "or fusion=della/lmf")
+            raise ConfigError(
+                f"model.latent_layers: model.fusion={m.fusion!r} is a single-latent "
+                "baseline (one z from the last encoder layer); set latent_layers=null "
+                "or fusion=della/lmf"
+            )
         if cls.conditional and m.first_prior == "standard":
-            raise ConfigError("model.first_prior=standard: della_cvae's p(z_1|c) is computed from "
-                              "the context; use first_prior=learned")
+            raise ConfigError(
+                "model.first_prior=standard: della_cvae's p(z_1|c) is computed from "
+                "the context; use first_prior=learned"
+            )
 
 
 def parse_latent_layers(spec: str, n_layers: int | None = None) -> tuple[int, int]:
@@ -667,14 +772,17 @@ def parse_latent_layers(spec: str, n_layers: int | None = None) -> tuple[int, in
     """
     parts = spec.split("..")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError(f"model.latent_layers={spec!r} is not of the form 'begin..end' "
-                          "(0-based layer indices, inclusive, e.g. '0..11'), or null for all layers")
+        raise ConfigError(
+            f"model.latent_layers={spec!r} is not of the form 'begin..end' "
+            "(0-based layer indices, inclusive, e.g. '0..11'), or null for all layers"
+        )
     begin, end = int(parts[0]), int(parts[1])
     if begin > end:
         raise ConfigError(f"model.latent_layers={spec!r}: begin {begin} is after end {end}")
     if n_layers is not None and end >= n_layers:
-        raise ConfigError(f"model.latent_layers={spec!r}: the backbone has {n_layers} layers "
-                          f"(0..{n_layers - 1})")
+        raise ConfigError(
+            f"model.latent_layers={spec!r}: the backbone has {n_layers} layers (0..{n_layers - 1})"
+        )
     return begin, end
 
 

@@ -220,7 +220,9 @@ def read_file(
                 blank += 1
         return texts, None, blank
     if fmt == "tsv":
-        rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = list(
+            csv.reader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE)
+        )
         if not rows:
             raise DataError(f"{path}: empty TSV file (a header row is required)")
         header = rows[0]
@@ -234,7 +236,9 @@ def read_file(
                 blank += 1
                 continue
             if len(row) != len(header):
-                raise DataError(f"{path}, line {lineno}: {len(row)} columns, header has {len(header)}")
+                raise DataError(
+                    f"{path}, line {lineno}: {len(row)} columns, header has {len(header)}"
+                )
             if not row[ti].strip():
                 blank += 1
                 continue
@@ -297,7 +301,9 @@ def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
         return [(folder / f"ptb.{split}.txt", None)]
     if cfg.corpus == "yelp_sentiment":
         if split not in ("dev", "test", "train"):
-            raise DataError(f"data.{role}_split={split!r}: yelp_sentiment has splits dev, test (train not shipped)")
+            raise DataError(
+                f"data.{role}_split={split!r}: yelp_sentiment has splits dev, test (train not shipped)"
+            )
         folder = root / "yelp_sentiment"
         files = [(folder / f"sentiment.{split}.{label}", label) for label in (0, 1)]
         for path, _ in files:
@@ -309,17 +315,23 @@ def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
         return files
     if cfg.corpus == "dailydialog":
         if split not in ("validation", "test", "train"):
-            raise DataError(f"data.{role}_split={split!r}: dailydialog has splits validation, "
-                            "test (train not shipped)")
+            raise DataError(
+                f"data.{role}_split={split!r}: dailydialog has splits validation, "
+                "test (train not shipped)"
+            )
         path = root / "dailydialog" / split / f"dialogues_{split}.txt"
         if not path.is_file():
-            raise DataError(f"corpus file not found: {path}. Put the DailyDialog files "
-                            f"dialogues_{{validation,test}}.txt in {root / 'dailydialog'}/<split>/ "
-                            "or set TEXTVAE_DATA_DIR (only validation and test ship here: train "
-                            "on test, evaluate on validation).")
+            raise DataError(
+                f"corpus file not found: {path}. Put the DailyDialog files "
+                f"dialogues_{{validation,test}}.txt in {root / 'dailydialog'}/<split>/ "
+                "or set TEXTVAE_DATA_DIR (only validation and test ship here: train "
+                "on test, evaluate on validation)."
+            )
         return [(path, None)]
-    raise DataError(f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment, dailydialog); "
-                    "set data.corpus=null and data.train_path/valid_path/test_path instead")
+    raise DataError(
+        f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment, dailydialog); "
+        "set data.corpus=null and data.train_path/valid_path/test_path instead"
+    )
 
 
 def load_split(
@@ -380,7 +392,12 @@ def load_split(
     if not kept_texts:
         raise DataError(f"{source}: no sentences (empty file, or all lines blank or dropped)")
     label_ids = _label_ids(kept_labels) if has_labels else None
-    stats = {"sentences": len(kept_texts), "blank_lines": blank, "truncated": truncated, "dropped": dropped}
+    stats = {
+        "sentences": len(kept_texts),
+        "blank_lines": blank,
+        "truncated": truncated,
+        "dropped": dropped,
+    }
     return Corpus(kept_texts, label_ids, source, stats)
 
 
@@ -416,10 +433,17 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
     if limit is not None:
         kept_contexts, kept_texts = kept_contexts[:limit], kept_texts[:limit]
     if not kept_texts:
-        raise DataError(f"{path}: no (context, response) pairs (no dialogue with two utterances, "
-                        "or all responses dropped)")
-    stats = {"sentences": len(kept_texts), "dialogues": len(dialogues), "blank_lines": blank,
-             "truncated": truncated, "dropped": dropped}
+        raise DataError(
+            f"{path}: no (context, response) pairs (no dialogue with two utterances, "
+            "or all responses dropped)"
+        )
+    stats = {
+        "sentences": len(kept_texts),
+        "dialogues": len(dialogues),
+        "blank_lines": blank,
+        "truncated": truncated,
+        "dropped": dropped,
+    }
     return Corpus(kept_texts, None, str(path), stats, contexts=kept_contexts)
 
 
@@ -434,8 +458,11 @@ def semi_supervised_labels(labels: list[int], fraction: float, seed: int = 0) ->
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fraction {fraction} must be in (0, 1]")
     n = len(labels)
-    keep = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(fraction * n)]
-               .tolist())
+    keep = set(
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
+            : round(fraction * n)
+        ].tolist()
+    )
     return [label if i in keep else -1 for i, label in enumerate(labels)]
 
 
@@ -474,7 +501,11 @@ def build_tokenizer(texts: list[str], min_frequency: int = 1, max_vocab: int | N
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
     )
 
 
@@ -507,8 +538,9 @@ def train_subword_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"
 
     if kind == "unigram":
         tok = Tokenizer(models.Unigram())
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SUBWORD_SPECIAL_TOKENS,
-                                          unk_token="<unk>")
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=SUBWORD_SPECIAL_TOKENS, unk_token="<unk>"
+        )
     elif kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SUBWORD_SPECIAL_TOKENS)
@@ -517,8 +549,9 @@ def train_subword_tokenizer(texts: list[str], vocab_size: int, kind: str = "bpe"
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def load_tokenizer(path: str | Path):
@@ -548,8 +581,13 @@ class TextDataset:
         ValueError: ``contexts`` and ``texts`` differ in length.
     """
 
-    def __init__(self, texts: list[str], tokenizer, labels: list[int] | None = None,
-                 contexts: list[str] | None = None):
+    def __init__(
+        self,
+        texts: list[str],
+        tokenizer,
+        labels: list[int] | None = None,
+        contexts: list[str] | None = None,
+    ):
         self.texts = texts
         self.labels = labels
         self.tokenizer = tokenizer
@@ -571,7 +609,9 @@ class TextDataset:
         """Predicted tokens in total (EOS counted)."""
         return sum(len(s) for s in self.ids)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[list[int]]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0
+    ) -> list[list[int]]:
         """Index lists of length-bucketed batches.
 
         Without shuffle: sentences sorted by length (stable), cut into batches. With shuffle:
@@ -606,7 +646,8 @@ class TextDataset:
             batch["labels"] = torch.tensor([self.labels[i] for i in indices])
         if self.context_ids is not None:
             batch["context_ids"], batch["context_mask"] = _pad(
-                [self.context_ids[i] for i in indices], self.pad_id)
+                [self.context_ids[i] for i in indices], self.pad_id
+            )
         return batch
 
 
@@ -627,7 +668,9 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, mask
 
 
-def encode_texts(tokenizer, texts: list[str], contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
+def encode_texts(
+    tokenizer, texts: list[str], contexts: list[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Batch dict (``input_ids``/``attention_mask`` (B, T) int64, ``n_words`` (B,), and with
     ``contexts`` also ``context_ids``/``context_mask``) for raw sentences, whitespace-normalised,
     in the given order.
@@ -653,6 +696,7 @@ def encode_contexts(tokenizer, contexts: list[str]) -> dict[str, torch.Tensor]:
     """
     if not contexts:
         raise DataError("no contexts given")
-    ids, mask = _pad(_token_ids(tokenizer, [" ".join(c.split()) for c in contexts]),
-                     tokenizer.pad_token_id)
+    ids, mask = _pad(
+        _token_ids(tokenizer, [" ".join(c.split()) for c in contexts]), tokenizer.pad_token_id
+    )
     return {"context_ids": ids, "context_mask": mask}

@@ -36,9 +36,18 @@ class LSTMDecoder(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, embed_dim: int, hidden_dim: int, latent_dim: int,
-        dropout_in: float = 0.5, dropout_out: float = 0.5, word_dropout: float = 0.0,
-        z_init_state: bool = True, z_every_step: bool = True, pad_id: int = 0, unk_id: int = 3,
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_dim: int,
+        latent_dim: int,
+        dropout_in: float = 0.5,
+        dropout_out: float = 0.5,
+        word_dropout: float = 0.0,
+        z_init_state: bool = True,
+        z_every_step: bool = True,
+        pad_id: int = 0,
+        unk_id: int = 3,
         z_skip: bool = False,
     ):
         super().__init__()
@@ -68,7 +77,9 @@ class LSTMDecoder(nn.Module):
         return torch.tanh(c), c
 
     def forward(
-        self, inputs: torch.Tensor, z: torch.Tensor | None,
+        self,
+        inputs: torch.Tensor,
+        z: torch.Tensor | None,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Run the decoder over ``inputs`` (N, T) with latent z (N, D) or None.
@@ -107,8 +118,9 @@ class BagOfWordsHead(nn.Module):
 
     def __init__(self, latent_dim: int, hidden_dim: int, vocab_size: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.Tanh(),
-                                 nn.Linear(hidden_dim, vocab_size))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, vocab_size)
+        )
 
     def log_prob(self, z: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """log p_bow(x | z) per sentence.

@@ -67,7 +67,10 @@ def masked_pool(
 
 
 def delete_tokens(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, fraction: float, pad_id: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    fraction: float,
+    pad_id: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Denoising by token deletion on the encoder input (Park & Lee, Insights @ EMNLP 2021, phase 2).
@@ -117,7 +120,9 @@ def delete_tokens(
     return ids[:, :width], mask[:, :width]
 
 
-def encode_context(encoder: nn.Module, batch: dict[str, torch.Tensor], model_name: str) -> torch.Tensor:
+def encode_context(
+    encoder: nn.Module, batch: dict[str, torch.Tensor], model_name: str
+) -> torch.Tensor:
     """h_c (B, H_c): ``encoder`` (an :class:`LSTMEncoder`) over a conditional model's context
     tokens ``context_ids`` / ``context_mask`` (B, T_c).
 
@@ -126,9 +131,11 @@ def encode_context(encoder: nn.Module, batch: dict[str, torch.Tensor], model_nam
             corpus without dialogue contexts).
     """
     if "context_ids" not in batch or "context_mask" not in batch:
-        raise ValueError(f"{model_name} needs context_ids/context_mask in the batch: train and "
-                         "evaluate it on a dialogue corpus (data.corpus=dailydialog or "
-                         "data.format=dialogue)")
+        raise ValueError(
+            f"{model_name} needs context_ids/context_mask in the batch: train and "
+            "evaluate it on a dialogue corpus (data.corpus=dailydialog or "
+            "data.format=dialogue)"
+        )
     return encoder(batch["context_ids"], batch["context_mask"])
 
 
@@ -152,8 +159,14 @@ class LSTMEncoder(nn.Module):
     """
 
     def __init__(
-        self, vocab_size: int, embed_dim: int, hidden_dim: int, pooling: str = "last",
-        bidirectional: bool = False, dropout_in: float = 0.0, pad_id: int = 0,
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        hidden_dim: int,
+        pooling: str = "last",
+        bidirectional: bool = False,
+        dropout_in: float = 0.0,
+        pad_id: int = 0,
         noise_std: float = 0.0,
     ):
         super().__init__()

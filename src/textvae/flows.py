@@ -135,7 +135,8 @@ class FlowTransform(Transform):
     def _inverse(self, y):
         raise NotImplementedError(
             f"{type(self).__name__} has no closed-form inverse, so log q(z) of an arbitrary z is "
-            "not available; use FlowDistribution.rsample_and_log_prob (log q of its own samples)")
+            "not available; use FlowDistribution.rsample_and_log_prob (log q of its own samples)"
+        )
 
 
 class PlanarTransform(FlowTransform):
@@ -179,7 +180,9 @@ class PlanarTransform(FlowTransform):
         alpha = _monotone_root(g, wy - reach, wy + reach)
         u = self.u.double()
         x = y.double() - u * torch.tanh(alpha + b).unsqueeze(-1)
-        _check_residual(type(self).__name__, x + u * torch.tanh((x * w).sum(-1) + b).unsqueeze(-1), y)
+        _check_residual(
+            type(self).__name__, x + u * torch.tanh((x * w).sum(-1) + b).unsqueeze(-1), y
+        )
         return x.to(y.dtype)
 
     def call_and_ladj(self, x):
@@ -255,7 +258,9 @@ class MADE(nn.Module):
         ValueError: a context is needed (``context_dim`` > 0) and not given.
     """
 
-    def __init__(self, latent_dim: int, hidden_dim: int, context_dim: int = 0, reverse: bool = False):
+    def __init__(
+        self, latent_dim: int, hidden_dim: int, context_dim: int = 0, reverse: bool = False
+    ):
         super().__init__()
         d = latent_dim
         order = torch.arange(1, d + 1)
@@ -263,7 +268,9 @@ class MADE(nn.Module):
             order = order.flip(0)
         self.register_buffer("order", order, persistent=False)  # (D,) degrees 1..D
         hidden_deg = torch.arange(hidden_dim) % max(1, d - 1) + 1
-        self.register_buffer("mask_in", (hidden_deg[:, None] >= order[None, :]).float(), persistent=False)
+        self.register_buffer(
+            "mask_in", (hidden_deg[:, None] >= order[None, :]).float(), persistent=False
+        )
         mask_out = (order[:, None] > hidden_deg[None, :]).float()  # (D, H_f)
         self.register_buffer("mask_out", torch.cat([mask_out, mask_out]), persistent=False)
         self.inp = nn.Linear(d, hidden_dim)
@@ -329,8 +336,11 @@ class IAFTransform(FlowTransform):
         dtype = torch.promote_types(y.dtype, self.made.inp.weight.dtype)
         yd = y.to(dtype)
         context = None if self.context is None else self.context.to(dtype)
-        x = torch.zeros(torch.broadcast_shapes(y.shape, (*self._batch_shape(), y.size(-1))),
-                        dtype=dtype, device=y.device)
+        x = torch.zeros(
+            torch.broadcast_shapes(y.shape, (*self._batch_shape(), y.size(-1))),
+            dtype=dtype,
+            device=y.device,
+        )
         with torch.autocast(y.device.type, enabled=False):
             # dimensions by increasing degree: each depends only on those set before it
             out = torch.zeros((), dtype=torch.bool, device=y.device)  # points past float64
@@ -374,8 +384,9 @@ class CCLinIAFTransform(FlowTransform):
         batch = torch.broadcast_shapes(y.shape[:-1], self.lower.shape[:-2])  # e.g. (M, 1) x (B,)
         lower = self.lower.expand(*batch, *self.lower.shape[-2:])
         rhs = y.expand(*batch, y.size(-1)).unsqueeze(-1)
-        return torch.linalg.solve_triangular(lower, rhs, upper=False,
-                                             unitriangular=True).squeeze(-1)
+        return torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True).squeeze(
+            -1
+        )
 
     def log_abs_det_jacobian(self, x, y):
         return x.new_zeros(x.shape[:-1])
@@ -412,7 +423,9 @@ class SylvesterTransform(FlowTransform):
         super().__init__()
         self.r1, self.r2 = _upper_tanh_diagonal(r1), _upper_tanh_diagonal(r2)
         self.b, self.reverse = b, reverse
-        self.diag = self.r1.diagonal(dim1=-2, dim2=-1) * self.r2.diagonal(dim1=-2, dim2=-1)  # (B, D)
+        self.diag = self.r1.diagonal(dim1=-2, dim2=-1) * self.r2.diagonal(
+            dim1=-2, dim2=-1
+        )  # (B, D)
 
     def call_and_ladj(self, x):
         xq = x.flip(-1) if self.reverse else x  # Q^T z
@@ -499,7 +512,9 @@ class FlowDistribution(TransformedDistribution):
             log_q = log_q - ladj
         return z, log_q
 
-    def rsample_and_log_prob(self, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    def rsample_and_log_prob(
+        self, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.push(self.base_dist.rsample(sample_shape))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -532,8 +547,12 @@ class FlowDistribution(TransformedDistribution):
         normal = self.base_dist.base_dist
         loc, scale = normal.loc, normal.scale  # (B, D)
         gen = torch.Generator(device=loc.device).manual_seed(MEAN_SEED)
-        eps = torch.randn((MEAN_SAMPLES, *([1] * (loc.dim() - 1)), loc.size(-1)), generator=gen,
-                          device=loc.device, dtype=loc.dtype)  # (M, 1, D): shared by sentences
+        eps = torch.randn(
+            (MEAN_SAMPLES, *([1] * (loc.dim() - 1)), loc.size(-1)),
+            generator=gen,
+            device=loc.device,
+            dtype=loc.dtype,
+        )  # (M, 1, D): shared by sentences
         total = torch.zeros_like(loc)
         for i in range(0, MEAN_SAMPLES, MEAN_CHUNK):
             z = loc + scale * eps[i : i + MEAN_CHUNK]
@@ -577,22 +596,39 @@ class PosteriorFlow(nn.Module):
         ValueError: unknown ``kind`` or ``steps`` < 0.
     """
 
-    def __init__(self, kind: str, latent_dim: int, context_dim: int, steps: int,
-                 hidden: int = 256, components: int = 3):
+    def __init__(
+        self,
+        kind: str,
+        latent_dim: int,
+        context_dim: int,
+        steps: int,
+        hidden: int = 256,
+        components: int = 3,
+    ):
         super().__init__()
         if kind not in FLOWS:
             raise ValueError(f"unknown flow '{kind}' (use one of {', '.join(FLOWS)})")
         if steps < 0:
             raise ValueError(f"flow steps must be >= 0, got {steps}")
-        self.kind, self.steps, self.latent_dim, self.components = kind, steps, latent_dim, components
+        self.kind, self.steps, self.latent_dim, self.components = (
+            kind,
+            steps,
+            latent_dim,
+            components,
+        )
         d = latent_dim
-        per_step = {"planar": 2 * d + 1, "radial": d + 2, "sylvester": 2 * d * d + d,
-                    "cclin_iaf": components * (d * d + 1)}.get(kind, 0)
+        per_step = {
+            "planar": 2 * d + 1,
+            "radial": d + 2,
+            "sylvester": 2 * d * d + d,
+            "cclin_iaf": components * (d * d + 1),
+        }.get(kind, 0)
         self.params = nn.Linear(context_dim, steps * per_step) if per_step and steps else None
         self.mades = None
         if kind == "iaf" and steps:
-            self.mades = nn.ModuleList(MADE(d, hidden, context_dim, reverse=k % 2 == 1)
-                                       for k in range(steps))
+            self.mades = nn.ModuleList(
+                MADE(d, hidden, context_dim, reverse=k % 2 == 1) for k in range(steps)
+            )
 
     def transforms(self, h: torch.Tensor) -> list[FlowTransform]:
         """The K transforms of the sentences summarised by h (B, H_in)."""
@@ -646,11 +682,13 @@ class AutoregressivePrior(nn.Module):
         super().__init__()
         if steps < 0:
             raise ValueError(f"prior flow steps must be >= 0, got {steps}")
-        self.mades = nn.ModuleList(MADE(latent_dim, hidden, context_dim, reverse=k % 2 == 1)
-                                   for k in range(steps))
+        self.mades = nn.ModuleList(
+            MADE(latent_dim, hidden, context_dim, reverse=k % 2 == 1) for k in range(steps)
+        )
 
-    def forward(self, base: Distribution, context: torch.Tensor | None = None) -> TransformedDistribution:
+    def forward(
+        self, base: Distribution, context: torch.Tensor | None = None
+    ) -> TransformedDistribution:
         if context is not None:
             context = _full_precision(context)
         return TransformedDistribution(base, [IAFTransform(m, context).inv for m in self.mades])
-

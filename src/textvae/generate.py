@@ -44,9 +44,16 @@ def _select_rows(state, index: torch.Tensor):
 
 @torch.no_grad()
 def decode(
-    model, z: torch.Tensor | None, n: int | None = None, strategy: str = "greedy",
-    max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    beam_size: int = 5, state: tuple | None = None,
+    model,
+    z: torch.Tensor | None,
+    n: int | None = None,
+    strategy: str = "greedy",
+    max_length: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    beam_size: int = 5,
+    state: tuple | None = None,
 ) -> list[list[int]]:
     """Decode token ids from latent codes.
 
@@ -138,8 +145,10 @@ def ids_to_text(tokenizer, seqs: list[list[int]]) -> list[str]:
     2026-11-21; generation metrics measured before that date dropped ``<unk>``.
     """
     drop = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id} - {None}
-    return [tokenizer.decode([i for i in s if i not in drop], skip_special_tokens=False).strip()
-            for s in seqs]
+    return [
+        tokenizer.decode([i for i in s if i not in drop], skip_special_tokens=False).strip()
+        for s in seqs
+    ]
 
 
 def _require_latent(model) -> None:
@@ -209,11 +218,15 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if float(omega) < 1e-6:
         return torch.lerp(a.expand(t.size(0), -1), b.expand(t.size(0), -1), t.unsqueeze(1))
     so = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / so).unsqueeze(1) * a + (torch.sin(t * omega) / so).unsqueeze(1) * b
+    return (torch.sin((1 - t) * omega) / so).unsqueeze(1) * a + (
+        torch.sin(t * omega) / so
+    ).unsqueeze(1) * b
 
 
 @torch.no_grad()
-def interpolate(model, text_a: str, text_b: str, steps: int = 5, method: str = "linear", **options) -> list[str]:
+def interpolate(
+    model, text_a: str, text_b: str, steps: int = 5, method: str = "linear", **options
+) -> list[str]:
     """Decode ``steps`` points between the posterior means of two sentences (ends included).
 
     Args:

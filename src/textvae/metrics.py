@@ -112,34 +112,65 @@ log = logging.getLogger(__name__)
 # the CLI prints each with its unit and README's key list is rendered from it
 # (:func:`fields_markdown`; tests/test_first_day.py checks README against it).
 EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, meaning)
-    ("protocol", "rec", "nats/sentence",
-     "E_q[-log p(x|z)], Monte Carlo over the K samples"),
-    ("protocol", "kl", "nats/sentence",
-     "KL(q(z|x) || p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)"),
-    ("protocol", "kl_samples", "MC samples/sentence (null: closed form)",
-     "samples behind a Monte Carlo `kl`"),
+    ("protocol", "rec", "nats/sentence", "E_q[-log p(x|z)], Monte Carlo over the K samples"),
+    (
+        "protocol",
+        "kl",
+        "nats/sentence",
+        "KL(q(z|x) || p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)",
+    ),
+    (
+        "protocol",
+        "kl_samples",
+        "MC samples/sentence (null: closed form)",
+        "samples behind a Monte Carlo `kl`",
+    ),
     ("protocol", "elbo", "nats/sentence", "-(rec + kl)"),
-    ("protocol", "nll", "nats/sentence (IW)",
-     "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k|x) (Burda et al. 2016); exact for the LM"),
+    (
+        "protocol",
+        "nll",
+        "nats/sentence (IW)",
+        "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k|x) (Burda et al. 2016); exact for the LM",
+    ),
     ("protocol", "nll_stderr", "nats/sentence", "standard error of `nll` over sentences"),
     ("protocol", "ppl_token", "per token incl. EOS", "exp(Σ nll / predicted tokens)"),
-    ("protocol", "ppl_word", "per word incl. EOS",
-     "exp(Σ nll / (whitespace words + one EOS per sentence)); comparable across tokenizers"),
-    ("protocol", "ppl_elbo_token", "per token incl. EOS",
-     "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL"),
-    ("protocol", "mi", "nats (aggregate posterior, whole set)",
-     "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory "
-     "linear in the set; at most log N); for a flow posterior I(x; z_K) through the flow's "
-     "inverse (N^2 inverses: over the first 500 sentences unless `--flow-mi-sentences N` says "
-     "otherwise, 0 = all), null with the reason in `mi_estimator` where it cannot be computed"),
-    ("protocol", "mi_batch", "nats (He et al. 2019 minibatch)",
-     "the minibatch estimator of He et al. 2019, over the evaluation batches"),
+    (
+        "protocol",
+        "ppl_word",
+        "per word incl. EOS",
+        "exp(Σ nll / (whitespace words + one EOS per sentence)); comparable across tokenizers",
+    ),
+    (
+        "protocol",
+        "ppl_elbo_token",
+        "per token incl. EOS",
+        "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL",
+    ),
+    (
+        "protocol",
+        "mi",
+        "nats (aggregate posterior, whole set)",
+        "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory "
+        "linear in the set; at most log N); for a flow posterior I(x; z_K) through the flow's "
+        "inverse (N^2 inverses: over the first 500 sentences unless `--flow-mi-sentences N` says "
+        "otherwise, 0 = all), null with the reason in `mi_estimator` where it cannot be computed",
+    ),
+    (
+        "protocol",
+        "mi_batch",
+        "nats (He et al. 2019 minibatch)",
+        "the minibatch estimator of He et al. 2019, over the evaluation batches",
+    ),
     ("protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z|x]) > `au_delta`"),
     ("protocol", "au_delta", "threshold", "the active-unit threshold (default 0.01)"),
     ("protocol", "kl_per_dim", "nats/sentence", "mean KL per latent dimension (null for a flow)"),
-    ("protocol", "z_gap", "nats/sentence (rec with shuffled z - rec with own z)",
-     "z-usage gap: rec with z shuffled across the batch minus rec with each sentence's own z "
-     "(one z ~ q per sentence, a derangement, so no sentence keeps its z); 0 = the decoder ignores z"),
+    (
+        "protocol",
+        "z_gap",
+        "nats/sentence (rec with shuffled z - rec with own z)",
+        "z-usage gap: rec with z shuffled across the batch minus rec with each sentence's own z "
+        "(one z ~ q per sentence, a derangement, so no sentence keeps its z); 0 = the decoder ignores z",
+    ),
     ("protocol", "iw_samples", "K", "importance samples K (null for the exact LM)"),
     ("protocol", "n_sentences", "sentences", "evaluated sentences"),
     ("protocol", "n_tokens", "incl. EOS", "predicted tokens"),
@@ -148,51 +179,111 @@ EVAL_FIELDS: tuple[tuple[str, str, str, str], ...] = (  # (group, name, unit, me
     ("protocol", "mi_estimator", "", "how `mi` and `mi_batch` were estimated"),
     ("protocol", "precision", "", "fp32, or bf16 autocast for the network"),
     ("protocol", "seed", "", "sampling seed"),
-    ("protocol", "au_by_delta", "active dimensions at each threshold (0.2: DELLA's)",
-     "`au` at `au_delta` and at 0.2"),
+    (
+        "protocol",
+        "au_by_delta",
+        "active dimensions at each threshold (0.2: DELLA's)",
+        "`au` at `au_delta` and at 0.2",
+    ),
     ("protocol", "kl_per_layer", "nats/sentence per latent layer", "layer-wise latents only"),
-    ("protocol", "au_per_layer", "active dimensions per latent layer, at each threshold",
-     "layer-wise latents only"),
-    ("protocol", "bound_valid", "false: elbo/nll are not bounds (kl_reduction: mean)",
-     "whether `elbo` and `nll` bound log p(x)"),
-    ("protocol", "nll_per_sentence", "nats/sentence, dataset order",
-     "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and "
-     "`bench/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of "
-     "different sentences"),
-    ("protocol", "sentence_index", "dataset positions",
-     "the dataset position of each `nll_per_sentence` value (JSON only)"),
-    ("protocol", "n_words_per_sentence", "incl. EOS",
-     "whitespace words + 1 of each evaluated sentence (JSON only)"),
-    ("protocol", "n_skipped", "sentences past the model's position limit (--skip-too-long)",
-     "sentences left out with `--skip-too-long` (else such a sentence is an error); every "
-     "sentence is scored whole"),
-    ("protocol", "encoder_dispersion", "of the encoder summaries (Long et al. 2019)",
-     "Long et al. 2019's encoder feature dispersion: total and relative variance and mean "
-     "pairwise cosine distance of the summaries the posterior heads read (null values with a "
-     "`reason` for DELLA)"),
-    ("protocol", "classifier_accuracy", "fraction (classifier on E_q[z|x])",
-     "a jointly trained classifier on z (`model.classifier_weight`): accuracy on the labelled "
-     "sentences"),
+    (
+        "protocol",
+        "au_per_layer",
+        "active dimensions per latent layer, at each threshold",
+        "layer-wise latents only",
+    ),
+    (
+        "protocol",
+        "bound_valid",
+        "false: elbo/nll are not bounds (kl_reduction: mean)",
+        "whether `elbo` and `nll` bound log p(x)",
+    ),
+    (
+        "protocol",
+        "nll_per_sentence",
+        "nats/sentence, dataset order",
+        "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and "
+        "`bench/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of "
+        "different sentences",
+    ),
+    (
+        "protocol",
+        "sentence_index",
+        "dataset positions",
+        "the dataset position of each `nll_per_sentence` value (JSON only)",
+    ),
+    (
+        "protocol",
+        "n_words_per_sentence",
+        "incl. EOS",
+        "whitespace words + 1 of each evaluated sentence (JSON only)",
+    ),
+    (
+        "protocol",
+        "n_skipped",
+        "sentences past the model's position limit (--skip-too-long)",
+        "sentences left out with `--skip-too-long` (else such a sentence is an error); every "
+        "sentence is scored whole",
+    ),
+    (
+        "protocol",
+        "encoder_dispersion",
+        "of the encoder summaries (Long et al. 2019)",
+        "Long et al. 2019's encoder feature dispersion: total and relative variance and mean "
+        "pairwise cosine distance of the summaries the posterior heads read (null values with a "
+        "`reason` for DELLA)",
+    ),
+    (
+        "protocol",
+        "classifier_accuracy",
+        "fraction (classifier on E_q[z|x])",
+        "a jointly trained classifier on z (`model.classifier_weight`): accuracy on the labelled "
+        "sentences",
+    ),
     ("protocol", "classifier_n", "labelled sentences", "sentences behind `classifier_accuracy`"),
-    ("protocol", "au_layer_mean", "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
-     "layer-wise latents: DELLA's own active-unit figure, comparable with the paper's table"),
+    (
+        "protocol",
+        "au_layer_mean",
+        "mean over layers of the per-layer AU at 0.2 (DELLA A.3)",
+        "layer-wise latents: DELLA's own active-unit figure, comparable with the paper's table",
+    ),
     ("record", "data", "", "the evaluated file"),
     ("record", "split", "", "the split name (null for `--data FILE`)"),
     ("record", "max_sentences", "", "the `--max-sentences` cap (null: the whole split or file)"),
     ("record", "seconds", "s", "wall time of the evaluation"),
-    ("generation", "rec_bleu", "BLEU 0-100 (greedy reconstruction vs input)",
-     "sacrebleu corpus BLEU of greedy decodings of each sentence's posterior mean against the "
-     "sentence, over the first `--gen-sentences` evaluated sentences"),
-    ("generation", "self_bleu", "BLEU 0-100 (prior samples vs each other)",
-     "mean sentence BLEU of each of `--gen-samples` prior samples against all the others "
-     "(Zhu et al. 2018); high = repetitive"),
-    ("generation", "distinct_1", "distinct unigrams / unigrams (prior samples; responses for cvrae)",
-     "distinct unigrams over all unigrams (Li et al. 2016)"),
-    ("generation", "distinct_2", "distinct bigrams / bigrams (prior samples; responses for cvrae)",
-     "distinct bigrams over all bigrams"),
+    (
+        "generation",
+        "rec_bleu",
+        "BLEU 0-100 (greedy reconstruction vs input)",
+        "sacrebleu corpus BLEU of greedy decodings of each sentence's posterior mean against the "
+        "sentence, over the first `--gen-sentences` evaluated sentences",
+    ),
+    (
+        "generation",
+        "self_bleu",
+        "BLEU 0-100 (prior samples vs each other)",
+        "mean sentence BLEU of each of `--gen-samples` prior samples against all the others "
+        "(Zhu et al. 2018); high = repetitive",
+    ),
+    (
+        "generation",
+        "distinct_1",
+        "distinct unigrams / unigrams (prior samples; responses for cvrae)",
+        "distinct unigrams over all unigrams (Li et al. 2016)",
+    ),
+    (
+        "generation",
+        "distinct_2",
+        "distinct bigrams / bigrams (prior samples; responses for cvrae)",
+        "distinct bigrams over all bigrams",
+    ),
     ("generation", "generation", "", "decoding settings and sacrebleu signatures"),
-    ("response", "response_bleu", "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
-     "conditional models: corpus BLEU of `--gen-responses` responses per context"),
+    (
+        "response",
+        "response_bleu",
+        "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
+        "conditional models: corpus BLEU of `--gen-responses` responses per context",
+    ),
 )
 UNITS = {name: unit for _, name, unit, _ in EVAL_FIELDS}
 EVAL_KEYS = tuple(name for group, name, _, _ in EVAL_FIELDS if group == "protocol")
@@ -201,12 +292,16 @@ EVAL_KEYS = tuple(name for group, name, _, _ in EVAL_FIELDS if group == "protoco
 def fields_markdown(groups: tuple[str, ...] = ("protocol", "record")) -> str:
     """README's key table (``| key | unit | meaning |``) of the :data:`EVAL_FIELDS` in
     ``groups``, one row per field."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     lines = ["| key | unit | meaning |", "|---|---|---|"]
-    lines += [f"| `{name}` | {cell(unit)} | {cell(meaning)} |"
-              for group, name, unit, meaning in EVAL_FIELDS if group in groups]
+    lines += [
+        f"| `{name}` | {cell(unit)} | {cell(meaning)} |"
+        for group, name, unit, meaning in EVAL_FIELDS
+        if group in groups
+    ]
     return "\n".join(lines)
 
 
@@ -242,7 +337,9 @@ RESPONSE_KEYS = ("response_bleu", "distinct_1", "distinct_2", "generation")
 LOG_2PI = math.log(2 * math.pi)
 
 
-def gaussian_log_density_matrix(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def gaussian_log_density_matrix(
+    z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
+) -> torch.Tensor:
     """log N(z_i; mu_n, diag exp(logvar_n)) for every pair: (M, D), (N, D), (N, D) -> (M, N).
 
     Computed in float64 through matrix products (no (M, N, D) tensor).
@@ -259,7 +356,10 @@ def _neg_entropy(logvar: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_mi(
-    mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, chunk: int = 1024,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    z: torch.Tensor,
+    chunk: int = 1024,
     analytic_entropy: bool = False,
 ) -> float:
     """I_q(x; z) = E_x E_q(z|x)[log q(z|x)] - E_q(z)[log q(z)], q(z) = (1/N) sum_n q(z|x_n).
@@ -356,9 +456,13 @@ def encoder_dispersion(sums: DispersionSums) -> dict:
     mean_sq = sums.sum_sq / n
     total = mean_sq - float(mean @ mean)
     pair_cos = (float(sums.sum_unit @ sums.sum_unit) - n) / (n * (n - 1)) if n > 1 else 1.0
-    return {"total_variance": max(total, 0.0), "relative_variance": max(total, 0.0) / mean_sq
-            if mean_sq > 0 else 0.0, "mean_cosine_distance": 1.0 - pair_cos,
-            "dim": int(mean.numel()), "n": n}
+    return {
+        "total_variance": max(total, 0.0),
+        "relative_variance": max(total, 0.0) / mean_sq if mean_sq > 0 else 0.0,
+        "mean_cosine_distance": 1.0 - pair_cos,
+        "dim": int(mean.numel()),
+        "n": n,
+    }
 
 
 def batch_mi(mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> float:
@@ -411,8 +515,15 @@ def z_usage_gap(
     return (ll[0] - ll[1]).float()
 
 
-def _flow_mi(model, dataset: TextDataset, indices: list[int], n_scored: int, batch_size: int,
-             device: torch.device, precision: str) -> tuple[float | None, list, str]:
+def _flow_mi(
+    model,
+    dataset: TextDataset,
+    indices: list[int],
+    n_scored: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+) -> tuple[float | None, list, str]:
     """I(x; z_K) of a flow posterior over the sentences ``indices`` (dataset order, batches of
     ``batch_size``): one z_K ~ q(z_K|x) per sentence, the aggregate posterior through the flow's
     inverse (:func:`distribution_mi`); the same within each batch for ``mi_batch``.
@@ -425,8 +536,10 @@ def _flow_mi(model, dataset: TextDataset, indices: list[int], n_scored: int, bat
     posteriors, zs, per_batch = [], [], []
     try:
         for start in range(0, len(indices), batch_size):
-            batch = {k: v.to(device) for k, v in
-                     dataset.collate(indices[start : start + batch_size]).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in dataset.collate(indices[start : start + batch_size]).items()
+            }
             with _autocast(device, precision):
                 q = model.posterior(batch)
             z = q.sample()
@@ -437,9 +550,15 @@ def _flow_mi(model, dataset: TextDataset, indices: list[int], n_scored: int, bat
     except InverseError as err:
         return None, [], f"{FLOW_ESTIMATOR_NONE}: {err}"
     if not math.isfinite(mi) or not all(math.isfinite(m) for m, _ in per_batch):
-        return None, [], (f"{FLOW_ESTIMATOR_NONE}: the estimate is not finite ({mi}): log "
-                          "q(z_K|x) through the inverse is -inf or nan at some points (a flow "
-                          "numerically not invertible there, e.g. an IAF gate sigma near 0)")
+        return (
+            None,
+            [],
+            (
+                f"{FLOW_ESTIMATOR_NONE}: the estimate is not finite ({mi}): log "
+                "q(z_K|x) through the inverse is -inf or nan at some points (a flow "
+                "numerically not invertible there, e.g. an IAF gate sigma near 0)"
+            ),
+        )
     n = len(indices)
     scope = "" if n == n_scored else f"; mi and mi_batch over the first {n} of {n_scored} sentences"
     return mi, per_batch, FLOW_ESTIMATOR + scope
@@ -473,8 +592,11 @@ def too_long(model, dataset: TextDataset) -> list[int]:
     if limit is None:
         return []
     ctx = dataset.context_ids
-    return [i for i, ids in enumerate(dataset.ids)
-            if model.positions_needed(len(ids), len(ctx[i]) if ctx is not None else 0) > limit]
+    return [
+        i
+        for i, ids in enumerate(dataset.ids)
+        if model.positions_needed(len(ids), len(ctx[i]) if ctx is not None else 0) > limit
+    ]
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -487,10 +609,19 @@ def batch_seed(seed: int, index: int) -> int:
 
 @torch.no_grad()
 def evaluate(
-    model, dataset: TextDataset, iw_samples: int = 500, au_delta: float = 0.01,
-    batch_size: int = 64, chunk_tokens: int = 16384, precision: str = "fp32", seed: int = 0,
-    skip_too_long: bool = False, flow_mi_sentences: int | None = None, progress: bool = False,
-    num_processes: int = 1, process_index: int = 0,
+    model,
+    dataset: TextDataset,
+    iw_samples: int = 500,
+    au_delta: float = 0.01,
+    batch_size: int = 64,
+    chunk_tokens: int = 16384,
+    precision: str = "fp32",
+    seed: int = 0,
+    skip_too_long: bool = False,
+    flow_mi_sentences: int | None = None,
+    progress: bool = False,
+    num_processes: int = 1,
+    process_index: int = 0,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
@@ -538,9 +669,13 @@ def evaluate(
         raise ValueError("cannot evaluate an empty dataset")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
-    if num_processes > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ValueError(f"num_processes={num_processes} needs torch.distributed initialised "
-                         "(run under accelerate launch or torchrun, or call PartialState())")
+    if num_processes > 1 and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise ValueError(
+            f"num_processes={num_processes} needs torch.distributed initialised "
+            "(run under accelerate launch or torchrun, or call PartialState())"
+        )
     skipped = too_long(model, dataset)
     if skipped and not skip_too_long:
         longest = max(skipped, key=lambda i: len(dataset.ids[i]))
@@ -549,22 +684,35 @@ def evaluate(
             f"{len(dataset.ids[longest])} tokens) are longer than the model's "
             f"{model.max_positions} positions; evaluation never shortens a sentence: pass "
             "skip_too_long=True (textvae evaluate --skip-too-long) to score the others and report "
-            "how many were skipped")
+            "how many were skipped"
+        )
     if len(skipped) == len(dataset):
-        raise ValueError(f"all {len(dataset)} sentences are longer than the model's "
-                         f"{model.max_positions} positions")
+        raise ValueError(
+            f"all {len(dataset)} sentences are longer than the model's "
+            f"{model.max_positions} positions"
+        )
     skip_set = set(skipped)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    summary_fn, classifier = getattr(model, "encoder_summary", None), getattr(model, "classifier", None)
-    batches = [[i for i in b if i not in skip_set] for b in dataset.batches(batch_size, shuffle=False)]
+    summary_fn, classifier = (
+        getattr(model, "encoder_summary", None),
+        getattr(model, "classifier", None),
+    )
+    batches = [
+        [i for i in b if i not in skip_set] for b in dataset.batches(batch_size, shuffle=False)
+    ]
     batches = [b for b in batches if b]
     if len(batches) < num_processes and process_index == 0:
-        log.warning("%d evaluation batches of %d sentences for %d processes: %d processes have "
-                    "nothing to score; a smaller batch size shares the work (it changes the "
-                    "Monte Carlo draws, not the estimator)", len(batches), batch_size,
-                    num_processes, num_processes - len(batches))
+        log.warning(
+            "%d evaluation batches of %d sentences for %d processes: %d processes have "
+            "nothing to score; a smaller batch size shares the work (it changes the "
+            "Monte Carlo draws, not the estimator)",
+            len(batches),
+            batch_size,
+            num_processes,
+            num_processes - len(batches),
+        )
     records = []  # one per batch scored here, everything on the CPU (gathered when sharded)
     mine = sum(len(b) for j, b in enumerate(batches) if j % num_processes == process_index)
     bar, done = _progress_bar(mine, "evaluate", progress and process_index == 0), 0
@@ -598,7 +746,9 @@ def evaluate(
             layerwise = dims is None and hasattr(q, "conditionals") and hasattr(p, "conditionals")
             scale = getattr(q, "log_prob_scale", 1.0)
             r["bound_valid"] = getattr(q, "bound_valid", True)
-            z1 = q.sample()  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
+            z1 = (
+                q.sample()
+            )  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
             r["layerwise"], r["flow"], r["b"] = layerwise, False, b
             if layerwise:
                 # the posterior is rebuilt from its offset after gathering (it holds modules)
@@ -682,16 +832,24 @@ def evaluate(
         # the shared recurrence and layer maps of this model's posteriors (from the first batch)
         first = {k: v.to(device) for k, v in dataset.collate(batches[0]).items()}
         template = model.posterior(first)
-        posteriors = [type(template)(r["offset"].to(device), template.recurrence, template.weight,
-                                     template.reduction) for r in records]
+        posteriors = [
+            type(template)(
+                r["offset"].to(device), template.recurrence, template.weight, template.reduction
+            )
+            for r in records
+        ]
     if flow:
-        cap = flow_mi_sentences if flow_mi_sentences is not None else (
-            FLOW_MI_EVAL_SENTENCES if iw_samples else FLOW_MI_VALIDATION_SENTENCES)
+        cap = (
+            flow_mi_sentences
+            if flow_mi_sentences is not None
+            else (FLOW_MI_EVAL_SENTENCES if iw_samples else FLOW_MI_VALIDATION_SENTENCES)
+        )
         cap = cap or None  # 0 = every sentence
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(batch_seed(seed, -1))
-            flow_mi = _flow_mi(model, dataset, sorted(order)[:cap], len(order), batch_size, device,
-                               precision)
+            flow_mi = _flow_mi(
+                model, dataset, sorted(order)[:cap], len(order), batch_size, device, precision
+            )
     bar.update(done)
     bar.close()
     model.train(was_training)
@@ -702,9 +860,17 @@ def evaluate(
     n_words = sum(n_words_each)
     rec_t = torch.cat(rec).double()
     out: dict = dict.fromkeys(EVAL_KEYS)
-    out.update(n_sentences=n, n_tokens=n_tokens, n_words=n_words, rec=float(rec_t.mean()),
-               tokenizer=tokenizer_kind(dataset.tokenizer), precision=precision, seed=seed,
-               bound_valid=bound_valid, n_skipped=len(skipped))
+    out.update(
+        n_sentences=n,
+        n_tokens=n_tokens,
+        n_words=n_words,
+        rec=float(rec_t.mean()),
+        tokenizer=tokenizer_kind(dataset.tokenizer),
+        precision=precision,
+        seed=seed,
+        bound_valid=bound_valid,
+        n_skipped=len(skipped),
+    )
     if nll:
         nll_t = torch.cat(nll).double()
         out["nll"] = float(nll_t.mean())
@@ -753,15 +919,19 @@ def evaluate(
     if summary_fn is not None:
         out["encoder_dispersion"] = encoder_dispersion(dispersion)
     else:
-        out["encoder_dispersion"] = {"total_variance": None, "relative_variance": None,
-                                     "mean_cosine_distance": None,
-                                     "reason": f"{type(model).__name__} has no single encoder "
-                                               "summary before its posterior heads "
-                                               "(encoder_summary)"}
+        out["encoder_dispersion"] = {
+            "total_variance": None,
+            "relative_variance": None,
+            "mean_cosine_distance": None,
+            "reason": f"{type(model).__name__} has no single encoder "
+            "summary before its posterior heads "
+            "(encoder_summary)",
+        }
     return out
 
 
 # --- generation metrics (SPEC section 3) -------------------------------------------------------
+
 
 def distinct_n(texts: list[str], n: int) -> float:
     """distinct-n (Li et al. 2016): distinct n-grams / all n-grams over the whole list.
@@ -769,8 +939,11 @@ def distinct_n(texts: list[str], n: int) -> float:
     Tokens are whitespace-separated words; n-grams do not cross sentence boundaries. Returns
     0.0 when the list has no n-gram.
     """
-    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts)
-             for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n])
+        for words in (t.split() for t in texts)
+        for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -790,8 +963,10 @@ def corpus_bleu(hypotheses: list[str], references: list[str]) -> tuple[float, st
     from sacrebleu.metrics import BLEU
 
     if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"BLEU needs equally many hypotheses and references, got "
-                         f"{len(hypotheses)} and {len(references)}")
+        raise ValueError(
+            f"BLEU needs equally many hypotheses and references, got "
+            f"{len(hypotheses)} and {len(references)}"
+        )
     bleu = BLEU(force=True)
     return bleu.corpus_score(hypotheses, [references]).score, str(bleu.get_signature())
 
@@ -822,9 +997,17 @@ def self_bleu(texts: list[str]) -> tuple[float, str]:
 
 @torch.no_grad()
 def generation_metrics(
-    model, texts: list[str], n_samples: int = 500, strategy: str = "greedy",
-    max_length: int = 50, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-    seed: int = 0, batch_size: int = 256, progress: bool = False,
+    model,
+    texts: list[str],
+    n_samples: int = 500,
+    strategy: str = "greedy",
+    max_length: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = False,
 ) -> dict:
     """BLEU of reconstructions, self-BLEU and distinct-1/2 of prior samples.
 
@@ -844,8 +1027,9 @@ def generation_metrics(
     """
     from textvae.generate import reconstruct, sample_prior
 
-    options = dict(strategy=strategy, max_length=max_length, temperature=temperature,
-                   top_k=top_k, top_p=top_p)
+    options = dict(
+        strategy=strategy, max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     bar = _progress_bar(n_samples + (len(texts) if model.has_latent else 0), "generation", progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -854,13 +1038,19 @@ def generation_metrics(
             samples += sample_prior(model, min(batch_size, n_samples - start), **options)
             bar.update(min(batch_size, n_samples - start))
     out = dict.fromkeys(GENERATION_KEYS)
-    settings = {"prior_samples": n_samples, **options, "seed": seed,
-                "reconstruction": None, "rec_sentences": 0}
+    settings = {
+        "prior_samples": n_samples,
+        **options,
+        "seed": seed,
+        "reconstruction": None,
+        "rec_sentences": 0,
+    }
     if model.has_latent:
         recs: list[str] = []
         for start in range(0, len(texts), batch_size):
-            recs += reconstruct(model, texts[start : start + batch_size], strategy="greedy",
-                                max_length=max_length)
+            recs += reconstruct(
+                model, texts[start : start + batch_size], strategy="greedy", max_length=max_length
+            )
             bar.update(len(texts[start : start + batch_size]))
         references = [" ".join(t.split()) for t in texts]
         out["rec_bleu"], settings["bleu_signature"] = corpus_bleu(recs, references)
@@ -874,9 +1064,18 @@ def generation_metrics(
 
 @torch.no_grad()
 def response_metrics(
-    model, contexts: list[str], references: list[str], n_responses: int = 5,
-    strategy: str = "greedy", max_length: int = 50, temperature: float = 1.0, top_k: int = 0,
-    top_p: float = 1.0, seed: int = 0, batch_size: int = 64, progress: bool = False,
+    model,
+    contexts: list[str],
+    references: list[str],
+    n_responses: int = 5,
+    strategy: str = "greedy",
+    max_length: int = 50,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = False,
 ) -> dict:
     """Response generation of a conditional model (SPEC 3, "BLEU/distinct for conditional
     tasks"): for each context, ``n_responses`` responses decoded from z ~ p(z|c) with
@@ -901,10 +1100,13 @@ def response_metrics(
     if not getattr(model, "conditional", False):
         raise ValueError(f"{type(model).__name__} is not a conditional model")
     if len(contexts) != len(references) or not contexts:
-        raise ValueError(f"response metrics need equally many contexts and references, got "
-                         f"{len(contexts)} and {len(references)}")
-    options = dict(strategy=strategy, max_length=max_length, temperature=temperature,
-                   top_k=top_k, top_p=top_p)
+        raise ValueError(
+            f"response metrics need equally many contexts and references, got "
+            f"{len(contexts)} and {len(references)}"
+        )
+    options = dict(
+        strategy=strategy, max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         groups: list[list[str]] = []
@@ -914,20 +1116,34 @@ def response_metrics(
             bar.update(len(contexts[start : start + batch_size]))
         bar.close()
     hypotheses = [r for group in groups for r in group]
-    refs = [" ".join(ref.split()) for ref, group in zip(references, groups, strict=True) for _ in group]
+    refs = [
+        " ".join(ref.split()) for ref, group in zip(references, groups, strict=True) for _ in group
+    ]
     out = dict.fromkeys(RESPONSE_KEYS)
     out["response_bleu"], signature = corpus_bleu(hypotheses, refs)
     out["distinct_1"], out["distinct_2"] = distinct_n(hypotheses, 1), distinct_n(hypotheses, 2)
-    out["generation"] = {"contexts": len(contexts), "responses_per_context": n_responses,
-                         "latent": "z ~ p(z|c)" if model.has_latent else "none", **options, "seed": seed,
-                         "bleu_signature": signature}
+    out["generation"] = {
+        "contexts": len(contexts),
+        "responses_per_context": n_responses,
+        "latent": "z ~ p(z|c)" if model.has_latent else "none",
+        **options,
+        "seed": seed,
+        "bleu_signature": signature,
+    }
     return out
 
 
 # --- latent probe (SPEC section 3) --------------------------------------------------------------
 
+
 def probe_accuracy(
-    fit_x, fit_y, score_x, score_y, sizes: list[int | None], repeats: int = 5, seed: int = 0,
+    fit_x,
+    fit_y,
+    score_x,
+    score_y,
+    sizes: list[int | None],
+    repeats: int = 5,
+    seed: int = 0,
 ) -> list[dict]:
     """Logistic-regression probe: how well a label can be read off the latent.
 
@@ -972,6 +1188,13 @@ def probe_accuracy(
             clf.fit(fit_x[idx], labels)
             accs.append(float((clf.predict(score_x) == score_y).mean()))
             majs.append(float((score_y == classes[counts.argmax()]).mean()))
-        results.append({"n": n, "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-                        "majority": float(np.mean(majs)), "repeats": runs})
+        results.append(
+            {
+                "n": n,
+                "accuracy": float(np.mean(accs)),
+                "accuracy_std": float(np.std(accs)),
+                "majority": float(np.mean(majs)),
+                "repeats": runs,
+            }
+        )
     return results

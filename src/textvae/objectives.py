@@ -18,8 +18,12 @@ from textvae.config import KLConfig
 
 
 def sequence_log_prob(
-    hidden: torch.Tensor, output: torch.nn.Module, targets: torch.Tensor, mask: torch.Tensor,
-    float32_softmax: bool = True, block_rows: int = 512,
+    hidden: torch.Tensor,
+    output: torch.nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    float32_softmax: bool = True,
+    block_rows: int = 512,
 ) -> torch.Tensor:
     """log p(x) of each sequence: sum over real positions of log softmax(output(h_t))[x_t].
 
@@ -121,7 +125,9 @@ def conditional_kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.T
     return kl_divergence(q.conditionals(z), p.conditionals(z))
 
 
-def rsample_and_log_prob(q: Distribution, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def rsample_and_log_prob(
+    q: Distribution, sample_shape: tuple[int, ...] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reparameterised samples of q with their exact log-density: the one way the ELBO, the IW
     bound and the Monte Carlo KL draw from a posterior.
 
@@ -167,20 +173,28 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
         return torch.clamp(kl_dims.mean(0), min=free_bits).sum()
     if mode == "per_layer":
         if kl_dims.dim() != 3:
-            raise ValueError(f"free_bits_mode per_layer needs a KL of shape (B, L, D), got "
-                             f"{tuple(kl_dims.shape)}: use per_dim or total")
+            raise ValueError(
+                f"free_bits_mode per_layer needs a KL of shape (B, L, D), got "
+                f"{tuple(kl_dims.shape)}: use per_dim or total"
+            )
         return torch.clamp(kl_dims.sum(-1).mean(0), min=free_bits).sum()
     if mode == "total":
         return torch.clamp(kl_dims.flatten(1).sum(-1).mean(), min=free_bits)
     if mode == "per_sentence_dim":
         return torch.clamp(kl_dims, min=free_bits).flatten(1).sum(-1).mean()
-    raise ValueError(f"unknown free_bits_mode '{mode}' (per_dim, per_layer, total or "
-                     "per_sentence_dim)")
+    raise ValueError(
+        f"unknown free_bits_mode '{mode}' (per_dim, per_layer, total or per_sentence_dim)"
+    )
 
 
 def elbo(
-    model, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
-    free_bits_mode: str = "per_dim", kl_target: float = 0.0, kl_target_weight: float = 0.0,
+    model,
+    batch: dict[str, torch.Tensor],
+    beta: float = 1.0,
+    free_bits: float = 0.0,
+    free_bits_mode: str = "per_dim",
+    kl_target: float = 0.0,
+    kl_target_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Single-sample ELBO and the training loss (Kingma & Welling 2014; Bowman et al. 2016).
 
@@ -220,8 +234,14 @@ def elbo(
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
-        return {"loss": rec.mean(), "rec": rec, "kl": torch.zeros_like(rec), "kl_per_dim": None,
-                "bow": None, "cls": None}
+        return {
+            "loss": rec.mean(),
+            "rec": rec,
+            "kl": torch.zeros_like(rec),
+            "kl_per_dim": None,
+            "bow": None,
+            "cls": None,
+        }
     q, p = model.posterior_and_prior(batch)
     scale = getattr(q, "log_prob_scale", 1.0)
     kl_dims = kl_per_dim(q, p)
@@ -262,7 +282,11 @@ def elbo(
 
 
 def iw_log_weights(
-    model, batch: dict[str, torch.Tensor], q: Distribution, p: Distribution, z: torch.Tensor,
+    model,
+    batch: dict[str, torch.Tensor],
+    q: Distribution,
+    p: Distribution,
+    z: torch.Tensor,
     log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance log-weights log p(x, z_s) - log q(z_s|x) (Burda et al. 2016, eq. 8).

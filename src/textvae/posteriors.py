@@ -105,12 +105,19 @@ class GaussianHead(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, latent_dim: int, bias: bool = True, bn_gamma: float = 0.0,
-        min_rate_delta: float = 0.0, bn_eps: float = 1e-5,
+        self,
+        in_dim: int,
+        latent_dim: int,
+        bias: bool = True,
+        bn_gamma: float = 0.0,
+        min_rate_delta: float = 0.0,
+        bn_eps: float = 1e-5,
     ):
         super().__init__()
         if bn_gamma < 0 or min_rate_delta < 0:
-            raise ValueError(f"bn_gamma ({bn_gamma}) and min_rate_delta ({min_rate_delta}) must be >= 0")
+            raise ValueError(
+                f"bn_gamma ({bn_gamma}) and min_rate_delta ({min_rate_delta}) must be >= 0"
+            )
         if bn_eps <= 0:
             raise ValueError(f"bn_eps ({bn_eps}) must be > 0")
         self.mu = nn.Linear(in_dim, latent_dim, bias=bias)
@@ -125,15 +132,23 @@ class GaussianHead(nn.Module):
         if min_rate_delta > 0:
             self.max_logvar = min_rate_max_logvar(min_rate_delta)
             if self.max_logvar <= LOGVAR_MIN:
-                raise ValueError(f"min_rate_delta={min_rate_delta} needs log sigma^2 <= "
-                                 f"{self.max_logvar:.2f}, below the clamp at {LOGVAR_MIN}; use delta <= 9")
+                raise ValueError(
+                    f"min_rate_delta={min_rate_delta} needs log sigma^2 <= "
+                    f"{self.max_logvar:.2f}, below the clamp at {LOGVAR_MIN}; use delta <= 9"
+                )
 
     def normalise_means(self, mu: torch.Tensor) -> torch.Tensor:
         """BN-VAE: (B, D) float32 means -> gamma * batchnorm(mu) + beta, (B, D) float32."""
         use_batch = self.training and mu.size(0) > 1
         with torch.autocast(mu.device.type, enabled=False):
-            normed = F.batch_norm(mu.float(), self.bn_running_mean, self.bn_running_var,
-                                  training=use_batch, momentum=self.bn_momentum, eps=self.bn_eps)
+            normed = F.batch_norm(
+                mu.float(),
+                self.bn_running_mean,
+                self.bn_running_var,
+                training=use_batch,
+                momentum=self.bn_momentum,
+                eps=self.bn_eps,
+            )
         return self.bn_gamma * normed + self.bn_shift
 
     def forward(self, h: torch.Tensor) -> Independent:
@@ -181,8 +196,12 @@ class LatentRecurrence(nn.Module):
             self.register_parameter("weight_ih", None)
             return
         bound = latent_dim**-0.5  # nn.Linear's default range for fan-in D
-        self.weight_hh = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
-        self.weight_ih = nn.Parameter(torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(
+            torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound)
+        )
+        self.weight_ih = nn.Parameter(
+            torch.empty(cells, latent_dim, latent_dim).uniform_(-bound, bound)
+        )
 
     def step(self, layer: int, zbar_prev: torch.Tensor, z_prev: torch.Tensor) -> torch.Tensor:
         """zbar of layer ``layer`` (0-based, >= 1) from zbar and z of the layer below: (..., D)."""
@@ -242,18 +261,27 @@ class LayerwiseGaussian(Distribution):
     arg_constraints: dict = {}
     has_rsample = True
 
-    def __init__(self, offset: torch.Tensor, recurrence: LatentRecurrence, weight: torch.Tensor,
-                 reduction: str = "sum"):
+    def __init__(
+        self,
+        offset: torch.Tensor,
+        recurrence: LatentRecurrence,
+        weight: torch.Tensor,
+        reduction: str = "sum",
+    ):
         n_layers, two_d = offset.shape[-2:]
         if two_d % 2 or weight.shape != (n_layers, two_d, two_d // 2):
-            raise ValueError(f"offset (..., L, 2D) {tuple(offset.shape)} and weight (L, 2D, D) "
-                             f"{tuple(weight.shape)} do not fit")
+            raise ValueError(
+                f"offset (..., L, 2D) {tuple(offset.shape)} and weight (L, 2D, D) "
+                f"{tuple(weight.shape)} do not fit"
+            )
         if reduction not in ("sum", "mean"):
             raise ValueError(f"unknown layer reduction '{reduction}' (sum or mean)")
         self.offset, self.recurrence, self.weight = offset.float(), recurrence, weight
         self.reduction = reduction
         self.n_layers, self.latent_dim = n_layers, two_d // 2
-        super().__init__(offset.shape[:-2], torch.Size((n_layers, self.latent_dim)), validate_args=False)
+        super().__init__(
+            offset.shape[:-2], torch.Size((n_layers, self.latent_dim)), validate_args=False
+        )
 
     @property
     def log_prob_scale(self) -> float:
@@ -284,7 +312,9 @@ class LayerwiseGaussian(Distribution):
         per_layer = self.conditionals(value).log_prob(value.float()).sum(-1)  # (..., L)
         return per_layer.sum(-1) * self.log_prob_scale
 
-    def rsample_and_log_prob(self, sample_shape: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    def rsample_and_log_prob(
+        self, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ancestral reparameterised samples (*sample_shape, *batch, L, D) with their log_prob
         (*sample_shape, *batch), from the same per-layer parameters."""
         shape = torch.Size(sample_shape) + self.batch_shape
@@ -294,7 +324,9 @@ class LayerwiseGaussian(Distribution):
             if layer > 0:
                 zbar = self.recurrence.step(layer, zbar, zs[-1])
             mu, sigma = self._layer(layer, zbar)
-            normal = Normal(mu.expand(shape + (self.latent_dim,)), sigma.expand(shape + (self.latent_dim,)))
+            normal = Normal(
+                mu.expand(shape + (self.latent_dim,)), sigma.expand(shape + (self.latent_dim,))
+            )
             zs.append(normal.rsample())
             log_p = log_p + normal.log_prob(zs[-1]).sum(-1)
         return torch.stack(zs, dim=-2), log_p * self.log_prob_scale
@@ -314,8 +346,11 @@ class LayerwiseGaussian(Distribution):
         of z_<l per pass, so sampling noise counts as variation across sentences."""
         gen = torch.Generator(device=self.offset.device).manual_seed(LAYERWISE_MEAN_SEED)
         n = LAYERWISE_MEAN_SAMPLES
-        eps = torch.randn((n, *([1] * len(self.batch_shape)), self.n_layers, self.latent_dim),
-                          generator=gen, device=self.offset.device)
+        eps = torch.randn(
+            (n, *([1] * len(self.batch_shape)), self.n_layers, self.latent_dim),
+            generator=gen,
+            device=self.offset.device,
+        )
         zbar = self.offset.new_zeros((n, *self.batch_shape, self.latent_dim))
         means, z = [], None
         for layer in range(self.n_layers):

@@ -62,8 +62,13 @@ def read_log(run_dir: str | Path) -> dict[str, list[dict]]:
     return groups
 
 
-def evaluation_name(what: str, n_sentences: int | None, iw_samples: int | None, precision: str,
-                    generation: bool = False) -> str:
+def evaluation_name(
+    what: str,
+    n_sentences: int | None,
+    iw_samples: int | None,
+    precision: str,
+    generation: bool = False,
+) -> str:
     """The file stem of an evaluation, naming what it is: ``eval-<split or file stem>-<full or
     N sentences>[-K<k>]-<precision>[-gen]``, e.g. ``eval-test-full-K500-bf16``.
 
@@ -101,8 +106,12 @@ def completeness(record: dict, path: Path | None = None) -> tuple:
     k = record.get("iw_samples")
     if k is None and record.get("nll") is not None:
         k = math.inf  # exact -log p(x) of a model without latent
-    return (record.get("n_sentences") or 0, k or 0, record.get("precision") == "fp32",
-            path.stat().st_mtime if path is not None else 0.0)
+    return (
+        record.get("n_sentences") or 0,
+        k or 0,
+        record.get("precision") == "fp32",
+        path.stat().st_mtime if path is not None else 0.0,
+    )
 
 
 def best_evaluation(run_dir: str | Path, which: str = "test") -> tuple[str, dict] | None:
@@ -136,8 +145,15 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.grid": True,
-                         "grid.alpha": 0.3, "figure.dpi": 110})
+    plt.rcParams.update(
+        {
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "figure.dpi": 110,
+        }
+    )
     return plt
 
 
@@ -162,7 +178,10 @@ CURVES = (  # (record type, key, title)
     ("au", "active units (dimensions)"),
     ("z_gap", "z-usage gap  (nats/sentence)"),
     # Long et al. 2019's encoder feature dispersion, of the summaries the posterior heads read
-    ("encoder_dispersion.mean_cosine_distance", "encoder dispersion: mean pairwise cosine distance"),
+    (
+        "encoder_dispersion.mean_cosine_distance",
+        "encoder dispersion: mean pairwise cosine distance",
+    ),
     ("encoder_dispersion.relative_variance", "encoder dispersion: total variance / mean ||h||^2"),
 )
 
@@ -170,8 +189,9 @@ CURVES = (  # (record type, key, title)
 LM_CURVES = (("rec", "-log p(x)  (nats/sentence)"),)  # a language model has nothing else
 
 
-def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str,
-                has_latent: bool = True) -> Path:
+def plot_curves(
+    runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str, has_latent: bool = True
+) -> Path:
     """Training curves against optimizer step, one panel per quantity of :data:`CURVES` (of
     :data:`LM_CURVES` when ``has_latent`` is False: a language model has no KL, beta or latent).
 
@@ -183,9 +203,12 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
     """
     plt = _pyplot()
     curves = CURVES if has_latent else LM_CURVES
-    fig, axes = plt.subplots(*((2, 4) if has_latent else (1, 1)),
-                             figsize=(18, 7.5) if has_latent else (7, 4.5),
-                             constrained_layout=True, squeeze=False)
+    fig, axes = plt.subplots(
+        *((2, 4) if has_latent else (1, 1)),
+        figsize=(18, 7.5) if has_latent else (7, 4.5),
+        constrained_layout=True,
+        squeeze=False,
+    )
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, groups) in enumerate(runs.items()):
@@ -195,25 +218,47 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
             if key in ("rec", "kl", "beta"):
                 x, y = _series(train, key)
                 if x:
-                    ax.plot(x, y, color=color, lw=0.8, alpha=0.45 if key != "beta" else 1.0,
-                            marker="." if len(x) < 3 else None,
-                            label=(f"{label} train" if not single else "train (window mean)"))
+                    ax.plot(
+                        x,
+                        y,
+                        color=color,
+                        lw=0.8,
+                        alpha=0.45 if key != "beta" else 1.0,
+                        marker="." if len(x) < 3 else None,
+                        label=(f"{label} train" if not single else "train (window mean)"),
+                    )
             if key != "beta":
                 x, y = _series(valid, key)
                 if x:
-                    ax.plot(x, y, "o-", color=color if not single else colors[1], ms=4, lw=1.5,
-                            label=(f"{label} valid" if not single else "validation"))
+                    ax.plot(
+                        x,
+                        y,
+                        "o-",
+                        color=color if not single else colors[1],
+                        ms=4,
+                        lw=1.5,
+                        label=(f"{label} valid" if not single else "validation"),
+                    )
             ax.set_title(panel)
             ax.set_xlabel("optimizer step")
     keys = [k for k, _ in curves]
     if "au" in keys and axes.flat[keys.index("au")].lines:
-        axes.flat[keys.index("au")].set_ylim(bottom=0)  # a count: start at 0, so a flat 32 does not look like noise
+        axes.flat[keys.index("au")].set_ylim(
+            bottom=0
+        )  # a count: start at 0, so a flat 32 does not look like noise
     for ax in axes.flat:
         if ax.lines:
             ax.legend(fontsize=8, loc="best")
         else:
-            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "not logged by this run",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
     fig.suptitle(title)
     fig.savefig(path)
     plt.close(fig)
@@ -221,7 +266,11 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], path: str | Path, title:
 
 
 def plot_kl_per_dim(
-    kl_dims: list[float] | None, mu_var: list[float], delta: float, path: str | Path, title: str,
+    kl_dims: list[float] | None,
+    mu_var: list[float],
+    delta: float,
+    path: str | Path,
+    title: str,
     kl_total: float | None = None,
 ) -> Path:
     """Two aligned bar charts over latent dimensions: KL per dimension (nats/sentence, log
@@ -236,8 +285,9 @@ def plot_kl_per_dim(
     floor = 1e-5
     width = max(7.0, 0.28 * d + 2)
     if kl_dims is not None:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, 6.5), sharex=True,
-                                          constrained_layout=True)
+        fig, (top, bottom) = plt.subplots(
+            2, 1, figsize=(width, 6.5), sharex=True, constrained_layout=True
+        )
         top.bar(range(d), [max(k, floor) for k in kl_dims], color=colors)
         top.set_yscale("log")
         top.set_ylim(bottom=floor)
@@ -246,9 +296,12 @@ def plot_kl_per_dim(
     else:
         fig, bottom = plt.subplots(figsize=(width, 3.8), constrained_layout=True)
         heading = bottom
-        kl_text = ("no per-dimension KL (flow): Monte Carlo KL total "
-                   + (f"{kl_total:.3f} nats" if kl_total is not None else "n/a"))
-    heading.set_title(f"{title}\n{kl_text}\n{sum(active)}/{d} active units (red) at delta = {delta}")
+        kl_text = "no per-dimension KL (flow): Monte Carlo KL total " + (
+            f"{kl_total:.3f} nats" if kl_total is not None else "n/a"
+        )
+    heading.set_title(
+        f"{title}\n{kl_text}\n{sum(active)}/{d} active units (red) at delta = {delta}"
+    )
     bottom.bar(range(d), [max(v, floor) for v in mu_var], color=colors)
     bottom.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
     bottom.set_yscale("log")
@@ -264,8 +317,12 @@ def plot_kl_per_dim(
 
 
 def plot_projection(
-    mu: torch.Tensor, path: str | Path, title: str, labels: list[int] | None = None,
-    lengths: list[int] | None = None, label_names: dict[int, str] | None = None,
+    mu: torch.Tensor,
+    path: str | Path,
+    title: str,
+    labels: list[int] | None = None,
+    lengths: list[int] | None = None,
+    label_names: dict[int, str] | None = None,
 ) -> Path:
     """2-D PCA of posterior means (N, D): coloured by label where labels exist, else by
     sentence length in words (colour bar). Axis labels give each component's share of variance.
@@ -287,12 +344,19 @@ def plot_projection(
         values = sorted(set(labels))
         colour = {v: palette[i % len(palette)] for i, v in enumerate(values)}
         order = np.random.default_rng(0).permutation(len(labels))
-        ax.scatter(xy[order, 0], xy[order, 1], s=7, alpha=0.5,
-                   c=[colour[labels[i]] for i in order])
-        handles = [mlines.Line2D([], [], ls="", marker="o", color=colour[v],
-                                 label=f"{(label_names or {}).get(v, f'label {v}')} "
-                                       f"({sum(1 for x in labels if x == v)})")
-                   for v in values]
+        ax.scatter(xy[order, 0], xy[order, 1], s=7, alpha=0.5, c=[colour[labels[i]] for i in order])
+        handles = [
+            mlines.Line2D(
+                [],
+                [],
+                ls="",
+                marker="o",
+                color=colour[v],
+                label=f"{(label_names or {}).get(v, f'label {v}')} "
+                f"({sum(1 for x in labels if x == v)})",
+            )
+            for v in values
+        ]
         ax.legend(handles=handles, loc="best")
     else:
         points = ax.scatter(xy[:, 0], xy[:, 1], s=7, alpha=0.6, c=lengths, cmap="viridis")
@@ -325,11 +389,23 @@ def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) ->
         ``{"points": [{"name", "rate", "distortion", "nll", "mi", "au"}, ...], "lm": [{"name",
         "nll"}, ...], "elbo_lines": [c, ...]}``: what was drawn, in nats per sentence.
     """
-    points = [{"name": n, "rate": r["kl"], "distortion": r["rec"], "nll": r.get("nll"),
-               "mi": r.get("mi"), "au": r.get("au")}
-              for n, r in rows.items() if r.get("kl") is not None and r.get("rec") is not None]
-    lms = [{"name": n, "nll": r["nll"]} for n, r in rows.items()
-           if r.get("kl") is None and r.get("nll") is not None]
+    points = [
+        {
+            "name": n,
+            "rate": r["kl"],
+            "distortion": r["rec"],
+            "nll": r.get("nll"),
+            "mi": r.get("mi"),
+            "au": r.get("au"),
+        }
+        for n, r in rows.items()
+        if r.get("kl") is not None and r.get("rec") is not None
+    ]
+    lms = [
+        {"name": n, "nll": r["nll"]}
+        for n, r in rows.items()
+        if r.get("kl") is None and r.get("nll") is not None
+    ]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 6.5), constrained_layout=True)
     totals = [p["rate"] + p["distortion"] for p in points] + [m["nll"] for m in lms]
@@ -354,21 +430,43 @@ def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) ->
             ax.plot(xs, [c - x for x in xs], ls="--", lw=0.8, color="0.65", zorder=1)
             x_text = c - (y_lo - pad)  # where the line meets the bottom of the axes
             if 0 < x_text < x_hi * 0.97:
-                ax.text(x_text, y_lo - pad, f" {c:g}", fontsize=7, color="0.45",
-                        ha="left", va="bottom")
+                ax.text(
+                    x_text, y_lo - pad, f" {c:g}", fontsize=7, color="0.45", ha="left", va="bottom"
+                )
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ax.plot([], [], ls="--", lw=0.8, color="0.65", label="R + D = const (equal ELBO; its value at the bottom)")
+    ax.plot(
+        [],
+        [],
+        ls="--",
+        lw=0.8,
+        color="0.65",
+        label="R + D = const (equal ELBO; its value at the bottom)",
+    )
     for m in lms:
         x_end = ax.get_xlim()[1]
-        ax.plot([0.0, x_end], [m["nll"], m["nll"] - x_end], ls="-.", lw=1.3, color="black",
-                zorder=2, label=f"{m['name']}: LM, exact NLL {m['nll']:.2f} (R = 0, D = NLL)")
+        ax.plot(
+            [0.0, x_end],
+            [m["nll"], m["nll"] - x_end],
+            ls="-.",
+            lw=1.3,
+            color="black",
+            zorder=2,
+            label=f"{m['name']}: LM, exact NLL {m['nll']:.2f} (R = 0, D = NLL)",
+        )
         ax.plot([0.0], [m["nll"]], marker="s", color="black", ms=7, zorder=4)
     fig.canvas.draw()  # fixes the axes' transform for the label placement below
     placed: list[tuple[float, float, float, float]] = []  # label boxes in pixels
     px = fig.dpi / 72.0  # pixels per point
     for i, p in enumerate(sorted(points, key=lambda p: (p["distortion"], p["rate"]))):
-        ax.scatter([p["rate"]], [p["distortion"]], s=45, color=colors[i % len(colors)],
-                   zorder=5, edgecolor="black", linewidth=0.5)
+        ax.scatter(
+            [p["rate"]],
+            [p["distortion"]],
+            s=45,
+            color=colors[i % len(colors)],
+            zorder=5,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         nll = "–" if p["nll"] is None else f"{p['nll']:.2f}"
         mi = "–" if p["mi"] is None else f"{p['mi']:.2f}"
         au = "–" if p["au"] is None else str(p["au"])
@@ -378,21 +476,36 @@ def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) ->
         w = 7 * 0.6 * px * max(len(line) for line in text.split("\n"))
         h = 2 * 8.5 * px
         dy = 4 * px
-        while any(x0 + 6 * px < b[2] and b[0] < x0 + 6 * px + w and y0 + dy < b[3]
-                  and b[1] < y0 + dy + h for b in placed):
+        while any(
+            x0 + 6 * px < b[2] and b[0] < x0 + 6 * px + w and y0 + dy < b[3] and b[1] < y0 + dy + h
+            for b in placed
+        ):
             dy += 3 * px
         placed.append((x0 + 6 * px, y0 + dy, x0 + 6 * px + w, y0 + dy + h))
-        ax.annotate(text, (p["rate"], p["distortion"]), textcoords="offset pixels",
-                    xytext=(6 * px, dy), fontsize=7, color=colors[i % len(colors)],
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if dy > 12 * px else None)
+        ax.annotate(
+            text,
+            (p["rate"], p["distortion"]),
+            textcoords="offset pixels",
+            xytext=(6 * px, dy),
+            fontsize=7,
+            color=colors[i % len(colors)],
+            arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5") if dy > 12 * px else None,
+        )
     ax.set_xlabel("rate R = KL(q(z|x) || p(z))  (nats/sentence)")
     ax.set_ylabel("distortion D = E_q[-log p(x|z)]  (nats/sentence)")
     ax.set_title(f"{title}\nlabels: IW-NLL (nats/sentence), MI (nats), active units", fontsize=10)
     if points or lms:
         ax.legend(fontsize=8, loc="upper right")
     else:
-        ax.text(0.5, 0.5, "no run with an evaluation (kl, rec or nll)", ha="center",
-                va="center", transform=ax.transAxes, color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            "no run with an evaluation (kl, rec or nll)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
     fig.savefig(path)
     plt.close(fig)
     return {"points": points, "lm": lms, "elbo_lines": elbo_lines}
@@ -425,17 +538,26 @@ def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None)
 def evaluation_table(rows: dict[str, dict], latent_dims: dict[str, int] | None = None) -> str:
     """A markdown table, one row per name, columns :data:`TABLE_FIELDS` (units in the header);
     columns empty in every row are left out."""
-    keys = [(k, h, f) for k, h, f in TABLE_FIELDS if any(r.get(k) is not None for r in rows.values())]
-    lines = ["| run | " + " | ".join(h for _, h, _ in keys) + " |",
-             "|---|" + "---:|" * len(keys)]
+    keys = [
+        (k, h, f) for k, h, f in TABLE_FIELDS if any(r.get(k) is not None for r in rows.values())
+    ]
+    lines = ["| run | " + " | ".join(h for _, h, _ in keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, result in rows.items():
         dim = (latent_dims or {}).get(name)
-        lines.append(f"| {name} | " + " | ".join(_fmt(result, k, f, dim) for k, _, f in keys) + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(_fmt(result, k, f, dim) for k, _, f in keys) + " |"
+        )
     return "\n".join(lines)
 
 
-def latent_status(kl: float | None, z_gap: float | None, au: int | None, latent_dim: int,
-                  kl_threshold: float, gap_threshold: float) -> str:
+def latent_status(
+    kl: float | None,
+    z_gap: float | None,
+    au: int | None,
+    latent_dim: int,
+    kl_threshold: float,
+    gap_threshold: float,
+) -> str:
     """One line saying whether the latent is in use, with the numbers it rests on."""
     if kl is None:
         return "no latent variable (language model)"
@@ -445,10 +567,12 @@ def latent_status(kl: float | None, z_gap: float | None, au: int | None, latent_
     from textvae.train import collapse_reason
 
     collapsed = kl < kl_threshold or (z_gap is not None and z_gap < gap_threshold)
-    verdict = (f"**collapsed**: {collapse_reason(kl, z_gap, kl_threshold, gap_threshold)}"
-               if collapsed else "**in use**: z carries information and reconstructions depend on it")
-    return (f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, "
-            f"gap {gap_threshold})")
+    verdict = (
+        f"**collapsed**: {collapse_reason(kl, z_gap, kl_threshold, gap_threshold)}"
+        if collapsed
+        else "**in use**: z carries information and reconstructions depend on it"
+    )
+    return f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, gap {gap_threshold})"
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -464,8 +588,13 @@ def _commit(tmp: Path, final: Path) -> None:
 
 @torch.no_grad()
 def write_report(
-    run_dir: str | Path, split: str = "valid", max_sentences: int = 2000, n_examples: int = 5,
-    seed: int = 0, label_names: dict[int, str] | None = None, progress: bool = False,
+    run_dir: str | Path,
+    split: str = "valid",
+    max_sentences: int = 2000,
+    n_examples: int = 5,
+    seed: int = 0,
+    label_names: dict[int, str] | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write ``RUN_DIR/report/`` (report.md, curves.png, and for latent models kl_per_dim.png
     and latent_pca.png) for a trained run.
@@ -509,72 +638,135 @@ def write_report(
     name = run_dir.name
     plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves", model.has_latent)
 
-    quick = evaluate(model, dataset, iw_samples=0, au_delta=cfg.eval.au_delta,
-                     batch_size=cfg.eval.batch_size, seed=seed, skip_too_long=True,
-                     progress=progress)
+    quick = evaluate(
+        model,
+        dataset,
+        iw_samples=0,
+        au_delta=cfg.eval.au_delta,
+        batch_size=cfg.eval.batch_size,
+        seed=seed,
+        skip_too_long=True,
+        progress=progress,
+    )
     evaluations = read_evaluations(run_dir)
     latent_dim = math.prod(model.latent_shape) if model.has_latent else None
     t = cfg.train
-    status = latent_status(quick["kl"] if model.has_latent else None, quick["z_gap"], quick["au"],
-                           latent_dim or 0, t.collapse_kl, t.collapse_z_gap)
+    status = latent_status(
+        quick["kl"] if model.has_latent else None,
+        quick["z_gap"],
+        quick["au"],
+        latent_dim or 0,
+        t.collapse_kl,
+        t.collapse_z_gap,
+    )
     train_steps = max((r.get("step", 0) for g in groups.values() for r in g), default=0)
     warnings = groups.get("warning", [])
-    md = [f"# Run report: `{name}`", "",
-          f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `textvae report`.",
-          "", f"**Latent status** (first {len(texts)} sentences of the {split} split, best "
-          f"checkpoint): {status}.", ""]
+    md = [
+        f"# Run report: `{name}`",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `textvae report`.",
+        "",
+        f"**Latent status** (first {len(texts)} sentences of the {split} split, best "
+        f"checkpoint): {status}.",
+        "",
+    ]
     if warnings:
-        md += [f"**Training warned of posterior collapse {len(warnings)} time(s)**, from step "
-               f"{warnings[0]['step']} to {warnings[-1]['step']}: {warnings[-1]['message']}", ""]
+        md += [
+            f"**Training warned of posterior collapse {len(warnings)} time(s)**, from step "
+            f"{warnings[0]['step']} to {warnings[-1]['step']}: {warnings[-1]['message']}",
+            "",
+        ]
     m, k = cfg.model, cfg.kl
     if model.backbone == "t5":
-        sizes = (f"`{m.pretrained}`" if m.pretrained else
-                 f"from scratch (d_model {m.t5_d_model}, {m.t5_num_layers} + "
-                 f"{m.t5_num_decoder_layers} layers, {m.t5_num_heads} heads, d_ff {m.t5_d_ff})")
-        arch = f"T5 {sizes}, z by {m.latent_injection}, encoder token deletion {m.encoder_token_drop}"
+        sizes = (
+            f"`{m.pretrained}`"
+            if m.pretrained
+            else f"from scratch (d_model {m.t5_d_model}, {m.t5_num_layers} + "
+            f"{m.t5_num_decoder_layers} layers, {m.t5_num_heads} heads, d_ff {m.t5_d_ff})"
+        )
+        arch = (
+            f"T5 {sizes}, z by {m.latent_injection}, encoder token deletion {m.encoder_token_drop}"
+        )
     elif model.backbone == "gpt2":
-        sizes = (f"`{m.pretrained}`" if m.pretrained else
-                 f"from scratch (n_embd {m.gpt2_n_embd}, {m.gpt2_n_layer} layers, "
-                 f"{m.gpt2_n_head} heads)")
-        arch = (f"GPT-2 {sizes}, {model.n_latent_layers} latent layers x {m.latent_dim}, fusion "
-                f"`{m.fusion}`, KL over layers: {m.kl_reduction}")
+        sizes = (
+            f"`{m.pretrained}`"
+            if m.pretrained
+            else f"from scratch (n_embd {m.gpt2_n_embd}, {m.gpt2_n_layer} layers, "
+            f"{m.gpt2_n_head} heads)"
+        )
+        arch = (
+            f"GPT-2 {sizes}, {model.n_latent_layers} latent layers x {m.latent_dim}, fusion "
+            f"`{m.fusion}`, KL over layers: {m.kl_reduction}"
+        )
     else:
         arch = f"embedding {m.embed_dim}, hidden {m.hidden_dim}"
-    md += ["## Setup", "",
-           f"- model `{m.name}`: {arch}"
-           + (f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
-              if model.has_latent else ""),
-           *([f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
-              f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})"]
-             if model.has_latent else []),
-           f"- training: {train_steps} optimizer steps, batch {t.batch_size}, `{t.optimizer}` lr "
-           f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
-           f"- tokenizer: {quick['tokenizer']}", ""]
+    md += [
+        "## Setup",
+        "",
+        f"- model `{m.name}`: {arch}"
+        + (
+            f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
+            if model.has_latent
+            else ""
+        ),
+        *(
+            [
+                f"- KL: schedule `{k.schedule}` (beta {k.beta_start} → {k.beta_max} over "
+                f"{k.warmup_steps} steps), free bits {k.free_bits} ({k.free_bits_mode})"
+            ]
+            if model.has_latent
+            else []
+        ),
+        f"- training: {train_steps} optimizer steps, batch {t.batch_size}, `{t.optimizer}` lr "
+        f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
+        f"- tokenizer: {quick['tokenizer']}",
+        "",
+    ]
     preferred = {}  # split -> its most complete evaluation (read_evaluations: most complete first)
     for file, e in evaluations.items():
         preferred.setdefault(e.get("split"), file)
-    rows = {f"`{file}`" + (" (most complete)" if preferred.get(e.get("split")) == file
-                           and len(evaluations) > 1 else ""): e
-            for file, e in evaluations.items()}
+    rows = {
+        f"`{file}`"
+        + (
+            " (most complete)"
+            if preferred.get(e.get("split")) == file and len(evaluations) > 1
+            else ""
+        ): e
+        for file, e in evaluations.items()
+    }
     rows[f"{split}, first {len(texts)} (this report, no IW)"] = quick
-    md += ["## Evaluation", "",
-           "Each row names the file its numbers come from (`textvae evaluate` outputs in the run "
-           "folder, the most complete of each split first: more sentences, then larger K); the "
-           "last row is this report's own single-sample pass. Units: nats per sentence (EOS "
-           "counted)" + (f"; MI {quick['mi_estimator']}." if model.has_latent else "."), "",
-           evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None), ""]
+    md += [
+        "## Evaluation",
+        "",
+        "Each row names the file its numbers come from (`textvae evaluate` outputs in the run "
+        "folder, the most complete of each split first: more sentences, then larger K); the "
+        "last row is this report's own single-sample pass. Units: nats per sentence (EOS "
+        "counted)" + (f"; MI {quick['mi_estimator']}." if model.has_latent else "."),
+        "",
+        evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None),
+        "",
+    ]
     disp = quick.get("encoder_dispersion") or {}
     if disp.get("total_variance") is not None:
-        md += [f"Encoder feature dispersion (Long et al. 2019; the {disp['dim']}-dimensional "
-               f"summaries the posterior heads read, over the {disp['n']} sentences above): mean "
-               f"pairwise cosine distance {disp['mean_cosine_distance']:.4f}, total variance "
-               f"{disp['total_variance']:.4g} ({disp['relative_variance']:.4f} of the mean "
-               "squared norm); the curves below follow it over training.", ""]
+        md += [
+            f"Encoder feature dispersion (Long et al. 2019; the {disp['dim']}-dimensional "
+            f"summaries the posterior heads read, over the {disp['n']} sentences above): mean "
+            f"pairwise cosine distance {disp['mean_cosine_distance']:.4f}, total variance "
+            f"{disp['total_variance']:.4g} ({disp['relative_variance']:.4f} of the mean "
+            "squared norm); the curves below follow it over training.",
+            "",
+        ]
     elif disp.get("reason"):
         md += [f"Encoder feature dispersion: not measured ({disp['reason']}).", ""]
-    md += ["## Training curves", "", "![training curves](curves.png)", "",
-           "Thin lines: means over `train.log_every` training steps; markers: validations "
-           "(single-sample ELBO terms on the validation split).", ""]
+    md += [
+        "## Training curves",
+        "",
+        "![training curves](curves.png)",
+        "",
+        "Thin lines: means over `train.log_every` training steps; markers: validations "
+        "(single-sample ELBO terms on the validation split).",
+        "",
+    ]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -585,22 +777,46 @@ def write_report(
             kl_dims = quick["kl_per_dim"]
             if kl_dims and isinstance(kl_dims[0], list):
                 kl_dims = [v for row in kl_dims for v in row]
-            plot_kl_per_dim(kl_dims, var.tolist(), cfg.eval.au_delta,
-                            tmp / "kl_per_dim.png", name, kl_total=quick["kl"])
+            plot_kl_per_dim(
+                kl_dims,
+                var.tolist(),
+                cfg.eval.au_delta,
+                tmp / "kl_per_dim.png",
+                name,
+                kl_total=quick["kl"],
+            )
             lengths = [len(s.split()) for s in texts]
-            plot_projection(mu, tmp / "latent_pca.png", f"{name} ({split} split)", labels,
-                            lengths, label_names)
-            md += ["## Latent space", "", "![KL per dimension](kl_per_dim.png)", "",
-                   "![posterior means, PCA](latent_pca.png)", ""]
+            plot_projection(
+                mu, tmp / "latent_pca.png", f"{name} ({split} split)", labels, lengths, label_names
+            )
+            md += [
+                "## Latent space",
+                "",
+                "![KL per dimension](kl_per_dim.png)",
+                "",
+                "![posterior means, PCA](latent_pca.png)",
+                "",
+            ]
         if getattr(model, "conditional", False):
             shown = contexts[:n_examples]
-            how = ("three z ~ p(z|c) each, greedy decoding" if model.has_latent
-                   else "no latent: three samples each, ancestral sampling")
+            how = (
+                "three z ~ p(z|c) each, greedy decoding"
+                if model.has_latent
+                else "no latent: three samples each, ancestral sampling"
+            )
             answers = respond(model, shown, 3, strategy="greedy" if model.has_latent else "sample")
-            md += ["## Examples", "", f"Responses to the first contexts ({how}):", "",
-                   "| context | reference | responses |", "|---|---|---|"]
-            md += [f"| {c} | {r} | {' / '.join(a or '(empty)' for a in group)} |"
-                   for c, r, group in zip(shown, texts, answers, strict=False)]
+            md += [
+                "## Examples",
+                "",
+                f"Responses to the first contexts ({how}):",
+                "",
+                "| context | reference | responses |",
+                "|---|---|---|",
+            ]
+            md += [
+                f"| {c} | {r} | {' / '.join(a or '(empty)' for a in group)} |"
+                for c, r, group in zip(shown, texts, answers, strict=False)
+            ]
         else:
             md += _examples(model, texts, n_examples)
     (tmp / "report.md").write_text("\n".join(md) + "\n")
@@ -614,20 +830,33 @@ def _examples(model, texts: list[str], n_examples: int) -> list[str]:
     from textvae.generate import interpolate, reconstruct, sample_prior
 
     md = ["## Examples", "", "Prior samples (z ~ p(z), greedy decoding):", ""]
-    md += [f"{i + 1}. {s or '(empty)'}" for i, s in enumerate(
-        sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample"))]
+    md += [
+        f"{i + 1}. {s or '(empty)'}"
+        for i, s in enumerate(
+            sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample")
+        )
+    ]
     if not model.has_latent:
         return md
     inputs = texts[:n_examples]
     outputs = reconstruct(model, inputs, strategy="greedy")
-    md += ["", "Reconstructions (greedy from the posterior mean):", "",
-           "| input | reconstruction |", "|---|---|"]
+    md += [
+        "",
+        "Reconstructions (greedy from the posterior mean):",
+        "",
+        "| input | reconstruction |",
+        "|---|---|",
+    ]
     md += [f"| {a} | {b or '(empty)'} |" for a, b in zip(inputs, outputs, strict=True)]
     if len(texts) >= 2:
         a, b = texts[0], texts[min(len(texts) - 1, n_examples)]
         steps = interpolate(model, a, b, steps=5, strategy="greedy")
-        md += ["", "Interpolation between two posterior means (linear, 5 points, greedy):",
-               "", f"- **from** {a}"]
+        md += [
+            "",
+            "Interpolation between two posterior means (linear, 5 points, greedy):",
+            "",
+            f"- **from** {a}",
+        ]
         md += [f"- {i / 4:.2f}: {s or '(empty)'}" for i, s in enumerate(steps)]
         md += [f"- **to** {b}"]
     return md
@@ -647,9 +876,11 @@ def _in_index_order(r: dict, n_words: list[int]) -> list[float]:
         ValueError: the tokenizer is not word-level (its order cannot be recovered).
     """
     if not str(r.get("tokenizer", "")).startswith("WordLevel"):
-        raise ValueError(f"its nll_per_sentence has no sentence_index and is in the order of its "
-                         f"{r.get('tokenizer') or 'unknown'} token counts, which cannot be put back "
-                         "in dataset order; re-run textvae evaluate")
+        raise ValueError(
+            f"its nll_per_sentence has no sentence_index and is in the order of its "
+            f"{r.get('tokenizer') or 'unknown'} token counts, which cannot be put back "
+            "in dataset order; re-run textvae evaluate"
+        )
     order = sorted(range(len(n_words)), key=lambda i: n_words[i])
     out = [0.0] * len(order)
     for value, i in zip(r["nll_per_sentence"], order, strict=True):
@@ -675,17 +906,25 @@ def paired_nll(ref: dict, other: dict) -> torch.Tensor:
     for name, r in (("reference", ref), ("other", other)):
         if not r.get("nll_per_sentence"):
             raise ValueError(f"the {name} evaluation has no nll_per_sentence")
-    if _file_name(ref.get("data")) != _file_name(other.get("data")) or ref.get("split") != other.get("split"):
-        raise ValueError(f"different data: {_file_name(other.get('data'))} ({other.get('split')}) vs "
-                         f"{_file_name(ref.get('data'))} ({ref.get('split')})")
+    if _file_name(ref.get("data")) != _file_name(other.get("data")) or ref.get(
+        "split"
+    ) != other.get("split"):
+        raise ValueError(
+            f"different data: {_file_name(other.get('data'))} ({other.get('split')}) vs "
+            f"{_file_name(ref.get('data'))} ({ref.get('split')})"
+        )
     new = [r.get("sentence_index") is not None for r in (ref, other)]
     if not any(new):  # two old evaluations: both must be word-level (same length order)
-        if ref.get("n_sentences") != other.get("n_sentences") or ref.get("n_words") != other.get("n_words"):
+        if ref.get("n_sentences") != other.get("n_sentences") or ref.get("n_words") != other.get(
+            "n_words"
+        ):
             raise ValueError("different sentences (count or words differ)")
         for r in (ref, other):
             if not str(r.get("tokenizer", "")).startswith("WordLevel"):
-                raise ValueError(f"an evaluation without sentence_index ({r.get('tokenizer')}) is in "
-                                 "the order of its subword token counts; re-run textvae evaluate")
+                raise ValueError(
+                    f"an evaluation without sentence_index ({r.get('tokenizer')}) is in "
+                    "the order of its subword token counts; re-run textvae evaluate"
+                )
         a, b = ref["nll_per_sentence"], other["nll_per_sentence"]
     else:
         full = ref if new[0] else other
@@ -694,20 +933,32 @@ def paired_nll(ref: dict, other: dict) -> torch.Tensor:
         for key, r in (("ref", ref), ("other", other)):
             if r.get("sentence_index") is None:
                 if index != list(range(len(index))) or r.get("n_sentences") != len(index):
-                    raise ValueError("an evaluation without sentence_index can only be paired with "
-                                     "one of every sentence 0..N-1 of the same N")
+                    raise ValueError(
+                        "an evaluation without sentence_index can only be paired with "
+                        "one of every sentence 0..N-1 of the same N"
+                    )
                 if r.get("n_words") != sum(words):
                     raise ValueError("different sentences (word totals differ)")
                 vals[key] = _in_index_order(r, words)
                 continue
             if r["sentence_index"] != index:
                 diff = set(r["sentence_index"]) ^ set(index)
-                raise ValueError(f"different sentences: {len(diff)} indices scored by one only "
-                                 f"(e.g. {min(diff)})" if diff else "sentence_index out of order")
+                raise ValueError(
+                    f"different sentences: {len(diff)} indices scored by one only "
+                    f"(e.g. {min(diff)})"
+                    if diff
+                    else "sentence_index out of order"
+                )
             if r["n_words_per_sentence"] != words:
-                k = next(i for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words, strict=True)) if x != y)
-                raise ValueError(f"the same indices hold different sentences (sentence "
-                                 f"{index[k]}: {r['n_words_per_sentence'][k]} vs {words[k]} words)")
+                k = next(
+                    i
+                    for i, (x, y) in enumerate(zip(r["n_words_per_sentence"], words, strict=True))
+                    if x != y
+                )
+                raise ValueError(
+                    f"the same indices hold different sentences (sentence "
+                    f"{index[k]}: {r['n_words_per_sentence'][k]} vs {words[k]} words)"
+                )
             vals[key] = r["nll_per_sentence"]
         a, b = vals["ref"], vals["other"]
     if len(a) != len(b):
@@ -735,8 +986,11 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
     if len(names) < 2:
         return []
     ref_name, ref = names[0], rows[names[0]]
-    lines = [f"Paired IW-NLL differences against {ref_name} (nats per sentence, mean over the "
-             "same sentences paired by index ± standard error of the per-sentence differences):", ""]
+    lines = [
+        f"Paired IW-NLL differences against {ref_name} (nats per sentence, mean over the "
+        "same sentences paired by index ± standard error of the per-sentence differences):",
+        "",
+    ]
     for name in names[1:]:
         try:
             d = paired_nll(ref, rows[name])
@@ -744,8 +998,10 @@ def paired_differences(rows: dict[str, dict]) -> list[str]:
             lines.append(f"- {name}: not paired ({err})")
             continue
         se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-        lines.append(f"- {name} - {ref_name}: {float(d.mean()):+.2f} ± {se:.2f} "
-                     f"({int((d < 0).sum())} of {len(d)} sentences lower)")
+        lines.append(
+            f"- {name} - {ref_name}: {float(d.mean()):+.2f} ± {se:.2f} "
+            f"({int((d < 0).sum())} of {len(d)} sentences lower)"
+        )
     return lines + [""]
 
 
@@ -802,30 +1058,54 @@ def compare_runs(
         cfg = OmegaConf.load(path / "config.yaml")
         cls = MODELS[cfg.model.name]
         # DELLA's L x D latents: L depends on the backbone, so no denominator is shown
-        dims[path.name] = cfg.model.latent_dim if cls.has_latent and cls.backbone != "gpt2" else None
+        dims[path.name] = (
+            cfg.model.latent_dim if cls.has_latent and cls.backbone != "gpt2" else None
+        )
     output = Path(output) if output is not None else default_compare_dir(paths)
     output.mkdir(parents=True, exist_ok=True)
-    plot_curves(logs, output / "compare_curves.png", "training curves",
-                any(MODELS[OmegaConf.load(p / "config.yaml").model.name].has_latent for p in paths))
+    plot_curves(
+        logs,
+        output / "compare_curves.png",
+        "training curves",
+        any(MODELS[OmegaConf.load(p / "config.yaml").model.name].has_latent for p in paths),
+    )
     plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
-    notes = ["Evaluations (written by `textvae evaluate`; the most complete of the split "
-             f"`{eval_name}` in each run: more sentences, then larger K): "
-             + "; ".join(f"{n}: `{f}`" for n, f in files.items())
-             + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences."]
+    notes = [
+        "Evaluations (written by `textvae evaluate`; the most complete of the split "
+        f"`{eval_name}` in each run: more sentences, then larger K): "
+        + "; ".join(f"{n}: `{f}`" for n, f in files.items())
+        + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences."
+    ]
     tokenizers = {n: r.get("tokenizer") for n, r in rows.items() if r.get("tokenizer")}
     if len(set(tokenizers.values())) > 1:
-        notes.append("Tokenizers differ (" + "; ".join(f"{n}: {t}" for n, t in tokenizers.items())
-                     + "): compare PPL per word, not per token.")
+        notes.append(
+            "Tokenizers differ ("
+            + "; ".join(f"{n}: {t}" for n, t in tokenizers.items())
+            + "): compare PPL per word, not per token."
+        )
     if missing:
         notes.append(f"No evaluation of `{eval_name}` in: {', '.join(missing)}.")
     ks = {r["iw_samples"] for r in rows.values() if r.get("iw_samples")}
     if len(ks) > 1:
-        notes.append(f"Runs use different IW sample counts {sorted(ks)}: NLLs are not equally tight.")
+        notes.append(
+            f"Runs use different IW sample counts {sorted(ks)}: NLLs are not equally tight."
+        )
     paired = paired_differences(rows)
-    text = "\n".join(["# Run comparison", "", evaluation_table(rows, dims), "",
-                      *[f"- {n}" for n in notes], "", *paired,
-                      "![training curves](compare_curves.png)", "",
-                      "![rate-distortion plane](rate_distortion.png)", ""])
+    text = "\n".join(
+        [
+            "# Run comparison",
+            "",
+            evaluation_table(rows, dims),
+            "",
+            *[f"- {n}" for n in notes],
+            "",
+            *paired,
+            "![training curves](compare_curves.png)",
+            "",
+            "![rate-distortion plane](rate_distortion.png)",
+            "",
+        ]
+    )
     tmp = output / "compare.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, output / "compare.md")

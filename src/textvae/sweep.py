@@ -68,18 +68,57 @@ from textvae.config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
 
-TOP_KEYS = ("name", "out_dir", "base", "overrides", "entries", "space", "budget", "evaluation",
-            "objectives", "study")
+TOP_KEYS = (
+    "name",
+    "out_dir",
+    "base",
+    "overrides",
+    "entries",
+    "space",
+    "budget",
+    "evaluation",
+    "objectives",
+    "study",
+)
 BUDGET_KEYS = ("trials", "max_steps", "max_epochs", "minutes")
-EVALUATION_KEYS = ("split", "max_sentences", "iw_samples", "precision", "au_delta", "batch_size",
-                   "seed", "checkpoint", "output", "generation", "gen_sentences", "gen_samples",
-                   "gen_responses", "skip_too_long", "flow_mi_sentences")
+EVALUATION_KEYS = (
+    "split",
+    "max_sentences",
+    "iw_samples",
+    "precision",
+    "au_delta",
+    "batch_size",
+    "seed",
+    "checkpoint",
+    "output",
+    "generation",
+    "gen_sentences",
+    "gen_samples",
+    "gen_responses",
+    "skip_too_long",
+    "flow_mi_sentences",
+)
 STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
 # evaluation fields a trial can be scored on (numbers in the evaluation JSON)
-OBJECTIVE_FIELDS = ("rec", "kl", "elbo", "nll", "ppl_token", "ppl_word", "ppl_elbo_token", "mi",
-                    "mi_batch", "au", "z_gap", "rec_bleu", "self_bleu", "distinct_1",
-                    "distinct_2", "response_bleu")
+OBJECTIVE_FIELDS = (
+    "rec",
+    "kl",
+    "elbo",
+    "nll",
+    "ppl_token",
+    "ppl_word",
+    "ppl_elbo_token",
+    "mi",
+    "mi_batch",
+    "au",
+    "z_gap",
+    "rec_bleu",
+    "self_bleu",
+    "distinct_1",
+    "distinct_2",
+    "response_bleu",
+)
 
 
 class SweepError(ValueError):
@@ -145,8 +184,11 @@ def _overrides(path: Path, key: str, value) -> list[str]:
     if isinstance(value, DictConfig):
         return [f"{k}={_yaml_value(v)}" for k, v in value.items()]
     if not isinstance(value, ListConfig) or not all(isinstance(v, str) and "=" in v for v in value):
-        raise _err(path, key, "expected a list of 'config.key=value' strings (or a mapping "
-                   "config.key: value)")
+        raise _err(
+            path,
+            key,
+            "expected a list of 'config.key=value' strings (or a mapping config.key: value)",
+        )
     return list(value)
 
 
@@ -161,8 +203,12 @@ def _yaml_value(value) -> str:
 def _param(path: Path, key: str, spec) -> Param:
     where = f"space.{key}"
     if not isinstance(spec, DictConfig):
-        raise _err(path, where, "expected a mapping: {low, high[, log, step, type: int]}, "
-                   "{choices: [...]} or {grid: [...]}")
+        raise _err(
+            path,
+            where,
+            "expected a mapping: {low, high[, log, step, type: int]}, "
+            "{choices: [...]} or {grid: [...]}",
+        )
     spec = OmegaConf.to_container(spec)
     allowed = {"type", "low", "high", "log", "step", "choices", "grid"}
     unknown = sorted(set(spec) - allowed)
@@ -230,16 +276,20 @@ def load_sweep(path: str | Path) -> Sweep:
     for name, spec in (raw.get("entries") or {}).items():
         key = f"entries.{name}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-            raise _err(path, key, "an entry name is also a folder name: letters, digits, '.', "
-                       "'_', '-'")
+            raise _err(
+                path, key, "an entry name is also a folder name: letters, digits, '.', '_', '-'"
+            )
         if isinstance(spec, DictConfig):
             bad = sorted(set(spec) - {"preset", "overrides"})
             if bad:
-                raise _err(path, key, f"unknown field(s) {bad}; an entry has 'preset' and/or "
-                           "'overrides'")
+                raise _err(
+                    path, key, f"unknown field(s) {bad}; an entry has 'preset' and/or 'overrides'"
+                )
             entry_preset = preset(spec.preset, f"{key}.preset") if spec.get("preset") else None
-            entries[str(name)] = (entry_preset, _overrides(path, f"{key}.overrides",
-                                                           spec.get("overrides")))
+            entries[str(name)] = (
+                entry_preset,
+                _overrides(path, f"{key}.overrides", spec.get("overrides")),
+            )
         else:
             entries[str(name)] = (None, _overrides(path, key, spec))
         if entries[str(name)][0] is None and base is None:
@@ -253,27 +303,51 @@ def load_sweep(path: str | Path) -> Sweep:
     space = [_param(path, str(k), v) for k, v in space_raw.items()]
     kinds = {p.kind == "grid" for p in space}
     if len(kinds) > 1:
-        raise _err(path, "space", "mixes grid and sampled parameters; Optuna's GridSampler needs "
-                   "every parameter on the grid (give each one 'grid: [...]', or none)")
+        raise _err(
+            path,
+            "space",
+            "mixes grid and sampled parameters; Optuna's GridSampler needs "
+            "every parameter on the grid (give each one 'grid: [...]', or none)",
+        )
 
     budget_raw = raw.get("budget") or {}
     bad = sorted(set(budget_raw) - set(BUDGET_KEYS))
     if bad:
         raise _err(path, f"budget.{bad[0]}", f"unknown key; valid: {', '.join(BUDGET_KEYS)}")
-    budget = [f"train.{k}={budget_raw[k]}" for k in ("max_steps", "max_epochs")
-              if budget_raw.get(k) is not None]
+    budget = [
+        f"train.{k}={budget_raw[k]}"
+        for k in ("max_steps", "max_epochs")
+        if budget_raw.get(k) is not None
+    ]
     minutes = budget_raw.get("minutes")
     if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise _err(path, "budget.minutes", f"must be a positive number of minutes (got {minutes!r})")
+        raise _err(
+            path, "budget.minutes", f"must be a positive number of minutes (got {minutes!r})"
+        )
 
-    evaluation = {"split": "valid", "max_sentences": None, "iw_samples": None, "precision": None,
-                  "au_delta": None, "batch_size": None, "seed": 0, "checkpoint": "best",
-                  "output": None, "generation": False, "gen_sentences": 1000, "gen_samples": 500,
-                  "gen_responses": 5, "skip_too_long": False, "flow_mi_sentences": None}
+    evaluation = {
+        "split": "valid",
+        "max_sentences": None,
+        "iw_samples": None,
+        "precision": None,
+        "au_delta": None,
+        "batch_size": None,
+        "seed": 0,
+        "checkpoint": "best",
+        "output": None,
+        "generation": False,
+        "gen_sentences": 1000,
+        "gen_samples": 500,
+        "gen_responses": 5,
+        "skip_too_long": False,
+        "flow_mi_sentences": None,
+    }
     eval_raw = raw.get("evaluation") or {}
     bad = sorted(set(eval_raw) - set(EVALUATION_KEYS))
     if bad:
-        raise _err(path, f"evaluation.{bad[0]}", f"unknown key; valid: {', '.join(EVALUATION_KEYS)}")
+        raise _err(
+            path, f"evaluation.{bad[0]}", f"unknown key; valid: {', '.join(EVALUATION_KEYS)}"
+        )
     evaluation.update(OmegaConf.to_container(eval_raw) if eval_raw else {})
     if evaluation["split"] not in ("train", "valid", "test"):
         raise _err(path, "evaluation.split", f"'{evaluation['split']}' is not train, valid or test")
@@ -289,8 +363,11 @@ def load_sweep(path: str | Path) -> Sweep:
     objectives = {}
     for key, direction in objectives_raw.items():
         if key not in OBJECTIVE_FIELDS:
-            raise _err(path, f"objectives.{key}", f"not an evaluation field; choose from "
-                       f"{', '.join(OBJECTIVE_FIELDS)}")
+            raise _err(
+                path,
+                f"objectives.{key}",
+                f"not an evaluation field; choose from {', '.join(OBJECTIVE_FIELDS)}",
+            )
         if direction not in ("minimize", "maximize"):
             raise _err(path, f"objectives.{key}", f"'{direction}' is not minimize or maximize")
         objectives[str(key)] = str(direction)
@@ -308,15 +385,22 @@ def load_sweep(path: str | Path) -> Sweep:
     if sampler == "grid" and not is_grid:
         raise _err(path, "study.sampler", "grid needs every space parameter to be a 'grid'")
     if sampler != "grid" and space and all(p.kind == "grid" for p in space):
-        raise _err(path, "study.sampler", f"'{sampler}' cannot sample 'grid' parameters; "
-                   "use 'choices' for a sampled categorical")
-    n_grid = math.prod(len(v) for v in
-                       ([list(entries)] if entries else []) + [p.choices for p in space])
+        raise _err(
+            path,
+            "study.sampler",
+            f"'{sampler}' cannot sample 'grid' parameters; use 'choices' for a sampled categorical",
+        )
+    n_grid = math.prod(
+        len(v) for v in ([list(entries)] if entries else []) + [p.choices for p in space]
+    )
     trials = budget_raw.get("trials")
     if sampler == "grid":
         if trials is not None and trials != n_grid:
-            raise _err(path, "budget.trials", f"the grid has {n_grid} points; leave 'trials' out "
-                       f"or set it to {n_grid}")
+            raise _err(
+                path,
+                "budget.trials",
+                f"the grid has {n_grid} points; leave 'trials' out or set it to {n_grid}",
+            )
         trials = n_grid
     elif trials is None or not isinstance(trials, int) or trials < 1:
         raise _err(path, "budget.trials", "a sampled sweep needs a positive number of trials")
@@ -327,21 +411,37 @@ def load_sweep(path: str | Path) -> Sweep:
     if pruner not in ("none", "median"):
         raise _err(path, "study.pruner", f"'{pruner}' is not none or median")
     if pruner == "median" and list(objectives.values()) != ["minimize"]:
-        raise _err(path, "study.pruner", "pruning compares the validation loss (-ELBO) of "
-                   "trials, so it needs exactly one objective, minimized (Optuna cannot prune "
-                   "multi-objective studies)")
+        raise _err(
+            path,
+            "study.pruner",
+            "pruning compares the validation loss (-ELBO) of "
+            "trials, so it needs exactly one objective, minimized (Optuna cannot prune "
+            "multi-objective studies)",
+        )
     startup = study_raw.get("pruner_startup_trials", 5)
     if not isinstance(startup, int) or startup < 0:
         raise _err(path, "study.pruner_startup_trials", "must be an integer >= 0")
 
     sweep = Sweep(
-        path=path, name=str(raw.get("name") or path.stem),
-        out_dir=Path(raw.out_dir) if raw.get("out_dir") else None, base=base,
-        overrides=_overrides(path, "overrides", raw.get("overrides")), entries=entries,
-        space=space, trials=trials, budget=budget, minutes=minutes, evaluation=evaluation,
-        objectives=objectives, sampler=sampler, seed=int(study_raw.get("seed", 0)),
-        heartbeat_seconds=heartbeat, pruner=pruner, pruner_startup_trials=startup,
-        raw=OmegaConf.to_container(raw))
+        path=path,
+        name=str(raw.get("name") or path.stem),
+        out_dir=Path(raw.out_dir) if raw.get("out_dir") else None,
+        base=base,
+        overrides=_overrides(path, "overrides", raw.get("overrides")),
+        entries=entries,
+        space=space,
+        trials=trials,
+        budget=budget,
+        minutes=minutes,
+        evaluation=evaluation,
+        objectives=objectives,
+        sampler=sampler,
+        seed=int(study_raw.get("seed", 0)),
+        heartbeat_seconds=heartbeat,
+        pruner=pruner,
+        pruner_startup_trials=startup,
+        raw=OmegaConf.to_container(raw),
+    )
     _check_configs(sweep)
     return sweep
 
@@ -352,8 +452,10 @@ def _check_configs(sweep: Sweep) -> None:
 
     names = list(sweep.entries) or [None]
     if sweep.is_grid:
-        combos = [("space", dict(zip([p.key for p in sweep.space], values, strict=True)))
-                  for values in itertools.product(*[p.choices for p in sweep.space])]
+        combos = [
+            ("space", dict(zip([p.key for p in sweep.space], values, strict=True)))
+            for values in itertools.product(*[p.choices for p in sweep.space])
+        ]
     else:
         combos = []
         for p in sweep.space:
@@ -416,20 +518,39 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
     texts = corpus.texts[:n] if n else corpus.texts
     contexts = (corpus.contexts[:n] if n else corpus.contexts) if corpus.contexts else None
     dataset = TextDataset(texts, tokenizer, contexts=contexts)
-    result = evaluate(model, dataset, iw_samples=e["iw_samples"] if e["iw_samples"] is not None
-                      else cfg.eval.iw_samples, au_delta=e["au_delta"] or cfg.eval.au_delta,
-                      batch_size=e["batch_size"] or cfg.eval.batch_size,
-                      chunk_tokens=cfg.eval.chunk_tokens,
-                      precision=e["precision"] or cfg.eval.precision, seed=e["seed"],
-                      skip_too_long=e["skip_too_long"], flow_mi_sentences=e["flow_mi_sentences"])
+    result = evaluate(
+        model,
+        dataset,
+        iw_samples=e["iw_samples"] if e["iw_samples"] is not None else cfg.eval.iw_samples,
+        au_delta=e["au_delta"] or cfg.eval.au_delta,
+        batch_size=e["batch_size"] or cfg.eval.batch_size,
+        chunk_tokens=cfg.eval.chunk_tokens,
+        precision=e["precision"] or cfg.eval.precision,
+        seed=e["seed"],
+        skip_too_long=e["skip_too_long"],
+        flow_mi_sentences=e["flow_mi_sentences"],
+    )
     result["data"], result["split"] = corpus.source, e["split"]
     if e["generation"] and model.conditional:
         g = e["gen_sentences"]
-        result.update(response_metrics(model, dataset.contexts[:g], dataset.texts[:g],
-                                       n_responses=e["gen_responses"], seed=e["seed"]))
+        result.update(
+            response_metrics(
+                model,
+                dataset.contexts[:g],
+                dataset.texts[:g],
+                n_responses=e["gen_responses"],
+                seed=e["seed"],
+            )
+        )
     elif e["generation"]:
-        result.update(generation_metrics(model, dataset.texts[: e["gen_sentences"]],
-                                         n_samples=e["gen_samples"], seed=e["seed"]))
+        result.update(
+            generation_metrics(
+                model,
+                dataset.texts[: e["gen_sentences"]],
+                n_samples=e["gen_samples"],
+                seed=e["seed"],
+            )
+        )
     result["seconds"] = time.perf_counter() - start
     _json(run_dir / f"{e['output']}.json", result)
     return result
@@ -440,16 +561,24 @@ def usable_dir(run_dir: Path) -> Path:
     ``run_dir.2``, ``run_dir.3``, ... that is (a folder cut off before its first checkpoint
     cannot be resumed and is never overwritten)."""
     candidate, n = run_dir, 1
-    while (candidate.is_dir() and any(candidate.iterdir())
-           and not (candidate / "trial.json").is_file()
-           and not (candidate / "checkpoints" / "last").is_dir()):
+    while (
+        candidate.is_dir()
+        and any(candidate.iterdir())
+        and not (candidate / "trial.json").is_file()
+        and not (candidate / "checkpoints" / "last").is_dir()
+    ):
         n += 1
         candidate = run_dir.with_name(f"{run_dir.name}.{n}")
     return candidate
 
 
-def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict,
-              on_validation: Callable[[dict], None] | None = None) -> dict:
+def run_trial(
+    sweep: Sweep,
+    run_dir: Path,
+    entry: str | None,
+    params: dict,
+    on_validation: Callable[[dict], None] | None = None,
+) -> dict:
     """Train (or resume) and evaluate one trial's run folder; returns ``trial.json``'s record
     plus ``eval`` (the evaluation dict).
 
@@ -477,9 +606,14 @@ def run_trial(sweep: Sweep, run_dir: Path, entry: str | None, params: dict,
             train(None, run_dir, resume=True, on_validation=on_validation)
         else:
             train(load_config(preset, overrides), run_dir, on_validation=on_validation)
-        record = {"entry": entry, "params": params, "preset": str(preset),
-                  "overrides": overrides, "train_s": time.perf_counter() - start,
-                  "resumed": resumed}
+        record = {
+            "entry": entry,
+            "params": params,
+            "preset": str(preset),
+            "overrides": overrides,
+            "train_s": time.perf_counter() - start,
+            "resumed": resumed,
+        }
         _json(record_path, record)
     if eval_path.is_file():
         result = json.loads(eval_path.read_text())
@@ -506,9 +640,12 @@ def _storage(sweep: Sweep, url: str):
     with warnings.catch_warnings():  # the heartbeat API is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(
-            url, heartbeat_interval=sweep.heartbeat_seconds,
-            grace_period=2 * sweep.heartbeat_seconds, **{keyword: retry(max_retry=None)},
-            engine_kwargs={"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None)
+            url,
+            heartbeat_interval=sweep.heartbeat_seconds,
+            grace_period=2 * sweep.heartbeat_seconds,
+            **{keyword: retry(max_retry=None)},
+            engine_kwargs={"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None,
+        )
 
 
 def _sampler(sweep: Sweep, seed: int):
@@ -529,12 +666,19 @@ def open_study(sweep: Sweep, url: str, seed: int | None = None):
     """Create the sweep's Optuna study in ``url``, or load it (``load_if_exists``)."""
     import optuna
 
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
-              if sweep.pruner == "median" else optuna.pruners.NopPruner())
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
+        if sweep.pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     return optuna.create_study(
-        storage=_storage(sweep, url), study_name=sweep.name, load_if_exists=True,
-        directions=list(sweep.objectives.values()), pruner=pruner,
-        sampler=_sampler(sweep, sweep.seed if seed is None else seed))
+        storage=_storage(sweep, url),
+        study_name=sweep.name,
+        load_if_exists=True,
+        directions=list(sweep.objectives.values()),
+        pruner=pruner,
+        sampler=_sampler(sweep, sweep.seed if seed is None else seed),
+    )
 
 
 class _Overflow(Exception):
@@ -565,12 +709,21 @@ def _slots(trials) -> tuple[set[int], bool, bool]:
     from optuna.trial import TrialState
 
     used = {_identity(t) for t in trials if not t.user_attrs.get("overflow")}
-    return (used, any(t.state == TrialState.WAITING for t in trials),
-            any(t.state == TrialState.RUNNING for t in trials))
+    return (
+        used,
+        any(t.state == TrialState.WAITING for t in trials),
+        any(t.state == TrialState.RUNNING for t in trials),
+    )
 
 
-def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
-               threads: int | None = None, deadline: float | None = None) -> int:
+def run_worker(
+    sweep_path: str,
+    out_dir: str,
+    url: str,
+    worker: int = 0,
+    threads: int | None = None,
+    deadline: float | None = None,
+) -> int:
     """One worker's loop: run trials of the study until its budget is used, then wait for
     running trials (its own peers' or dead ones that the heartbeat will queue again).
 
@@ -600,8 +753,9 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
             if p.kind in ("categorical", "grid"):
                 params[p.key] = trial.suggest_categorical(p.key, p.choices)
             elif p.kind == "int":
-                params[p.key] = trial.suggest_int(p.key, int(p.low), int(p.high),
-                                                  step=int(p.step or 1), log=p.log)
+                params[p.key] = trial.suggest_int(
+                    p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
+                )
             else:
                 params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
         run_dir = usable_dir(trial_dir(sweep, out, number, entry))
@@ -613,8 +767,10 @@ def run_worker(sweep_path: str, out_dir: str, url: str, worker: int = 0,
                 return
             trial.report(-record["elbo"], record["step"])
             if trial.should_prune():
-                raise optuna.TrialPruned(f"step {record['step']}: validation -ELBO "
-                                         f"{-record['elbo']:.2f} is above the median")
+                raise optuna.TrialPruned(
+                    f"step {record['step']}: validation -ELBO "
+                    f"{-record['elbo']:.2f} is above the median"
+                )
 
         try:
             record = run_trial(sweep, run_dir, entry, params, report)
@@ -671,21 +827,35 @@ def retry_failed(study) -> list[int]:
     for number, t in latest.items():
         if t.state == TrialState.FAIL and "error" in t.user_attrs:
             history = list(t.system_attrs.get("retry_history", [])) + [t.number]
-            study.add_trial(optuna.create_trial(
-                state=TrialState.WAITING, params=t.params, distributions=t.distributions,
-                system_attrs={**t.system_attrs, "failed_trial": number, "retry_history": history}))
+            study.add_trial(
+                optuna.create_trial(
+                    state=TrialState.WAITING,
+                    params=t.params,
+                    distributions=t.distributions,
+                    system_attrs={
+                        **t.system_attrs,
+                        "failed_trial": number,
+                        "retry_history": history,
+                    },
+                )
+            )
             queued.append(number)
     return queued
 
 
-def _worker_main(sweep_path: str, out_dir: str, url: str, worker: int, threads: int,
-                 deadline: float | None) -> None:
+def _worker_main(
+    sweep_path: str, out_dir: str, url: str, worker: int, threads: int, deadline: float | None
+) -> None:
     logging.basicConfig(level=logging.WARNING)
     run_worker(sweep_path, out_dir, url, worker, threads, deadline)
 
 
-def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
-              storage: str | None = None, jobs: int = 1) -> tuple[Path, dict]:
+def run_sweep(
+    sweep_path: str | Path,
+    out_dir: str | Path | None = None,
+    storage: str | None = None,
+    jobs: int = 1,
+) -> tuple[Path, dict]:
     """Run (or continue) a sweep: ``jobs`` worker processes on this machine share the study,
     each with ``max(1, cores // jobs)`` torch threads; then write ``sweep.md`` and
     ``rate_distortion.png``.
@@ -713,8 +883,10 @@ def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
     saved = out / "sweep.yaml"
     resolved = OmegaConf.to_yaml(OmegaConf.create(sweep.raw))
     if saved.is_file() and saved.read_text() != resolved:
-        raise SweepError(f"{out} holds a different sweep ({saved} differs from {sweep.path}); "
-                         "choose another --out-dir, or restore the sweep file")
+        raise SweepError(
+            f"{out} holds a different sweep ({saved} differs from {sweep.path}); "
+            "choose another --out-dir, or restore the sweep file"
+        )
     if not saved.is_file():
         saved.write_text(resolved)
     url = storage_url(sweep, out, storage)
@@ -725,9 +897,12 @@ def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=_worker_main, args=(str(sweep.path), str(out), url, i,
-                                                              threads, deadline))
-                   for i in range(jobs)]
+        workers = [
+            context.Process(
+                target=_worker_main, args=(str(sweep.path), str(out), url, i, threads, deadline)
+            )
+            for i in range(jobs)
+        ]
         for w in workers:
             w.start()
         for w in workers:
@@ -738,10 +913,12 @@ def run_sweep(sweep_path: str | Path, out_dir: str | Path | None = None,
     return out, write_summary(sweep, out, url)
 
 
-UNITS_NOTE = ("rec, KL, ELBO, IW-NLL (± its standard error over sentences), z-usage gap: nats per "
-              "sentence, EOS counted; MI: nats (aggregate posterior over the evaluated set); AU: "
-              "active dimensions (threshold δ) of the latent size; PPL per word incl. EOS; BLEU "
-              "0-100; wall times in seconds")
+UNITS_NOTE = (
+    "rec, KL, ELBO, IW-NLL (± its standard error over sentences), z-usage gap: nats per "
+    "sentence, EOS counted; MI: nats (aggregate posterior over the evaluated set); AU: "
+    "active dimensions (threshold δ) of the latent size; PPL per word incl. EOS; BLEU "
+    "0-100; wall times in seconds"
+)
 
 
 def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
@@ -756,8 +933,11 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
 
     study = open_study(sweep, url)
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow")]
-    best = {t.number for t in study.best_trials} if any(
-        t.state == TrialState.COMPLETE for t in trials) else set()
+    best = (
+        {t.number for t in study.best_trials}
+        if any(t.state == TrialState.COMPLETE for t in trials)
+        else set()
+    )
     shown, rows, dims, latest = [], {}, {}, {}
     for t in sorted(trials, key=lambda t: (_identity(t), t.number)):
         latest[_identity(t)] = t  # a retried trial: its last attempt stands for it
@@ -784,23 +964,36 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
             rows[label] = result
             config = OmegaConf.load(folder / "config.yaml")
             # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
-            dims[label] = (config.model.latent_dim if result.get("au") is not None
-                           and not str(config.model.name).startswith("della") else None)
+            dims[label] = (
+                config.model.latent_dim
+                if result.get("au") is not None and not str(config.model.name).startswith("della")
+                else None
+            )
         settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
         values = ", ".join("–" if v is None else f"{v:.3f}" for v in (t.values or []))
         if t.state == TrialState.PRUNED and t.intermediate_values:
             step = max(t.intermediate_values)
             values = f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
-        shown.append({"number": number, "label": label, "state": t.state.name,
-                      "settings": settings, "values": values, "pareto": t.number in best,
-                      "train_s": t.user_attrs.get("train_s"), "eval_s": t.user_attrs.get("eval_s"),
-                      "error": t.user_attrs.get("error")})
+        shown.append(
+            {
+                "number": number,
+                "label": label,
+                "state": t.state.name,
+                "settings": settings,
+                "values": values,
+                "pareto": t.number in best,
+                "train_s": t.user_attrs.get("train_s"),
+                "eval_s": t.user_attrs.get("eval_s"),
+                "error": t.user_attrs.get("error"),
+            }
+        )
     e = sweep.evaluation
     first = next(iter(rows.values()), {})
     ks = sorted({r["iw_samples"] for r in rows.values() if r.get("iw_samples")})
     objectives = ", ".join(f"{d} {k}" for k, d in sweep.objectives.items())
     lines = [
-        f"# Sweep {sweep.name}", "",
+        f"# Sweep {sweep.name}",
+        "",
         f"Sweep file `{sweep.path}`; study `{sweep.name}` in `{_hide_password(url)}`; sampler "
         f"{sweep.sampler}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
         f"(★: on the Pareto front{'' if len(sweep.objectives) > 1 else ', i.e. the best trial'}).",
@@ -811,24 +1004,39 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         f"`{e['output']}.json` in each trial's run folder.",
     ]
     if sweep.entries:
-        lines += ["", "Entries (on " + (f"`{sweep.base.name}`" if sweep.base else "their presets")
-                  + (", after the common overrides " + ", ".join(f"`{o}`" for o in sweep.overrides)
-                     if sweep.overrides else "") + "):", ""]
+        lines += [
+            "",
+            "Entries (on "
+            + (f"`{sweep.base.name}`" if sweep.base else "their presets")
+            + (
+                ", after the common overrides " + ", ".join(f"`{o}`" for o in sweep.overrides)
+                if sweep.overrides
+                else ""
+            )
+            + "):",
+            "",
+        ]
         for name, (preset, own) in sweep.entries.items():
             parts = ([f"preset `{preset.name}`"] if preset else []) + [f"`{o}`" for o in own]
             lines.append(f"- {name}: {', '.join(parts) or 'the base preset'}")
     if sweep.budget:
         lines += ["", "Budget per trial: " + ", ".join(f"`{b}`" for b in sweep.budget) + "."]
     if e["split"] == "test":
-        lines.append("This sweep is scored on the **test** split: it evaluates fixed recipes; "
-                     "do not select among them on these numbers.")
-    lines += ["", f"| trial | state | settings | {', '.join(sweep.objectives)} | train s | eval s "
-              "| Pareto |",
-              "|---|---|---|---:|---:|---:|:---:|"]
+        lines.append(
+            "This sweep is scored on the **test** split: it evaluates fixed recipes; "
+            "do not select among them on these numbers."
+        )
+    lines += [
+        "",
+        f"| trial | state | settings | {', '.join(sweep.objectives)} | train s | eval s | Pareto |",
+        "|---|---|---|---:|---:|---:|:---:|",
+    ]
     for s in shown:
         state = s["state"] if not s["error"] else f"{s['state']}: {s['error'][:80]}"
-        lines.append(f"| {s['label']} | {state} | {s['settings'] or 'base'} | {s['values'] or '–'} "
-                     f"| {_num(s['train_s'])} | {_num(s['eval_s'])} | {'★' if s['pareto'] else ''} |")
+        lines.append(
+            f"| {s['label']} | {state} | {s['settings'] or 'base'} | {s['values'] or '–'} "
+            f"| {_num(s['train_s'])} | {_num(s['eval_s'])} | {'★' if s['pareto'] else ''} |"
+        )
     lines += ["", UNITS_NOTE + ".", ""]
     if rows:
         lines += [evaluation_table(rows, dims), ""]
@@ -837,8 +1045,11 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
     tmp = out_dir / "sweep.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out_dir / "sweep.md")
-    return {"trials": shown, "pareto": sorted(s["number"] for s in shown if s["pareto"]),
-            "plot": plot}
+    return {
+        "trials": shown,
+        "pareto": sorted(s["number"] for s in shown if s["pareto"]),
+        "plot": plot,
+    }
 
 
 def _num(value) -> str:

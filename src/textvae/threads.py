@@ -83,7 +83,9 @@ def set_threads(threads: int | None = None) -> tuple[int, str]:
         reason = f"{threads} of {n} cores free"
     torch.set_num_threads(threads)
     if not WAIT_POLICY_APPLIED and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        log.warning("torch was imported before textvae, so OpenMP threads spin while they wait "
-                    "(slow beside other busy processes): set OMP_WAIT_POLICY=PASSIVE in the "
-                    "environment, or import textvae first")
+        log.warning(
+            "torch was imported before textvae, so OpenMP threads spin while they wait "
+            "(slow beside other busy processes): set OMP_WAIT_POLICY=PASSIVE in the "
+            "environment, or import textvae first"
+        )
     return threads, reason

@@ -98,8 +98,10 @@ log = logging.getLogger(__name__)
 # keys a resumed run may change: its budget and its display, nothing that changes the maths
 RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_epochs", "train.progress", "train.log_with")
 # the scalars of log.jsonl sent to the live trackers (train.log_with), per record type
-TRACKED = {"train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
-           "valid": ("elbo", "rec", "kl", "mi", "mi_batch", "au", "z_gap")}
+TRACKED = {
+    "train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
+    "valid": ("elbo", "rec", "kl", "mi", "mi_batch", "au", "z_gap"),
+}
 
 
 class TrainingDiverged(RuntimeError):
@@ -122,8 +124,10 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum: int, step: int, run_dir: Path):
         self.signum, self.step, self.run_dir = signum, step, Path(run_dir)
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: training stopped after step {step}; the full state is in "
-                         f"{self.run_dir / 'checkpoints' / 'last'}")
+        super().__init__(
+            f"{name}: training stopped after step {step}; the full state is in "
+            f"{self.run_dir / 'checkpoints' / 'last'}"
+        )
 
 
 class _StopSignals:
@@ -139,8 +143,10 @@ class _StopSignals:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s: stopping after the current step (again to stop at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping after the current step (again to stop at once)",
+            signal.Signals(signum).name,
+        )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -184,7 +190,9 @@ class TrainerState:
             setattr(self, key, value)
 
 
-def collapse_reason(kl: float, z_gap: float | None, kl_threshold: float, gap_threshold: float) -> str:
+def collapse_reason(
+    kl: float, z_gap: float | None, kl_threshold: float, gap_threshold: float
+) -> str:
     """Which collapse criterion holds, in words: little information in q(z|x) (KL under its
     threshold), a decoder that barely uses z (z-usage gap under its threshold), or both."""
     low_kl = kl < kl_threshold
@@ -287,15 +295,19 @@ def resume_config(run_dir: Path, config: Config | None, overrides: list[str]) ->
     old, new = _flat(saved), _flat(resumed)
     for key in old:
         if old[key] != new[key] and key not in RESUMABLE_OVERRIDES:
-            raise ConfigError(f"--resume: '{key}' cannot change in a resumed run ({run_dir}/"
-                              f"config.yaml has {old[key]!r}, the override {new[key]!r}; only "
-                              f"{', '.join(RESUMABLE_OVERRIDES)} may change)")
+            raise ConfigError(
+                f"--resume: '{key}' cannot change in a resumed run ({run_dir}/"
+                f"config.yaml has {old[key]!r}, the override {new[key]!r}; only "
+                f"{', '.join(RESUMABLE_OVERRIDES)} may change)"
+            )
     if config is not None:
         given = _flat(config)
         changed = [k for k in new if new[k] != given[k] and k not in RESUMABLE_OVERRIDES]
         if changed:
-            raise ConfigError(f"--resume: the given config differs from {run_dir}/config.yaml "
-                              f"in {', '.join(f'{k} ({new[k]!r} saved, {given[k]!r} given)' for k in changed)}")
+            raise ConfigError(
+                f"--resume: the given config differs from {run_dir}/config.yaml "
+                f"in {', '.join(f'{k} ({new[k]!r} saved, {given[k]!r} given)' for k in changed)}"
+            )
     return resumed
 
 
@@ -378,15 +390,27 @@ def frozen_parameters(model, config: Config, state: TrainerState) -> list[torch.
     update, so no optimizer (nor weight decay) moves them."""
     if not (config.train.ae_freeze_decoder and state.phase == "ae"):
         return []
-    names = model.decoder_modules + (getattr(model, "latent_projection_modules", ())
-                                     if config.train.ae_freeze_latent_projection else ())
-    return [p for name in names if getattr(model, name, None) is not None
-            for p in getattr(model, name).parameters()]
+    names = model.decoder_modules + (
+        getattr(model, "latent_projection_modules", ())
+        if config.train.ae_freeze_latent_projection
+        else ()
+    )
+    return [
+        p
+        for name in names
+        if getattr(model, name, None) is not None
+        for p in getattr(model, name).parameters()
+    ]
 
 
 def aggressive_inner_loop(
-    model, enc_optimizer: torch.optim.Optimizer, draw_batch: Callable[[int], dict],
-    loss_of: Callable[[dict], torch.Tensor], max_inner: int, window: int, grad_clip: float,
+    model,
+    enc_optimizer: torch.optim.Optimizer,
+    draw_batch: Callable[[int], dict],
+    loss_of: Callable[[dict], torch.Tensor],
+    max_inner: int,
+    window: int,
+    grad_clip: float,
     backward: Callable[[torch.Tensor], None] | None = None,
     all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> int:
@@ -463,7 +487,10 @@ def reset_generative(model, config: Config, tokenizer) -> list[str]:
 
 
 def train(
-    config: Config, run_dir: str | Path, resume: bool = False, overrides: list[str] | None = None,
+    config: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    overrides: list[str] | None = None,
     on_validation: Callable[[dict], None] | None = None,
 ) -> Path:
     """Train ``config`` into ``run_dir`` (or continue it with ``resume=True``).
@@ -503,8 +530,14 @@ def train(
         return _train(config, Path(run_dir), resume, overrides, on_validation, stop_signals)
 
 
-def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[str] | None,
-           on_validation: Callable[[dict], None] | None, stop_signals: _StopSignals) -> Path:
+def _train(
+    config: Config | None,
+    run_dir: Path,
+    resume: bool,
+    overrides: list[str] | None,
+    on_validation: Callable[[dict], None] | None,
+    stop_signals: _StopSignals,
+) -> Path:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -519,8 +552,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
             checkpoint_dir(run_dir, "last")
         except RunDirError:  # stopped before its first checkpoint: a fresh start of its config
             resume = False
-            log.warning("%s has no checkpoint yet: training starts afresh from its config.yaml",
-                        run_dir)
+            log.warning(
+                "%s has no checkpoint yet: training starts afresh from its config.yaml", run_dir
+            )
             # (several processes: the first one moves it)
             if (run_dir / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
                 n = 1
@@ -528,8 +562,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                     n += 1
                 os.replace(run_dir / "log.jsonl", run_dir / f"log.aborted-{n}.jsonl")
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} exists and is not empty; pass --resume to continue it or "
-                          "choose another --run-dir (nothing was changed)")
+        raise RunDirError(
+            f"{run_dir} exists and is not empty; pass --resume to continue it or "
+            "choose another --run-dir (nothing was changed)"
+        )
     t = config.train
     # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting,
     # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
@@ -539,49 +575,63 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         from accelerate import utils
 
         if not getattr(utils, f"is_{t.log_with}_available")():
-            raise ConfigError(f"train.log_with={t.log_with}: the package is not installed; "
-                              f"pip install 'textvae[{t.log_with}]' or set train.log_with=none")
+            raise ConfigError(
+                f"train.log_with={t.log_with}: the package is not installed; "
+                f"pip install 'textvae[{t.log_with}]' or set train.log_with=none"
+            )
     # several processes (accelerate launch / torchrun set WORLD_SIZE): gloo without a GPU
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        mixed_precision="no" if t.precision == "fp32" else t.precision, cpu=cpu,
+        mixed_precision="no" if t.precision == "fp32" else t.precision,
+        cpu=cpu,
         log_with=None if t.log_with == "none" else t.log_with,
-        project_config=ProjectConfiguration(project_dir=str(run_dir),
-                                            logging_dir=str(run_dir / "tensorboard")))
+        project_config=ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+        ),
+    )
     set_seed(t.seed)
     main = accelerator.is_main_process
     n_proc, rank = accelerator.num_processes, accelerator.process_index
     if t.batch_size % n_proc:
-        raise ConfigError(f"train.batch_size={t.batch_size} is the global batch and must be a "
-                          f"multiple of the {n_proc} processes (each takes batch_size / {n_proc} "
-                          "sentences); choose another batch size or process count")
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is the global batch and must be a "
+            f"multiple of the {n_proc} processes (each takes batch_size / {n_proc} "
+            "sentences); choose another batch size or process count"
+        )
     if resume:  # one RNG state per process: another process count cannot continue the run
         last = checkpoint_dir(run_dir, "last")
         saved = len(list(last.glob("random_states_*.pkl")))
         if saved != n_proc:
-            raise RunDirError(f"{last} was written by {saved} process(es) and this resume runs "
-                              f"{n_proc}; resume with the same count (torchrun --nproc_per_node "
-                              f"{saved} / accelerate launch --num_processes {saved}) or start a "
-                              "new run (nothing was changed)")
+            raise RunDirError(
+                f"{last} was written by {saved} process(es) and this resume runs "
+                f"{n_proc}; resume with the same count (torchrun --nproc_per_node "
+                f"{saved} / accelerate launch --num_processes {saved}) or start a "
+                "new run (nothing was changed)"
+            )
 
     train_corpus = load_split(config.data, "train")
     valid_corpus = load_split(config.data, "valid")
     conditional = MODELS[config.model.name].conditional
     if conditional and train_corpus.contexts is None:
-        raise ConfigError(f"model.name={config.model.name!r} is conditional and needs a dialogue "
-                          "corpus (data.corpus=dailydialog or data.format=dialogue)")
+        raise ConfigError(
+            f"model.name={config.model.name!r} is conditional and needs a dialogue "
+            "corpus (data.corpus=dailydialog or data.format=dialogue)"
+        )
     if resume:
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
         # a dialogue corpus: the vocabulary covers responses and contexts
         tokenizer = MODELS[config.model.name].make_tokenizer(
-            config, train_corpus.texts + (train_corpus.contexts or []))
+            config, train_corpus.texts + (train_corpus.contexts or [])
+        )
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, run_dir / "config.yaml")
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
-            info = {role: {"source": c.source, **c.stats} for role, c in
-                    (("train", train_corpus), ("valid", valid_corpus))}
+            info = {
+                role: {"source": c.source, **c.stats}
+                for role, c in (("train", train_corpus), ("valid", valid_corpus))
+            }
             info["vocab_size"] = len(tokenizer)
             (run_dir / "data.json").write_text(json.dumps(info, indent=2))
     if resume and main:
@@ -590,8 +640,10 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
     train_labels = train_corpus.labels
     if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
         if train_labels is None:
-            raise DataError(f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "
-                            "has none: use a labelled corpus (yelp_sentiment) or data.label_field")
+            raise DataError(
+                f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "
+                "has none: use a labelled corpus (yelp_sentiment) or data.label_field"
+            )
         train_labels = semi_supervised_labels(train_labels, config.model.classifier_label_fraction)
     train_ds = TextDataset(train_corpus.texts, tokenizer, train_labels, train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
@@ -605,17 +657,21 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
     # the inference network, the main one for the rest; otherwise one optimizer for everything
     enc_optimizer = None
     if t.aggressive:
-        optimizer = _optimizer(config, [p for n, p in model.named_parameters()
-                                        if not model.is_inference_key(n)])
+        optimizer = _optimizer(
+            config, [p for n, p in model.named_parameters() if not model.is_inference_key(n)]
+        )
         enc_optimizer = _optimizer(config, model.inference_parameters())
     else:
         optimizer = _optimizer(config, model.parameters())
     optimizers = [o for o in (optimizer, enc_optimizer) if o is not None]
     schedulers = []
     if t.lr_scheduler == "plateau":
-        schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(
-            o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min)
-            for o in optimizers]
+        schedulers = [
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min
+            )
+            for o in optimizers
+        ]
     fresh_schedules = [copy.deepcopy(s.state_dict()) for s in schedulers]
     model, *optimizers = accelerator.prepare(model, *optimizers)
     optimizer = optimizers[0]
@@ -633,10 +689,15 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
     log_file = open(run_dir / "log.jsonl", "a") if main else None
 
     if main and t.log_with != "none":
-        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                  for k, v in _flat(config).items()}
-        accelerator.init_trackers("textvae", config=params, init_kwargs={
-            "wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}})
+        params = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in _flat(config).items()
+        }
+        accelerator.init_trackers(
+            "textvae",
+            config=params,
+            init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
+        )
 
     def write_log(record: dict) -> None:
         if log_file is not None:
@@ -644,8 +705,14 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if record["type"] in TRACKED and t.log_with != "none":
-                accelerator.log({f"{record['type']}/{k}": record[k] for k in TRACKED[record["type"]]
-                                 if record.get(k) is not None}, step=record["step"])
+                accelerator.log(
+                    {
+                        f"{record['type']}/{k}": record[k]
+                        for k in TRACKED[record["type"]]
+                        if record.get(k) is not None
+                    },
+                    step=record["step"],
+                )
 
     if resume:
         write_log({"type": "event", "event": "resume", "step": state.step})
@@ -660,45 +727,114 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         if t.collapse_patience and state.collapsed_validations >= t.collapse_patience:
             gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
             reason = collapse_reason(m["kl"], m["z_gap"], t.collapse_kl, t.collapse_z_gap)
-            message = (f"posterior collapse? for {state.collapsed_validations} validations in a "
-                       f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
-                       f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
-                       "free bits, a longer KL warm-up or pooling")
+            message = (
+                f"posterior collapse? for {state.collapsed_validations} validations in a "
+                f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
+                f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
+                "free bits, a longer KL warm-up or pooling"
+            )
             log.warning("step %d: %s", state.step, message)
-            write_log({"type": "warning", "warning": "posterior collapse", "step": state.step,
-                       "kl": m["kl"], "z_gap": m["z_gap"], "au": m["au"],
-                       "validations": state.collapsed_validations, "message": message})
+            write_log(
+                {
+                    "type": "warning",
+                    "warning": "posterior collapse",
+                    "step": state.step,
+                    "kl": m["kl"],
+                    "z_gap": m["z_gap"],
+                    "au": m["au"],
+                    "validations": state.collapsed_validations,
+                    "message": message,
+                }
+            )
 
     def validate() -> dict:
-        m = evaluate(raw, valid_ds, iw_samples=0, au_delta=config.eval.au_delta,
-                     batch_size=config.eval.batch_size, chunk_tokens=config.eval.chunk_tokens,
-                     precision=t.precision, seed=t.seed, num_processes=n_proc, process_index=rank)
-        record = {"type": "valid", "step": state.step, "epoch": state.epoch,
-                  "beta": phase_beta(state, config.kl),
-                  **{k: m[k] for k in ("elbo", "rec", "kl", "mi", "mi_batch", "au", "au_delta",
-                                       "z_gap", "kl_per_dim", "encoder_dispersion")}}
+        m = evaluate(
+            raw,
+            valid_ds,
+            iw_samples=0,
+            au_delta=config.eval.au_delta,
+            batch_size=config.eval.batch_size,
+            chunk_tokens=config.eval.chunk_tokens,
+            precision=t.precision,
+            seed=t.seed,
+            num_processes=n_proc,
+            process_index=rank,
+        )
+        record = {
+            "type": "valid",
+            "step": state.step,
+            "epoch": state.epoch,
+            "beta": phase_beta(state, config.kl),
+            **{
+                k: m[k]
+                for k in (
+                    "elbo",
+                    "rec",
+                    "kl",
+                    "mi",
+                    "mi_batch",
+                    "au",
+                    "au_delta",
+                    "z_gap",
+                    "kl_per_dim",
+                    "encoder_dispersion",
+                )
+            },
+        }
         write_log(record)
         if raw.has_latent:
-            log.info("step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
-                     "(nats/sentence)", state.step, m["elbo"], m["rec"], m["kl"],
-                     math.nan if m["mi"] is None else m["mi"], m["au"],
-                     math.prod(raw.latent_shape), m["z_gap"] if m["z_gap"] is not None else math.nan)
+            log.info(
+                "step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
+                "(nats/sentence)",
+                state.step,
+                m["elbo"],
+                m["rec"],
+                m["kl"],
+                math.nan if m["mi"] is None else m["mi"],
+                m["au"],
+                math.prod(raw.latent_shape),
+                m["z_gap"] if m["z_gap"] is not None else math.nan,
+            )
             check_collapse(m)
             if state.phase == "ae" and m["rec"] < state.ae_best_rec:
                 save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
                 if not t.ae_patience:  # update_ae_early_stop tracks it when it runs
                     state.ae_best_rec = m["rec"]
             if update_ae_early_stop(state, m["rec"], t.ae_patience):
-                log.info("step %d: validation rec has not improved for %d validations: the "
-                         "autoencoder phase ends", state.step, t.ae_patience)
-                write_log({"type": "event", "event": "ae early stop", "step": state.step,
-                           "rec": m["rec"], "best_rec": state.ae_best_rec})
+                log.info(
+                    "step %d: validation rec has not improved for %d validations: the "
+                    "autoencoder phase ends",
+                    state.step,
+                    t.ae_patience,
+                )
+                write_log(
+                    {
+                        "type": "event",
+                        "event": "ae early stop",
+                        "step": state.step,
+                        "rec": m["rec"],
+                        "best_rec": state.ae_best_rec,
+                    }
+                )
             last_mi = state.last_mi
-            if m["mi"] is not None and update_aggressive(state, m["mi"]):  # None: a flow's I(x; z_K) failed
-                log.info("step %d: validation MI fell from %.3f to %.3f nats: aggressive training "
-                         "off", state.step, last_mi, m["mi"])
-                write_log({"type": "event", "event": "aggressive off", "step": state.step,
-                           "mi": m["mi"], "last_mi": last_mi})
+            if m["mi"] is not None and update_aggressive(
+                state, m["mi"]
+            ):  # None: a flow's I(x; z_K) failed
+                log.info(
+                    "step %d: validation MI fell from %.3f to %.3f nats: aggressive training off",
+                    state.step,
+                    last_mi,
+                    m["mi"],
+                )
+                write_log(
+                    {
+                        "type": "event",
+                        "event": "aggressive off",
+                        "step": state.step,
+                        "mi": m["mi"],
+                        "last_mi": last_mi,
+                    }
+                )
         loss = -m["elbo"]
         for sched in schedulers:
             sched.step(loss)
@@ -712,15 +848,22 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                 samples = []
             elif raw.conditional:
                 contexts = valid_ds.contexts[: t.num_samples]
-                samples = [f"{c} => {r[0]}" for c, r in
-                           zip(contexts, respond(raw, contexts, 1, strategy=strategy), strict=True)]
+                samples = [
+                    f"{c} => {r[0]}"
+                    for c, r in zip(
+                        contexts, respond(raw, contexts, 1, strategy=strategy), strict=True
+                    )
+                ]
                 what = "responses (context => response)"
             else:
                 samples = sample_prior(raw, t.num_samples, strategy=strategy)
         state.last_valid_step = state.step
         if main:
             with open(run_dir / "samples.txt", "a") as fh:
-                fh.write(f"# step {state.step}, {what}, {strategy}\n" + "".join(s + "\n" for s in samples))
+                fh.write(
+                    f"# step {state.step}, {what}, {strategy}\n"
+                    + "".join(s + "\n" for s in samples)
+                )
         if loss < state.best_valid:
             state.best_valid = loss
             if main:
@@ -753,18 +896,31 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         """The training objective on a batch; a non-finite loss stops the run."""
         # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
         target_weight = config.kl.target_weight if state.phase == "vae" else 0.0
-        out = model(batch, beta=beta, free_bits=config.kl.free_bits,
-                    free_bits_mode=config.kl.free_bits_mode, kl_target=config.kl.target,
-                    kl_target_weight=target_weight)
+        out = model(
+            batch,
+            beta=beta,
+            free_bits=config.kl.free_bits,
+            free_bits_mode=config.kl.free_bits_mode,
+            kl_target=config.kl.target,
+            kl_target_weight=target_weight,
+        )
         loss = out["loss"]
         if not torch.isfinite(loss):
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
-            write_log({"type": "event", "event": "non-finite loss", "step": state.step,
-                       "rec": rec, "kl": kl})
+            write_log(
+                {
+                    "type": "event",
+                    "event": "non-finite loss",
+                    "step": state.step,
+                    "rec": rec,
+                    "kl": kl,
+                }
+            )
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
                 f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
-                "lower train.lr or lengthen the KL warm-up, then resume or restart.")
+                "lower train.lr or lengthen the KL warm-up, then resume or restart."
+            )
         return out
 
     def save_ae_best(rec: float) -> None:
@@ -774,7 +930,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         folder = run_dir / "checkpoints" / "ae_best"
         tmp = _temp_dir(folder)
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors")
+        )
         (tmp / "info.json").write_text(json.dumps({"step": state.step, "rec": rec}))
         _commit_dir(tmp, folder)
 
@@ -804,10 +962,23 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
         state.best_valid, state.collapsed_validations = math.inf, 0
         state.aggressive, state.last_mi = t.aggressive, None
         reason = "early stop" if state.ae_stopped else "steps"
-        log.info("step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
-                 "re-initialised)", state.step, reason, len(reset))
-        write_log({"type": "event", "event": "phase", "step": state.step, "reset": len(reset),
-                   "reason": reason, **start})
+        log.info(
+            "step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
+            "re-initialised)",
+            state.step,
+            reason,
+            len(reset),
+        )
+        write_log(
+            {
+                "type": "event",
+                "event": "phase",
+                "step": state.step,
+                "reset": len(reset),
+                "reason": reason,
+                **start,
+            }
+        )
 
     def epoch_batches(epoch: int) -> list[list[int]]:
         """The global batches of an epoch; with N processes those of fewer than N sentences
@@ -816,18 +987,30 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
 
     def shard(indices: list[int]) -> dict:
         """This process's share of a global batch (every N-th sentence: balanced lengths)."""
-        return {k: v.to(accelerator.device) for k, v in train_ds.collate(indices[rank::n_proc]).items()}
+        return {
+            k: v.to(accelerator.device) for k, v in train_ds.collate(indices[rank::n_proc]).items()
+        }
 
     per_epoch = len(epoch_batches(0))
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
         config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
-        write_log({"type": "event", "event": "kl cycle", "step": state.step,
-                   "cycle_epochs": config.kl.cycle_epochs, "cycle_steps": config.kl.cycle_steps})
+        write_log(
+            {
+                "type": "event",
+                "event": "kl cycle",
+                "step": state.step,
+                "cycle_epochs": config.kl.cycle_epochs,
+                "cycle_steps": config.kl.cycle_steps,
+            }
+        )
     if state.phase == "ae" and total <= t.ae_pretrain_steps and not t.ae_patience:
-        log.warning("the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
-                    "phase in this run unless it is resumed with a larger budget", total,
-                    t.ae_pretrain_steps)
+        log.warning(
+            "the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
+            "phase in this run unless it is resumed with a larger budget",
+            total,
+            t.ae_pretrain_steps,
+        )
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
     all_sum = None
     if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
@@ -836,9 +1019,18 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
     def new_window() -> dict:
-        return {"loss": 0.0, "rec": 0.0, "kl": 0.0, "bow": 0.0, "cls": 0.0, "n_cls": 0, "inner": 0,
-                "n": 0, "tokens": 0,
-                "t0": time.perf_counter()}
+        return {
+            "loss": 0.0,
+            "rec": 0.0,
+            "kl": 0.0,
+            "bow": 0.0,
+            "cls": 0.0,
+            "n_cls": 0,
+            "inner": 0,
+            "n": 0,
+            "tokens": 0,
+            "t0": time.perf_counter(),
+        }
 
     window = new_window()
     stop = state.step >= total
@@ -849,8 +1041,14 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
             while state.batch_in_epoch < len(batches) and not stop:
                 if stop_signals.signum is not None:  # SIGINT/SIGTERM during the last step
                     save_last()
-                    write_log({"type": "event", "event": "interrupted", "step": state.step,
-                               "signal": signal.Signals(stop_signals.signum).name})
+                    write_log(
+                        {
+                            "type": "event",
+                            "event": "interrupted",
+                            "step": state.step,
+                            "signal": signal.Signals(stop_signals.signum).name,
+                        }
+                    )
                     bar.close()
                     if log_file is not None:
                         log_file.close()
@@ -873,9 +1071,16 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                         return batch if i == 0 else shard(batches[int(picks[i])])
 
                     inner = aggressive_inner_loop(
-                        raw, enc_optimizer, draw, lambda b, beta=beta: forward(b, beta)["loss"],
-                        t.aggressive_max_inner, t.aggressive_window, t.grad_clip,
-                        accelerator.backward, all_sum)
+                        raw,
+                        enc_optimizer,
+                        draw,
+                        lambda b, beta=beta: forward(b, beta)["loss"],
+                        t.aggressive_max_inner,
+                        t.aggressive_window,
+                        t.grad_clip,
+                        accelerator.backward,
+                        all_sum,
+                    )
                 out = forward(batch, beta)
                 loss = out["loss"]
                 for opt in optimizers:
@@ -910,12 +1115,21 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                     n, dt = window["n"], time.perf_counter() - window["t0"]
                     if all_sum is not None:
                         keys = ("loss", "rec", "kl", "bow", "tokens")
-                        sums = all_sum(torch.tensor([float(window[k]) for k in keys], dtype=torch.float64))
+                        sums = all_sum(
+                            torch.tensor([float(window[k]) for k in keys], dtype=torch.float64)
+                        )
                         window.update(zip(keys, sums.tolist(), strict=True))
-                    record = {"type": "train", "step": state.step, "epoch": state.epoch,
-                              "loss": window["loss"] / n, "rec": window["rec"] / n, "kl": window["kl"] / n,
-                              "beta": beta, "lr": optimizer.param_groups[0]["lr"],
-                              "tokens_per_s": window["tokens"] / max(dt, 1e-9)}
+                    record = {
+                        "type": "train",
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": window["loss"] / n,
+                        "rec": window["rec"] / n,
+                        "kl": window["kl"] / n,
+                        "beta": beta,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": window["tokens"] / max(dt, 1e-9),
+                    }
                     if raw.bow_head is not None:
                         record["bow"] = window["bow"] / n
                     if window["n_cls"]:  # classifier cross-entropy, nats per labelled sentence
@@ -923,7 +1137,9 @@ def _train(config: Config | None, run_dir: Path, resume: bool, overrides: list[s
                     if t.aggressive:
                         record["inner_steps"] = window["inner"] / n
                     write_log(record)
-                    bar.set_postfix(rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}")
+                    bar.set_postfix(
+                        rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
+                    )
                     window = new_window()
                 stop = state.step >= total
                 if t.eval_every and state.step % t.eval_every == 0:

@@ -18,5 +18,14 @@ MODELS: dict[str, type[TextVAE]] = {
     "della_cvae": DELLACVAE,
 }
 
-__all__ = ["MODELS", "TextVAE", "LSTMVAE", "LSTMLM", "CVRAE", "Seq2Seq", "T5VAE", "DELLA",
-           "DELLACVAE"]
+__all__ = [
+    "MODELS",
+    "TextVAE",
+    "LSTMVAE",
+    "LSTMLM",
+    "CVRAE",
+    "Seq2Seq",
+    "T5VAE",
+    "DELLA",
+    "DELLACVAE",
+]

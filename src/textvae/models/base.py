@@ -85,15 +85,29 @@ class TextVAE(nn.Module):
         return (self.latent_dim,)
 
     def forward(
-        self, batch: dict[str, torch.Tensor], beta: float = 1.0, free_bits: float = 0.0,
-        free_bits_mode: str = "per_dim", kl_target: float = 0.0, kl_target_weight: float = 0.0,
+        self,
+        batch: dict[str, torch.Tensor],
+        beta: float = 1.0,
+        free_bits: float = 0.0,
+        free_bits_mode: str = "per_dim",
+        kl_target: float = 0.0,
+        kl_target_weight: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """The training objective (negative ELBO with beta, free bits and the optional KL target
         penalty), see objectives.elbo."""
-        return elbo(self, batch, beta=beta, free_bits=free_bits, free_bits_mode=free_bits_mode,
-                    kl_target=kl_target, kl_target_weight=kl_target_weight)
+        return elbo(
+            self,
+            batch,
+            beta=beta,
+            free_bits=free_bits,
+            free_bits_mode=free_bits_mode,
+            kl_target=kl_target,
+            kl_target_weight=kl_target_weight,
+        )
 
-    def posterior_and_prior(self, batch: dict[str, torch.Tensor]) -> tuple[Distribution, Distribution]:
+    def posterior_and_prior(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[Distribution, Distribution]:
         """(q(z|x), p(z)) of a batch, p with batch shape (B,): what the training objective calls.
         A model whose two share computation overrides it (``della_cvae`` encodes the context
         once for both)."""

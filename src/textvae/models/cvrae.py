@@ -55,34 +55,59 @@ class CVRAE(TextVAE):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim
         self.context_encoder = LSTMEncoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
-            0.0, self.pad_id,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.pooling,
+            cfg.bidirectional,
+            0.0,
+            self.pad_id,
         )
         context_dim = self.context_encoder.out_dim
         self.encoder = LSTMEncoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
-            cfg.enc_dropout_in, self.pad_id, noise_std=cfg.embed_noise,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.pooling,
+            cfg.bidirectional,
+            cfg.enc_dropout_in,
+            self.pad_id,
+            noise_std=cfg.embed_noise,
         )
         joint_dim = self.encoder.out_dim + context_dim
         self.posterior_head = GaussianHead(joint_dim, cfg.latent_dim)
         self.prior_net = nn.Sequential(nn.Linear(context_dim, cfg.hidden_dim), nn.Tanh())
         self.prior_head = GaussianHead(cfg.hidden_dim, cfg.latent_dim)
         self.decoder = LSTMDecoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim + context_dim,
-            cfg.dec_dropout_in, cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state,
-            cfg.z_every_step, self.pad_id, self.unk_id, z_skip=cfg.z_skip,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.latent_dim + context_dim,
+            cfg.dec_dropout_in,
+            cfg.dec_dropout_out,
+            cfg.word_dropout,
+            cfg.z_init_state,
+            cfg.z_every_step,
+            self.pad_id,
+            self.unk_id,
+            z_skip=cfg.z_skip,
         )
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
             self.bow_weight = cfg.bow_weight
         self.posterior_flow = PosteriorFlow(
-            cfg.posterior_flow, cfg.latent_dim, joint_dim, cfg.posterior_flow_steps,
-            cfg.flow_hidden, cfg.flow_components,
+            cfg.posterior_flow,
+            cfg.latent_dim,
+            joint_dim,
+            cfg.posterior_flow_steps,
+            cfg.flow_hidden,
+            cfg.flow_components,
         )
         self.prior_flow = None
         if cfg.prior_flow == "iaf":
-            self.prior_flow = AutoregressivePrior(cfg.latent_dim, cfg.prior_flow_steps,
-                                                  cfg.flow_hidden, context_dim)
+            self.prior_flow = AutoregressivePrior(
+                cfg.latent_dim, cfg.prior_flow_steps, cfg.flow_hidden, context_dim
+            )
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """h_c (B, H_c): the context encoder's summary.
@@ -100,14 +125,17 @@ class CVRAE(TextVAE):
     def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[h_x ; h_c] (B, H_x + H_c): the response's pooled summary and the context's, what the
         posterior head reads (:func:`textvae.metrics.encoder_dispersion`)."""
-        return torch.cat([self.encoder(batch["input_ids"], batch["attention_mask"]),
-                          self.context(batch)], dim=-1)
+        return torch.cat(
+            [self.encoder(batch["input_ids"], batch["attention_mask"]), self.context(batch)], dim=-1
+        )
 
     def prior(self, batch: dict[str, torch.Tensor] | None = None) -> Distribution:
         """p(z|c): batch (B,), event (D,), float32; needs a batch with the context."""
         if batch is None:
-            raise ValueError("cvrae's prior p(z|c) depends on the context: pass a batch with "
-                             "context_ids/context_mask (textvae generate --mode respond)")
+            raise ValueError(
+                "cvrae's prior p(z|c) depends on the context: pass a batch with "
+                "context_ids/context_mask (textvae generate --mode respond)"
+            )
         h_c = self.context(batch)
         base = self.prior_head(self.prior_net(h_c))
         return base if self.prior_flow is None else self.prior_flow(base, h_c)
@@ -139,8 +167,10 @@ class CVRAE(TextVAE):
             ValueError: state is None (the context must come through ``initial_state``).
         """
         if state is None:
-            raise ValueError("cvrae generation starts from model.initial_state(z, batch), which "
-                             "carries the context; state None has no context")
+            raise ValueError(
+                "cvrae generation starts from model.initial_state(z, batch), which "
+                "carries the context; state None has no context"
+            )
         h, c, h_c = state
         code = torch.cat([z, h_c.to(z.dtype)], dim=-1)
         hidden, (h, c) = self.decoder(input_ids.unsqueeze(1), code, (h, c))  # (N, 1, H)

@@ -105,13 +105,23 @@ def build_gpt2(cfg: ModelConfig, tokenizer):
 
     p = cfg.gpt2_dropout
     if cfg.pretrained is not None:
-        return GPT2LMHeadModel.from_pretrained(cfg.pretrained, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+        return GPT2LMHeadModel.from_pretrained(
+            cfg.pretrained, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p
+        )
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=cfg.gpt2_n_positions, n_embd=cfg.gpt2_n_embd,
-        n_layer=cfg.gpt2_n_layer, n_head=cfg.gpt2_n_head, resid_pdrop=p, embd_pdrop=p,
-        attn_pdrop=p, bos_token_id=bos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=cfg.gpt2_n_positions,
+        n_embd=cfg.gpt2_n_embd,
+        n_layer=cfg.gpt2_n_layer,
+        n_head=cfg.gpt2_n_head,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
 
@@ -185,22 +195,33 @@ class LayerwiseHead(nn.Module):
     masked parameter, so every variant has the same state-dict keys).
     """
 
-    def __init__(self, n_layers: int, latent_dim: int, feature_dims: tuple[int, ...] = (),
-                 first_bias: bool = True, bias: bool = True):
+    def __init__(
+        self,
+        n_layers: int,
+        latent_dim: int,
+        feature_dims: tuple[int, ...] = (),
+        first_bias: bool = True,
+        bias: bool = True,
+    ):
         super().__init__()
         two_d = 2 * latent_dim
-        self.zbar_weight = nn.Parameter(torch.empty(n_layers, two_d, latent_dim).uniform_(
-            -latent_dim**-0.5, latent_dim**-0.5))
-        self.feature_weights = nn.ParameterList([
-            nn.Parameter(torch.empty(n_layers, two_d, h).uniform_(-h**-0.5, h**-0.5))
-            for h in feature_dims])
+        self.zbar_weight = nn.Parameter(
+            torch.empty(n_layers, two_d, latent_dim).uniform_(-(latent_dim**-0.5), latent_dim**-0.5)
+        )
+        self.feature_weights = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(n_layers, two_d, h).uniform_(-(h**-0.5), h**-0.5))
+                for h in feature_dims
+            ]
+        )
         self.bias = nn.Parameter(torch.zeros(n_layers, two_d))
         mask = torch.full((n_layers, 1), 1.0 if bias else 0.0)
         mask[0] = 1.0 if first_bias else 0.0
         self.register_buffer("bias_mask", mask, persistent=False)
 
-    def forward(self, recurrence: LatentRecurrence, *features: torch.Tensor,
-                reduction: str = "sum") -> LayerwiseGaussian:
+    def forward(
+        self, recurrence: LatentRecurrence, *features: torch.Tensor, reduction: str = "sum"
+    ) -> LayerwiseGaussian:
         offset = self.bias * self.bias_mask  # (L, 2D)
         for w, x in zip(self.feature_weights, features, strict=True):
             offset = offset + torch.einsum("blh,lmh->blm", x.float(), w)  # (B, L, 2D)
@@ -265,7 +286,9 @@ class DELLA(TextVAE):
         gpt2 = build_gpt2(cfg, tokenizer)
         c = gpt2.config
         if len(tokenizer) > c.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} types, the GPT-2 only {c.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} types, the GPT-2 only {c.vocab_size}"
+            )
         self.transformer = gpt2.transformer
         self.lm_head = None if gpt2.lm_head.weight is self.transformer.wte.weight else gpt2.lm_head
         self.n_layer, self.n_head, self.hidden = c.n_layer, c.n_head, c.n_embd
@@ -275,8 +298,11 @@ class DELLA(TextVAE):
         self.scale_attn_by_inverse_layer_idx = c.scale_attn_by_inverse_layer_idx
         self.fusion_kind = cfg.fusion
         if cfg.fusion in LAYERWISE_FUSIONS:
-            begin, end = (parse_latent_layers(cfg.latent_layers, c.n_layer)
-                          if cfg.latent_layers is not None else (0, c.n_layer - 1))
+            begin, end = (
+                parse_latent_layers(cfg.latent_layers, c.n_layer)
+                if cfg.latent_layers is not None
+                else (0, c.n_layer - 1)
+            )
             self.latent_layers = list(range(begin, end + 1))
         elif cfg.latent_layers is not None:
             raise ConfigError(f"model.latent_layers: model.fusion={cfg.fusion!r} has one latent")
@@ -287,21 +313,32 @@ class DELLA(TextVAE):
         self.pooling = cfg.pooling
         self.encoder_token_drop = cfg.encoder_token_drop
         self.kl_reduction = cfg.kl_reduction
-        self.pool_attention = (nn.ModuleList(AttentionPool(h) for _ in range(n_lat))
-                               if cfg.pooling == "attention" else None)
+        self.pool_attention = (
+            nn.ModuleList(AttentionPool(h) for _ in range(n_lat))
+            if cfg.pooling == "attention"
+            else None
+        )
         # the released code's LayerNorm on x_l (model.feature_norm); the paper has none
-        self.pool_norm = (nn.ModuleList(nn.LayerNorm(h) for _ in range(n_lat))
-                          if cfg.feature_norm else None)
+        self.pool_norm = (
+            nn.ModuleList(nn.LayerNorm(h) for _ in range(n_lat)) if cfg.feature_norm else None
+        )
         features = (h, h) if self.conditional else (h,)
-        self.posterior_head = LayerwiseHead(n_lat, d, features, first_bias=cfg.head_bias,
-                                            bias=cfg.head_bias)
-        self.prior_head = LayerwiseHead(n_lat, d, (h,) if self.conditional else (),
-                                        first_bias=cfg.first_prior == "learned", bias=cfg.head_bias)
+        self.posterior_head = LayerwiseHead(
+            n_lat, d, features, first_bias=cfg.head_bias, bias=cfg.head_bias
+        )
+        self.prior_head = LayerwiseHead(
+            n_lat,
+            d,
+            (h,) if self.conditional else (),
+            first_bias=cfg.first_prior == "learned",
+            bias=cfg.head_bias,
+        )
         self.recurrence = LatentRecurrence(n_lat, d)
         self.fusion = self.memory = self.z_embed = self.z_softmax = None
         if cfg.fusion in LAYERWISE_FUSIONS:
-            self.fusion = nn.ModuleList(ValueFusion(cfg.fusion, cfg.fusion_rank, h, d)
-                                        for _ in range(n_lat))
+            self.fusion = nn.ModuleList(
+                ValueFusion(cfg.fusion, cfg.fusion_rank, h, d) for _ in range(n_lat)
+            )
         elif cfg.fusion == "memory":
             self.memory = nn.Linear(d, c.n_layer * 2 * h, bias=False)
         elif cfg.fusion == "embedding":
@@ -332,15 +369,21 @@ class DELLA(TextVAE):
             ValueError: a position past the GPT-2's ``n_positions``.
         """
         if int(positions.max()) >= self.n_positions:
-            raise ValueError(f"a sequence reaches position {int(positions.max())}, past the GPT-2's "
-                             f"{self.n_positions} positions (model.gpt2_n_positions; for della_cvae "
-                             "the context counts too): shorten data.max_length or the context")
+            raise ValueError(
+                f"a sequence reaches position {int(positions.max())}, past the GPT-2's "
+                f"{self.n_positions} positions (model.gpt2_n_positions; for della_cvae "
+                "the context counts too): shorten data.max_length or the context"
+            )
         t = self.transformer
         return t.drop(t.wte(input_ids) + t.wpe(positions))
 
     def _block(
-        self, layer: int, hidden: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor, z: torch.Tensor | None,
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor,
+        z: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """GPT-2 block ``layer`` (adapted from ``transformers``' ``GPT2Block.forward``).
 
@@ -363,10 +406,18 @@ class DELLA(TextVAE):
             v = self.fusion[self.latent_layers.index(layer)](v, z)
         q, k, v = (x.view(n, t, self.n_head, self.head_dim).transpose(1, 2) for x in (q, k, v))
         if past is not None:
-            k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
+            k, v = (
+                torch.cat([past[0].to(k.dtype), k], dim=2),
+                torch.cat([past[1].to(v.dtype), v], dim=2),
+            )
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self._scaling(layer),
-            dropout_p=attn.attn_dropout.p if self.training else 0.0)  # (N, n_head, T, head_dim)
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            scale=self._scaling(layer),
+            dropout_p=attn.attn_dropout.p if self.training else 0.0,
+        )  # (N, n_head, T, head_dim)
         out = out.transpose(1, 2).reshape(n, t, self.hidden)
         hidden = hidden + attn.resid_dropout(attn.c_proj(out))
         hidden = hidden + block.mlp(block.ln_2(hidden))
@@ -408,12 +459,16 @@ class DELLA(TextVAE):
             ValueError: the batch has no ``context_ids`` / ``context_mask``.
         """
         if "context_ids" not in batch or "context_mask" not in batch:
-            raise ValueError(f"{type(self).__name__} needs context_ids/context_mask in the batch: "
-                             "train and evaluate it on a dialogue corpus (data.corpus=dailydialog "
-                             "or data.format=dialogue)")
+            raise ValueError(
+                f"{type(self).__name__} needs context_ids/context_mask in the batch: "
+                "train and evaluate it on a dialogue corpus (data.corpus=dailydialog "
+                "or data.format=dialogue)"
+            )
         return self._pooled(batch["context_ids"], batch["context_mask"])
 
-    def posterior(self, batch: dict[str, torch.Tensor], context: torch.Tensor | None = None) -> Distribution:
+    def posterior(
+        self, batch: dict[str, torch.Tensor], context: torch.Tensor | None = None
+    ) -> Distribution:
         """q(z|x) (q(z|x, c) for ``della_cvae``): a :class:`LayerwiseGaussian`, batch (B,), event
         (L, D), float32. In training with ``encoder_token_drop`` > 0 the encoder reads the
         sentence with tokens deleted. ``context``: c_l (B, L, H) when already computed."""
@@ -425,8 +480,9 @@ class DELLA(TextVAE):
             features.append(self._context(batch) if context is None else context)
         return self.posterior_head(self.recurrence, *features, reduction=self.kl_reduction)
 
-    def prior(self, batch: dict[str, torch.Tensor] | None = None,
-              context: torch.Tensor | None = None) -> Distribution:
+    def prior(
+        self, batch: dict[str, torch.Tensor] | None = None, context: torch.Tensor | None = None
+    ) -> Distribution:
         """p(z) = prod_l p(z_l | z_<l) (for ``della_cvae`` p(z | c), which needs the batch): a
         :class:`LayerwiseGaussian` of event (L, D), batch shape (B,) for a batch, () without.
         ``context``: c_l (B, L, H) when already computed.
@@ -436,8 +492,10 @@ class DELLA(TextVAE):
         """
         if self.conditional:
             if batch is None and context is None:
-                raise ValueError("della_cvae's prior p(z|c) depends on the context: pass a batch "
-                                 "with context_ids/context_mask (textvae generate --mode respond)")
+                raise ValueError(
+                    "della_cvae's prior p(z|c) depends on the context: pass a batch "
+                    "with context_ids/context_mask (textvae generate --mode respond)"
+                )
             context = self._context(batch) if context is None else context
             return self.prior_head(self.recurrence, context, reduction=self.kl_reduction)
         p = self.prior_head(self.recurrence, reduction=self.kl_reduction)
@@ -446,7 +504,9 @@ class DELLA(TextVAE):
         offset = p.offset.expand(batch["input_ids"].size(0), *p.offset.shape)
         return LayerwiseGaussian(offset, self.recurrence, p.weight, self.kl_reduction)
 
-    def posterior_and_prior(self, batch: dict[str, torch.Tensor]) -> tuple[Distribution, Distribution]:
+    def posterior_and_prior(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[Distribution, Distribution]:
         """q and p of a batch in one call, the context (``della_cvae``) encoded once for both."""
         context = self._context(batch) if self.conditional else None
         return self.posterior(batch, context), self.prior(batch, context)
@@ -461,10 +521,14 @@ class DELLA(TextVAE):
     def _empty_state(self, n: int, device: torch.device) -> tuple:
         """The decoder state before any token: per layer empty keys and values (N, n_head, 0,
         head_dim), the key mask (N, 0) bool and the next position (N,) int64 zeros."""
-        empty = torch.zeros(n, self.n_head, 0, self.head_dim, dtype=self.transformer.wte.weight.dtype,
-                            device=device)
-        return (*[empty] * (2 * self.n_layer), torch.zeros(n, 0, dtype=torch.bool, device=device),
-                torch.zeros(n, dtype=torch.long, device=device))
+        empty = torch.zeros(
+            n, self.n_head, 0, self.head_dim, dtype=self.transformer.wte.weight.dtype, device=device
+        )
+        return (
+            *[empty] * (2 * self.n_layer),
+            torch.zeros(n, 0, dtype=torch.bool, device=device),
+            torch.zeros(n, dtype=torch.long, device=device),
+        )
 
     def _with_memory(self, state: tuple, z: torch.Tensor) -> tuple:
         """The ``memory`` baseline's slot appended to the cache: z (N, L=1, D) -> one key and one
@@ -474,13 +538,21 @@ class DELLA(TextVAE):
         *kv, keep, next_pos = state
         n = z.size(0)
         m = self.memory(z[:, 0]).view(n, self.n_layer, 2, self.n_head, 1, self.head_dim)
-        kv = [torch.cat([kv[2 * layer + i], m[:, layer, i].to(kv[0].dtype)], dim=2)
-              for layer in range(self.n_layer) for i in (0, 1)]
+        kv = [
+            torch.cat([kv[2 * layer + i], m[:, layer, i].to(kv[0].dtype)], dim=2)
+            for layer in range(self.n_layer)
+            for i in (0, 1)
+        ]
         keep = torch.cat([keep, torch.ones(n, 1, dtype=torch.bool, device=z.device)], dim=1)
         return (*kv, keep, next_pos)
 
-    def _decode(self, input_ids: torch.Tensor, z: torch.Tensor | None, state: tuple,
-                input_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+    def _decode(
+        self,
+        input_ids: torch.Tensor,
+        z: torch.Tensor | None,
+        state: tuple,
+        input_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple]:
         """Decoder states of ``input_ids`` (N, T) given z (N, L, D) (None: the plain GPT-2, as for
         a context prefix) and the state of earlier positions (:meth:`_start_state` or a previous
         call): causal attention over the cache and the new tokens (keys where ``input_mask``
@@ -492,8 +564,11 @@ class DELLA(TextVAE):
         hidden = self._embed(input_ids, positions)
         if self.z_embed is not None and z is not None:
             hidden = hidden + self.z_embed(z[:, 0]).unsqueeze(1).to(hidden.dtype)
-        new_keep = (torch.ones_like(input_ids, dtype=torch.bool) if input_mask is None
-                    else input_mask.bool())
+        new_keep = (
+            torch.ones_like(input_ids, dtype=torch.bool)
+            if input_mask is None
+            else input_mask.bool()
+        )
         keep = torch.cat([keep, new_keep], dim=1)  # (N, P + T)
         p = keep.size(1) - t
         key_pos = torch.arange(p + t, device=input_ids.device)
@@ -504,15 +579,18 @@ class DELLA(TextVAE):
             z_layer = None
             if self.fusion is not None and z is not None and layer in self.latent_layers:
                 z_layer = z[:, self.latent_layers.index(layer)]
-            hidden, k, v = self._block(layer, hidden, (kv[2 * layer], kv[2 * layer + 1]), mask, z_layer)
+            hidden, k, v = self._block(
+                layer, hidden, (kv[2 * layer], kv[2 * layer + 1]), mask, z_layer
+            )
             new_kv += [k, v]
         hidden = self.transformer.ln_f(hidden)
         if self.z_softmax is not None and z is not None:
             hidden = hidden + self.z_softmax(z[:, 0]).unsqueeze(1).to(hidden.dtype)
         return hidden, (*new_kv, keep, next_pos + t)
 
-    def _start_state(self, z: torch.Tensor, batch: dict[str, torch.Tensor] | None,
-                     repeats: int = 1) -> tuple:
+    def _start_state(
+        self, z: torch.Tensor, batch: dict[str, torch.Tensor] | None, repeats: int = 1
+    ) -> tuple:
         """The state before the first response token of z (N, L, D): empty, and for
         ``della_cvae`` the context read by the plain decoder (without z: its keys and values do not
         depend on z, so they are computed once for the batch's B contexts and repeated
@@ -525,11 +603,14 @@ class DELLA(TextVAE):
         """
         if self.conditional:
             if batch is None or "context_ids" not in batch:
-                raise ValueError(f"{type(self).__name__} decodes a response after its context: "
-                                 "pass a batch with context_ids/context_mask")
+                raise ValueError(
+                    f"{type(self).__name__} decodes a response after its context: "
+                    "pass a batch with context_ids/context_mask"
+                )
             ctx, ctx_mask = batch["context_ids"], batch["context_mask"]
-            _, state = self._decode(ctx, None, self._empty_state(ctx.size(0), ctx.device),
-                                    input_mask=ctx_mask)
+            _, state = self._decode(
+                ctx, None, self._empty_state(ctx.size(0), ctx.device), input_mask=ctx_mask
+            )
             state = (*state[:-1], ctx_mask.sum(1))  # the response starts after the real tokens
             if repeats > 1:
                 state = tuple(x.repeat(repeats, *[1] * (x.dim() - 1)) for x in state)
@@ -570,8 +651,10 @@ class DELLA(TextVAE):
         """
         if state is None:
             if self.conditional:
-                raise ValueError("della_cvae generation starts from model.initial_state(z, batch), "
-                                 "which reads the context; state None has no context")
+                raise ValueError(
+                    "della_cvae generation starts from model.initial_state(z, batch), "
+                    "which reads the context; state None has no context"
+                )
             state = self._start_state(z, None)
         hidden, state = self._decode(input_ids.unsqueeze(1), z, state)  # (N, 1, H)
         return self.logits(hidden[:, -1]), state
@@ -588,4 +671,3 @@ class DELLACVAE(DELLA):
     """
 
     conditional = True
-

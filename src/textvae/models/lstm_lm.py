@@ -22,8 +22,17 @@ class LSTMLM(TextVAE):
         super().__init__(tokenizer)
         self.latent_dim = 0
         self.decoder = LSTMDecoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, 0, cfg.dec_dropout_in,
-            cfg.dec_dropout_out, cfg.word_dropout, False, False, self.pad_id, self.unk_id,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            0,
+            cfg.dec_dropout_in,
+            cfg.dec_dropout_out,
+            cfg.word_dropout,
+            False,
+            False,
+            self.pad_id,
+            self.unk_id,
         )
 
     def posterior(self, batch):
@@ -32,7 +41,9 @@ class LSTMLM(TextVAE):
     def prior(self, batch=None):
         raise ValueError("lstm_lm has no latent variable")
 
-    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x), (1, B), nats per sentence; z is ignored."""
         targets, mask = batch["input_ids"], batch["attention_mask"]
         hidden, _ = self.decoder(shift_right(targets, self.bos_id), None)  # (B, T, H)

@@ -44,17 +44,35 @@ class LSTMVAE(TextVAE):
         self.latent_dim = cfg.latent_dim
         self.encoder_token_drop = cfg.encoder_token_drop
         self.encoder = LSTMEncoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
-            cfg.enc_dropout_in, self.pad_id, noise_std=cfg.embed_noise,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.pooling,
+            cfg.bidirectional,
+            cfg.enc_dropout_in,
+            self.pad_id,
+            noise_std=cfg.embed_noise,
         )
         self.posterior_head = GaussianHead(
-            self.encoder.out_dim, cfg.latent_dim, bn_gamma=cfg.posterior_bn_gamma,
-            bn_eps=cfg.posterior_bn_eps, min_rate_delta=cfg.min_rate_delta,
+            self.encoder.out_dim,
+            cfg.latent_dim,
+            bn_gamma=cfg.posterior_bn_gamma,
+            bn_eps=cfg.posterior_bn_eps,
+            min_rate_delta=cfg.min_rate_delta,
         )
         self.decoder = LSTMDecoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.latent_dim, cfg.dec_dropout_in,
-            cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state, cfg.z_every_step,
-            self.pad_id, self.unk_id, z_skip=cfg.z_skip,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.latent_dim,
+            cfg.dec_dropout_in,
+            cfg.dec_dropout_out,
+            cfg.word_dropout,
+            cfg.z_init_state,
+            cfg.z_every_step,
+            self.pad_id,
+            self.unk_id,
+            z_skip=cfg.z_skip,
         )
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
@@ -65,12 +83,18 @@ class LSTMVAE(TextVAE):
             self.classifier = nn.Linear(cfg.latent_dim, cfg.classifier_classes)
         # no parameters (and no RNG draws) unless a flow is configured
         self.posterior_flow = PosteriorFlow(
-            cfg.posterior_flow, cfg.latent_dim, self.encoder.out_dim, cfg.posterior_flow_steps,
-            cfg.flow_hidden, cfg.flow_components,
+            cfg.posterior_flow,
+            cfg.latent_dim,
+            self.encoder.out_dim,
+            cfg.posterior_flow_steps,
+            cfg.flow_hidden,
+            cfg.flow_components,
         )
         self.prior_flow = None
         if cfg.prior_flow == "iaf":
-            self.prior_flow = AutoregressivePrior(cfg.latent_dim, cfg.prior_flow_steps, cfg.flow_hidden)
+            self.prior_flow = AutoregressivePrior(
+                cfg.latent_dim, cfg.prior_flow_steps, cfg.flow_hidden
+            )
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:
         """q(z|x): N(mu, diag sigma^2) from the pooled encoder, pushed through the amortised

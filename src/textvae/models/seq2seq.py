@@ -39,13 +39,27 @@ class Seq2Seq(TextVAE):
         super().__init__(tokenizer)
         self.latent_dim = 0
         self.context_encoder = LSTMEncoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, cfg.pooling, cfg.bidirectional,
-            0.0, self.pad_id,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            cfg.pooling,
+            cfg.bidirectional,
+            0.0,
+            self.pad_id,
         )
         self.decoder = LSTMDecoder(
-            self.vocab_size, cfg.embed_dim, cfg.hidden_dim, self.context_encoder.out_dim,
-            cfg.dec_dropout_in, cfg.dec_dropout_out, cfg.word_dropout, cfg.z_init_state,
-            cfg.z_every_step, self.pad_id, self.unk_id, z_skip=cfg.z_skip,
+            self.vocab_size,
+            cfg.embed_dim,
+            cfg.hidden_dim,
+            self.context_encoder.out_dim,
+            cfg.dec_dropout_in,
+            cfg.dec_dropout_out,
+            cfg.word_dropout,
+            cfg.z_init_state,
+            cfg.z_every_step,
+            self.pad_id,
+            self.unk_id,
+            z_skip=cfg.z_skip,
         )
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,10 +76,14 @@ class Seq2Seq(TextVAE):
     def prior(self, batch=None):
         raise ValueError("seq2seq has no latent variable")
 
-    def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None) -> torch.Tensor:
+    def log_likelihood(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x|c), (1, B) float32, nats per response (EOS counted); z is ignored."""
         targets, mask = batch["input_ids"], batch["attention_mask"]
-        hidden, _ = self.decoder(shift_right(targets, self.bos_id), self.context(batch))  # (B, T, H)
+        hidden, _ = self.decoder(
+            shift_right(targets, self.bos_id), self.context(batch)
+        )  # (B, T, H)
         return sequence_log_prob(
             hidden, self.decoder.output, targets, mask, float32_softmax=not self.training
         ).unsqueeze(0)
@@ -84,8 +102,10 @@ class Seq2Seq(TextVAE):
             ValueError: state is None (the context must come through ``initial_state``).
         """
         if state is None:
-            raise ValueError("seq2seq generation starts from model.initial_state(None, batch), "
-                             "which carries the context; state None has no context")
+            raise ValueError(
+                "seq2seq generation starts from model.initial_state(None, batch), "
+                "which carries the context; state None has no context"
+            )
         h, c, h_c = state
         hidden, (h, c) = self.decoder(input_ids.unsqueeze(1), h_c, (h, c))  # (N, 1, H)
         return self.decoder.output(hidden[:, -1]), (h, c, h_c)

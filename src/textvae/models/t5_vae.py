@@ -52,12 +52,20 @@ def build_t5(cfg: ModelConfig, tokenizer):
     from transformers import T5Config, T5ForConditionalGeneration
 
     if cfg.pretrained is not None:
-        return T5ForConditionalGeneration.from_pretrained(cfg.pretrained, dropout_rate=cfg.t5_dropout)
+        return T5ForConditionalGeneration.from_pretrained(
+            cfg.pretrained, dropout_rate=cfg.t5_dropout
+        )
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=cfg.t5_d_model, d_ff=cfg.t5_d_ff, d_kv=cfg.t5_d_kv,
-        num_layers=cfg.t5_num_layers, num_decoder_layers=cfg.t5_num_decoder_layers,
-        num_heads=cfg.t5_num_heads, dropout_rate=cfg.t5_dropout,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        d_model=cfg.t5_d_model,
+        d_ff=cfg.t5_d_ff,
+        d_kv=cfg.t5_d_kv,
+        num_layers=cfg.t5_num_layers,
+        num_decoder_layers=cfg.t5_num_decoder_layers,
+        num_heads=cfg.t5_num_heads,
+        dropout_rate=cfg.t5_dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
     return T5ForConditionalGeneration(config)
@@ -87,7 +95,10 @@ class T5VAE(TextVAE):
 
     inference_modules = ("encoder", "pool_attention", "posterior_head")
     decoder_modules = ("shared", "decoder", "lm_head")
-    latent_projection_modules = ("memory", "z_embed")  # z -> decoder (train.ae_freeze_latent_projection)
+    latent_projection_modules = (
+        "memory",
+        "z_embed",
+    )  # z -> decoder (train.ae_freeze_latent_projection)
     backbone = "t5"
 
     @classmethod
@@ -106,7 +117,9 @@ class T5VAE(TextVAE):
 
         tokenizer = AutoTokenizer.from_pretrained(m.pretrained)
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError(f"model.pretrained={m.pretrained!r}: its tokenizer has no pad or EOS token")
+            raise ValueError(
+                f"model.pretrained={m.pretrained!r}: its tokenizer has no pad or EOS token"
+            )
         return tokenizer
 
     def __init__(self, cfg: ModelConfig, tokenizer):
@@ -114,7 +127,9 @@ class T5VAE(TextVAE):
         t5 = build_t5(cfg, tokenizer)
         c = t5.config
         if len(tokenizer) > c.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} types, the T5 only {c.vocab_size}")
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} types, the T5 only {c.vocab_size}"
+            )
         self.latent_dim = cfg.latent_dim
         self.bos_id = c.decoder_start_token_id
         self.pooling = cfg.pooling
@@ -134,14 +149,21 @@ class T5VAE(TextVAE):
         scale = getattr(c, "scale_decoder_outputs", c.tie_word_embeddings)
         self.output_scale = c.d_model**-0.5 if scale else 1.0
         self.pool_attention = AttentionPool(c.d_model) if cfg.pooling == "attention" else None
-        self.posterior_head = GaussianHead(c.d_model, cfg.latent_dim, bias=False,
-                                           bn_gamma=cfg.posterior_bn_gamma,
-                                           bn_eps=cfg.posterior_bn_eps,
-                                           min_rate_delta=cfg.min_rate_delta)
+        self.posterior_head = GaussianHead(
+            c.d_model,
+            cfg.latent_dim,
+            bias=False,
+            bn_gamma=cfg.posterior_bn_gamma,
+            bn_eps=cfg.posterior_bn_eps,
+            min_rate_delta=cfg.min_rate_delta,
+        )
         use_memory = cfg.latent_injection in ("memory", "both")
         use_embedding = cfg.latent_injection in ("embedding", "both")
-        self.memory = (nn.Linear(cfg.latent_dim, self.n_layers * 2 * self.n_heads * self.d_kv, bias=False)
-                       if use_memory else None)
+        self.memory = (
+            nn.Linear(cfg.latent_dim, self.n_layers * 2 * self.n_heads * self.d_kv, bias=False)
+            if use_memory
+            else None
+        )
         self.z_embed = nn.Linear(cfg.latent_dim, c.d_model, bias=False) if use_embedding else None
         if cfg.bow_weight > 0:
             self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
