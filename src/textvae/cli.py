@@ -131,11 +131,9 @@ def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precisio
 
 def _write_json(record: dict, path: str | Path) -> Path:
     """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from textvae.atomic import write_json
+
+    return write_json(path, record)
 
 
 def _cmd_evaluate(args) -> int:

@@ -1106,7 +1106,7 @@ def compare_runs(
             "",
         ]
     )
-    tmp = output / "compare.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, output / "compare.md")
+    from textvae.atomic import write_text
+
+    write_text(output / "compare.md", text)
     return text, output

@@ -495,11 +495,9 @@ def trial_dir(sweep: Sweep, out_dir: Path, number: int, entry: str | None) -> Pa
 
 
 def _json(path: Path, record: dict) -> None:
-    import json
+    from textvae.atomic import write_json
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record)
 
 
 def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
@@ -1042,9 +1040,9 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         lines += [evaluation_table(rows, dims), ""]
     plot = plot_rate_distortion(rows, out_dir / "rate_distortion.png", f"sweep {sweep.name}")
     lines += ["![rate-distortion plane of the trials](rate_distortion.png)", ""]
-    tmp = out_dir / "sweep.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out_dir / "sweep.md")
+    from textvae.atomic import write_text
+
+    write_text(out_dir / "sweep.md", "\n".join(lines))
     return {
         "trials": shown,
         "pareto": sorted(s["number"] for s in shown if s["pareto"]),
