@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from textvae.config import load_config
+from textvae.config import load_config, model_keys
 from textvae.data import TextDataset, build_tokenizer
 from textvae.models import MODELS
+from textvae.registry import config_class
 
 WORDS = "the a cat dog sat ran on under mat log big small red blue".split()
 
@@ -26,6 +27,13 @@ def tiny_corpus(tmp_path):
     for name, n, seed in (("train", 200, 0), ("valid", 40, 1), ("test", 40, 2)):
         (tmp_path / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
     return tmp_path
+
+
+def for_model(name: str, items: list[str]) -> list[str]:
+    """The ``model.<key>=value`` items of ``items`` that model ``name`` declares (the tiny sizes
+    are listed for every model; each model's config has only its own keys), other items kept."""
+    keys = set(model_keys(config_class(name)))  # config_class: discovers new model files
+    return [i for i in items if not i.startswith("model.") or i[6:].split("=")[0] in keys]
 
 
 def tiny_overrides(corpus, **extra) -> list[str]:
@@ -47,14 +55,17 @@ def tiny_overrides(corpus, **extra) -> list[str]:
         "kl.warmup_steps": 20,
         "eval.iw_samples": 10,
     }
-    items.update(extra)
-    return [f"{k}={v}" for k, v in items.items()]
+    name = str(extra.get("model.name", "lstm_vae"))
+    base = for_model(name, [f"{k}={v}" for k, v in items.items() if k not in extra])
+    return base + [f"{k}={v}" for k, v in extra.items()]
 
 
 def dialogue_overrides(*extra: str) -> list[str]:
     """tiny_overrides' sizes and training settings on DailyDialog by name (the tiny_dialogues
     fixture under $TEXTVAE_DATA_DIR): trains on 'test', validates and tests on 'validation'."""
-    return [o for o in tiny_overrides(Path(".")) if not o.startswith("data.")] + [
+    name = next((e.split("=", 1)[1] for e in extra if e.startswith("model.name=")), "lstm_vae")
+    base = [o for o in tiny_overrides(Path(".")) if not o.startswith("data.")]
+    return for_model(name, base) + [
         "data.corpus=dailydialog",
         "data.train_split=test",
         "data.valid_split=validation",
@@ -101,16 +112,12 @@ def tiny_model(tokenizer):
     """Build any registered model at tiny size: tiny_model(name, **model_overrides)."""
 
     def make(name="lstm_vae", **extra):
+        sizes = ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4"]
+        sizes += ["model.bow_hidden=16", *TINY_T5, *TINY_GPT2]
+        sizes = [s for s in sizes if s.split("=")[0][6:] not in extra]
         cfg = load_config(
             None,
-            [
-                f"model.name={name}",
-                "model.embed_dim=16",
-                "model.hidden_dim=16",
-                "model.latent_dim=4",
-                *TINY_T5,
-                *TINY_GPT2,
-            ]
+            [f"model.name={name}", *for_model(name, sizes)]
             + [f"model.{k}={v}" for k, v in extra.items()],
         )
         torch.manual_seed(0)

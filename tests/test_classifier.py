@@ -97,7 +97,7 @@ def test_classifier_trains_jointly_and_evaluate_reports_its_accuracy(tmp_path):
 def test_classifier_options_are_validated(tiny_corpus):
     with pytest.raises(ConfigError, match="classifier_label_fraction"):
         load_config(None, tiny_overrides(tiny_corpus, **{"model.classifier_label_fraction": 1.5}))
-    with pytest.raises(ConfigError, match="no classifier on z"):
+    with pytest.raises(ConfigError, match=r"'model.classifier_weight'.*\(a key of lstm_vae,"):
         load_config(
             None,
             tiny_overrides(tiny_corpus, **{"model.name": "cvrae", "model.classifier_weight": 1.0}),

@@ -247,7 +247,7 @@ def test_seq2seq_trains_evaluates_and_responds_from_the_cli(
     tiny_dialogues, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    overrides = dialogue_overrides("train.max_steps=4", "train.eval_every=2")
+    overrides = dialogue_overrides("model.name=seq2seq", "train.max_steps=4", "train.eval_every=2")
     preset = tmp_path / "seq2seq.yaml"
     preset.write_text("model:\n  name: seq2seq\n")
     run = tmp_path / "run"

@@ -41,7 +41,7 @@ def della(tokenizer):
     def make(name="della", n_layer=2, **extra):
         items = [
             "model.latent_dim=4",
-            "model.hidden_dim=16",
+            "model.bow_hidden=16",
             *TINY_GPT2,
             f"model.gpt2_n_layer={n_layer}",
             f"model.name={name}",
@@ -552,7 +552,13 @@ def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = (
         tiny_overrides(
-            tiny_corpus, **{"train.max_steps": 4, "train.eval_every": 2, "eval.iw_samples": 3}
+            tiny_corpus,
+            **{
+                "model.name": "della",
+                "train.max_steps": 4,
+                "train.eval_every": 2,
+                "eval.iw_samples": 3,
+            },
         )
         + TINY_GPT2
     )
@@ -602,7 +608,8 @@ def test_cli_trains_evaluates_and_generates(tiny_corpus, tmp_path, capsys):
 
 def test_cli_conditional_della_responds(tiny_dialogues, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TEXTVAE_DATA_DIR", str(tiny_dialogues))
-    overrides = [o for o in tiny_overrides(tiny_dialogues) if not o.startswith("data.")] + [
+    tiny = tiny_overrides(tiny_dialogues, **{"model.name": "della_cvae"})
+    overrides = [o for o in tiny if not o.startswith("data.")] + [
         "train.max_steps=3",
         "train.eval_every=3",
         "eval.iw_samples=2",

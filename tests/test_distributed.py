@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_GPT2, make_sentences, tiny_overrides
+from tests.conftest import TINY_GPT2, for_model, make_sentences, tiny_overrides
 from textvae.cli import main as cli
 from textvae.config import load_config, save_config
 from textvae.data import TextDataset, build_tokenizer
@@ -153,7 +153,11 @@ def _tiny(name: str):
     tokenizer = build_tokenizer(make_sentences(200))
     cfg = load_config(
         None,
-        ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4", *EVAL_MODELS[name]],
+        for_model(
+            EVAL_MODELS[name][0].split("=")[1],
+            ["model.embed_dim=16", "model.hidden_dim=16", "model.latent_dim=4"],
+        )
+        + EVAL_MODELS[name],
     )
     torch.manual_seed(0)
     model = MODELS[cfg.model.name](cfg.model, tokenizer).eval()

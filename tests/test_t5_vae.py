@@ -509,7 +509,7 @@ def test_cpu_preset_through_the_cli_at_tiny_size(tiny_corpus, tmp_path):
 
     preset = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "t5-vae-cpu.yaml"
     overrides = [
-        *tiny_overrides(tiny_corpus),
+        *tiny_overrides(tiny_corpus, **{"model.name": "t5_vae"}),
         *TINY_T5,
         "train.max_steps=6",
         "train.ae_pretrain_steps=3",

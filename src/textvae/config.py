@@ -8,13 +8,16 @@ choice-valued fields below are checked by :func:`validate`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from textvae import registry
 
 
 class ConfigError(ValueError):
@@ -73,175 +76,56 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Architecture. Sizes of He et al. 2019 (``lstm-vae.yaml``): embed 512, hidden 1024, latent 32.
+    """Base of every model's config: the keys all models share.
+
+    Each model declares its own config beside its code, a dataclass subclassing this one (and
+    the shared pieces of :mod:`textvae.models.parts` it uses), registered with its model by
+    :func:`textvae.registry.register_model`; ``model.name`` selects it when a config is loaded.
+    The YAML ``model:`` section is flat: every field of the chosen class is a ``model.<key>``.
 
     Attributes:
-        name: a key of ``textvae.models.MODELS`` (``lstm_vae``, ``lstm_lm``, ``cvrae``: the
-            conditional VRAE for dialogue, ``seq2seq``: its encoder-decoder baseline without
-            latent; both need a dialogue corpus; ``t5_vae``: the two-phase T5 VAE of Park & Lee
-            2021; ``della``: DELLA's layer-wise latents on GPT-2, Hu et al. 2022, and its single-latent
-            baselines; ``della_cvae``: conditional DELLA, needs a dialogue corpus).
-        pooling: how the encoder summarises its states for q(z|x): ``last`` (h_T), ``first``
-            (the first position: DELLA's encoder input starts with BOS, the paper's special
-            token), ``mean``, ``max`` or ``attention``; always masked (Long et al. 2019).
-        word_dropout: probability of replacing a decoder input token by ``<unk>`` (Bowman 2016).
-        dec_dropout_in / dec_dropout_out: dropout on decoder input embeddings / LSTM outputs.
-        enc_dropout_in: dropout on encoder input embeddings.
-        z_init_state: z sets the decoder's initial state (c_0 = W z, h_0 = tanh c_0).
-        z_every_step: z is concatenated to every decoder input embedding.
-        posterior_bn_gamma: BN-VAE (Zhu et al. 2020): batch-normalise the posterior means with
-            this fixed scale gamma and a learnable shift; 0 = off. A training batch's mean KL is
-            then at least about ``latent_dim * gamma^2 / 2`` nats per sentence once the means
-            vary across the batch by much more than BatchNorm's eps (exact bound in
-            :class:`textvae.posteriors.GaussianHead`, docs/remedies.md).
-        posterior_bn_eps: BN-VAE: BatchNorm's eps in that normalisation (> 0; default 1e-5, as
-            ``nn.BatchNorm1d`` and Zhu et al.'s code). The encoder escapes the KL floor by making
-            its means vary across a batch by much less than eps (measured on PTB: v_d ~ 1e-8);
-            a smaller eps (1e-12) keeps the floor at such variances.
-        min_rate_delta: delta-VAE style committed rate (Razavi et al. 2019), nats per latent
-            dimension: the posterior variance is bounded so that every dimension's
-            KL(q || N(0, 1)) is at least delta for every input; 0 = off; at most 9.
-        bow_weight: weight of the bag-of-words auxiliary loss (Zhao et al. 2017), an MLP
-            z -> vocabulary (hidden size ``hidden_dim``); 0 = off and no parameters created.
-            Not part of the ELBO: reported as ``bow``, never in evaluation.
-        classifier_weight: weight of a jointly trained classifier from z to the corpus label
-            (Chien & Luo 2022's sentiment task; lstm_vae only): a linear map z -> classes (z_K
-            with a flow), loss ``classifier_weight`` x the mean cross-entropy over the batch's
-            labelled sentences (``cls`` in the training log); 0 = off, no parameters. Not part
-            of the ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled
-            data. Needs a labelled training corpus (e.g. ``yelp_sentiment``).
-        classifier_classes: number of label values (labels are 0..classes-1).
-        classifier_label_fraction: semi-supervised training: the fraction of training sentences
-            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
-            permutation of the sentence indices (seed 0), the same in every run and on resume
-            (:func:`textvae.data.semi_supervised_labels`).
-        posterior_flow: normalising flow on the posterior (the issue's ``posterior.flow``;
-            Chien & Luo 2022, SPEC 1.2): ``none`` | ``planar`` | ``radial`` (Rezende & Mohamed
-            2015) | ``iaf`` (Kingma et al. 2016) | ``cclin_iaf`` (volume preserving, Tomczak &
-            Welling 2017) | ``sylvester`` (triangular, van den Berg et al. 2018). Amortised: the
-            flow parameters are computed from the encoder summary. See :mod:`textvae.flows`.
-        posterior_flow_steps: K, the number of flow steps z_K = f_K(...f_1(z_0)); 0 gives a
-            flow distribution with no step (its KL is then estimated by Monte Carlo).
-        flow_hidden: hidden units of each MADE (``iaf`` posterior steps and the ``iaf`` prior).
-        flow_components: ``cclin_iaf``: lower-triangular matrices in each step's convex
-            combination (Tomczak & Welling's ``number_combination``).
-        prior_flow: ``none`` (p(z) = N(0, I), or the conditional Gaussian of ``cvrae``) or
-            ``iaf``: the prior pushed through ``prior_flow_steps`` autoregressive affine steps
-            (:class:`textvae.flows.AutoregressivePrior`; density in one pass, sampling in D).
-        embed_noise: amortised regularisation (Shu et al. 2018): Gaussian noise of this standard
-            deviation added to the inference encoder's input embeddings, in training only.
-        z_skip: skip connection: z (for ``cvrae`` the decoder code [z; c]) is projected to the
-            embedding size and added to every decoder input embedding, in addition to
-            ``z_init_state`` / ``z_every_step``.
-        encoder_token_drop: denoising (Park & Lee 2021; SPEC 2 "token deletion on encoder
-            inputs"): in training, delete this fraction of each sentence's encoder input tokens
-            (EOS kept) before q(z|x) is computed; the decoder target is untouched. ``lstm_vae``
-            and ``t5_vae``; 0 = off. See :func:`textvae.encoders.delete_tokens`.
-        backbone: the network family of the model: null = the model's own (``lstm`` for the
-            LSTM models, ``t5`` for ``t5_vae``, ``gpt2`` for ``della``/``della_cvae``); a value
-            that does not fit ``name`` is an error.
-        pretrained: ``t5_vae`` (Park & Lee 2021, SPEC 1.3; :mod:`textvae.models.t5_vae`) and
-            ``della``/``della_cvae`` (:mod:`textvae.models.della`): a Hugging Face model name or
-            folder (``t5-small``, ``gpt2``) loaded with ``from_pretrained``, with its tokenizer;
-            null builds the backbone from scratch with the ``t5_*`` / ``gpt2_*`` sizes and trains
-            a subword tokenizer on the training split.
-        latent_injection: how z reaches the T5 decoder: ``memory`` (one extra key/value slot per
-            decoder self-attention layer and head; cross-attention removed, so z is the only
-            path from the encoder), ``embedding`` (W z added to every decoder input embedding)
-            or ``both``.
-        t5_d_model / t5_d_ff / t5_num_layers / t5_num_decoder_layers / t5_num_heads / t5_d_kv /
-            t5_dropout: ``T5Config`` fields of a T5 built from scratch (t5-small's sizes by
-            default); ``t5_dropout`` also overrides a pretrained model's ``dropout_rate``.
-        t5_tokenizer / t5_vocab_size: the subword tokenizer trained on the corpus for a T5 from
-            scratch: ``bpe`` or ``unigram`` (T5's kind; on PTB at 8,000 types HF's Unigram
-            trainer stops at 5,612 types and 1.55 tokens per word, BPE gives 1.13), with this
-            many types including the special tokens ``<pad> </s> <unk>``.
-        gpt2_n_embd / gpt2_n_layer / gpt2_n_head / gpt2_n_positions / gpt2_dropout: ``GPT2Config``
-            fields (``n_embd``, ``n_layer``, ``n_head``, ``n_positions``; ``gpt2_dropout`` sets
-            ``resid_pdrop``, ``embd_pdrop`` and ``attn_pdrop``) of a GPT-2 built from scratch for
-            ``della`` (GPT-2 small's sizes by default); ``gpt2_dropout`` also overrides a
-            pretrained model's dropout.
-        gpt2_tokenizer / gpt2_vocab_size: the subword tokenizer trained on the corpus for a GPT-2
-            from scratch (``bpe`` or ``unigram``, this many types including ``<pad> </s> <unk>``).
-        fusion: how ``della`` feeds z to the decoder: ``della`` (the paper's low-rank tensor
-            product into each latent layer's attention values, which as written equals rank 1:
-            :class:`textvae.models.della.ValueFusion`), ``lmf`` (true low-rank multimodal
-            fusion, a sum over the rank of element-wise products), or the single-latent baselines
-            of the paper on the same backbone: ``embedding`` (W z added to every input
-            embedding), ``memory`` (a key/value slot per layer, Optimus) and ``softmax`` (W z
-            added to the last hidden state before the output layer).
-        fusion_rank: r of ``della`` / ``lmf`` fusion (the paper: 4).
-        latent_layers: ``"begin..end"``, 0-based and inclusive: the GPT-2 layers that carry a
-            latent (z_1 from encoder layer ``begin`` into decoder layer ``begin``, ...); null =
-            all layers. ``della`` / ``lmf`` fusion only (the baselines have one latent, from the
-            last encoder layer).
-        first_prior: p(z_1): ``learned`` (N(mu, sigma^2) from a learned bias, since zbar_1 = 0:
-            the released code's) or ``standard`` (N(0, I)). Not for ``della_cvae`` (its p(z_1|c)
-            depends on the context).
-        kl_reduction: ``sum`` over layers (a valid ELBO) or ``mean`` (the released DELLA code's
-            layer average; a reproduction switch: evaluation reports ``bound_valid: false``).
-        feature_norm: ``della``: a LayerNorm on each pooled x_l (the released code's; the paper,
-            sec. 4.1 and A.1, has none). Default true so that earlier run folders load; the
-            presets set false.
-        head_bias: ``della``: biases b_l in the prior and posterior heads (the released code's;
-            eq. 8 of the paper has none; p(z_1)'s bias follows ``first_prior``). Default true for
-            earlier run folders; the presets set false.
+        name: a registered model (``textvae.models.MODELS``; ``textvae train --help`` and
+            ARCHITECTURE.md list them).
+        backbone: the network family of the model (``lstm``, ``t5``, ``gpt2``): null = the
+            model's own; a value that does not fit ``name`` is an error.
+
+    Class attributes (not config keys):
+        renamed_keys: old key -> new key of this model, applied when an existing run folder's
+            ``config.yaml`` is read (:func:`config_from_dict`), never to presets or overrides.
     """
 
-    name: str = "lstm_vae"
-    embed_dim: int = 512
-    hidden_dim: int = 1024
-    latent_dim: int = 32
-    pooling: str = "last"
-    bidirectional: bool = False
-    enc_dropout_in: float = 0.0
-    dec_dropout_in: float = 0.5
-    dec_dropout_out: float = 0.5
-    word_dropout: float = 0.0
-    z_init_state: bool = True
-    z_every_step: bool = True
-    posterior_bn_gamma: float = 0.0
-    posterior_bn_eps: float = 1e-5
-    min_rate_delta: float = 0.0
-    bow_weight: float = 0.0
-    classifier_weight: float = 0.0
-    classifier_classes: int = 2
-    classifier_label_fraction: float = 1.0
-    posterior_flow: str = "none"
-    posterior_flow_steps: int = 4
-    flow_hidden: int = 256
-    flow_components: int = 3
-    prior_flow: str = "none"
-    prior_flow_steps: int = 2
-    embed_noise: float = 0.0
-    z_skip: bool = False
-    encoder_token_drop: float = 0.0
+    renamed_keys: ClassVar[dict[str, str]] = {}
+
+    name: str = ""
     backbone: str | None = None
-    pretrained: str | None = None
-    latent_injection: str = "memory"
-    t5_d_model: int = 512
-    t5_d_ff: int = 2048
-    t5_num_layers: int = 6
-    t5_num_decoder_layers: int = 6
-    t5_num_heads: int = 8
-    t5_d_kv: int = 64
-    t5_dropout: float = 0.1
-    t5_tokenizer: str = "bpe"
-    t5_vocab_size: int = 8000
-    gpt2_n_embd: int = 768
-    gpt2_n_layer: int = 12
-    gpt2_n_head: int = 12
-    gpt2_n_positions: int = 1024
-    gpt2_dropout: float = 0.1
-    gpt2_tokenizer: str = "bpe"
-    gpt2_vocab_size: int = 8000
-    fusion: str = "della"
-    fusion_rank: int = 4
-    latent_layers: str | None = None
-    first_prior: str = "learned"
-    feature_norm: bool = True
-    head_bias: bool = True
-    kl_reduction: str = "sum"
+
+    def validate(self, config: Config) -> None:
+        """Check this model's keys (choices, ranges) and how they combine with the other
+        sections of ``config``. A subclass or piece that adds keys extends it and calls
+        ``super().validate(config)``.
+
+        Raises:
+            ConfigError: naming the offending key.
+        """
+        model = registry.MODELS[self.name]
+        if self.backbone is not None and self.backbone != model.backbone:
+            raise ConfigError(
+                f"model.backbone={self.backbone!r} does not fit model.name={self.name!r} "
+                f"(its backbone is {model.backbone!r}; or leave model.backbone null)"
+            )
+
+
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """Raise ConfigError ``"<key>=<value> is not one of ..."`` when ``value`` is not allowed."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def check_at_least(section: Any, prefix: str, keys: tuple[str, ...], low: float) -> None:
+    """Raise ConfigError ``"<prefix>.<key> must be >= low"`` for the first key below ``low``."""
+    for key in keys:
+        if getattr(section, key) < low:
+            raise ConfigError(f"{prefix}.{key} must be >= {low:g}")
 
 
 @dataclass
@@ -402,6 +286,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """The whole run: ``model`` is the config class of the chosen ``model.name``."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     kl: KLConfig = field(default_factory=KLConfig)
@@ -409,18 +295,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {  # the model's own choices are checked by its config
     "data.format": ("auto", "text", "tsv", "jsonl", "dialogue"),
     "data.long_policy": ("truncate", "drop"),
-    "model.pooling": ("last", "first", "mean", "max", "attention"),
-    "model.posterior_flow": ("none", "planar", "radial", "iaf", "cclin_iaf", "sylvester"),
-    "model.prior_flow": ("none", "iaf"),
-    "model.latent_injection": ("memory", "embedding", "both"),
-    "model.t5_tokenizer": ("unigram", "bpe"),
-    "model.gpt2_tokenizer": ("unigram", "bpe"),
-    "model.fusion": ("della", "lmf", "embedding", "memory", "softmax"),
-    "model.first_prior": ("standard", "learned"),
-    "model.kl_reduction": ("sum", "mean"),
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
     "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
@@ -431,23 +308,77 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.precision": ("fp32", "bf16"),
 }
 
+# The keys of the one flat model section that run folders written before per-model configs
+# hold (every model's config.yaml had all of them). Reading such a folder drops those the
+# chosen model does not declare: that model never read them (config_from_dict).
+LEGACY_MODEL_KEYS = frozenset(
+    "name embed_dim hidden_dim latent_dim pooling bidirectional enc_dropout_in dec_dropout_in "
+    "dec_dropout_out word_dropout z_init_state z_every_step posterior_bn_gamma posterior_bn_eps "
+    "min_rate_delta bow_weight classifier_weight classifier_classes classifier_label_fraction "
+    "posterior_flow posterior_flow_steps flow_hidden flow_components prior_flow prior_flow_steps "
+    "embed_noise z_skip encoder_token_drop backbone pretrained latent_injection t5_d_model "
+    "t5_d_ff t5_num_layers t5_num_decoder_layers t5_num_heads t5_d_kv t5_dropout t5_tokenizer "
+    "t5_vocab_size gpt2_n_embd gpt2_n_layer gpt2_n_head gpt2_n_positions gpt2_dropout "
+    "gpt2_tokenizer gpt2_vocab_size fusion fusion_rank latent_layers first_prior feature_norm "
+    "head_bias kl_reduction".split()
+)
 
-def _valid_keys(section: str | None) -> list[str]:
+
+def model_keys(config_class: type) -> list[str]:
+    """The ``model.<key>`` names a model config class declares, in field order."""
+    return [f.name for f in dataclasses.fields(config_class)]
+
+
+def _config_class(name: Any, source: str) -> type:
+    cls = registry.config_class(str(name))
+    if cls is None:
+        raise ConfigError(
+            f"{source}: model.name={name!r} is not one of {', '.join(sorted(registry.MODELS))}"
+        )
+    return cls
+
+
+def _schema(name: str, source: str) -> DictConfig:
+    """The structured defaults of a config whose model is ``name``."""
+    return OmegaConf.structured(Config(model=_config_class(name, source)(name=name)))
+
+
+def _valid_keys(section: str | None, name: str) -> list[str]:
     classes = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    classes["model"] = registry.config_class(name)
     if section in classes:
-        return [f"{section}.{f.name}" for f in dataclasses.fields(classes[section]())]
-    return [f"{s}.{f.name}" for s, c in classes.items() for f in dataclasses.fields(c())]
+        return [f"{section}.{key}" for key in model_keys(classes[section])]
+    return [f"{s}.{key}" for s, c in classes.items() for key in model_keys(c)]
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _unknown_key_message(key: str, name: str, source: str) -> str:
+    section, _, leaf = key.partition(".")
+    valid = ", ".join(_valid_keys(section, name))
+    if section != "model":
+        return f"{source}: unknown config key '{key}'. Valid keys: {valid}"
+    cls = registry.config_class(name)
+    owners = sorted(
+        other for other, model in registry.MODELS.items() if leaf in model_keys(model.config_class)
+    )
+    if leaf in cls.renamed_keys:
+        hint = f" (renamed: use model.{cls.renamed_keys[leaf]})"
+    elif owners:
+        no_latent = "" if registry.MODELS[name].has_latent else "; it has no latent variable"
+        hint = f" (a key of {', '.join(owners)}, not of this model{no_latent})"
+    else:
+        hint = ""
+    return (
+        f"{source}: unknown config key '{key}' for model.name={name!r}{hint}. "
+        f"Valid keys of {name!r}: {valid}"
+    )
+
+
+def _merge(base: DictConfig, other: Any, source: str, name: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except (ConfigKeyError, ConfigAttributeError) as err:
         key = getattr(err, "full_key", None) or str(err)
-        section = key.split(".")[0] if key else None
-        raise ConfigError(
-            f"{source}: unknown config key '{key}'. Valid keys: {', '.join(_valid_keys(section))}"
-        ) from None
+        raise ConfigError(_unknown_key_message(key, name, source)) from None
     except ValidationError as err:
         raise ConfigError(f"{source}: invalid value for '{err.full_key}': {err.msg}") from None
 
@@ -471,193 +402,94 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Any, str]]
     return layers
 
 
+def _layer_model_name(layer: Any) -> Any:
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    return model.get("name") if isinstance(model, DictConfig) else None
+
+
+def _resolve_model(layers: list[tuple[Any, str]]) -> tuple[str, str]:
+    """The model the layers end with, and the source that chose it.
+
+    A preset may start from another model's preset (``lstm-lm.yaml`` inherits ``lstm-vae.yaml``
+    and sets ``name: lstm_lm``; a sweep entry ``model.name=lstm_lm`` on an LSTM VAE preset):
+    the keys a YAML layer set for the model it was written for (the last name set up to that
+    layer) that the final model does not declare are removed from that layer (in place). Keys
+    of the layer that chooses the final model, of the layers after it, and every ``key=value``
+    override are checked strictly.
+    """
+    try:
+        default = registry.default_model()
+    except LookupError:
+        default = None
+    name, source = default, "defaults"
+    for layer, where in layers:
+        if _layer_model_name(layer) is not None:
+            name, source = _layer_model_name(layer), where
+    if name is None:
+        raise ConfigError("no model is registered as the default: set model.name")
+    final = set(model_keys(_config_class(name, source)))
+    current = default
+    for layer, where in layers:
+        current = _layer_model_name(layer) or current
+        is_override = where.startswith("override '")
+        if current in (None, name) or is_override or not isinstance(layer.get("model"), DictConfig):
+            continue
+        written_for = registry.config_class(str(current))
+        if written_for is None:
+            continue  # reported when the layer is merged
+        for key in [k for k in layer.model if k not in final]:
+            if key in model_keys(written_for):
+                del layer.model[key]
+    return str(name), source
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a :class:`Config` from defaults, a preset YAML and dotted ``key=value`` overrides.
 
+    ``model.name`` (the last layer that sets it; else the registry's default model) selects
+    the model's config class, whose fields are the valid ``model.<key>`` names.
+
     Raises:
-        ConfigError: file missing or unparsable, unknown key (the message lists the valid keys),
-            wrong type, or a value outside the allowed choices.
+        ConfigError: file missing or unparsable, unknown key (the message lists the valid keys
+            of the section, of the chosen model for ``model.*``, and names the models a
+            foreign model key belongs to), wrong type, or a value outside the allowed choices.
     """
-    cfg = OmegaConf.structured(Config)
-    if path is not None:
-        for layer, source in _read_yaml(Path(path)):
-            cfg = _merge(cfg, layer, source)
+    layers = _read_yaml(Path(path)) if path is not None else []
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        layers.append((OmegaConf.from_dotlist([item]), f"override '{item}'"))
+    name, source = _resolve_model(layers)
+    cfg = _schema(name, source)
+    for layer, where in layers:
+        cfg = _merge(cfg, layer, where, name)
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(config)
     return config
 
 
 def validate(config: Config) -> None:
-    """Check choice-valued fields and simple ranges. Raises ConfigError naming the key."""
+    """Check choice-valued fields and ranges of every section; the model's own keys by its
+    config's :meth:`ModelConfig.validate`. Raises ConfigError naming the key."""
     for section in (config.train, config.eval):
         if section.precision in ("no", "False", "false"):  # accelerate's "no"; YAML's `no` is false
             section.precision = "fp32"
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    from textvae.models import MODELS  # late import: models import this module
-
-    if config.model.name not in MODELS:
-        raise ConfigError(f"model.name={config.model.name!r} is not one of {', '.join(MODELS)}")
+        check_choice(key, getattr(getattr(config, section), name), allowed)
     if config.data.corpus is None and config.data.train_path is None:
         raise ConfigError("data.corpus is null, so data.train_path must be set")
-    for key in (
-        "train.batch_size",
-        "model.latent_dim",
-        "model.hidden_dim",
-        "eval.iw_samples",
-        "train.aggressive_max_inner",
-        "train.aggressive_window",
-        "model.flow_hidden",
-        "model.flow_components",
-        "data.context_window",
-    ):
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 1:
-            raise ConfigError(f"{key} must be >= 1")
-    m, t = config.model, config.train
-    if not 0.0 < m.classifier_label_fraction <= 1.0:
-        raise ConfigError(
-            f"model.classifier_label_fraction={m.classifier_label_fraction} must be in (0, 1]"
-        )
-    if m.classifier_classes < 2:
-        raise ConfigError("model.classifier_classes must be >= 2")
-    if m.classifier_weight > 0 and m.name != "lstm_vae":
-        raise ConfigError(
-            f"model.classifier_weight: model.name={m.name!r} has no classifier on z "
-            "(lstm_vae, with or without flows, has); set it to 0"
-        )
-    for key in (
-        "model.posterior_bn_gamma",
-        "model.min_rate_delta",
-        "model.bow_weight",
-        "model.classifier_weight",
-        "train.ae_pretrain_steps",
-        "model.posterior_flow_steps",
-        "model.prior_flow_steps",
-        "model.embed_noise",
-        "kl.target",
-        "kl.target_weight",
-    ):
-        section, name = key.split(".")
-        if getattr(getattr(config, section), name) < 0:
-            raise ConfigError(f"{key} must be >= 0")
-    for key in (
-        "model.t5_d_model",
-        "model.t5_d_ff",
-        "model.t5_num_layers",
-        "model.t5_num_decoder_layers",
-        "model.t5_num_heads",
-        "model.t5_d_kv",
-        "model.t5_vocab_size",
-        "model.gpt2_n_embd",
-        "model.gpt2_n_layer",
-        "model.gpt2_n_head",
-        "model.gpt2_n_positions",
-        "model.gpt2_vocab_size",
-        "model.fusion_rank",
-    ):
-        if getattr(m, key.split(".")[1]) < 1:
-            raise ConfigError(f"{key} must be >= 1")
-    if t.ae_patience < 0:
-        raise ConfigError("train.ae_patience must be >= 0")
-    if not m.posterior_bn_eps > 0:
-        raise ConfigError(
-            f"model.posterior_bn_eps={m.posterior_bn_eps} must be > 0 (BatchNorm "
-            "divides by sqrt(batch variance + eps))"
-        )
-    if not 0.0 <= m.encoder_token_drop < 1.0:
-        raise ConfigError(f"model.encoder_token_drop={m.encoder_token_drop} must be in [0, 1)")
-    if not 0.0 <= m.t5_dropout < 1.0:
-        raise ConfigError(f"model.t5_dropout={m.t5_dropout} must be in [0, 1)")
-    if not 0.0 <= m.gpt2_dropout < 1.0:
-        raise ConfigError(f"model.gpt2_dropout={m.gpt2_dropout} must be in [0, 1)")
-    if m.gpt2_n_embd % m.gpt2_n_head:
-        raise ConfigError(
-            f"model.gpt2_n_embd={m.gpt2_n_embd} must be a multiple of "
-            f"model.gpt2_n_head={m.gpt2_n_head}"
-        )
-    k = config.kl
-    if k.cycle_epochs < 0:
-        raise ConfigError("kl.cycle_epochs must be >= 0")
+    check_at_least(config.train, "train", ("batch_size",), 1)
+    check_at_least(config.eval, "eval", ("iw_samples",), 1)
+    check_at_least(config.train, "train", ("aggressive_max_inner", "aggressive_window"), 1)
+    check_at_least(config.data, "data", ("context_window",), 1)
+    check_at_least(config.train, "train", ("ae_pretrain_steps", "ae_patience"), 0)
+    check_at_least(config.kl, "kl", ("target", "target_weight", "cycle_epochs"), 0)
+    t, k = config.train, config.kl
     if k.cycle_epochs > 0 and k.schedule != "cyclical":
         raise ConfigError(
             f"kl.cycle_epochs sets the period of the cyclical schedule, but "
             f"kl.schedule={k.schedule!r}; set kl.schedule=cyclical or cycle_epochs=0"
-        )
-    if m.latent_layers is not None:
-        parse_latent_layers(m.latent_layers)
-    _validate_model_keys(config)
-    if m.min_rate_delta > 9:
-        raise ConfigError(
-            "model.min_rate_delta must be at most 9 nats per dimension (the "
-            "posterior log-variance is clamped at -20)"
-        )
-    if not MODELS[m.name].has_latent:
-        used = [
-            key
-            for key, on in (
-                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-                ("model.min_rate_delta", m.min_rate_delta > 0),
-                ("model.bow_weight", m.bow_weight > 0),
-                ("train.aggressive", t.aggressive),
-                ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
-                ("model.posterior_flow", m.posterior_flow != "none"),
-                ("model.prior_flow", m.prior_flow != "none"),
-                ("model.embed_noise", m.embed_noise > 0),
-                ("model.z_skip", m.z_skip),
-                ("kl.target", config.kl.target > 0),
-            )
-            if on
-        ]
-        if used:
-            raise ConfigError(
-                f"model.name={m.name!r} has no latent variable, so "
-                f"{', '.join(used)} cannot be used; set them to 0/false/none"
-            )
-    if MODELS[m.name].conditional:
-        used = [
-            key
-            for key, on in (
-                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-                ("model.min_rate_delta", m.min_rate_delta > 0),
-            )
-            if on
-        ]
-        if used:
-            raise ConfigError(
-                f"model.name={m.name!r} has a learned prior p(z|c), but "
-                f"{', '.join(used)} bound the KL to N(0, I) only; set them to 0"
-            )
-
-
-def _validate_model_keys(config: Config) -> None:
-    """Keys that only some models read: the T5 backbone's, encoder token deletion, and the
-    autoencoder-phase options. Raises ConfigError naming the key."""
-    from textvae.models import MODELS
-
-    m, t = config.model, config.train
-    cls = MODELS[m.name]
-    if m.backbone is not None and m.backbone != cls.backbone:
-        raise ConfigError(
-            f"model.backbone={m.backbone!r} does not fit model.name={m.name!r} "
-            f"(its backbone is {cls.backbone!r}; or leave model.backbone null)"
-        )
-    if m.encoder_token_drop > 0 and m.name not in ("lstm_vae", "t5_vae", "della", "della_cvae"):
-        raise ConfigError(
-            f"model.encoder_token_drop: model.name={m.name!r} does not delete encoder "
-            "tokens (lstm_vae, t5_vae and della do); set it to 0"
-        )
-    if config.kl.free_bits_mode == "per_layer" and cls.backbone != "gpt2":
-        raise ConfigError(
-            f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
-            "layer; per_layer is for della's layer-wise latents (use per_dim or total)"
         )
     if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
         raise ConfigError(
@@ -669,131 +501,79 @@ def _validate_model_keys(config: Config) -> None:
             "train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
             "train.ae_freeze_decoder=true too"
         )
-    if t.ae_freeze_decoder:
-        if t.ae_pretrain_steps == 0:
-            raise ConfigError(
-                "train.ae_freeze_decoder needs an autoencoder phase: set "
-                "train.ae_pretrain_steps > 0"
-            )
-        if not cls.decoder_modules:
-            raise ConfigError(
-                f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
-                "decoder to freeze (t5_vae does); set it to false"
-            )
-    defaults = ModelConfig()
-    della_keys = (
-        "fusion",
-        "fusion_rank",
-        "latent_layers",
-        "first_prior",
-        "kl_reduction",
-        "feature_norm",
-        "head_bias",
-    )
-    if cls.backbone != "gpt2":
-        used = [f"model.{key}" for key in della_keys if getattr(m, key) != getattr(defaults, key)]
-        if used:
-            raise ConfigError(
-                f"{', '.join(used)}: only the GPT-2 backbone (model.name=della or "
-                f"della_cvae) reads this; model.name={m.name!r}"
-            )
-    if cls.backbone in ("t5", "gpt2"):
+    if t.ae_freeze_decoder and t.ae_pretrain_steps == 0:
+        raise ConfigError(
+            "train.ae_freeze_decoder needs an autoencoder phase: set train.ae_pretrain_steps > 0"
+        )
+    _validate_against_model(config)
+    config.model.validate(config)
+
+
+def _validate_against_model(config: Config) -> None:
+    """The training and KL options that need something of the model class (a latent variable,
+    a pretrained decoder, layer-wise latents): read from its attributes, never its name."""
+    m, t, k = config.model, config.train, config.kl
+    model = registry.MODELS[m.name]
+    if not model.has_latent:
         used = [
             key
             for key, on in (
-                ("model.posterior_flow", m.posterior_flow != "none"),
-                ("model.prior_flow", m.prior_flow != "none"),
-                ("model.embed_noise", m.embed_noise > 0),
-                ("model.z_skip", m.z_skip),
-                ("model.word_dropout", m.word_dropout > 0),
-                ("model.bidirectional", m.bidirectional),
                 ("train.aggressive", t.aggressive),
+                ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
+                ("kl.target", k.target > 0),
             )
             if on
         ]
         if used:
             raise ConfigError(
-                f"model.name={m.name!r} does not support {', '.join(used)} (the "
-                f"{cls.backbone} encoder and decoder share their token embedding, and "
-                "the LSTM options have no Transformer counterpart here); set them to "
-                "0/false/none"
+                f"model.name={m.name!r} has no latent variable, so "
+                f"{', '.join(used)} cannot be used; set them to 0/false/none"
             )
-        if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
-            raise ConfigError(
-                f"train.ae_reset_decoder: the {cls.backbone} model's VAE phase starts "
-                "from the autoencoder phase's weights (Park & Lee 2021; DELLA's encoder "
-                "is its decoder); set train.ae_reset_decoder=false"
-            )
-    else:
-        used = [key for key, on in (("model.pretrained", m.pretrained is not None),) if on]
-        if used:
-            raise ConfigError(
-                f"{', '.join(used)}: only the Transformer backbones (model.name=t5_vae, "
-                f"della, della_cvae) read this; model.name={m.name!r}"
-            )
-    if cls.backbone != "t5" and m.latent_injection != "memory":
+    if k.free_bits_mode == "per_layer" and not getattr(model, "layerwise_latent", False):
         raise ConfigError(
-            f"model.latent_injection: only the T5 backbone (model.name=t5_vae) reads "
-            f"this (della: model.fusion); model.name={m.name!r}"
+            f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
+            "layer; per_layer is for layer-wise latents (della; use per_dim or total)"
         )
-    if cls.backbone == "gpt2":
-        used = [
-            key
-            for key, on in (
-                ("model.posterior_bn_gamma", m.posterior_bn_gamma > 0),
-                ("model.min_rate_delta", m.min_rate_delta > 0),
-            )
-            if on
-        ]
-        if used:
-            raise ConfigError(
-                f"{', '.join(used)}: della's posterior is layer-wise (its p(z_l|z_<l) "
-                "is learned), these bound the KL to N(0, I) only; set them to 0"
-            )
-        if m.latent_layers is not None and m.fusion not in ("della", "lmf"):
-            raise ConfigError(
-                f"model.latent_layers: model.fusion={m.fusion!r} is a single-latent "
-                "baseline (one z from the last encoder layer); set latent_layers=null "
-                "or fusion=della/lmf"
-            )
-        if cls.conditional and m.first_prior == "standard":
-            raise ConfigError(
-                "model.first_prior=standard: della_cvae's p(z_1|c) is computed from "
-                "the context; use first_prior=learned"
-            )
-
-
-def parse_latent_layers(spec: str, n_layers: int | None = None) -> tuple[int, int]:
-    """``"begin..end"`` (0-based, inclusive) -> (begin, end).
-
-    Raises:
-        ConfigError: not of that form, begin > end, or (with ``n_layers``) end past the last
-            layer; the message names ``model.latent_layers``.
-    """
-    parts = spec.split("..")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if t.ae_freeze_decoder and not model.decoder_modules:
         raise ConfigError(
-            f"model.latent_layers={spec!r} is not of the form 'begin..end' "
-            "(0-based layer indices, inclusive, e.g. '0..11'), or null for all layers"
+            f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
+            "decoder to freeze (t5_vae does); set it to false"
         )
-    begin, end = int(parts[0]), int(parts[1])
-    if begin > end:
-        raise ConfigError(f"model.latent_layers={spec!r}: begin {begin} is after end {end}")
-    if n_layers is not None and end >= n_layers:
-        raise ConfigError(
-            f"model.latent_layers={spec!r}: the backbone has {n_layers} layers (0..{n_layers - 1})"
-        )
-    return begin, end
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
+    """Write the resolved config as YAML (the ``model`` section: the chosen model's keys)."""
     OmegaConf.save(OmegaConf.structured(config), str(path))
 
 
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from a dict (e.g. a run folder's config.yaml), checking keys."""
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "config")
+    """Rebuild a Config from a dict (a run folder's ``config.yaml``), checking keys.
+
+    Run folders written before per-model configs keep loading: their ``model`` section held
+    every model's keys, so keys of :data:`LEGACY_MODEL_KEYS` that the chosen model does not
+    declare are dropped (that model never read them), and the model's ``renamed_keys`` are
+    applied (e.g. ``hidden_dim`` -> ``bow_hidden`` for ``t5_vae`` and ``della``, where it only
+    ever meant the bag-of-words head's width).
+
+    Raises:
+        ConfigError: an unknown key or value, as :func:`load_config`.
+    """
+    data = copy.deepcopy(data)
+    model = data.get("model") or {}
+    name = model.get("name")
+    if name is None:
+        try:
+            name = registry.default_model()
+        except LookupError as err:
+            raise ConfigError(str(err)) from None
+    cls = _config_class(name, "config")
+    declared = set(model_keys(cls))
+    for old, new in cls.renamed_keys.items():
+        if old in model and new not in model:
+            model[new] = model.pop(old)
+    for key in [k for k in model if k not in declared and k in LEGACY_MODEL_KEYS]:
+        del model[key]
+    cfg = _merge(_schema(name, "config"), OmegaConf.create(data), "config", name)
     config: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(config)
     return config

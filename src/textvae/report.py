@@ -705,7 +705,8 @@ def write_report(
         "",
         f"- model `{m.name}`: {arch}"
         + (
-            f", latent {m.latent_dim}, pooling `{m.pooling}`, word dropout {m.word_dropout}"
+            f", latent {m.latent_dim}, pooling `{m.pooling}`"
+            + (f", word dropout {m.word_dropout}" if hasattr(m, "word_dropout") else "")
             if model.has_latent
             else ""
         ),

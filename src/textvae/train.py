@@ -638,7 +638,8 @@ def _train(
         save_config(config, run_dir / "config.yaml.tmp")
         os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
     train_labels = train_corpus.labels
-    if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
+    # the classifier on z (a key of lstm_vae only) sees a fixed fraction of labels
+    if getattr(config.model, "classifier_weight", 0.0) > 0:
         if train_labels is None:
             raise DataError(
                 f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "

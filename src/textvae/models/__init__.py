@@ -1,31 +1,15 @@
-"""Model registry: ``MODELS[name](model_config, tokenizer)`` builds a model."""
+"""The models: one module per model, each holding its config dataclass and its model class,
+registered by :func:`textvae.registry.register_model`.
+
+``MODELS[name](model_config, tokenizer)`` builds a model; every module of this package is
+imported here (``pkgutil``), so a new model is one new file in this folder and no list is
+edited. :mod:`textvae.models.parts` holds the config pieces several models compose and
+:mod:`textvae.models.base` what every model shares.
+"""
 
 from textvae.models.base import TextVAE
-from textvae.models.cvrae import CVRAE
-from textvae.models.della import DELLA, DELLACVAE
-from textvae.models.lstm_lm import LSTMLM
-from textvae.models.lstm_vae import LSTMVAE
-from textvae.models.seq2seq import Seq2Seq
-from textvae.models.t5_vae import T5VAE
+from textvae.registry import MODELS, discover
 
-MODELS: dict[str, type[TextVAE]] = {
-    "lstm_vae": LSTMVAE,
-    "lstm_lm": LSTMLM,
-    "cvrae": CVRAE,
-    "seq2seq": Seq2Seq,
-    "t5_vae": T5VAE,
-    "della": DELLA,
-    "della_cvae": DELLACVAE,
-}
+discover()
 
-__all__ = [
-    "MODELS",
-    "TextVAE",
-    "LSTMVAE",
-    "LSTMLM",
-    "CVRAE",
-    "Seq2Seq",
-    "T5VAE",
-    "DELLA",
-    "DELLACVAE",
-]
+__all__ = ["MODELS", "TextVAE"]

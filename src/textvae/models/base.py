@@ -29,6 +29,9 @@ everything else is the generative side. A model built on a pretrained decoder na
 empty when there is none). ``backbone`` names the network family (``lstm``, ``t5``), and
 :meth:`TextVAE.make_tokenizer` builds the run's tokenizer. ``bow_head`` (a ``BagOfWordsHead`` or None) and
 ``bow_weight`` carry the optional bag-of-words loss.
+
+A model is registered with its config class by :func:`textvae.registry.register_model`
+(``config_class``; ``model.name`` selects both); see ARCHITECTURE.md for adding one.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class TextVAE(nn.Module):
     inference_modules: tuple[str, ...] = ()
     decoder_modules: tuple[str, ...] = ()
     backbone: str = "lstm"
+    layerwise_latent: bool = False  # one latent per layer (``kl.free_bits_mode=per_layer``)
+    config_class: type  # set by textvae.registry.register_model: the model's config dataclass
 
     @classmethod
     def make_tokenizer(cls, config, texts: list[str]):

@@ -19,19 +19,39 @@ measure here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.config import ModelConfig
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
+from textvae.models.parts import (
+    BowPart,
+    FlowPart,
+    InferenceEncoderPart,
+    LatentDecoderPart,
+    LatentPart,
+    LSTMPart,
+)
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead
+from textvae.registry import register_model
 
 
+@dataclass
+class CVRAEConfig(BowPart, FlowPart, LatentDecoderPart, InferenceEncoderPart, LatentPart, LSTMPart):
+    """``model.name=cvrae``: the LSTM VAE's pieces (:mod:`textvae.models.parts`) without the
+    posterior-head remedies (BN, committed rate: they bound the KL to N(0, I), and this prior
+    is p(z|c)), token deletion and the classifier."""
+
+    name: str = "cvrae"
+
+
+@register_model("cvrae", CVRAEConfig)
 class CVRAE(TextVAE):
     """q(z|x, c), p(z|c), p(x|z, c) with LSTM encoders and decoder (shapes in the module doc).
 
@@ -51,7 +71,7 @@ class CVRAE(TextVAE):
     conditional = True
     inference_modules = ("encoder", "posterior_head", "posterior_flow")
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: CVRAEConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim
         self.context_encoder = LSTMEncoder(
@@ -93,7 +113,7 @@ class CVRAE(TextVAE):
             z_skip=cfg.z_skip,
         )
         if cfg.bow_weight > 0:
-            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
+            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.bow_width(), self.vocab_size)
             self.bow_weight = cfg.bow_weight
         self.posterior_flow = PosteriorFlow(
             cfg.posterior_flow,

@@ -77,23 +77,160 @@ Where this departs from the released code (github.com/OpenVLG/DELLA, ``model.py`
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.config import ConfigError, ModelConfig, parse_latent_layers
+from textvae.config import Config, ConfigError, check_at_least, check_choice
 from textvae.data import train_subword_tokenizer
 from textvae.decoders import BagOfWordsHead, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
 from textvae.models.base import TextVAE
+from textvae.models.parts import (
+    SUBWORD_TOKENIZERS,
+    BowPart,
+    LatentPart,
+    PoolingPart,
+    TokenDropPart,
+    TransformerPart,
+)
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import LatentRecurrence, LayerwiseGaussian
+from textvae.registry import register_model
 
 LAYERWISE_FUSIONS = ("della", "lmf")
+FUSIONS = (*LAYERWISE_FUSIONS, "embedding", "memory", "softmax")
 
 
-def build_gpt2(cfg: ModelConfig, tokenizer):
+def parse_latent_layers(spec: str, n_layers: int | None = None) -> tuple[int, int]:
+    """``"begin..end"`` (0-based, inclusive) -> (begin, end).
+
+    Raises:
+        ConfigError: not of that form, begin > end, or (with ``n_layers``) end past the last
+            layer; the message names ``model.latent_layers``.
+    """
+    parts = spec.split("..")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(
+            f"model.latent_layers={spec!r} is not of the form 'begin..end' "
+            "(0-based layer indices, inclusive, e.g. '0..11'), or null for all layers"
+        )
+    begin, end = int(parts[0]), int(parts[1])
+    if begin > end:
+        raise ConfigError(f"model.latent_layers={spec!r}: begin {begin} is after end {end}")
+    if n_layers is not None and end >= n_layers:
+        raise ConfigError(
+            f"model.latent_layers={spec!r}: the backbone has {n_layers} layers (0..{n_layers - 1})"
+        )
+    return begin, end
+
+
+@dataclass
+class DELLAConfig(TransformerPart, TokenDropPart, BowPart, PoolingPart, LatentPart):
+    """``model.name=della`` (Hu et al. 2022): the shared pieces (:mod:`textvae.models.parts`:
+    latent size per layer, pooling, bag-of-words, token deletion, ``pretrained``) and DELLA's
+    own keys.
+
+    Attributes:
+        bow_hidden: the bag-of-words MLP's hidden units (default 1024; this key was
+            ``hidden_dim`` before per-model configs, and a run folder's ``hidden_dim`` is read
+            as it).
+        gpt2_n_embd / gpt2_n_layer / gpt2_n_head / gpt2_n_positions / gpt2_dropout: ``GPT2Config``
+            fields (``n_embd``, ``n_layer``, ``n_head``, ``n_positions``; ``gpt2_dropout`` sets
+            ``resid_pdrop``, ``embd_pdrop`` and ``attn_pdrop``) of a GPT-2 built from scratch
+            (GPT-2 small's sizes by default); ``gpt2_dropout`` also overrides a pretrained
+            model's dropout.
+        gpt2_tokenizer / gpt2_vocab_size: the subword tokenizer trained on the corpus for a GPT-2
+            from scratch (``bpe`` or ``unigram``, this many types including ``<pad> </s> <unk>``).
+        fusion: how z reaches the decoder: ``della`` (the paper's low-rank tensor product into
+            each latent layer's attention values, which as written equals rank 1:
+            :class:`ValueFusion`), ``lmf`` (true low-rank multimodal fusion, a sum over the rank
+            of element-wise products), or the single-latent baselines of the paper on the same
+            backbone: ``embedding`` (W z added to every input embedding), ``memory`` (a
+            key/value slot per layer, Optimus) and ``softmax`` (W z added to the last hidden
+            state before the output layer).
+        fusion_rank: r of ``della`` / ``lmf`` fusion (the paper: 4).
+        latent_layers: ``"begin..end"``, 0-based and inclusive: the GPT-2 layers that carry a
+            latent (z_1 from encoder layer ``begin`` into decoder layer ``begin``, ...); null =
+            all layers. ``della`` / ``lmf`` fusion only (the baselines have one latent, from the
+            last encoder layer).
+        first_prior: p(z_1): ``learned`` (N(mu, sigma^2) from a learned bias, since zbar_1 = 0:
+            the released code's) or ``standard`` (N(0, I)). Not for ``della_cvae`` (its p(z_1|c)
+            depends on the context).
+        feature_norm: a LayerNorm on each pooled x_l (the released code's; the paper, sec. 4.1
+            and A.1, has none). Default true so that earlier run folders load; the presets set
+            false.
+        head_bias: biases b_l in the prior and posterior heads (the released code's; eq. 8 of
+            the paper has none; p(z_1)'s bias follows ``first_prior``). Default true for
+            earlier run folders; the presets set false.
+        kl_reduction: ``sum`` over layers (a valid ELBO) or ``mean`` (the released DELLA code's
+            layer average; a reproduction switch: evaluation reports ``bound_valid: false``).
+    """
+
+    renamed_keys = {"hidden_dim": "bow_hidden"}
+
+    name: str = "della"
+    bow_hidden: int | None = 1024
+    gpt2_n_embd: int = 768
+    gpt2_n_layer: int = 12
+    gpt2_n_head: int = 12
+    gpt2_n_positions: int = 1024
+    gpt2_dropout: float = 0.1
+    gpt2_tokenizer: str = "bpe"
+    gpt2_vocab_size: int = 8000
+    fusion: str = "della"
+    fusion_rank: int = 4
+    latent_layers: str | None = None
+    first_prior: str = "learned"
+    feature_norm: bool = True
+    head_bias: bool = True
+    kl_reduction: str = "sum"
+
+    def validate(self, config: Config) -> None:
+        check_choice("model.gpt2_tokenizer", self.gpt2_tokenizer, SUBWORD_TOKENIZERS)
+        check_choice("model.fusion", self.fusion, FUSIONS)
+        check_choice("model.first_prior", self.first_prior, ("standard", "learned"))
+        check_choice("model.kl_reduction", self.kl_reduction, ("sum", "mean"))
+        sizes = ("gpt2_n_embd", "gpt2_n_layer", "gpt2_n_head", "gpt2_n_positions")
+        check_at_least(self, "model", (*sizes, "gpt2_vocab_size", "fusion_rank"), 1)
+        if not 0.0 <= self.gpt2_dropout < 1.0:
+            raise ConfigError(f"model.gpt2_dropout={self.gpt2_dropout} must be in [0, 1)")
+        if self.gpt2_n_embd % self.gpt2_n_head:
+            raise ConfigError(
+                f"model.gpt2_n_embd={self.gpt2_n_embd} must be a multiple of "
+                f"model.gpt2_n_head={self.gpt2_n_head}"
+            )
+        if self.latent_layers is not None:
+            parse_latent_layers(self.latent_layers)
+            if self.fusion not in LAYERWISE_FUSIONS:
+                raise ConfigError(
+                    f"model.latent_layers: model.fusion={self.fusion!r} is a single-latent "
+                    "baseline (one z from the last encoder layer); set latent_layers=null "
+                    "or fusion=della/lmf"
+                )
+        super().validate(config)
+
+
+@dataclass
+class DELLACVAEConfig(DELLAConfig):
+    """``model.name=della_cvae``: DELLA's keys; ``first_prior`` must be ``learned`` (p(z_1|c)
+    is computed from the context)."""
+
+    name: str = "della_cvae"
+
+    def validate(self, config: Config) -> None:
+        if self.first_prior == "standard":
+            raise ConfigError(
+                "model.first_prior=standard: della_cvae's p(z_1|c) is computed from "
+                "the context; use first_prior=learned"
+            )
+        super().validate(config)
+
+
+def build_gpt2(cfg: DELLAConfig, tokenizer):
     """The ``transformers`` ``GPT2LMHeadModel`` of ``cfg``: ``from_pretrained(cfg.pretrained)`` with
     its dropout probabilities set to ``cfg.gpt2_dropout``, else a fresh one from a ``GPT2Config``
     of the ``gpt2_*`` sizes whose vocabulary and special ids are the tokenizer's.
@@ -228,6 +365,7 @@ class LayerwiseHead(nn.Module):
         return LayerwiseGaussian(offset, recurrence, self.zbar_weight, reduction)
 
 
+@register_model("della", DELLAConfig)
 class DELLA(TextVAE):
     """DELLA on GPT-2 (module docstring): q(z|x) and p(z) over layer-wise latents of event shape
     (L, D) (``latent_shape``), p(x|z) the same GPT-2 with z fused into its attention values (or a
@@ -255,6 +393,7 @@ class DELLA(TextVAE):
 
     inference_modules = ("pool_attention", "pool_norm", "posterior_head")
     backbone = "gpt2"
+    layerwise_latent = True  # kl.free_bits_mode=per_layer applies
 
     @classmethod
     def make_tokenizer(cls, config, texts: list[str]):
@@ -277,7 +416,7 @@ class DELLA(TextVAE):
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere
         return tokenizer
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: DELLAConfig, tokenizer):
         super().__init__(tokenizer)
         if self.eos_id is None:
             raise ValueError("della needs a tokenizer with an EOS token")
@@ -346,7 +485,7 @@ class DELLA(TextVAE):
         else:
             self.z_softmax = nn.Linear(d, h, bias=False)
         if cfg.bow_weight > 0:
-            self.bow_head = BagOfWordsHead(n_lat * d, cfg.hidden_dim, self.vocab_size)
+            self.bow_head = BagOfWordsHead(n_lat * d, cfg.bow_width(), self.vocab_size)
             self.bow_weight = cfg.bow_weight
 
     @property
@@ -660,6 +799,7 @@ class DELLA(TextVAE):
         return self.logits(hidden[:, -1]), state
 
 
+@register_model("della_cvae", DELLACVAEConfig)
 class DELLACVAE(DELLA):
     """Conditional DELLA (Hu et al., NAACL 2022's CVAE for stories and dialogue): p(z|c),
     q(z|x, c), p(x|z, c) with the context encoded by the shared GPT-2 (module docstring). The

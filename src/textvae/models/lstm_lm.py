@@ -5,20 +5,32 @@ The baseline a VAE's IW-NLL must be compared against: its NLL is exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from textvae.config import ModelConfig
 from textvae.decoders import LSTMDecoder, shift_right
 from textvae.models.base import TextVAE
+from textvae.models.parts import LSTMPart
 from textvae.objectives import sequence_log_prob
+from textvae.registry import register_model
 
 
+@dataclass
+class LSTMLMConfig(LSTMPart):
+    """``model.name=lstm_lm``: the LSTM decoder's sizes and dropouts only
+    (:class:`textvae.models.parts.LSTMPart`)."""
+
+    name: str = "lstm_lm"
+
+
+@register_model("lstm_lm", LSTMLMConfig)
 class LSTMLM(TextVAE):
     """p(x) = prod_t p(x_t | x_<t); ``posterior`` and ``prior`` raise, ``log_likelihood`` ignores z."""
 
     has_latent = False
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: LSTMLMConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = 0
         self.decoder = LSTMDecoder(

@@ -12,19 +12,80 @@ to every decoder input) and ``kl.target`` (KL target penalty).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.config import ModelConfig
+from textvae.config import Config, ConfigError
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder, delete_tokens
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
+from textvae.models.parts import (
+    BowPart,
+    FlowPart,
+    InferenceEncoderPart,
+    LatentDecoderPart,
+    LatentPart,
+    LSTMPart,
+    PosteriorHeadPart,
+    TokenDropPart,
+)
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
+from textvae.registry import register_model
 
 
+@dataclass
+class LSTMVAEConfig(
+    TokenDropPart,
+    BowPart,
+    FlowPart,
+    PosteriorHeadPart,
+    LatentDecoderPart,
+    InferenceEncoderPart,
+    LatentPart,
+    LSTMPart,
+):
+    """``model.name=lstm_vae``: the shared pieces (:mod:`textvae.models.parts`: LSTM sizes,
+    encoder and pooling, latent size, posterior head, flows, bag-of-words, token deletion) and
+    the classifier on z.
+
+    Attributes:
+        classifier_weight: weight of a jointly trained classifier from z to the corpus label
+            (Chien & Luo 2022's sentiment task): a linear map z -> classes (z_K with a flow),
+            loss ``classifier_weight`` x the mean cross-entropy over the batch's labelled
+            sentences (``cls`` in the training log); 0 = off, no parameters. Not part of the
+            ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled data.
+            Needs a labelled training corpus (e.g. ``yelp_sentiment``).
+        classifier_classes: number of label values (labels are 0..classes-1); >= 2.
+        classifier_label_fraction: semi-supervised training: the fraction of training sentences
+            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
+            permutation of the sentence indices (seed 0), the same in every run and on resume
+            (:func:`textvae.data.semi_supervised_labels`).
+    """
+
+    name: str = "lstm_vae"
+    classifier_weight: float = 0.0
+    classifier_classes: int = 2
+    classifier_label_fraction: float = 1.0
+
+    def validate(self, config: Config) -> None:
+        if not 0.0 < self.classifier_label_fraction <= 1.0:
+            raise ConfigError(
+                f"model.classifier_label_fraction={self.classifier_label_fraction} "
+                "must be in (0, 1]"
+            )
+        if self.classifier_classes < 2:
+            raise ConfigError("model.classifier_classes must be >= 2")
+        if self.classifier_weight < 0:
+            raise ConfigError("model.classifier_weight must be >= 0")
+        super().validate(config)
+
+
+@register_model("lstm_vae", LSTMVAEConfig, default=True)
 class LSTMVAE(TextVAE):
     """q(z|x) from a pooled LSTM encoder (optionally flowed); p(z) = N(0, I) (optionally
     flowed); p(x|z) an LSTM decoder.
@@ -39,7 +100,7 @@ class LSTMVAE(TextVAE):
 
     inference_modules = ("encoder", "posterior_head", "posterior_flow")
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: LSTMVAEConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim
         self.encoder_token_drop = cfg.encoder_token_drop
@@ -75,7 +136,7 @@ class LSTMVAE(TextVAE):
             z_skip=cfg.z_skip,
         )
         if cfg.bow_weight > 0:
-            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
+            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.bow_width(), self.vocab_size)
             self.bow_weight = cfg.bow_weight
         self.classifier = None  # Chien & Luo 2022's classifier on z: only when configured
         self.classifier_weight = cfg.classifier_weight

@@ -12,15 +12,27 @@ are asked for).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from textvae.config import ModelConfig
 from textvae.decoders import LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.models.base import TextVAE
+from textvae.models.parts import DecoderCodePart, LSTMEncoderPart, LSTMPart
 from textvae.objectives import sequence_log_prob
+from textvae.registry import register_model
 
 
+@dataclass
+class Seq2SeqConfig(DecoderCodePart, LSTMEncoderPart, LSTMPart):
+    """``model.name=seq2seq``: the LSTM sizes, the context encoder's pooling and direction, and
+    how the context code drives the decoder (:mod:`textvae.models.parts`); no latent keys."""
+
+    name: str = "seq2seq"
+
+
+@register_model("seq2seq", Seq2SeqConfig)
 class Seq2Seq(TextVAE):
     """p(x|c) with an LSTM context encoder and an LSTM decoder; no latent variable.
 
@@ -35,7 +47,7 @@ class Seq2Seq(TextVAE):
     has_latent = False
     conditional = True
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: Seq2SeqConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = 0
         self.context_encoder = LSTMEncoder(
@@ -59,7 +71,6 @@ class Seq2Seq(TextVAE):
             cfg.z_every_step,
             self.pad_id,
             self.unk_id,
-            z_skip=cfg.z_skip,
         )
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

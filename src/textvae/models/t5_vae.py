@@ -30,21 +30,85 @@ set to it, so the shared generation code starts there); every sentence ends with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.config import ModelConfig
+from textvae.config import Config, ConfigError, check_at_least, check_choice
 from textvae.data import train_subword_tokenizer as train_t5_tokenizer  # the shared trainer
 from textvae.decoders import BagOfWordsHead, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
 from textvae.models.base import TextVAE
+from textvae.models.parts import (
+    SUBWORD_TOKENIZERS,
+    BowPart,
+    LatentPart,
+    PoolingPart,
+    PosteriorHeadPart,
+    TokenDropPart,
+    TransformerPart,
+)
 from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
+from textvae.registry import register_model
+
+LATENT_INJECTIONS = ("memory", "embedding", "both")
 
 
-def build_t5(cfg: ModelConfig, tokenizer):
+@dataclass
+class T5VAEConfig(
+    TransformerPart, TokenDropPart, BowPart, PosteriorHeadPart, PoolingPart, LatentPart
+):
+    """``model.name=t5_vae`` (Park & Lee 2021): the shared pieces (:mod:`textvae.models.parts`:
+    latent size, pooling, posterior head, bag-of-words, token deletion, ``pretrained``) and the
+    T5's own keys.
+
+    Attributes:
+        bow_hidden: the bag-of-words MLP's hidden units (default 1024; this key was
+            ``hidden_dim`` before per-model configs, and a run folder's ``hidden_dim`` is read
+            as it).
+        latent_injection: how z reaches the T5 decoder: ``memory`` (one extra key/value slot per
+            decoder self-attention layer and head; cross-attention removed, so z is the only
+            path from the encoder), ``embedding`` (W z added to every decoder input embedding)
+            or ``both``.
+        t5_d_model / t5_d_ff / t5_num_layers / t5_num_decoder_layers / t5_num_heads / t5_d_kv /
+            t5_dropout: ``T5Config`` fields of a T5 built from scratch (t5-small's sizes by
+            default); ``t5_dropout`` also overrides a pretrained model's ``dropout_rate``.
+        t5_tokenizer / t5_vocab_size: the subword tokenizer trained on the corpus for a T5 from
+            scratch: ``bpe`` or ``unigram`` (T5's kind; on PTB at 8,000 types HF's Unigram
+            trainer stops at 5,612 types and 1.55 tokens per word, BPE gives 1.13), with this
+            many types including the special tokens ``<pad> </s> <unk>``.
+    """
+
+    renamed_keys = {"hidden_dim": "bow_hidden"}
+
+    name: str = "t5_vae"
+    bow_hidden: int | None = 1024
+    latent_injection: str = "memory"
+    t5_d_model: int = 512
+    t5_d_ff: int = 2048
+    t5_num_layers: int = 6
+    t5_num_decoder_layers: int = 6
+    t5_num_heads: int = 8
+    t5_d_kv: int = 64
+    t5_dropout: float = 0.1
+    t5_tokenizer: str = "bpe"
+    t5_vocab_size: int = 8000
+
+    def validate(self, config: Config) -> None:
+        check_choice("model.latent_injection", self.latent_injection, LATENT_INJECTIONS)
+        check_choice("model.t5_tokenizer", self.t5_tokenizer, SUBWORD_TOKENIZERS)
+        sizes = ("t5_d_model", "t5_d_ff", "t5_num_layers", "t5_num_decoder_layers")
+        check_at_least(self, "model", (*sizes, "t5_num_heads", "t5_d_kv", "t5_vocab_size"), 1)
+        if not 0.0 <= self.t5_dropout < 1.0:
+            raise ConfigError(f"model.t5_dropout={self.t5_dropout} must be in [0, 1)")
+        super().validate(config)
+
+
+def build_t5(cfg: T5VAEConfig, tokenizer):
     """The ``transformers`` ``T5ForConditionalGeneration`` of ``cfg``: ``from_pretrained`` when
     ``cfg.pretrained`` is set (its ``dropout_rate`` set to ``cfg.t5_dropout``), else a fresh one
     from a ``T5Config`` of the ``t5_*`` sizes whose vocabulary and special ids are the
@@ -71,6 +135,7 @@ def build_t5(cfg: ModelConfig, tokenizer):
     return T5ForConditionalGeneration(config)
 
 
+@register_model("t5_vae", T5VAEConfig)
 class T5VAE(TextVAE):
     """q(z|x) from the pooled T5 encoder; p(z) = N(0, I); p(x|z) the T5 decoder fed z by memory
     and/or embedding (module docstring).
@@ -122,7 +187,7 @@ class T5VAE(TextVAE):
             )
         return tokenizer
 
-    def __init__(self, cfg: ModelConfig, tokenizer):
+    def __init__(self, cfg: T5VAEConfig, tokenizer):
         super().__init__(tokenizer)
         t5 = build_t5(cfg, tokenizer)
         c = t5.config
@@ -166,7 +231,7 @@ class T5VAE(TextVAE):
         )
         self.z_embed = nn.Linear(cfg.latent_dim, c.d_model, bias=False) if use_embedding else None
         if cfg.bow_weight > 0:
-            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.hidden_dim, self.vocab_size)
+            self.bow_head = BagOfWordsHead(cfg.latent_dim, cfg.bow_width(), self.vocab_size)
             self.bow_weight = cfg.bow_weight
 
     def posterior(self, batch: dict[str, torch.Tensor]) -> Distribution:

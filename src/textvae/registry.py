@@ -1,0 +1,86 @@
+"""The model registry: ``model.name`` -> the model class and its config class.
+
+A leaf module (it imports nothing of textvae at import time), so that :mod:`textvae.config`
+and every model module can use it without an import cycle. A model module registers itself
+with the :func:`register_model` decorator::
+
+    @register_model("lstm_vae", LSTMVAEConfig)
+    class LSTMVAE(TextVAE): ...
+
+and is found by :func:`discover`, which imports every module of the ``textvae.models``
+package (``pkgutil``), so a new model is one new file in ``src/textvae/models/`` and no list
+elsewhere is edited. The dependency runs one way: model modules import :mod:`textvae.config`
+(its base :class:`~textvae.config.ModelConfig` and ``ConfigError``) and this module; the config
+loader asks this module for a name's config class, and this module imports the model package
+by name only when a lookup needs it (plugin discovery), never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from typing import Any
+
+MODELS: dict[str, Any] = {}  # name -> model class (a textvae.models.base.TextVAE subclass)
+MODEL_PACKAGE = "textvae.models"
+_default: list[str] = []  # the name registered with default=True (at most one)
+
+
+def register_model(name: str, config_class: type, default: bool = False) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` the model of ``model.name=name``, configured by
+    ``config_class`` (a dataclass subclassing :class:`textvae.config.ModelConfig`).
+
+    Sets ``cls.config_class``. ``default=True`` marks the model a config without
+    ``model.name`` builds (one model only).
+
+    Raises:
+        ValueError: another class is already registered under ``name``, or a second default.
+    """
+
+    def add(cls: type) -> type:
+        if MODELS.get(name, cls) is not cls:
+            raise ValueError(f"model name {name!r} is registered twice ({MODELS[name]}, {cls})")
+        if default and _default and _default[0] != name:
+            raise ValueError(f"two default models: {_default[0]!r} and {name!r}")
+        cls.config_class = config_class
+        MODELS[name] = cls
+        if default and not _default:
+            _default.append(name)
+        return cls
+
+    return add
+
+
+def unregister_model(name: str) -> None:
+    """Remove ``name`` from the registry (for tests that register a model of their own)."""
+    MODELS.pop(name, None)
+    if _default and _default[0] == name:
+        _default.clear()
+
+
+def discover() -> dict[str, Any]:
+    """Import every module of the ``textvae.models`` package (its ``__path__``, so a module
+    added there is found) and return :data:`MODELS`."""
+    package = importlib.import_module(MODEL_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{MODEL_PACKAGE}.{info.name}")
+    return MODELS
+
+
+def config_class(name: str) -> type | None:
+    """The config class of ``model.name=name``, or None when no model has that name."""
+    cls = discover().get(name)
+    return None if cls is None else cls.config_class
+
+
+def default_model() -> str:
+    """The name a config without ``model.name`` uses (registered with ``default=True``).
+
+    Raises:
+        LookupError: no model was registered as the default.
+    """
+    discover()
+    if not _default:
+        raise LookupError("no model is registered with default=True; set model.name")
+    return _default[0]
