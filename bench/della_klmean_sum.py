@@ -3,7 +3,8 @@
 `textvae evaluate` on a run trained with ``model.kl_reduction: mean`` reports what that
 objective reports (the KL and log-densities averaged over the L layers) and marks
 ``bound_valid: false``. This script evaluates the same weights with the KL and log-densities
-SUMMED over layers, the valid ELBO and IW bound (SPEC 1.4, 5), on the same sentences with the
+SUMMED over layers, the valid ELBO and IW bound (Hu et al. 2022 sum the layer KLs in the paper's
+objective; the released code averages them), on the same sentences with the
 same seed, so the two JSONs show how much the averaging inflates the reported likelihood.
 kl_reduction changes no parameter: only how the layer terms are combined.
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (SPEC section 3), written once against the model interface.
+"""The evaluation protocol (IW-NLL and AU of Burda et al. 2016, MI of He et al. 2019), written once against the model interface.
 
 Units: nats per sentence unless a name says otherwise; EOS is counted as a predicted token
 and as one word per sentence; padding never counts.
@@ -930,7 +930,7 @@ def evaluate(
     return out
 
 
-# --- generation metrics (SPEC section 3) -------------------------------------------------------
+# --- generation metrics (BLEU via sacrebleu, self-BLEU, distinct-n of Li et al. 2016) ----------
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -1077,8 +1077,8 @@ def response_metrics(
     batch_size: int = 64,
     progress: bool = False,
 ) -> dict:
-    """Response generation of a conditional model (SPEC 3, "BLEU/distinct for conditional
-    tasks"): for each context, ``n_responses`` responses decoded from z ~ p(z|c) with
+    """Response generation of a conditional model (BLEU and distinct-n of responses, as in
+    Zhao, Zhao & Eskenazi 2017 and Chien & Luo 2022's dialogue task): for each context, ``n_responses`` responses decoded from z ~ p(z|c) with
     ``strategy`` (:func:`textvae.generate.respond`).
 
     ``response_bleu``: corpus BLEU-4 (sacrebleu, 0-100) of all generated responses, each scored
@@ -1133,7 +1133,7 @@ def response_metrics(
     return out
 
 
-# --- latent probe (SPEC section 3) --------------------------------------------------------------
+# --- latent probe (label from E_q[z|x], Chien & Luo 2022's sentiment task) ---------------------
 
 
 def probe_accuracy(
