@@ -532,12 +532,12 @@ def _validate_against_model(config: Config) -> None:
     if k.free_bits_mode == "per_layer" and not getattr(model, "layerwise_latent", False):
         raise ConfigError(
             f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
-            "layer; per_layer is for layer-wise latents (della; use per_dim or total)"
+            "layer; per_layer is for layer-wise latents (use per_dim or total)"
         )
     if t.ae_freeze_decoder and not model.decoder_modules:
         raise ConfigError(
             f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
-            "decoder to freeze (t5_vae does); set it to false"
+            "decoder to freeze (no decoder_modules); set it to false"
         )
 
 
