@@ -4,6 +4,11 @@ A preset YAML may name another preset to start from with ``inherit: other.yaml``
 relative to the preset's own folder); its keys are merged first. Unknown keys are an error
 that lists the valid keys of the section; values are type-checked by OmegaConf and the
 choice-valued fields below are checked by :func:`validate`.
+
+The ``model`` section belongs to the models: each model module declares its config dataclass
+(a :class:`ModelConfig` subclass) and registers it with its model in :mod:`textvae.registry`;
+``model.name`` selects it, and its ``validate`` checks the model's keys. This module names no
+model and imports none (only the registry, a leaf module).
 """
 
 from __future__ import annotations
@@ -284,12 +289,17 @@ class EvalConfig:
     precision: str = "fp32"
 
 
+def default_model_config() -> ModelConfig:
+    """The config of the registry's default model, at its defaults."""
+    return registry.config_class(registry.default_model())()
+
+
 @dataclass
 class Config:
     """The whole run: ``model`` is the config class of the chosen ``model.name``."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=default_model_config)
     kl: KLConfig = field(default_factory=KLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -344,7 +354,7 @@ def _schema(name: str, source: str) -> DictConfig:
 
 
 def _valid_keys(section: str | None, name: str) -> list[str]:
-    classes = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    classes = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "model"}
     classes["model"] = registry.config_class(name)
     if section in classes:
         return [f"{section}.{key}" for key in model_keys(classes[section])]

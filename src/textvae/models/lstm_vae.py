@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.config import Config, ConfigError
 from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
 from textvae.encoders import LSTMEncoder, delete_tokens
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
 from textvae.models.parts import (
     BowPart,
+    ClassifierPart,
     FlowPart,
     InferenceEncoderPart,
     LatentDecoderPart,
@@ -40,6 +40,7 @@ from textvae.registry import register_model
 
 @dataclass
 class LSTMVAEConfig(
+    ClassifierPart,
     TokenDropPart,
     BowPart,
     FlowPart,
@@ -49,40 +50,11 @@ class LSTMVAEConfig(
     LatentPart,
     LSTMPart,
 ):
-    """``model.name=lstm_vae``: the shared pieces (:mod:`textvae.models.parts`: LSTM sizes,
-    encoder and pooling, latent size, posterior head, flows, bag-of-words, token deletion) and
-    the classifier on z.
-
-    Attributes:
-        classifier_weight: weight of a jointly trained classifier from z to the corpus label
-            (Chien & Luo 2022's sentiment task): a linear map z -> classes (z_K with a flow),
-            loss ``classifier_weight`` x the mean cross-entropy over the batch's labelled
-            sentences (``cls`` in the training log); 0 = off, no parameters. Not part of the
-            ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled data.
-            Needs a labelled training corpus (e.g. ``yelp_sentiment``).
-        classifier_classes: number of label values (labels are 0..classes-1); >= 2.
-        classifier_label_fraction: semi-supervised training: the fraction of training sentences
-            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
-            permutation of the sentence indices (seed 0), the same in every run and on resume
-            (:func:`textvae.data.semi_supervised_labels`).
-    """
+    """``model.name=lstm_vae``: the pieces of :mod:`textvae.models.parts` it composes (LSTM
+    sizes, encoder and pooling, latent size, posterior head, flows, bag-of-words, token
+    deletion, the classifier on z); no key of its own."""
 
     name: str = "lstm_vae"
-    classifier_weight: float = 0.0
-    classifier_classes: int = 2
-    classifier_label_fraction: float = 1.0
-
-    def validate(self, config: Config) -> None:
-        if not 0.0 < self.classifier_label_fraction <= 1.0:
-            raise ConfigError(
-                f"model.classifier_label_fraction={self.classifier_label_fraction} "
-                "must be in (0, 1]"
-            )
-        if self.classifier_classes < 2:
-            raise ConfigError("model.classifier_classes must be >= 2")
-        if self.classifier_weight < 0:
-            raise ConfigError("model.classifier_weight must be >= 0")
-        super().validate(config)
 
 
 @register_model("lstm_vae", LSTMVAEConfig, default=True)

@@ -225,6 +225,39 @@ class BowPart(ModelConfig):
 
 
 @dataclass
+class ClassifierPart(ModelConfig):
+    """A classifier on z trained jointly (Chien & Luo 2022's sentiment task).
+
+    Attributes:
+        classifier_weight: weight of the classifier's loss: a linear map z -> classes (z_K with
+            a flow), loss ``classifier_weight`` x the mean cross-entropy over the batch's
+            labelled sentences (``cls`` in the training log); 0 = off, no parameters. Not part
+            of the ELBO; ``evaluate`` reports ``classifier_accuracy`` from E_q[z|x] on labelled
+            data. Needs a labelled training corpus (e.g. ``yelp_sentiment``).
+        classifier_classes: number of label values (labels are 0..classes-1); >= 2.
+        classifier_label_fraction: semi-supervised training: the fraction of training sentences
+            whose label the classifier sees, in (0, 1]; which ones is fixed by a seeded
+            permutation of the sentence indices (seed 0), the same in every run and on resume
+            (:func:`textvae.data.semi_supervised_labels`).
+    """
+
+    classifier_weight: float = 0.0
+    classifier_classes: int = 2
+    classifier_label_fraction: float = 1.0
+
+    def validate(self, config: Config) -> None:
+        if not 0.0 < self.classifier_label_fraction <= 1.0:
+            raise ConfigError(
+                f"model.classifier_label_fraction={self.classifier_label_fraction} "
+                "must be in (0, 1]"
+            )
+        if self.classifier_classes < 2:
+            raise ConfigError("model.classifier_classes must be >= 2")
+        check_at_least(self, "model", ("classifier_weight",), 0)
+        super().validate(config)
+
+
+@dataclass
 class TokenDropPart(ModelConfig):
     """Attributes:
     encoder_token_drop: denoising (Park & Lee 2021, arXiv 2108.02446: "token deletion on
