@@ -56,6 +56,7 @@ import math
 import multiprocessing
 import os
 import re
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -669,14 +670,25 @@ def open_study(sweep: Sweep, url: str, seed: int | None = None):
         if sweep.pruner == "median"
         else optuna.pruners.NopPruner()
     )
-    return optuna.create_study(
-        storage=_storage(sweep, url),
-        study_name=sweep.name,
-        load_if_exists=True,
-        directions=list(sweep.objectives.values()),
-        pruner=pruner,
-        sampler=_sampler(sweep, sweep.seed if seed is None else seed),
-    )
+    from sqlalchemy.exc import SQLAlchemyError
+
+    # Workers started at the same moment on a fresh database (two machines, one --storage URL)
+    # race to create its tables and the study: the loser gets an IntegrityError or a locked
+    # database; by its next attempt the winner has made them, and it loads them.
+    for attempt in range(8):
+        try:
+            return optuna.create_study(
+                storage=_storage(sweep, url),
+                study_name=sweep.name,
+                load_if_exists=True,
+                directions=list(sweep.objectives.values()),
+                pruner=pruner,
+                sampler=_sampler(sweep, sweep.seed if seed is None else seed),
+            )
+        except (SQLAlchemyError, optuna.exceptions.DuplicatedStudyError):
+            if attempt == 7:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 class _Overflow(Exception):
@@ -758,6 +770,9 @@ def run_worker(
                 params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
         run_dir = usable_dir(trial_dir(sweep, out, number, entry))
         trial.set_user_attr("run_dir", run_dir.name)
+        # which worker ran it: with a shared RDB study, workers on several machines each write
+        # their run folders under their own --out-dir
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{out.resolve()}")
 
         def report(record: dict) -> None:
             """Median pruning on the validation loss -ELBO (nats/sentence) at each validation."""
