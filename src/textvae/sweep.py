@@ -65,8 +65,14 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from textvae.config import Config, ConfigError, load_config
+from textvae.rundir import CONFIG, checkpoint_path
 
 log = logging.getLogger(__name__)
+
+# What trains one trial: ``train(config, run_dir, resume=False, on_validation=None) -> run_dir``
+# with the signature of :func:`textvae.train.train`, which the CLI passes in. The sweep never
+# imports the training loop itself (it reads run folders through :mod:`textvae.rundir`).
+Trainer = Callable[..., Path]
 
 TOP_KEYS = (
     "name",
@@ -563,7 +569,7 @@ def usable_dir(run_dir: Path) -> Path:
         candidate.is_dir()
         and any(candidate.iterdir())
         and not (candidate / "trial.json").is_file()
-        and not (candidate / "checkpoints" / "last").is_dir()
+        and not checkpoint_path(candidate, "last").is_dir()
     ):
         n += 1
         candidate = run_dir.with_name(f"{run_dir.name}.{n}")
@@ -576,28 +582,28 @@ def run_trial(
     entry: str | None,
     params: dict,
     on_validation: Callable[[dict], None] | None = None,
+    *,
+    train: Trainer,
 ) -> dict:
     """Train (or resume) and evaluate one trial's run folder; returns ``trial.json``'s record
     plus ``eval`` (the evaluation dict).
 
     A folder with ``trial.json`` and the evaluation file is reused as it is; one with a
     ``checkpoints/last`` but no ``trial.json`` is resumed (``train(resume=True)``); an empty or
-    missing one is trained from scratch (call :func:`usable_dir` first). ``on_validation`` goes
-    to :func:`textvae.train.train` (pruning).
+    missing one is trained from scratch (call :func:`usable_dir` first) by ``train``
+    (:data:`Trainer`), which gets ``on_validation`` (pruning).
 
     Raises:
         whatever training and evaluation raise (``TrainingDiverged``, ``DataError``, ...).
     """
     import json
 
-    from textvae.train import train
-
     record_path = run_dir / "trial.json"
     eval_path = run_dir / f"{sweep.evaluation['output']}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is None:
         preset, overrides = trial_overrides(sweep, entry, params)
-        resumed = (run_dir / "checkpoints" / "last").is_dir()
+        resumed = checkpoint_path(run_dir, "last").is_dir()
         start = time.perf_counter()
         if resumed:
             log.info("trial folder %s: resuming its training", run_dir)
@@ -721,6 +727,8 @@ def run_worker(
     worker: int = 0,
     threads: int | None = None,
     deadline: float | None = None,
+    *,
+    train: Trainer,
 ) -> int:
     """One worker's loop: run trials of the study until its budget is used, then wait for
     running trials (its own peers' or dead ones that the heartbeat will queue again).
@@ -771,7 +779,7 @@ def run_worker(
                 )
 
         try:
-            record = run_trial(sweep, run_dir, entry, params, report)
+            record = run_trial(sweep, run_dir, entry, params, report, train=train)
         except optuna.TrialPruned:
             raise
         except Exception as err:  # recorded in sweep.md; the next invocation retries it
@@ -842,10 +850,16 @@ def retry_failed(study) -> list[int]:
 
 
 def _worker_main(
-    sweep_path: str, out_dir: str, url: str, worker: int, threads: int, deadline: float | None
+    sweep_path: str,
+    out_dir: str,
+    url: str,
+    worker: int,
+    threads: int,
+    deadline: float | None,
+    train: Trainer,
 ) -> None:
     logging.basicConfig(level=logging.WARNING)
-    run_worker(sweep_path, out_dir, url, worker, threads, deadline)
+    run_worker(sweep_path, out_dir, url, worker, threads, deadline, train=train)
 
 
 def run_sweep(
@@ -853,6 +867,8 @@ def run_sweep(
     out_dir: str | Path | None = None,
     storage: str | None = None,
     jobs: int = 1,
+    *,
+    train: Trainer,
 ) -> tuple[Path, dict]:
     """Run (or continue) a sweep: ``jobs`` worker processes on this machine share the study,
     each with ``max(1, cores // jobs)`` torch threads; then write ``sweep.md`` and
@@ -865,6 +881,8 @@ def run_sweep(
             ``postgresql://user:password@host/db`` lets workers on several machines share the
             study (their run folders are written under their own ``out_dir``).
         jobs: worker processes on this machine (1: in this process).
+        train: what trains a trial (:data:`Trainer`): ``textvae.train.train``, which the CLI
+            passes; a module-level function, so that ``jobs`` > 1 worker processes can receive it.
 
     Returns:
         (sweep folder, :func:`write_summary`'s summary).
@@ -891,13 +909,14 @@ def run_sweep(
     retry_failed(open_study(sweep, url))  # created once here, so workers only load it
     deadline = time.time() + 60 * sweep.minutes if sweep.minutes else None
     if jobs <= 1:
-        run_worker(str(sweep.path), str(out), url, 0, None, deadline)
+        run_worker(str(sweep.path), str(out), url, 0, None, deadline, train=train)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
         workers = [
             context.Process(
-                target=_worker_main, args=(str(sweep.path), str(out), url, i, threads, deadline)
+                target=_worker_main,
+                args=(str(sweep.path), str(out), url, i, threads, deadline, train),
             )
             for i in range(jobs)
         ]
@@ -960,7 +979,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         label = folder.name if folder is not None else f"trial-{number:04d}"
         if result:
             rows[label] = result
-            config = OmegaConf.load(folder / "config.yaml")
+            config = OmegaConf.load(folder / CONFIG)
             # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
             dims[label] = (
                 config.model.latent_dim
