@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -283,8 +282,7 @@ def set_aside_log(run_dir: str | Path) -> Path | None:
     n = 1
     while (run_dir / f"log.aborted-{n}.jsonl").exists():
         n += 1
-    os.replace(run_dir / LOG, run_dir / f"log.aborted-{n}.jsonl")
-    return run_dir / f"log.aborted-{n}.jsonl"
+    return (run_dir / LOG).rename(run_dir / f"log.aborted-{n}.jsonl")  # a free name: a move
 
 
 def collapse_reason(
