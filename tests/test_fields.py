@@ -3,6 +3,7 @@ so a field given a column there appears in report.md, compare.md and sweep.md at
 
 from __future__ import annotations
 
+import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import tiny_overrides
@@ -10,7 +11,7 @@ from textvae import fields
 from textvae.cli import main
 from textvae.config import load_config
 from textvae.report import compare_runs, evaluation_table, write_report
-from textvae.sweep import run_sweep
+from textvae.sweep import SweepError, load_sweep, run_sweep
 from textvae.train import train
 
 HEADER = "PPL per token (test column)"
@@ -58,3 +59,17 @@ def test_a_field_given_a_column_appears_in_every_table(tiny_corpus, tmp_path, mo
     assert HEADER in report
     out, _ = run_sweep(sweep_file, tmp_path / "sweep", train=train)
     assert HEADER in (out / "sweep.md").read_text()
+
+
+def test_a_field_marked_objective_may_score_a_sweep(tiny_corpus, monkeypatch):
+    preset = tiny_corpus / "tiny.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(tiny_overrides(tiny_corpus)), preset)
+    path = tiny_corpus / "s.yaml"
+    path.write_text("base: tiny.yaml\nobjectives: {nll_stderr: minimize}\n")
+    with pytest.raises(SweepError, match="objectives.nll_stderr"):
+        load_sweep(path)
+    patched = tuple(
+        f._replace(objective=True) if f.name == "nll_stderr" else f for f in fields.EVAL_FIELDS
+    )
+    monkeypatch.setattr(fields, "EVAL_FIELDS", patched)
+    assert load_sweep(path).objectives == {"nll_stderr": "minimize"}

@@ -32,6 +32,7 @@ class Field(NamedTuple):
         format: ``str.format`` pattern of a value in a table cell; None where the table writes it
             its own way (``nll`` with its standard error, ``au`` with its threshold and the
             latent size).
+        objective: a number a sweep may be scored on (``objectives`` of a sweep file).
     """
 
     group: str
@@ -40,6 +41,7 @@ class Field(NamedTuple):
     meaning: str
     column: str | None = None
     format: str | None = None
+    objective: bool = False
 
 
 EVAL_FIELDS: tuple[Field, ...] = (
@@ -50,6 +52,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "E_q[-log p(x|z)], Monte Carlo over the K samples",
         column="rec (nats/sent)",
         format="{:.2f}",
+        objective=True,
     ),
     Field(
         "protocol",
@@ -58,6 +61,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "KL(q(z|x) || p(z)): closed form, or Monte Carlo with `kl_samples` samples (flows; layer-wise for DELLA)",
         column="KL (nats/sent)",
         format="{:.3f}",
+        objective=True,
     ),
     Field(
         "protocol",
@@ -72,6 +76,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "-(rec + kl)",
         column="ELBO (nats/sent)",
         format="{:.2f}",
+        objective=True,
     ),
     Field(
         "protocol",
@@ -79,9 +84,18 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "nats/sentence (IW)",
         "IW estimate -log (1/K) Σ p(x,z_k)/q(z_k|x) (Burda et al. 2016); exact for the LM",
         column="IW-NLL (nats/sent)",
+        objective=True,
     ),
     Field("protocol", "nll_stderr", "nats/sentence", "standard error of `nll` over sentences"),
-    Field("protocol", "ppl_token", "per token incl. EOS", "exp(Σ nll / predicted tokens)"),
+    Field(
+        "protocol",
+        "ppl_token",
+        "per token incl. EOS",
+        "exp(Σ nll / predicted tokens)",
+        column="PPL (per token)",
+        format="{:.1f}",
+        objective=True,
+    ),
     Field(
         "protocol",
         "ppl_word",
@@ -89,12 +103,16 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "exp(Σ nll / (whitespace words + one EOS per sentence)); comparable across tokenizers",
         column="PPL (per word)",
         format="{:.1f}",
+        objective=True,
     ),
     Field(
         "protocol",
         "ppl_elbo_token",
         "per token incl. EOS",
         "exp(-Σ elbo / tokens): a bound, Park & Lee's 'PPL', not the NLL",
+        column="ELBO-PPL (per token)",
+        format="{:.1f}",
+        objective=True,
     ),
     Field(
         "protocol",
@@ -103,15 +121,24 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "I_q(x;z) with the aggregate posterior over the **whole** evaluated set (chunked, memory linear in the set; at most log N); for a flow posterior I(x; z_K) through the flow's inverse (N^2 inverses: over the first 500 sentences unless `--flow-mi-sentences N` says otherwise, 0 = all), null with the reason in `mi_estimator` where it cannot be computed",
         column="MI (nats)",
         format="{:.3f}",
+        objective=True,
     ),
     Field(
         "protocol",
         "mi_batch",
         "nats (He et al. 2019 minibatch)",
         "the minibatch estimator of He et al. 2019, over the evaluation batches",
+        column="MI batch (nats)",
+        format="{:.3f}",
+        objective=True,
     ),
     Field(
-        "protocol", "au", "dimensions", "dimensions with Cov_x(E_q[z|x]) > `au_delta`", column="AU"
+        "protocol",
+        "au",
+        "dimensions",
+        "dimensions with Cov_x(E_q[z|x]) > `au_delta`",
+        column="AU",
+        objective=True,
     ),
     Field("protocol", "au_delta", "threshold", "the active-unit threshold (default 0.01)"),
     Field(
@@ -124,6 +151,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "z-usage gap: rec with z shuffled across the batch minus rec with each sentence's own z (one z ~ q per sentence, a derangement, so no sentence keeps its z); 0 = the decoder ignores z",
         column="z-usage gap (nats/sent)",
         format="{:.3f}",
+        objective=True,
     ),
     Field(
         "protocol",
@@ -224,6 +252,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "sacrebleu corpus BLEU of greedy decodings of each sentence's posterior mean against the sentence, over the first `--gen-sentences` evaluated sentences",
         column="rec BLEU",
         format="{:.1f}",
+        objective=True,
     ),
     Field(
         "generation",
@@ -232,6 +261,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "mean sentence BLEU of each of `--gen-samples` prior samples against all the others (Zhu et al. 2018); high = repetitive",
         column="self-BLEU",
         format="{:.1f}",
+        objective=True,
     ),
     Field(
         "generation",
@@ -240,6 +270,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "distinct unigrams over all unigrams (Li et al. 2016)",
         column="distinct-1",
         format="{:.3f}",
+        objective=True,
     ),
     Field(
         "generation",
@@ -248,6 +279,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "distinct bigrams over all bigrams",
         column="distinct-2",
         format="{:.3f}",
+        objective=True,
     ),
     Field("generation", "generation", "", "decoding settings and sacrebleu signatures"),
     Field(
@@ -255,6 +287,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "response_bleu",
         "BLEU 0-100 (responses from z ~ p(z|c) vs the reference)",
         "conditional models: corpus BLEU of `--gen-responses` responses per context",
+        objective=True,
     ),
 )
 UNITS = {f.name: f.unit for f in EVAL_FIELDS}
@@ -276,6 +309,11 @@ TABLE_COLUMNS = (
     "iw_samples",
     "n_sentences",
 )
+
+
+def objective_fields() -> tuple[str, ...]:
+    """The names of the fields a sweep may optimise (``objective``), in table order."""
+    return tuple(f.name for f in EVAL_FIELDS if f.objective)
 
 
 def field(name: str) -> Field:

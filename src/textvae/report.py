@@ -406,7 +406,11 @@ def _nice_step(raw: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
-def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None) -> str:
+def format_value(result: dict, key: str, latent_dim: int | None = None) -> str:
+    """The table cell of field ``key`` of an evaluation ``result``: its
+    :data:`textvae.fields.EVAL_FIELDS` format; ``nll`` with its standard error, ``au`` with the
+    latent size (``latent_dim``, when given) and its threshold, ``iw_samples`` "exact" for a
+    model without latent; "–" for a missing value."""
     value = result.get(key)
     if key == "nll":
         if value is None:
@@ -421,23 +425,24 @@ def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None)
         return "exact"  # a model without latent: -log p(x) needs no importance sampling
     if value is None:
         return "–"
-    return fmt.format(value)
+    return fields.field(key).format.format(value)
 
 
 def evaluation_table(rows: dict[str, dict], latent_dims: dict[str, int] | None = None) -> str:
     """A markdown table, one row per name, one column per field of
     :data:`textvae.fields.TABLE_COLUMNS` (its ``column`` header, units included; its
     ``format``); columns empty in every row are left out."""
-    keys = [
-        (f.name, f.column, f.format)
-        for f in fields.table_fields()
-        if any(r.get(f.name) is not None for r in rows.values())
+    columns = [
+        f for f in fields.table_fields() if any(r.get(f.name) is not None for r in rows.values())
     ]
-    lines = ["| run | " + " | ".join(h for _, h, _ in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [
+        "| run | " + " | ".join(f.column for f in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for name, result in rows.items():
         dim = (latent_dims or {}).get(name)
         lines.append(
-            f"| {name} | " + " | ".join(_fmt(result, k, f, dim) for k, _, f in keys) + " |"
+            f"| {name} | " + " | ".join(format_value(result, f.name, dim) for f in columns) + " |"
         )
     return "\n".join(lines)
 

@@ -64,6 +64,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from textvae import fields
 from textvae.config import Config, ConfigError, load_config
 from textvae.rundir import CONFIG, checkpoint_path
 
@@ -106,25 +107,6 @@ EVALUATION_KEYS = (
 )
 STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
-# evaluation fields a trial can be scored on (numbers in the evaluation JSON)
-OBJECTIVE_FIELDS = (
-    "rec",
-    "kl",
-    "elbo",
-    "nll",
-    "ppl_token",
-    "ppl_word",
-    "ppl_elbo_token",
-    "mi",
-    "mi_batch",
-    "au",
-    "z_gap",
-    "rec_bleu",
-    "self_bleu",
-    "distinct_1",
-    "distinct_2",
-    "response_bleu",
-)
 
 
 class SweepError(ValueError):
@@ -368,11 +350,11 @@ def load_sweep(path: str | Path) -> Sweep:
         raise _err(path, "objectives", "expected a mapping field: minimize|maximize")
     objectives = {}
     for key, direction in objectives_raw.items():
-        if key not in OBJECTIVE_FIELDS:
+        if key not in fields.objective_fields():
             raise _err(
                 path,
                 f"objectives.{key}",
-                f"not an evaluation field; choose from {', '.join(OBJECTIVE_FIELDS)}",
+                f"not an evaluation field; choose from {', '.join(fields.objective_fields())}",
             )
         if direction not in ("minimize", "maximize"):
             raise _err(path, f"objectives.{key}", f"'{direction}' is not minimize or maximize")
