@@ -2,7 +2,7 @@
 
 Interrupts stop training cleanly and resume; evaluations are named by what they are and never
 overwritten; long work shows progress; a language model is shown with only what it has; the
-CLI's version, defaults, thread control; README's key list comes from the one field table.
+CLI's version, defaults, thread control; docs/evaluation.md's key list comes from the one field table.
 """
 
 from __future__ import annotations
@@ -388,8 +388,8 @@ def test_checkpoint_weights_get_the_usual_file_mode(tiny_run):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (which, oct(path.stat().st_mode))
 
 
-def test_readme_key_list_is_the_field_table():
-    readme = (ROOT / "README.md").read_text()
+def test_the_documented_key_list_is_the_field_table():
+    readme = (ROOT / "docs" / "evaluation.md").read_text()
     for tag, groups in (
         ("evaluation", ("protocol", "record")),
         ("generation", ("generation", "response")),
@@ -397,7 +397,9 @@ def test_readme_key_list_is_the_field_table():
         start, end = f"<!-- {tag} fields: start -->", f"<!-- {tag} fields: end -->"
         assert start in readme and end in readme, tag
         listed = readme.split(start)[1].split(end)[0].strip()
-        assert listed == fields_markdown(groups), f"README's {tag} fields: re-render them"
+        assert listed == fields_markdown(groups), (
+            f"docs/evaluation.md's {tag} fields: re-render them"
+        )
     assert len({f.name for f in EVAL_FIELDS}) == len(EVAL_FIELDS)
 
 
