@@ -13,7 +13,7 @@ from textvae import train as train_module
 from textvae.config import KLConfig
 from textvae.data import TextDataset
 from textvae.models import MODELS, base
-from textvae.objectives import elbo, kl_weight
+from textvae.objectives import ObjectiveSettings, elbo, kl_weight
 from textvae.train import (
     TrainerState,
     aggressive_inner_loop,
@@ -59,7 +59,7 @@ def test_inner_loop_is_bounded_and_updates_only_the_inference_network(tiny_model
         model,
         enc_opt,
         draw,
-        lambda b: elbo(model, b, beta=1.0)["loss"],
+        lambda b: elbo(model, b, ObjectiveSettings(beta=1.0))["loss"],
         max_inner=7,
         window=1000,
         grad_clip=5.0,
@@ -232,9 +232,9 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
     betas, snaps = [], {}
     real_elbo, real_reset = base.elbo, train_module.reset_generative
 
-    def spy_elbo(model, batch, beta=1.0, **kwargs):
-        betas.append(beta)
-        return real_elbo(model, batch, beta=beta, **kwargs)
+    def spy_elbo(model, batch, settings):
+        betas.append(settings.beta)
+        return real_elbo(model, batch, settings)
 
     def spy_reset(model, config, tokenizer):
         snaps["before"] = {k: v.clone() for k, v in model.state_dict().items()}

@@ -91,7 +91,7 @@ from textvae.data import DataError, TextDataset, load_split, load_tokenizer, sem
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import kl_weight
+from textvae.objectives import ObjectiveSettings, kl_weight
 
 log = logging.getLogger(__name__)
 
@@ -895,15 +895,7 @@ def _train(
     def forward(batch: dict, beta: float) -> dict:
         """The training objective on a batch; a non-finite loss stops the run."""
         # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
-        target_weight = config.kl.target_weight if state.phase == "vae" else 0.0
-        out = model(
-            batch,
-            beta=beta,
-            free_bits=config.kl.free_bits,
-            free_bits_mode=config.kl.free_bits_mode,
-            kl_target=config.kl.target,
-            kl_target_weight=target_weight,
-        )
+        out = model(batch, objective.at(beta, kl_target=state.phase == "vae"))
         loss = out["loss"]
         if not torch.isfinite(loss):
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
@@ -991,6 +983,7 @@ def _train(
             k: v.to(accelerator.device) for k, v in train_ds.collate(indices[rank::n_proc]).items()
         }
 
+    objective = ObjectiveSettings.from_config(config.kl)
     per_epoch = len(epoch_batches(0))
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
