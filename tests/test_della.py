@@ -22,7 +22,7 @@ from textvae.models import MODELS
 from textvae.models.della import ValueFusion
 from textvae.objectives import elbo, free_bits_kl, kl_estimate
 from textvae.posteriors import LatentRecurrence, LayerwiseGaussian
-from textvae.train import resolve_cycle
+from textvae.remedies import resolve_cycle
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSIONS = ["della", "lmf", "embedding", "memory", "softmax"]
