@@ -180,18 +180,19 @@ def kl_estimator(q: Distribution, p: Distribution) -> KLEstimator:
         NotImplementedError: no pair fits (the message names both types and the registry).
     """
     q_mro, p_mro = type(q).__mro__, type(p).__mro__
-    fits = [
-        (q_mro.index(qt), p_mro.index(pt), estimator)
-        for (qt, pt), estimator in KL_ESTIMATORS.items()
-        if qt in q_mro and pt in p_mro
-    ]
-    if not fits:
+    best = None  # (rank, estimator); a plain loop, which torch.compile traces without a break
+    for (q_type, p_type), estimator in KL_ESTIMATORS.items():
+        if q_type in q_mro and p_type in p_mro:
+            rank = (q_mro.index(q_type), p_mro.index(p_type))
+            if best is None or rank < best[0]:
+                best = (rank, estimator)
+    if best is None:
         raise NotImplementedError(
             f"no KL estimator for posterior {type(q).__name__} and prior {type(p).__name__}: "
             "add the pair to textvae.objectives.KL_ESTIMATORS (closed_form, layerwise or "
             "monte_carlo)"
         )
-    return min(fits, key=lambda f: f[:2])[2]
+    return best[1]
 
 
 def kl_estimate(
