@@ -243,6 +243,18 @@ def differences(a, b, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
+def max_relative(a, b) -> float:
+    """The largest |a - b| / max(|a|, |b|) over the numbers the two structures share."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((max_relative(a[k], b[k]) for k in set(a) & set(b)), default=0.0)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return max((max_relative(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and a != b:
+        return abs(a - b) / max(abs(a), abs(b))
+    return 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trees", nargs=2, required=True, metavar="NAME=PATH")
@@ -273,7 +285,10 @@ def main() -> None:
         for item in ("log", "weights", "samples", "eval"):
             diff = differences(a[run][item], b[run][item])
             n = len(a[run][item]) if isinstance(a[run][item], (list, dict)) else 1
-            status = "identical" if not diff else f"DIFFERENT: {'; '.join(diff[:3])}"
+            status = "identical"
+            if diff:
+                rel = max_relative(a[run][item], b[run][item])
+                status = f"DIFFERENT ({len(diff)}, max rel. {rel:.1e}): {'; '.join(diff[:3])}"
             print(f"{run:28s} {item:8s} ({n:3d} entries) {first} vs {second}: {status}")
             failed |= bool(diff)
     sys.exit(1 if failed else 0)
