@@ -84,7 +84,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -93,23 +92,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from textvae import remedies
-from textvae.config import Config, ConfigError, config_from_dict, save_config
+from textvae.atomic import commit_dir, temp_dir
+from textvae.config import Config, ConfigError
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings
 from textvae.remedies import TrainerState, resolve_cycle
+from textvae.rundir import (
+    FINISHED,
+    WEIGHTS,
+    RunDirError,
+    RunLog,
+    checkpoint_dir,
+    checkpoint_path,
+    collapse_reason,
+    flat_config,
+    resume_config,
+    set_aside_log,
+    write_config,
+    write_data_info,
+    write_weights,
+)
 
 log = logging.getLogger(__name__)
 
-# keys a resumed run may change: its budget and its display, nothing that changes the maths
-RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_epochs", "train.progress", "train.log_with")
 # the scalars of log.jsonl sent to the live trackers (train.log_with), per record type
 TRACKED = {
     "train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
@@ -119,10 +130,6 @@ TRACKED = {
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunDirError(ValueError):
-    """The run folder cannot be used as asked (exists and is not empty, or nothing to resume)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -170,127 +177,6 @@ class _StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def collapse_reason(
-    kl: float, z_gap: float | None, kl_threshold: float, gap_threshold: float
-) -> str:
-    """Which collapse criterion holds, in words: little information in q(z|x) (KL under its
-    threshold), a decoder that barely uses z (z-usage gap under its threshold), or both."""
-    low_kl = kl < kl_threshold
-    low_gap = z_gap is not None and z_gap < gap_threshold
-    if low_kl and low_gap:
-        return "z carries little information and the decoder barely uses it"
-    if low_gap:
-        return "the decoder barely uses z"
-    if low_kl:
-        return "z carries little information"
-    return "z is in use"
-
-
-def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -> Path:
-    """``runs/<preset name>-<UTC time>``, with a numeric suffix if that exists already."""
-    stem = Path(config_path).stem if config_path else "run"
-    base = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
-
-
-def _temp_dir(final: Path) -> Path:
-    """The empty temporary twin of ``final`` (a partial write of ours is removed)."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _usual_modes(folder: Path) -> None:
-    """Give the files of ``folder`` the mode a new file gets (0666 less the umask): safetensors
-    writes through a private temporary file and leaves its weights at 0600, unreadable to the
-    group that can read everything else in the run folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Rename a fully written ``tmp`` over ``final`` (the old one survives as ``.old`` until then)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def checkpoint_dir(run_dir: Path, which: str) -> Path:
-    """``checkpoints/<which>``, or its ``.old`` twin if a save was interrupted mid-rename.
-
-    Raises:
-        RunDirError: neither exists.
-    """
-    path = Path(run_dir) / "checkpoints" / which
-    for candidate in (path, path.with_name(which + ".old")):
-        if candidate.is_dir():
-            return candidate
-    raise RunDirError(f"{run_dir}: no '{which}' checkpoint (expected {path})")
-
-
-def _flat(config: Config) -> dict:
-    def walk(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    return walk(OmegaConf.to_container(OmegaConf.structured(config)))
-
-
-def resume_config(run_dir: Path, config: Config | None, overrides: list[str]) -> Config:
-    """The saved config of ``run_dir`` with the budget of ``config`` and ``overrides`` applied.
-
-    So the command that started a run, re-run with ``--resume``, continues it: an override or
-    a given config may repeat any key's saved value; only :data:`RESUMABLE_OVERRIDES` may differ
-    (a given config's values of those keys are taken, then the overrides').
-
-    Raises:
-        ConfigError: an override or a given config changes a key other than
-            :data:`RESUMABLE_OVERRIDES` (the key, its saved and its given value are named).
-    """
-    saved = config_from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    base = OmegaConf.structured(saved)
-    if config is not None:
-        given = _flat(config)
-        budget = OmegaConf.create({})
-        for key in RESUMABLE_OVERRIDES:
-            OmegaConf.update(budget, key, given[key])
-        base = OmegaConf.merge(base, budget)
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:  # unknown key, wrong type
-        raise ConfigError(f"--resume: {err}") from err
-    resumed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    old, new = _flat(saved), _flat(resumed)
-    for key in old:
-        if old[key] != new[key] and key not in RESUMABLE_OVERRIDES:
-            raise ConfigError(
-                f"--resume: '{key}' cannot change in a resumed run ({run_dir}/"
-                f"config.yaml has {old[key]!r}, the override {new[key]!r}; only "
-                f"{', '.join(RESUMABLE_OVERRIDES)} may change)"
-            )
-    if config is not None:
-        given = _flat(config)
-        changed = [k for k in new if new[k] != given[k] and k not in RESUMABLE_OVERRIDES]
-        if changed:
-            raise ConfigError(
-                f"--resume: the given config differs from {run_dir}/config.yaml "
-                f"in {', '.join(f'{k} ({new[k]!r} saved, {given[k]!r} given)' for k in changed)}"
-            )
-    return resumed
 
 
 def _optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -372,12 +258,8 @@ def _train(
             log.warning(
                 "%s has no checkpoint yet: training starts afresh from its config.yaml", run_dir
             )
-            # (several processes: the first one moves it)
-            if (run_dir / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
-                n = 1
-                while (run_dir / f"log.aborted-{n}.jsonl").exists():
-                    n += 1
-                os.replace(run_dir / "log.jsonl", run_dir / f"log.aborted-{n}.jsonl")
+            if int(os.environ.get("RANK", "0")) == 0:  # several processes: the first moves it
+                set_aside_log(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
             f"{run_dir} exists and is not empty; pass --resume to continue it or "
@@ -443,17 +325,16 @@ def _train(
         )
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "config.yaml")
+            write_config(run_dir, config)
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
             info = {
                 role: {"source": c.source, **c.stats}
                 for role, c in (("train", train_corpus), ("valid", valid_corpus))
             }
             info["vocab_size"] = len(tokenizer)
-            (run_dir / "data.json").write_text(json.dumps(info, indent=2))
+            write_data_info(run_dir, info)
     if resume and main:
-        save_config(config, run_dir / "config.yaml.tmp")
-        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+        write_config(run_dir, config)
     train_labels = train_corpus.labels
     if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
         if train_labels is None:
@@ -500,12 +381,12 @@ def _train(
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
     raw = accelerator.unwrap_model(model)
-    log_file = open(run_dir / "log.jsonl", "a") if main else None
+    log_file = RunLog(run_dir) if main else None
 
     if main and t.log_with != "none":
         params = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in _flat(config).items()
+            for k, v in flat_config(config).items()
         }
         accelerator.init_trackers(
             "textvae",
@@ -565,7 +446,7 @@ def _train(
         _loop(run, total, stop_signals, bar)
         bar.close()
     if log_file is not None:
-        run.write_log({"type": "event", "event": "finished", "step": state.step})
+        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
         log_file.close()
     accelerator.end_training()
     return run_dir
@@ -636,7 +517,7 @@ class _Run:
     train_ds: TextDataset
     valid_ds: TextDataset
     objective: ObjectiveSettings
-    log_file: object | None  # the open log.jsonl (main process only)
+    log_file: RunLog | None  # log.jsonl (main process only)
     on_validation: Callable[[dict], None] | None
     all_sum: Callable[[torch.Tensor], torch.Tensor] | None  # sum over processes; None for one
 
@@ -653,8 +534,7 @@ class _Run:
         its :data:`TRACKED` scalars to the trackers; main process only."""
         if self.log_file is not None:
             record = {**record, "phase": self.state.phase, "aggressive": self.state.aggressive}
-            self.log_file.write(json.dumps(record) + "\n")
-            self.log_file.flush()
+            self.log_file.write(record)
             if record["type"] in TRACKED and self.config.train.log_with != "none":
                 self.accelerator.log(
                     {
@@ -745,41 +625,33 @@ class _Run:
     def save_last(self) -> None:
         """``checkpoints/last``: every process saves its own RNG state into the same folder;
         the main one commits it."""
-        last = self.run_dir / "checkpoints" / "last"
-        tmp = _temp_dir(last) if self.main else last.with_name("last.tmp")
+        last = checkpoint_path(self.run_dir, "last")
+        tmp = temp_dir(last) if self.main else last.with_name("last.tmp")
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
         self.accelerator.wait_for_everyone()
         if self.main:
-            _usual_modes(tmp)
-            _commit_dir(tmp, last)
+            commit_dir(tmp, last)
 
     def save_best(self) -> None:
         """``checkpoints/best``: the weights and the trainer state (main process)."""
-        if not self.main:
-            return
-        weights = {k: v.contiguous() for k, v in self.raw.state_dict().items()}
-        best = self.run_dir / "checkpoints" / "best"
-        tmp = _temp_dir(best)
-        tmp.mkdir(parents=True)
-        save_file(weights, str(tmp / "model.safetensors"))
-        _usual_modes(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(self.state.state_dict()))
-        _commit_dir(tmp, best)
+        if self.main:
+            write_weights(
+                self.run_dir,
+                "best",
+                self.raw.state_dict(),
+                {"trainer_state.json": self.state.state_dict()},
+            )
 
     def save_ae_best(self, rec: float) -> None:
         """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
-        if not self.main:
-            return
-        folder = self.run_dir / "checkpoints" / "ae_best"
-        tmp = _temp_dir(folder)
-        tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.raw.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
-        (tmp / "info.json").write_text(json.dumps({"step": self.state.step, "rec": rec}))
-        _commit_dir(tmp, folder)
+        if self.main:
+            write_weights(
+                self.run_dir,
+                "ae_best",
+                self.raw.state_dict(),
+                {"info.json": {"step": self.state.step, "rec": rec}},
+            )
 
     def start_vae_phase(self) -> None:
         """The hand-off of :func:`remedies.start_vae_phase`, logged. With ``train.ae_start:
@@ -789,9 +661,9 @@ class _Run:
         start = {"start": "last", "from_step": state.step}
         if t.ae_start == "best":
             self.accelerator.wait_for_everyone()
-            folder = self.run_dir / "checkpoints" / "ae_best"
-            if (folder / "model.safetensors").is_file():
-                self.raw.load_state_dict(load_file(str(folder / "model.safetensors")))
+            folder = checkpoint_path(self.run_dir, "ae_best")
+            if (folder / WEIGHTS).is_file():
+                self.raw.load_state_dict(load_file(str(folder / WEIGHTS)))
                 info = json.loads((folder / "info.json").read_text())
                 start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
             else:
