@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
+from textvae.decoders import BagOfWordsHead, LSTMDecoder, sequence_log_prob, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
@@ -37,7 +37,6 @@ from textvae.models.parts import (
     LatentPart,
     LSTMPart,
 )
-from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead
 from textvae.registry import register_model
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from textvae.decoders import LSTMDecoder, shift_right
+from textvae.decoders import LSTMDecoder, sequence_log_prob, shift_right
 from textvae.models.base import TextVAE
 from textvae.models.parts import LSTMPart
-from textvae.objectives import sequence_log_prob
 from textvae.registry import register_model
 
 

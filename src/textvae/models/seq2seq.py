@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from textvae.decoders import LSTMDecoder, shift_right
+from textvae.decoders import LSTMDecoder, sequence_log_prob, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.models.base import TextVAE
 from textvae.models.parts import DecoderCodePart, LSTMEncoderPart, LSTMPart
-from textvae.objectives import sequence_log_prob
 from textvae.registry import register_model
 
 
