@@ -190,8 +190,8 @@ import torch
 from torch import nn
 
 from textvae.config import Config, ConfigError, ModelConfig
+from textvae.decoders import sequence_log_prob
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 from textvae.registry import register_model
 
 
