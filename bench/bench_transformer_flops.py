@@ -33,7 +33,9 @@ Usage (PYTHONPATH=src, or the package installed):
     OMP_NUM_THREADS=1 TEXTVAE_DATA_DIR=../shared/data python bench/bench_transformer_flops.py \\
         --model both [--run-dir RUN]
 
-Without ``--run-dir`` the model is freshly initialised (seed 0; speed does not depend on the
+The count covers the two presets' structure and the options named below; other options (a
+bag-of-words head, DELLA's baseline fusions or a subset of latent layers, a pretrained
+backbone) are refused with an error rather than miscounted. Without ``--run-dir`` the model is freshly initialised (seed 0; speed does not depend on the
 weights; no pretrained weights are used) and the tokenizer trained on the PTB training split as
 ``textvae train`` trains it.
 
@@ -51,7 +53,8 @@ I = t5_num_heads x t5_d_kv, V the tokenizer's types, D latent_dim):
   the self-attention cache; the full (T, T + 1) score matrix is computed, the causal mask
   applied to it); the cross-attention is removed.
 - latent heads: posterior head d -> 2D per sentence (2 d 2D), the memory projection
-  D -> L_dec x 2 x I per decoder row (2 D L_dec 2 I).
+  D -> L_dec x 2 x I per decoder row (2 D L_dec 2 I) (``latent_injection`` embedding: 2 D d
+  per row; ``pooling=attention``: 2 d^2 + 4 d per encoder position).
 - LM head (tied embedding, scaled): 2 d V per real token only (``sequence_log_prob``
   projects only real positions).
 - training: the encoder reads the sentence with ``encoder_token_drop`` of its tokens deleted
@@ -65,8 +68,9 @@ gpt2_n_layer, all L layers carry a latent in the preset, D = latent_dim per laye
   i.e. 24 H^2, plus attention 2 x 2 T_k H over T_k keys (SDPA with a boolean mask: the full
   score matrix).
 - encoder: the L blocks on [BOS] + x, (B, T + 1), bidirectional, T_k = T + 1; ``first``
-  pooling and no LayerNorm on x_l (the preset) cost no product; the posterior head's feature
-  map x_l -> 2D for every layer: 2 H 2D L per sentence.
+  pooling and no LayerNorm on x_l (the preset) cost no product (``model.pooling=attention``:
+  2 H^2 + 4 H per position and layer, ``AttentionPool``); the posterior head's feature map
+  x_l -> 2D for every layer: 2 H 2D L per sentence.
 - decoder: the L blocks on (N, T), T_k = T, plus the DELLA fusion (``ValueFusion``, kind
   ``della``: the r factors summed first, so one [v ; 1] W_v product H -> H per position,
   2 H H, and one [z ; 1] W_z per row, 2 D H).
@@ -162,18 +166,30 @@ def t5_stack(m, n: int, t: int, keys: int, layers: int) -> int:
     return layers * per_layer
 
 
+def attention_pool(m, h: int, b: int, t: int) -> int:
+    """``AttentionPool`` over (b, t, h) when ``model.pooling`` is ``attention`` (W h_t, v^T,
+    the weighted sum), else 0 (first, last, mean, max: no product)."""
+    return b * t * (2 * h * h + 4 * h) if m.pooling == "attention" else 0
+
+
 def t5_encoder(m, b: int, t: int) -> int:
-    """The encoder on (b, t) and the posterior head."""
-    return t5_stack(m, b, t, t, m.t5_num_layers) + b * 2 * m.t5_d_model * 2 * m.latent_dim
+    """The encoder on (b, t), the pooling and the posterior head."""
+    d = m.t5_d_model
+    pool = attention_pool(m, d, b, t)
+    return t5_stack(m, b, t, t, m.t5_num_layers) + pool + b * 2 * d * 2 * m.latent_dim
 
 
 def t5_decoder(m, v: int, n: int, t: int, real: int) -> int:
-    """The decoder on (n, t) with the memory slot, its memory projection, the LM head on
-    ``real`` tokens."""
+    """The decoder on (n, t) with z by memory (a key and value slot per layer: T + 1 keys,
+    the projection of z) and/or embedding (W z), the LM head on ``real`` tokens."""
     inner = m.t5_num_heads * m.t5_d_kv
-    memory = n * 2 * m.latent_dim * m.t5_num_decoder_layers * 2 * inner
+    memory = m.latent_injection in ("memory", "both")
+    z_maps = n * 2 * m.latent_dim * m.t5_num_decoder_layers * 2 * inner if memory else 0
+    if m.latent_injection in ("embedding", "both"):
+        z_maps += n * 2 * m.latent_dim * m.t5_d_model
     lm = real * 2 * m.t5_d_model * v
-    return t5_stack(m, n, t, t + 1, m.t5_num_decoder_layers) + memory + lm
+    keys = t + 1 if memory else t
+    return t5_stack(m, n, t, keys, m.t5_num_decoder_layers) + z_maps + lm
 
 
 def gpt2_stack(m, n: int, t: int, keys: int, fused: bool) -> int:
@@ -193,14 +209,36 @@ def della_latent_pass(m) -> int:
 
 
 def della_encoder(m, b: int, t: int) -> int:
-    """The encoder on [BOS] + x, (b, t + 1), and the posterior head's feature maps."""
-    heads = b * m.gpt2_n_layer * 2 * m.gpt2_n_embd * 2 * m.latent_dim
-    return gpt2_stack(m, b, t + 1, t + 1, fused=False) + heads
+    """The encoder on [BOS] + x, (b, t + 1), the pooling of every layer and the posterior
+    head's feature maps."""
+    h, n_layers = m.gpt2_n_embd, m.gpt2_n_layer
+    heads = b * n_layers * 2 * h * 2 * m.latent_dim
+    pool = n_layers * attention_pool(m, h, b, t + 1)
+    return gpt2_stack(m, b, t + 1, t + 1, fused=False) + pool + heads
 
 
 def della_decoder(m, v: int, n: int, t: int, real: int) -> int:
     """The fused decoder on (n, t) and the LM head on ``real`` tokens."""
     return gpt2_stack(m, n, t, t, fused=True) + real * 2 * m.gpt2_n_embd * v
+
+
+def check_counted(name: str, m) -> None:
+    """The count covers the presets' structure and the options listed here.
+
+    Raises:
+        ValueError: a configuration whose extra products the count leaves out.
+    """
+    if m.bow_weight > 0:
+        raise ValueError("model.bow_weight > 0: the bag-of-words head is not counted")
+    if name == "della" and (m.fusion != "della" or m.latent_layers is not None):
+        raise ValueError(
+            f"model.fusion={m.fusion!r}, model.latent_layers={m.latent_layers!r}: the count "
+            "covers the della fusion in every layer (the della-cpu preset)"
+        )
+    if m.pretrained is not None:
+        raise ValueError(
+            "model.pretrained: the count reads the t5_* / gpt2_* sizes of a fresh model"
+        )
 
 
 def encoder_length(mask: torch.Tensor, fraction: float) -> int:
@@ -332,6 +370,7 @@ def bench_model(name: str, args, rates: dict) -> None:
         torch.manual_seed(0)
         model = MODELS[cfg.model.name](cfg.model, tok)
     m, v = cfg.model, len(tok)
+    check_counted(name, m)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"# {name}: {cfg.model.name}, {n_params / 1e6:.2f} M parameters, vocab {v}, "
@@ -413,9 +452,12 @@ def bench_model(name: str, args, rates: dict) -> None:
     measured = counted(lambda: evaluate(model, test, iw_samples=k_check, batch_size=bs))
     plain = counted(lambda: evaluate(model, test, iw_samples=k_check, batch_size=bs), False)
     analytic = iw_flops(name, m, v, test, k_check, bs)
+    shapes = [tuple(test.collate(i)["input_ids"].shape) for i in test.batches(bs)]
+    padded = sum(b_ * t_ for b_, t_ in shapes)
     print(
         f"\n## {name}: IW evaluation, first {len(test)} PTB test sentences ({test.n_tokens} "
-        f"tokens incl. EOS)\n"
+        f"tokens incl. EOS; batches (B, T) {shapes}: {100 * test.n_tokens / padded:.0f}% of "
+        f"the padded positions are real)\n"
         f"  FLOP count at K={k_check}: analytic {analytic / 1e9:.3f} GFLOP, FlopCounterMode "
         f"{measured / 1e9:.3f} ({100 * (measured / analytic - 1):+.1f}%); without the CPU "
         f"attention kernel registered {plain / 1e9:.3f} ({100 * (plain / analytic - 1):+.1f}%)"
