@@ -16,12 +16,11 @@ writes RUN/eval-test<N>-sum.json (bf16, seed 0, the test split).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import textvae
+from textvae.atomic import write_json
 from textvae.data import TextDataset, load_split
 from textvae.metrics import evaluate
 
@@ -48,9 +47,7 @@ def main() -> None:
         note="weights trained with kl_reduction=mean, evaluated with the sum over layers",
     )
     out = Path(args.run_dir) / f"eval-test{args.max_sentences}-sum.json"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)
     print(
         f"nll {result['nll']:.2f} ± {result['nll_stderr']:.2f}, kl {result['kl']:.2f}, "
         f"ppl_word {result['ppl_word']:.1f}; written: {out}"

@@ -24,9 +24,9 @@ from textvae.report import (
     compare_runs,
     evaluation_table,
     paired_differences,
-    read_log,
     write_report,
 )
+from textvae.rundir import read_log
 from textvae.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -397,7 +397,7 @@ def test_evaluation_table_formats_units_and_missing_values():
 
 def test_collapse_reason_names_the_criterion_that_holds():
     from textvae.report import latent_status
-    from textvae.train import collapse_reason
+    from textvae.rundir import collapse_reason
 
     assert collapse_reason(0.1, 2.0, 0.5, 0.5) == "z carries little information"
     assert collapse_reason(3.0, 0.1, 0.5, 0.5) == "the decoder barely uses z"

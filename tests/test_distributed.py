@@ -22,7 +22,8 @@ from textvae.config import load_config, save_config
 from textvae.data import TextDataset, build_tokenizer
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.train import RunDirError, train
+from textvae.rundir import RunDirError
+from textvae.train import train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # float32 sums over a batch split in two and DDP's gradient all-reduce round differently from one

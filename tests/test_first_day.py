@@ -2,7 +2,7 @@
 
 Interrupts stop training cleanly and resume; evaluations are named by what they are and never
 overwritten; long work shows progress; a language model is shown with only what it has; the
-CLI's version, defaults, thread control; README's key list comes from the one field table.
+CLI's version, defaults, thread control; docs/evaluation.md's key list comes from the one field table.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import textvae
 from tests.conftest import tiny_overrides
 from textvae import cli
 from textvae.data import TextDataset
-from textvae.metrics import EVAL_FIELDS, evaluate, fields_markdown
+from textvae.fields import EVAL_FIELDS, fields_markdown
+from textvae.metrics import evaluate
 from textvae.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +244,7 @@ def test_report_and_compare_name_their_evaluation_and_prefer_the_most_complete(
     assert "a: `eval-valid.json`" in capsys.readouterr().out
     # a larger K on the same sentences wins
     assert cli.main(["evaluate", str(a), "--iw-samples", "4"]) == 0
-    from textvae.report import best_evaluation
+    from textvae.rundir import best_evaluation
 
     assert best_evaluation(a, "test")[0] == "eval-test-full-K4-fp32.json"
     md = (textvae.report.write_report(a, max_sentences=10, n_examples=1) / "report.md").read_text()
@@ -387,8 +388,8 @@ def test_checkpoint_weights_get_the_usual_file_mode(tiny_run):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (which, oct(path.stat().st_mode))
 
 
-def test_readme_key_list_is_the_field_table():
-    readme = (ROOT / "README.md").read_text()
+def test_the_documented_key_list_is_the_field_table():
+    readme = (ROOT / "docs" / "evaluation.md").read_text()
     for tag, groups in (
         ("evaluation", ("protocol", "record")),
         ("generation", ("generation", "response")),
@@ -396,8 +397,10 @@ def test_readme_key_list_is_the_field_table():
         start, end = f"<!-- {tag} fields: start -->", f"<!-- {tag} fields: end -->"
         assert start in readme and end in readme, tag
         listed = readme.split(start)[1].split(end)[0].strip()
-        assert listed == fields_markdown(groups), f"README's {tag} fields: re-render them"
-    assert len({name for _, name, _, _ in EVAL_FIELDS}) == len(EVAL_FIELDS)
+        assert listed == fields_markdown(groups), (
+            f"docs/evaluation.md's {tag} fields: re-render them"
+        )
+    assert len({f.name for f in EVAL_FIELDS}) == len(EVAL_FIELDS)
 
 
 def test_transformers_is_pinned_below_the_release_that_removes_what_the_t5_vae_uses():

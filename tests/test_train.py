@@ -12,7 +12,8 @@ from textvae import cli
 from textvae.config import ConfigError
 from textvae.data import TextDataset
 from textvae.metrics import evaluate
-from textvae.train import RunDirError, TrainingDiverged, train
+from textvae.rundir import RunDirError
+from textvae.train import TrainingDiverged, train
 
 
 def _final_weights(run_dir):

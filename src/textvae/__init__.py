@@ -9,7 +9,8 @@ Units: log-likelihoods, KL terms, ELBO and NLL are in **nats per sentence** (sum
 sentence's predicted tokens, EOS counted, padding never) unless a name says per token or per
 word.
 
-Entry points: :func:`load` a trained run; ``textvae.train.train``; ``textvae.metrics``
+Entry points: :func:`load` a trained run (its folder: :mod:`textvae.rundir`);
+``textvae.train.train``; ``textvae.metrics``
 (``evaluate``, ``z_usage_gap``, ``generation_metrics``, ``probe_accuracy``);
 ``textvae.generate`` (``sample_prior``, ``reconstruct``, ``interpolate``); ``textvae.report``
 (``write_report``, ``compare_runs``).
@@ -52,24 +53,19 @@ def load(run_dir: str | Path, which: str = "best"):
         the posterior q(z|x) (``.mean``, ``.stddev``: (B, D)).
 
     Raises:
-        textvae.train.RunDirError: no such checkpoint; FileNotFoundError: no config.yaml.
+        textvae.rundir.RunDirError: no such checkpoint; FileNotFoundError: no config.yaml.
     """
-    from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from textvae.config import config_from_dict
     from textvae.data import load_tokenizer
     from textvae.models import MODELS
-    from textvae.train import checkpoint_dir
+    from textvae.rundir import TOKENIZER, WEIGHTS, checkpoint_dir, read_config
 
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: {config_path} not found")
-    config = config_from_dict(OmegaConf.to_container(OmegaConf.load(config_path)))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    config = read_config(run_dir)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER)
     model = MODELS[config.model.name](config.model, tokenizer)
-    model.load_state_dict(load_file(str(checkpoint_dir(run_dir, which) / "model.safetensors")))
+    model.load_state_dict(load_file(str(checkpoint_dir(run_dir, which) / WEIGHTS)))
     model.eval()
     model.config = config
     return model, tokenizer

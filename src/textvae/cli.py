@@ -34,7 +34,8 @@ def _progress(args) -> bool:
 
 def _cmd_train(args) -> int:
     from textvae.config import load_config
-    from textvae.train import TrainingInterrupted, default_run_dir, train
+    from textvae.rundir import default_run_dir
+    from textvae.train import TrainingInterrupted, train
 
     if args.config and "=" in args.config and not Path(args.config).is_file():
         args.overrides.insert(0, args.config)  # `train --resume --run-dir D key=value`
@@ -111,7 +112,7 @@ def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precisio
     Raises:
         FileExistsError: ``--output`` exists and ``--overwrite`` was not given.
     """
-    from textvae.report import evaluation_name
+    from textvae.rundir import evaluation_name
 
     if args.output:
         return _refuse_existing(Path(args.output), args.overwrite)
@@ -138,7 +139,8 @@ def _write_json(record: dict, path: str | Path) -> Path:
 
 def _cmd_evaluate(args) -> int:
     import textvae
-    from textvae.metrics import UNITS, evaluate
+    from textvae.fields import UNITS
+    from textvae.metrics import evaluate
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ValueError(
@@ -465,9 +467,10 @@ def _cmd_compare(args) -> int:
 
 def _cmd_sweep(args) -> int:
     from textvae.sweep import run_sweep
+    from textvae.train import train
 
     start = time.perf_counter()
-    folder, summary = run_sweep(args.sweep, args.out_dir, args.storage, args.jobs)
+    folder, summary = run_sweep(args.sweep, args.out_dir, args.storage, args.jobs, train=train)
     trials = summary["trials"]
     states = {}
     for t in trials:
@@ -742,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from textvae.config import ConfigError
     from textvae.data import DataError
-    from textvae.train import RunDirError, TrainingDiverged
+    from textvae.rundir import RunDirError
+    from textvae.train import TrainingDiverged
 
     # several processes (torchrun / accelerate launch): the progress lines of the first only
     main_process = int(os.environ.get("RANK", "0")) == 0

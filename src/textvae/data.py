@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from textvae.atomic import replacing
 from textvae.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -118,24 +119,25 @@ def download_ptb(root: Path, base_url: str | None = None, timeout: float = 60.0)
         if final.is_file() and _sha256(final) == expected:
             continue
         url = base_url.rstrip("/") + "/" + name
-        part = target / (name + ".part")
         log.info("downloading %s", url)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-                while block := response.read(1 << 20):
-                    out.write(block)
-        except (urllib.error.URLError, OSError) as err:
-            part.unlink(missing_ok=True)
-            raise DataError(
-                f"PTB is not under {target} and downloading {url} failed ({err}). Put "
-                f"ptb.train.txt, ptb.valid.txt and ptb.test.txt in {target} (or point "
-                "TEXTVAE_DATA_DIR at a folder holding ptb/) and run again."
-            ) from None
-        actual = _sha256(part)
-        if actual != expected:
-            part.unlink()
-            raise DataError(f"{url}: sha256 {actual} differs from the expected {expected}")
-        os.replace(part, final)
+        # into <name>.part, moved into place only once its sha256 is checked (removed otherwise)
+        with replacing(final, ".part") as part:
+            try:
+                with (
+                    urllib.request.urlopen(url, timeout=timeout) as response,
+                    open(part, "wb") as out,
+                ):
+                    while block := response.read(1 << 20):
+                        out.write(block)
+            except (urllib.error.URLError, OSError) as err:
+                raise DataError(
+                    f"PTB is not under {target} and downloading {url} failed ({err}). Put "
+                    f"ptb.train.txt, ptb.valid.txt and ptb.test.txt in {target} (or point "
+                    "TEXTVAE_DATA_DIR at a folder holding ptb/) and run again."
+                ) from None
+            actual = _sha256(part)
+            if actual != expected:
+                raise DataError(f"{url}: sha256 {actual} differs from the expected {expected}")
     return target
 
 

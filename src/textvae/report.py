@@ -11,132 +11,21 @@ Units: nats per sentence (EOS counted) unless stated; BLEU 0-100; accuracies in 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-# the evaluation fields shown in tables: key, header (with units), format
-TABLE_FIELDS = (
-    ("rec", "rec (nats/sent)", "{:.2f}"),
-    ("kl", "KL (nats/sent)", "{:.3f}"),
-    ("elbo", "ELBO (nats/sent)", "{:.2f}"),
-    ("nll", "IW-NLL (nats/sent)", None),  # with its standard error
-    ("ppl_word", "PPL (per word)", "{:.1f}"),
-    ("mi", "MI (nats)", "{:.3f}"),
-    ("au", "AU", None),  # with its delta and the latent size
-    ("z_gap", "z-usage gap (nats/sent)", "{:.3f}"),
-    ("rec_bleu", "rec BLEU", "{:.1f}"),
-    ("self_bleu", "self-BLEU", "{:.1f}"),
-    ("distinct_1", "distinct-1", "{:.3f}"),
-    ("distinct_2", "distinct-2", "{:.3f}"),
-    ("iw_samples", "K", "{}"),
-    ("n_sentences", "sentences", "{}"),
+from textvae import fields
+from textvae.atomic import commit_dir, temp_dir
+from textvae.rundir import (
+    CONFIG,
+    best_evaluation,
+    collapse_reason,
+    read_evaluations,
+    read_log,
 )
-
-
-def read_log(run_dir: str | Path) -> dict[str, list[dict]]:
-    """The records of ``RUN_DIR/log.jsonl`` grouped by their ``type`` (train, valid, warning,
-    event), in file order. A resumed run's records are kept as written.
-
-    Raises:
-        FileNotFoundError: no ``log.jsonl``. ValueError: a line is not JSON (the line number
-            is given).
-    """
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no log.jsonl (is it a run folder?)")
-    groups: dict[str, list[dict]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON record ({err})") from err
-        groups.setdefault(record.get("type", "other"), []).append(record)
-    return groups
-
-
-def evaluation_name(
-    what: str,
-    n_sentences: int | None,
-    iw_samples: int | None,
-    precision: str,
-    generation: bool = False,
-) -> str:
-    """The file stem of an evaluation, naming what it is: ``eval-<split or file stem>-<full or
-    N sentences>[-K<k>]-<precision>[-gen]``, e.g. ``eval-test-full-K500-bf16``.
-
-    Args:
-        what: the split (``test``) or the evaluated file's stem.
-        n_sentences: None for the whole split or file, else the count evaluated.
-        iw_samples: K, or None for a model without latent (its likelihood is exact).
-        generation: whether generation metrics are included.
-    """
-    parts = ["eval", what, "full" if n_sentences is None else str(n_sentences)]
-    if iw_samples is not None:
-        parts.append(f"K{iw_samples}")
-    parts.append(precision)
-    if generation:
-        parts.append("gen")
-    return "-".join(parts)
-
-
-def read_evaluations(run_dir: str | Path) -> dict[str, dict]:
-    """``{file name: evaluation dict}`` of every ``eval-*.json`` in the run folder, the old
-    ``eval-<split>.json`` names included, most complete first (:func:`completeness`).
-
-    Raises:
-        ValueError: a file is not valid JSON (the file is named).
-    """
-    found = [(path, _read_json(path)) for path in Path(run_dir).glob("eval-*.json")]
-    found.sort(key=lambda item: completeness(item[1], item[0]), reverse=True)
-    return {path.name: record for path, record in found}
-
-
-def completeness(record: dict, path: Path | None = None) -> tuple:
-    """Sort key of evaluations of one split, larger = more complete: more sentences (the full
-    set over a subset), then more importance samples K (an exact likelihood counts as the most),
-    then fp32 over bf16, then the newer file."""
-    k = record.get("iw_samples")
-    if k is None and record.get("nll") is not None:
-        k = math.inf  # exact -log p(x) of a model without latent
-    return (
-        record.get("n_sentences") or 0,
-        k or 0,
-        record.get("precision") == "fp32",
-        path.stat().st_mtime if path is not None else 0.0,
-    )
-
-
-def best_evaluation(run_dir: str | Path, which: str = "test") -> tuple[str, dict] | None:
-    """The most complete evaluation (:func:`completeness`) of split ``which``, or the file
-    ``which`` (a name with or without ``.json``) when it exists: (file name, record), or None.
-
-    Raises:
-        ValueError: a file is not valid JSON (the file is named).
-    """
-    run_dir = Path(run_dir)
-    for name in (which, f"{which}.json"):
-        if name.startswith("eval-") and (run_dir / name).is_file():
-            return name, _read_json(run_dir / name)
-    split = which.removeprefix("eval-")
-    for name, record in read_evaluations(run_dir).items():
-        if record.get("split") == split:
-            return name, record
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a JSON evaluation record ({err})") from err
 
 
 def _pyplot():
@@ -517,7 +406,11 @@ def _nice_step(raw: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
-def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None) -> str:
+def format_value(result: dict, key: str, latent_dim: int | None = None) -> str:
+    """The table cell of field ``key`` of an evaluation ``result``: its
+    :data:`textvae.fields.EVAL_FIELDS` format; ``nll`` with its standard error, ``au`` with the
+    latent size (``latent_dim``, when given) and its threshold, ``iw_samples`` "exact" for a
+    model without latent; "–" for a missing value."""
     value = result.get(key)
     if key == "nll":
         if value is None:
@@ -532,20 +425,24 @@ def _fmt(result: dict, key: str, fmt: str | None, latent_dim: int | None = None)
         return "exact"  # a model without latent: -log p(x) needs no importance sampling
     if value is None:
         return "–"
-    return fmt.format(value)
+    return fields.field(key).format.format(value)
 
 
 def evaluation_table(rows: dict[str, dict], latent_dims: dict[str, int] | None = None) -> str:
-    """A markdown table, one row per name, columns :data:`TABLE_FIELDS` (units in the header);
-    columns empty in every row are left out."""
-    keys = [
-        (k, h, f) for k, h, f in TABLE_FIELDS if any(r.get(k) is not None for r in rows.values())
+    """A markdown table, one row per name, one column per field of
+    :data:`textvae.fields.TABLE_COLUMNS` (its ``column`` header, units included; its
+    ``format``); columns empty in every row are left out."""
+    columns = [
+        f for f in fields.table_fields() if any(r.get(f.name) is not None for r in rows.values())
     ]
-    lines = ["| run | " + " | ".join(h for _, h, _ in keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [
+        "| run | " + " | ".join(f.column for f in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
     for name, result in rows.items():
         dim = (latent_dims or {}).get(name)
         lines.append(
-            f"| {name} | " + " | ".join(_fmt(result, k, f, dim) for k, _, f in keys) + " |"
+            f"| {name} | " + " | ".join(format_value(result, f.name, dim) for f in columns) + " |"
         )
     return "\n".join(lines)
 
@@ -564,8 +461,6 @@ def latent_status(
     parts = [f"KL {kl:.3f} nats/sentence", f"AU {au}/{latent_dim}"]
     if z_gap is not None:
         parts.append(f"z-usage gap {z_gap:.3f} nats/sentence")
-    from textvae.train import collapse_reason
-
     collapsed = kl < kl_threshold or (z_gap is not None and z_gap < gap_threshold)
     verdict = (
         f"**collapsed**: {collapse_reason(kl, z_gap, kl_threshold, gap_threshold)}"
@@ -573,17 +468,6 @@ def latent_status(
         else "**in use**: z carries information and reconstructions depend on it"
     )
     return f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, gap {gap_threshold})"
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 @torch.no_grad()
@@ -611,7 +495,7 @@ def write_report(
         The report folder.
 
     Raises:
-        FileNotFoundError: not a run folder; textvae.train.RunDirError: no best checkpoint.
+        FileNotFoundError: not a run folder; textvae.rundir.RunDirError: no best checkpoint.
     """
     import textvae
     from textvae.data import LABEL_NAMES, TextDataset, load_split
@@ -631,9 +515,7 @@ def write_report(
     dataset = TextDataset(texts, tokenizer, labels, contexts=contexts)
 
     final = run_dir / "report"
-    tmp = final.with_name("report.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temp_dir(final)
     tmp.mkdir()
     name = run_dir.name
     plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves", model.has_latent)
@@ -820,7 +702,7 @@ def write_report(
         else:
             md += _examples(model, texts, n_examples)
     (tmp / "report.md").write_text("\n".join(md) + "\n")
-    _commit(tmp, final)
+    commit_dir(tmp, final)
     return final
 
 
@@ -1055,7 +937,7 @@ def compare_runs(
         else:
             rows[path.name] = {}
             missing.append(path.name)
-        cfg = OmegaConf.load(path / "config.yaml")
+        cfg = OmegaConf.load(path / CONFIG)
         cls = MODELS[cfg.model.name]
         # DELLA's L x D latents: L depends on the backbone, so no denominator is shown
         dims[path.name] = (
@@ -1067,7 +949,7 @@ def compare_runs(
         logs,
         output / "compare_curves.png",
         "training curves",
-        any(MODELS[OmegaConf.load(p / "config.yaml").model.name].has_latent for p in paths),
+        any(MODELS[OmegaConf.load(p / CONFIG).model.name].has_latent for p in paths),
     )
     plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
     notes = [

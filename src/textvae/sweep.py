@@ -65,9 +65,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from textvae import fields
 from textvae.config import Config, ConfigError, load_config
+from textvae.rundir import CONFIG, checkpoint_path
 
 log = logging.getLogger(__name__)
+
+# What trains one trial: ``train(config, run_dir, resume=False, on_validation=None) -> run_dir``
+# with the signature of :func:`textvae.train.train`, which the CLI passes in. The sweep never
+# imports the training loop itself (it reads run folders through :mod:`textvae.rundir`).
+Trainer = Callable[..., Path]
 
 TOP_KEYS = (
     "name",
@@ -101,25 +108,6 @@ EVALUATION_KEYS = (
 )
 STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
-# evaluation fields a trial can be scored on (numbers in the evaluation JSON)
-OBJECTIVE_FIELDS = (
-    "rec",
-    "kl",
-    "elbo",
-    "nll",
-    "ppl_token",
-    "ppl_word",
-    "ppl_elbo_token",
-    "mi",
-    "mi_batch",
-    "au",
-    "z_gap",
-    "rec_bleu",
-    "self_bleu",
-    "distinct_1",
-    "distinct_2",
-    "response_bleu",
-)
 
 
 class SweepError(ValueError):
@@ -363,11 +351,11 @@ def load_sweep(path: str | Path) -> Sweep:
         raise _err(path, "objectives", "expected a mapping field: minimize|maximize")
     objectives = {}
     for key, direction in objectives_raw.items():
-        if key not in OBJECTIVE_FIELDS:
+        if key not in fields.objective_fields():
             raise _err(
                 path,
                 f"objectives.{key}",
-                f"not an evaluation field; choose from {', '.join(OBJECTIVE_FIELDS)}",
+                f"not an evaluation field; choose from {', '.join(fields.objective_fields())}",
             )
         if direction not in ("minimize", "maximize"):
             raise _err(path, f"objectives.{key}", f"'{direction}' is not minimize or maximize")
@@ -564,7 +552,7 @@ def usable_dir(run_dir: Path) -> Path:
         candidate.is_dir()
         and any(candidate.iterdir())
         and not (candidate / "trial.json").is_file()
-        and not (candidate / "checkpoints" / "last").is_dir()
+        and not checkpoint_path(candidate, "last").is_dir()
     ):
         n += 1
         candidate = run_dir.with_name(f"{run_dir.name}.{n}")
@@ -577,28 +565,28 @@ def run_trial(
     entry: str | None,
     params: dict,
     on_validation: Callable[[dict], None] | None = None,
+    *,
+    train: Trainer,
 ) -> dict:
     """Train (or resume) and evaluate one trial's run folder; returns ``trial.json``'s record
     plus ``eval`` (the evaluation dict).
 
     A folder with ``trial.json`` and the evaluation file is reused as it is; one with a
     ``checkpoints/last`` but no ``trial.json`` is resumed (``train(resume=True)``); an empty or
-    missing one is trained from scratch (call :func:`usable_dir` first). ``on_validation`` goes
-    to :func:`textvae.train.train` (pruning).
+    missing one is trained from scratch (call :func:`usable_dir` first) by ``train``
+    (:data:`Trainer`), which gets ``on_validation`` (pruning).
 
     Raises:
         whatever training and evaluation raise (``TrainingDiverged``, ``DataError``, ...).
     """
     import json
 
-    from textvae.train import train
-
     record_path = run_dir / "trial.json"
     eval_path = run_dir / f"{sweep.evaluation['output']}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is None:
         preset, overrides = trial_overrides(sweep, entry, params)
-        resumed = (run_dir / "checkpoints" / "last").is_dir()
+        resumed = checkpoint_path(run_dir, "last").is_dir()
         start = time.perf_counter()
         if resumed:
             log.info("trial folder %s: resuming its training", run_dir)
@@ -733,6 +721,8 @@ def run_worker(
     worker: int = 0,
     threads: int | None = None,
     deadline: float | None = None,
+    *,
+    train: Trainer,
 ) -> int:
     """One worker's loop: run trials of the study until its budget is used, then wait for
     running trials (its own peers' or dead ones that the heartbeat will queue again).
@@ -786,7 +776,7 @@ def run_worker(
                 )
 
         try:
-            record = run_trial(sweep, run_dir, entry, params, report)
+            record = run_trial(sweep, run_dir, entry, params, report, train=train)
         except optuna.TrialPruned:
             raise
         except Exception as err:  # recorded in sweep.md; the next invocation retries it
@@ -857,10 +847,16 @@ def retry_failed(study) -> list[int]:
 
 
 def _worker_main(
-    sweep_path: str, out_dir: str, url: str, worker: int, threads: int, deadline: float | None
+    sweep_path: str,
+    out_dir: str,
+    url: str,
+    worker: int,
+    threads: int,
+    deadline: float | None,
+    train: Trainer,
 ) -> None:
     logging.basicConfig(level=logging.WARNING)
-    run_worker(sweep_path, out_dir, url, worker, threads, deadline)
+    run_worker(sweep_path, out_dir, url, worker, threads, deadline, train=train)
 
 
 def run_sweep(
@@ -868,6 +864,8 @@ def run_sweep(
     out_dir: str | Path | None = None,
     storage: str | None = None,
     jobs: int = 1,
+    *,
+    train: Trainer,
 ) -> tuple[Path, dict]:
     """Run (or continue) a sweep: ``jobs`` worker processes on this machine share the study,
     each with ``max(1, cores // jobs)`` torch threads; then write ``sweep.md`` and
@@ -880,6 +878,8 @@ def run_sweep(
             ``postgresql://user:password@host/db`` lets workers on several machines share the
             study (their run folders are written under their own ``out_dir``).
         jobs: worker processes on this machine (1: in this process).
+        train: what trains a trial (:data:`Trainer`): ``textvae.train.train``, which the CLI
+            passes; a module-level function, so that ``jobs`` > 1 worker processes can receive it.
 
     Returns:
         (sweep folder, :func:`write_summary`'s summary).
@@ -906,13 +906,14 @@ def run_sweep(
     retry_failed(open_study(sweep, url))  # created once here, so workers only load it
     deadline = time.time() + 60 * sweep.minutes if sweep.minutes else None
     if jobs <= 1:
-        run_worker(str(sweep.path), str(out), url, 0, None, deadline)
+        run_worker(str(sweep.path), str(out), url, 0, None, deadline, train=train)
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
         workers = [
             context.Process(
-                target=_worker_main, args=(str(sweep.path), str(out), url, i, threads, deadline)
+                target=_worker_main,
+                args=(str(sweep.path), str(out), url, i, threads, deadline, train),
             )
             for i in range(jobs)
         ]
@@ -975,7 +976,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         label = folder.name if folder is not None else f"trial-{number:04d}"
         if result:
             rows[label] = result
-            config = OmegaConf.load(folder / "config.yaml")
+            config = OmegaConf.load(folder / CONFIG)
             # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
             dims[label] = (
                 config.model.latent_dim

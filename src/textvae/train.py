@@ -73,7 +73,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -82,21 +81,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from textvae.config import Config, ConfigError, KLConfig, config_from_dict, save_config
+from textvae.atomic import commit_dir, temp_dir
+from textvae.config import Config, ConfigError, KLConfig
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import kl_weight
+from textvae.rundir import (
+    FINISHED,
+    WEIGHTS,
+    RunDirError,
+    RunLog,
+    checkpoint_dir,
+    checkpoint_path,
+    collapse_reason,
+    flat_config,
+    resume_config,
+    set_aside_log,
+    write_config,
+    write_data_info,
+    write_weights,
+)
 
 log = logging.getLogger(__name__)
 
-# keys a resumed run may change: its budget and its display, nothing that changes the maths
-RESUMABLE_OVERRIDES = ("train.max_steps", "train.max_epochs", "train.progress", "train.log_with")
 # the scalars of log.jsonl sent to the live trackers (train.log_with), per record type
 TRACKED = {
     "train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
@@ -106,10 +117,6 @@ TRACKED = {
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunDirError(ValueError):
-    """The run folder cannot be used as asked (exists and is not empty, or nothing to resume)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -188,127 +195,6 @@ class TrainerState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def collapse_reason(
-    kl: float, z_gap: float | None, kl_threshold: float, gap_threshold: float
-) -> str:
-    """Which collapse criterion holds, in words: little information in q(z|x) (KL under its
-    threshold), a decoder that barely uses z (z-usage gap under its threshold), or both."""
-    low_kl = kl < kl_threshold
-    low_gap = z_gap is not None and z_gap < gap_threshold
-    if low_kl and low_gap:
-        return "z carries little information and the decoder barely uses it"
-    if low_gap:
-        return "the decoder barely uses z"
-    if low_kl:
-        return "z carries little information"
-    return "z is in use"
-
-
-def default_run_dir(config_path: str | Path | None, root: str | Path = "runs") -> Path:
-    """``runs/<preset name>-<UTC time>``, with a numeric suffix if that exists already."""
-    stem = Path(config_path).stem if config_path else "run"
-    base = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
-
-
-def _temp_dir(final: Path) -> Path:
-    """The empty temporary twin of ``final`` (a partial write of ours is removed)."""
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
-
-
-def _usual_modes(folder: Path) -> None:
-    """Give the files of ``folder`` the mode a new file gets (0666 less the umask): safetensors
-    writes through a private temporary file and leaves its weights at 0600, unreadable to the
-    group that can read everything else in the run folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Rename a fully written ``tmp`` over ``final`` (the old one survives as ``.old`` until then)."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def checkpoint_dir(run_dir: Path, which: str) -> Path:
-    """``checkpoints/<which>``, or its ``.old`` twin if a save was interrupted mid-rename.
-
-    Raises:
-        RunDirError: neither exists.
-    """
-    path = Path(run_dir) / "checkpoints" / which
-    for candidate in (path, path.with_name(which + ".old")):
-        if candidate.is_dir():
-            return candidate
-    raise RunDirError(f"{run_dir}: no '{which}' checkpoint (expected {path})")
-
-
-def _flat(config: Config) -> dict:
-    def walk(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    return walk(OmegaConf.to_container(OmegaConf.structured(config)))
-
-
-def resume_config(run_dir: Path, config: Config | None, overrides: list[str]) -> Config:
-    """The saved config of ``run_dir`` with the budget of ``config`` and ``overrides`` applied.
-
-    So the command that started a run, re-run with ``--resume``, continues it: an override or
-    a given config may repeat any key's saved value; only :data:`RESUMABLE_OVERRIDES` may differ
-    (a given config's values of those keys are taken, then the overrides').
-
-    Raises:
-        ConfigError: an override or a given config changes a key other than
-            :data:`RESUMABLE_OVERRIDES` (the key, its saved and its given value are named).
-    """
-    saved = config_from_dict(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    base = OmegaConf.structured(saved)
-    if config is not None:
-        given = _flat(config)
-        budget = OmegaConf.create({})
-        for key in RESUMABLE_OVERRIDES:
-            OmegaConf.update(budget, key, given[key])
-        base = OmegaConf.merge(base, budget)
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:  # unknown key, wrong type
-        raise ConfigError(f"--resume: {err}") from err
-    resumed: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    old, new = _flat(saved), _flat(resumed)
-    for key in old:
-        if old[key] != new[key] and key not in RESUMABLE_OVERRIDES:
-            raise ConfigError(
-                f"--resume: '{key}' cannot change in a resumed run ({run_dir}/"
-                f"config.yaml has {old[key]!r}, the override {new[key]!r}; only "
-                f"{', '.join(RESUMABLE_OVERRIDES)} may change)"
-            )
-    if config is not None:
-        given = _flat(config)
-        changed = [k for k in new if new[k] != given[k] and k not in RESUMABLE_OVERRIDES]
-        if changed:
-            raise ConfigError(
-                f"--resume: the given config differs from {run_dir}/config.yaml "
-                f"in {', '.join(f'{k} ({new[k]!r} saved, {given[k]!r} given)' for k in changed)}"
-            )
-    return resumed
 
 
 def _optimizer(config: Config, params) -> torch.optim.Optimizer:
@@ -555,12 +441,8 @@ def _train(
             log.warning(
                 "%s has no checkpoint yet: training starts afresh from its config.yaml", run_dir
             )
-            # (several processes: the first one moves it)
-            if (run_dir / "log.jsonl").is_file() and int(os.environ.get("RANK", "0")) == 0:
-                n = 1
-                while (run_dir / f"log.aborted-{n}.jsonl").exists():
-                    n += 1
-                os.replace(run_dir / "log.jsonl", run_dir / f"log.aborted-{n}.jsonl")
+            if int(os.environ.get("RANK", "0")) == 0:  # several processes: the first moves it
+                set_aside_log(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise RunDirError(
             f"{run_dir} exists and is not empty; pass --resume to continue it or "
@@ -626,17 +508,16 @@ def _train(
         )
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "config.yaml")
+            write_config(run_dir, config)
             tokenizer.save_pretrained(str(run_dir / "tokenizer"))
             info = {
                 role: {"source": c.source, **c.stats}
                 for role, c in (("train", train_corpus), ("valid", valid_corpus))
             }
             info["vocab_size"] = len(tokenizer)
-            (run_dir / "data.json").write_text(json.dumps(info, indent=2))
+            write_data_info(run_dir, info)
     if resume and main:
-        save_config(config, run_dir / "config.yaml.tmp")
-        os.replace(run_dir / "config.yaml.tmp", run_dir / "config.yaml")
+        write_config(run_dir, config)
     train_labels = train_corpus.labels
     if config.model.classifier_weight > 0:  # the classifier on z sees a fixed fraction of labels
         if train_labels is None:
@@ -686,12 +567,12 @@ def _train(
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
     raw = accelerator.unwrap_model(model)
-    log_file = open(run_dir / "log.jsonl", "a") if main else None
+    log_file = RunLog(run_dir) if main else None
 
     if main and t.log_with != "none":
         params = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in _flat(config).items()
+            for k, v in flat_config(config).items()
         }
         accelerator.init_trackers(
             "textvae",
@@ -702,8 +583,7 @@ def _train(
     def write_log(record: dict) -> None:
         if log_file is not None:
             record = {**record, "phase": state.phase, "aggressive": state.aggressive}
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            log_file.write(record)
             if record["type"] in TRACKED and t.log_with != "none":
                 accelerator.log(
                     {
@@ -867,15 +747,9 @@ def _train(
         if loss < state.best_valid:
             state.best_valid = loss
             if main:
-                weights = {k: v.contiguous() for k, v in raw.state_dict().items()}
-
-                best = run_dir / "checkpoints" / "best"
-                tmp = _temp_dir(best)
-                tmp.mkdir(parents=True)
-                save_file(weights, str(tmp / "model.safetensors"))
-                _usual_modes(tmp)
-                (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict()))
-                _commit_dir(tmp, best)
+                write_weights(
+                    run_dir, "best", raw.state_dict(), {"trainer_state.json": state.state_dict()}
+                )
         save_last()
         if on_validation is not None:
             on_validation(record)
@@ -883,14 +757,13 @@ def _train(
 
     def save_last() -> None:
         # every process saves its own RNG state into the same folder; the main one commits it
-        last = run_dir / "checkpoints" / "last"
-        tmp = _temp_dir(last) if main else last.with_name("last.tmp")
+        last = checkpoint_path(run_dir, "last")
+        tmp = temp_dir(last) if main else last.with_name("last.tmp")
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
-            _usual_modes(tmp)
-            _commit_dir(tmp, last)
+            commit_dir(tmp, last)
 
     def forward(batch: dict, beta: float) -> dict:
         """The training objective on a batch; a non-finite loss stops the run."""
@@ -927,14 +800,9 @@ def _train(
         """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
         if not main:
             return
-        folder = run_dir / "checkpoints" / "ae_best"
-        tmp = _temp_dir(folder)
-        tmp.mkdir(parents=True)
-        save_file(
-            {k: v.contiguous() for k, v in raw.state_dict().items()}, str(tmp / "model.safetensors")
+        write_weights(
+            run_dir, "ae_best", raw.state_dict(), {"info.json": {"step": state.step, "rec": rec}}
         )
-        (tmp / "info.json").write_text(json.dumps({"step": state.step, "rec": rec}))
-        _commit_dir(tmp, folder)
 
     def start_vae_phase() -> None:
         """Li et al. 2019 hand-off: decoder side re-initialised, optimizers and LR schedules as
@@ -944,9 +812,9 @@ def _train(
         start = {"start": "last", "from_step": state.step}
         if t.ae_start == "best":
             accelerator.wait_for_everyone()
-            folder = run_dir / "checkpoints" / "ae_best"
-            if (folder / "model.safetensors").is_file():
-                raw.load_state_dict(load_file(str(folder / "model.safetensors")))
+            folder = checkpoint_path(run_dir, "ae_best")
+            if (folder / WEIGHTS).is_file():
+                raw.load_state_dict(load_file(str(folder / WEIGHTS)))
                 info = json.loads((folder / "info.json").read_text())
                 start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
             else:
@@ -1153,7 +1021,7 @@ def _train(
             validate()
         bar.close()
     if log_file is not None:
-        write_log({"type": "event", "event": "finished", "step": state.step})
+        write_log({"type": "event", "event": FINISHED, "step": state.step})
         log_file.close()
     accelerator.end_training()
     return run_dir
