@@ -24,20 +24,24 @@ the same way in the same run), are what stay meaningful.
    because no part is frozen: the CPU presets set ``train.ae_freeze_decoder: false`` and
    nothing else freezes; the embedding's backward is a scatter-add, not a product).
 4. IW evaluation: ``textvae.metrics.evaluate`` at K = ``--iw-samples`` (500) on the first
-   ``--sentences`` (20) PTB test sentences, in bf16 and fp32 (the presets' ``eval.precision``
-   is fp32, what ``textvae evaluate`` uses unless ``--precision bf16``): sentences/s and
+   ``--sentences`` (20) PTB test sentences, in each of ``--precisions`` (default bf16; the
+   presets' ``eval.precision`` is fp32, what ``textvae evaluate`` uses unless ``--precision
+   bf16``; bench/RESULTS.md records both): sentences/s and
    achieved GFLOP/s, the FLOPs counted as ``evaluate`` runs them (below).
 
 Usage (PYTHONPATH=src, or the package installed):
 
     OMP_NUM_THREADS=1 TEXTVAE_DATA_DIR=../shared/data python bench/bench_transformer_flops.py \\
-        --model both [--run-dir RUN]
+        --model both --precisions bf16 fp32     # or --model t5|della --run-dir RUN
+
+About 4.5 CPU-minutes for both models and both precisions (most of it DELLA's fp32 evaluation);
+``--no-profile`` skips the two ``torch.profiler`` runs per model.
 
 The count covers the two presets' structure and the options named below; other options (a
 bag-of-words head, DELLA's baseline fusions or a subset of latent layers, a pretrained
-backbone) are refused with an error rather than miscounted. Without ``--run-dir`` the model is freshly initialised (seed 0; speed does not depend on the
-weights; no pretrained weights are used) and the tokenizer trained on the PTB training split as
-``textvae train`` trains it.
+backbone) are refused with an error rather than miscounted. Without ``--run-dir`` the model
+is freshly initialised (seed 0; speed does not depend on the weights; no pretrained weights are
+used) and the tokenizer trained on the PTB training split as ``textvae train`` trains it.
 
 The FLOP count. Notation: B sentences, T the batch's padded length (EOS counted), R the real
 tokens of the batch (sum of the mask), N rows through a network (B, or S x B for S samples).
