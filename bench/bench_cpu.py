@@ -34,7 +34,7 @@ from textvae.config import load_config
 from textvae.data import TextDataset, build_tokenizer, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import iw_bound, iw_log_weights, kl_weight
+from textvae.objectives import ObjectiveSettings, iw_bound, iw_log_weights, kl_weight
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "lstm-vae-cpu.yaml"
 
@@ -64,7 +64,7 @@ def train_steps(
     warmup: int = 5,
     compile_model: bool = False,
 ) -> tuple[torch.nn.Module, float, float]:
-    """Train a fresh model (seed 0) with the preset's Adam, clip and beta schedule for
+    """Train a fresh model (seed 0) with the preset's Adam, clip, objective and beta schedule for
     ``n_batches`` steps (None: one epoch) after ``warmup`` untimed steps (which include the
     compilation when ``compile_model``). Returns (model, tokens/s, timed seconds)."""
     torch.manual_seed(0)
@@ -73,13 +73,14 @@ def train_steps(
     step_fn = torch.compile(model, dynamic=True) if compile_model else model
     batches = ds.batches(cfg.train.batch_size, True, 0, 0)
     batches = batches[: warmup + n_batches] if n_batches is not None else batches
+    objective = ObjectiveSettings.from_config(cfg.kl)  # free bits, their mode, KL target
     tokens, start = 0, time.perf_counter()
     for step, idx in enumerate(batches):
         if step == warmup:
             tokens, start = 0, time.perf_counter()
         batch = ds.collate(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = step_fn(batch, beta=kl_weight(step, cfg.kl))
+            out = step_fn(batch, objective.at(kl_weight(step, cfg.kl)))
         opt.zero_grad()
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

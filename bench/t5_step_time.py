@@ -3,7 +3,7 @@ presets; a dialogue preset's batches carry their contexts).
 
 Builds the preset's tokenizer and model exactly as ``textvae train`` does, then times
 ``--steps`` optimizer steps of the training objective (forward, backward, clip, AdamW update;
-the preset's batch size, beta 1, the preset's free bits) on shuffled batches of the training
+the preset's batch size, beta 1, the preset's free bits, their mode and KL target) on shuffled batches of the training
 split, after ``--warmup`` untimed steps, and one validation pass (``evaluate`` with
 ``iw_samples=0`` on ``train.valid_limit_eval`` sentences), under fp32 and bf16 autocast. No run
 folder is written; nothing is trained beyond the timed steps.
@@ -24,6 +24,7 @@ from textvae.config import load_config
 from textvae.data import TextDataset, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
+from textvae.objectives import ObjectiveSettings
 
 
 def main() -> None:
@@ -61,11 +62,13 @@ def main() -> None:
             else contextlib.nullcontext()
         )
         times, tokens = [], 0
+        # the preset's objective (free bits and their mode, KL target) at beta 1
+        objective = ObjectiveSettings.from_config(config.kl).at(1.0)
         for i in range(args.warmup + args.steps):
             batch = train_ds.collate(batches[i % len(batches)])
             t0 = time.perf_counter()
             with autocast:
-                out = model(batch, beta=1.0, free_bits=config.kl.free_bits)
+                out = model(batch, objective)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from textvae.models import MODELS
+from textvae.objectives import ObjectiveSettings
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -51,7 +52,7 @@ def test_model_contract(name, tiny_model, tiny_batch):
     assert all(s.shape[0] == b for s in state)  # batch-first state
     logits2, _ = model.decode_step(z_step, logits.argmax(-1), state)
     assert logits2.shape == (b, model.vocab_size)
-    out = model(tiny_batch, beta=0.5)
+    out = model(tiny_batch, ObjectiveSettings(beta=0.5))
     assert out["loss"].ndim == 0 and out["rec"].shape == (b,) and out["kl"].shape == (b,)
 
 

@@ -21,6 +21,7 @@ from textvae.data import (
 )
 from textvae.generate import respond
 from textvae.metrics import EVAL_KEYS, RESPONSE_KEYS, evaluate, response_metrics
+from textvae.objectives import ObjectiveSettings
 from textvae.train import train
 
 
@@ -110,7 +111,7 @@ def test_conditional_model_with_flows_trains_and_evaluates(
 ):
     model = tiny_model("cvrae", flow_hidden=8, posterior_flow_steps=2, prior_flow_steps=1, **flows)
     model.train()
-    model(tiny_batch, beta=1.0)["loss"].backward()
+    model(tiny_batch, ObjectiveSettings(beta=1.0))["loss"].backward()
     model.eval()
     ds = TextDataset(make_sentences(6, seed=5), tokenizer, contexts=make_sentences(6, seed=8))
     r = evaluate(model, ds, iw_samples=6, batch_size=3)

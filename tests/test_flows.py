@@ -12,7 +12,14 @@ from textvae.config import ConfigError, load_config
 from textvae.data import TextDataset
 from textvae.flows import FLOWS, AutoregressivePrior, FlowDistribution, PosteriorFlow
 from textvae.metrics import EVAL_KEYS, evaluate
-from textvae.objectives import elbo, iw_bound, iw_log_weights, kl_per_dim, rsample_and_log_prob
+from textvae.objectives import (
+    ObjectiveSettings,
+    elbo,
+    iw_bound,
+    iw_log_weights,
+    kl_per_dim,
+    rsample_and_log_prob,
+)
 from textvae.train import train
 
 KINDS = [k for k in FLOWS if k != "none"]
@@ -221,7 +228,7 @@ def test_every_flow_trains_evaluates_and_generates(kind, tiny_model, tiny_batch,
     b = tiny_batch["input_ids"].size(0)
     assert q.batch_shape == (b,) and q.event_shape == (4,) and q.sample((3,)).shape == (3, b, 4)
     model.train()
-    out = model(tiny_batch, beta=1.0)
+    out = model(tiny_batch, ObjectiveSettings(beta=1.0))
     out["loss"].backward()
     assert all(p.grad is not None for p in model.posterior_flow.parameters())
     assert all(p.grad is not None for p in model.prior_flow.parameters())
@@ -248,13 +255,15 @@ def test_flow_mean_is_a_function_of_the_sentence_alone(tiny_model, tiny_batch):
 def test_kl_target_penalty_and_free_bits_without_closed_form(tiny_model, tiny_batch):
     model = tiny_model("lstm_vae", posterior_flow="planar", posterior_flow_steps=1)
     torch.manual_seed(0)
-    plain = elbo(model, tiny_batch, beta=0.5)
+    plain = elbo(model, tiny_batch, ObjectiveSettings(beta=0.5))
     torch.manual_seed(0)
-    held = elbo(model, tiny_batch, beta=0.5, kl_target=7.0, kl_target_weight=3.0)
+    held = elbo(model, tiny_batch, ObjectiveSettings(beta=0.5, kl_target=7.0, kl_target_weight=3.0))
     kl = plain["kl"].mean()
     assert torch.allclose(held["loss"], plain["loss"] + 3.0 * (kl - 7.0).abs())
     torch.manual_seed(0)
-    floored = elbo(model, tiny_batch, beta=1.0, free_bits=50.0)  # per_dim: D * lambda = 200
+    floored = elbo(
+        model, tiny_batch, ObjectiveSettings(beta=1.0, free_bits=50.0)
+    )  # per_dim: D * lambda = 200
     assert torch.allclose(floored["loss"], plain["rec"].mean() + 200.0)
 
 

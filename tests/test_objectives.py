@@ -7,6 +7,7 @@ import torch
 from torch.distributions import Independent, Normal
 
 from textvae.config import KLConfig
+from textvae.decoders import sequence_log_prob
 from textvae.objectives import (
     elbo,
     free_bits_kl,
@@ -14,7 +15,6 @@ from textvae.objectives import (
     iw_log_weights,
     kl_per_dim,
     kl_weight,
-    sequence_log_prob,
 )
 
 

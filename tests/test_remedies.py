@@ -10,7 +10,7 @@ from textvae.config import ConfigError, load_config
 from textvae.data import TextDataset
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import elbo, kl_per_dim
+from textvae.objectives import ObjectiveSettings, elbo, kl_per_dim
 from textvae.posteriors import GaussianHead, min_rate_max_logvar, standard_normal
 
 
@@ -252,9 +252,9 @@ def test_bow_gradient_reaches_the_latent_and_the_encoder(tiny_model, tiny_batch)
 def test_bow_is_reported_separately_and_weighted_into_the_loss(tiny_model, tiny_batch):
     model, plain_model = tiny_model("lstm_vae", bow_weight=0.5), tiny_model("lstm_vae")
     torch.manual_seed(1)
-    out = elbo(model, tiny_batch, beta=0.3)
+    out = elbo(model, tiny_batch, ObjectiveSettings(beta=0.3))
     torch.manual_seed(1)
-    plain = elbo(plain_model, tiny_batch, beta=0.3)
+    plain = elbo(plain_model, tiny_batch, ObjectiveSettings(beta=0.3))
     assert out["bow"].shape == out["rec"].shape and torch.all(out["bow"] > 0)
     assert torch.allclose(out["rec"], plain["rec"]) and torch.allclose(out["kl"], plain["kl"])
     expect = out["rec"].mean() + 0.3 * out["kl"].mean() + 0.5 * out["bow"].mean()

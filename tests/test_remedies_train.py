@@ -1,7 +1,9 @@
 """Training-schedule remedies: aggressive inference-network training (He et al. 2019) and
 autoencoder pretraining with a decoder reset (Li et al. 2019), and their exact resume."""
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,18 +11,14 @@ from safetensors.torch import load_file
 
 import textvae
 from tests.conftest import make_sentences
+from textvae import remedies
 from textvae import train as train_module
-from textvae.config import KLConfig
+from textvae.config import KLConfig, TrainConfig
 from textvae.data import TextDataset
 from textvae.models import MODELS, base
-from textvae.objectives import elbo, kl_weight
-from textvae.train import (
-    TrainerState,
-    aggressive_inner_loop,
-    phase_beta,
-    train,
-    update_aggressive,
-)
+from textvae.objectives import ObjectiveSettings, elbo, kl_weight
+from textvae.remedies import TrainerState, aggressive_inner_loop, phase_beta, update_aggressive
+from textvae.train import train
 
 
 def _records(run_dir):
@@ -59,7 +57,7 @@ def test_inner_loop_is_bounded_and_updates_only_the_inference_network(tiny_model
         model,
         enc_opt,
         draw,
-        lambda b: elbo(model, b, beta=1.0)["loss"],
+        lambda b: elbo(model, b, ObjectiveSettings(beta=1.0))["loss"],
         max_inner=7,
         window=1000,
         grad_clip=5.0,
@@ -203,7 +201,7 @@ def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(
     """He et al. 2019, Algorithm 1: in aggressive mode the model update after the inner loop
     is theta (decoder) only. With the inner loop stubbed out the encoder must stay at its
     initialisation while the decoder trains."""
-    monkeypatch.setattr(train_module, "aggressive_inner_loop", lambda *args, **kwargs: 1)
+    monkeypatch.setattr(remedies, "aggressive_inner_loop", lambda *args, **kwargs: 1)
     cfg = tiny_config(**{"train.aggressive": "true", "train.max_steps": 4, "train.seed": 5})
     run = train(cfg, tmp_path / "outer")
     assert _trainer_state(run)["aggressive"] is True
@@ -230,11 +228,11 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
     tiny_config, tmp_path, monkeypatch
 ):
     betas, snaps = [], {}
-    real_elbo, real_reset = base.elbo, train_module.reset_generative
+    real_elbo, real_reset = base.elbo, remedies.reset_generative
 
-    def spy_elbo(model, batch, beta=1.0, **kwargs):
-        betas.append(beta)
-        return real_elbo(model, batch, beta=beta, **kwargs)
+    def spy_elbo(model, batch, settings):
+        betas.append(settings.beta)
+        return real_elbo(model, batch, settings)
 
     def spy_reset(model, config, tokenizer):
         snaps["before"] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -244,7 +242,7 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
         return keys
 
     monkeypatch.setattr(base, "elbo", spy_elbo)
-    monkeypatch.setattr(train_module, "reset_generative", spy_reset)
+    monkeypatch.setattr(remedies, "reset_generative", spy_reset)
     cfg = tiny_config(
         **{
             "train.ae_pretrain_steps": 5,
@@ -319,3 +317,82 @@ def test_resume_across_the_phase_boundary_with_all_remedies_is_exact(tiny_config
         vb = [r for r in _records(part) if r["type"] == "valid"][-1]
         assert va["elbo"] == vb["elbo"] and vb["step"] == 12 and vb["phase"] == "vae"
         assert _trainer_state(part) == _trainer_state(whole)
+
+
+# --- the remedies' pieces, one by one (textvae.remedies) -----------------------------------------
+
+
+def test_a_new_run_starts_in_the_autoencoder_phase_only_when_asked():
+    assert remedies.initial_state(TrainConfig()) == TrainerState(phase="vae", aggressive=False)
+    assert remedies.initial_state(TrainConfig(aggressive=True)).aggressive
+    ae = remedies.initial_state(TrainConfig(ae_pretrain_steps=5, aggressive=True))
+    assert ae.phase == "ae" and not ae.aggressive  # aggressive starts with the VAE phase
+
+
+def test_the_collapse_watch_warns_after_patience_validations_in_a_row():
+    t = TrainConfig(collapse_kl=0.5, collapse_z_gap=0.1, collapse_patience=2)
+    state = TrainerState()
+    assert not remedies.update_collapse(state, 0.1, 1.0, t)  # low KL: 1 in a row
+    assert remedies.update_collapse(state, 2.0, 0.05, t)  # low gap: 2 in a row, warn
+    assert remedies.update_collapse(state, 0.1, None, t) and state.collapsed_validations == 3
+    assert not remedies.update_collapse(state, 2.0, None, t)  # a missing gap never counts
+    assert state.collapsed_validations == 0
+    off = TrainConfig(collapse_kl=0.5, collapse_patience=0)
+    assert not remedies.update_collapse(TrainerState(), 0.0, 0.0, off)  # patience 0: no warning
+
+
+def test_the_autoencoder_phase_keeps_its_best_rec_and_stops_early():
+    state = TrainerState(phase="ae")
+    assert remedies.ae_best_improved(state, 5.0, patience=0) and state.ae_best_rec == 5.0
+    assert not remedies.ae_best_improved(state, 5.0, patience=0)  # equal is no improvement
+    state = TrainerState(phase="ae")  # with early stopping update_ae_early_stop records the best
+    assert remedies.ae_best_improved(state, 5.0, patience=2) and state.ae_best_rec == math.inf
+    assert not remedies.update_ae_early_stop(state, 5.0, 2) and state.ae_best_rec == 5.0
+    assert not remedies.update_ae_early_stop(state, 6.0, 2)
+    assert remedies.update_ae_early_stop(state, 5.5, 2) and state.ae_stopped
+    assert remedies.ae_phase_over(state, TrainConfig(ae_pretrain_steps=100))  # stopped early
+    assert not remedies.ae_best_improved(TrainerState(phase="vae"), 1.0, patience=0)
+    t = TrainConfig(ae_pretrain_steps=10)
+    assert not remedies.ae_phase_over(TrainerState(phase="ae", step=9), t)
+    assert remedies.ae_phase_over(TrainerState(phase="ae", step=10), t)
+    assert not remedies.ae_phase_over(TrainerState(phase="vae", step=10), t)
+
+
+def test_the_hand_off_resets_decoder_optimizers_schedules_and_state(tiny_config, tokenizer):
+    config = tiny_config(
+        **{"train.ae_pretrain_steps": 4, "train.aggressive": "true", "train.lr": 0.003}
+    )
+    torch.manual_seed(config.train.seed)
+    model = MODELS["lstm_vae"](config.model, tokenizer)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=0.003)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    fresh_schedule = copy.deepcopy(sched.state_dict())
+    batch = _tiny_batches(tokenizer, 1)[0]
+    for loss in (1.0, 2.0, 3.0):  # trained a little; the plateau schedule halves the LR
+        model(batch)["loss"].backward()
+        opt.step()
+        sched.step(loss)
+    assert opt.state and opt.param_groups[0]["lr"] < 0.003
+    state = TrainerState(step=4, phase="ae", best_valid=1.0, collapsed_validations=2, last_mi=0.3)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    reset = remedies.start_vae_phase(
+        model, config, tokenizer, state, [opt], [sched], [fresh_schedule]
+    )
+    assert reset and not opt.state and opt.param_groups[0]["lr"] == 0.003
+    assert sched.state_dict() == fresh_schedule
+    assert state == TrainerState(step=4, phase="vae", phase_start=4, aggressive=True)
+    for key, value in model.state_dict().items():  # the encoder kept, the rest as initialised
+        expect = trained[key] if model.is_inference_key(key) else fresh[key]
+        assert torch.equal(value, expect), key
+    assert set(reset) == {k for k in fresh if not model.is_inference_key(k)}
+
+
+def test_aggressive_picks_repeat_for_a_step_and_leave_the_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    picks = remedies.aggressive_picks(seed=3, step=17, n_batches=5, max_inner=50)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert picks.shape == (50,) and 0 <= int(picks.min()) and int(picks.max()) < 5
+    assert torch.equal(picks, remedies.aggressive_picks(3, 17, 5, 50))
+    assert not torch.equal(picks, remedies.aggressive_picks(3, 18, 5, 50))

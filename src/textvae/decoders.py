@@ -1,8 +1,11 @@
-"""Autoregressive LSTM decoder p(x | z) (Bowman et al. 2016; He et al. 2019 configuration)."""
+"""Decoders: the sequence log-likelihood every model scores with (:func:`sequence_log_prob`),
+the autoregressive LSTM decoder p(x | z) (Bowman et al. 2016; He et al. 2019 configuration)
+and the bag-of-words head (Zhao et al. 2017)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,11 +19,54 @@ def shift_right(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     return torch.cat([bos, input_ids[:, :-1]], dim=1)
 
 
+def sequence_log_prob(
+    hidden: torch.Tensor,
+    output: torch.nn.Module,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    float32_softmax: bool = True,
+    block_rows: int = 512,
+) -> torch.Tensor:
+    """log p(x) of each sequence: sum over real positions of log softmax(output(h_t))[x_t].
+
+    The output projection runs only on real positions (padding costs nothing), in blocks of
+    ``block_rows`` positions so that the (block, V) logits stay in cache while they are cast
+    and normalised (measured 1.5x faster than one (M, V) pass on CPU, bench/RESULTS.md);
+    per-sentence sums are accumulated in float32.
+
+    Args:
+        hidden: (N, T, H) decoder outputs; position t predicts ``targets[:, t]``.
+        output: the vocabulary projection, H -> V.
+        targets: (N, T) int64 token ids.
+        mask: (N, T), 1 on real tokens (EOS included), 0 on padding.
+        float32_softmax: take the log-softmax in float32 even under bf16 autocast (always for
+            evaluation). False lets training under bf16 autocast keep it in bf16, which is
+            about a third cheaper; the per-token rounding (~2^-8 relative) is unbiased noise
+            far below the noise of a one-sample ELBO gradient.
+
+    Returns:
+        (N,) float32, nats per sequence.
+    """
+    n, t = targets.shape
+    real = mask.bool()
+    h, y = hidden[real], targets[real]  # (M, H), (M,): M real positions
+    nll = []
+    for i in range(0, h.size(0), block_rows):
+        logits = output(h[i : i + block_rows])  # (block, V)
+        if float32_softmax:
+            logits = logits.float()
+        with torch.autocast(logits.device.type, enabled=False):
+            nll.append(F.cross_entropy(logits, y[i : i + block_rows], reduction="none").float())
+    nll = torch.cat(nll)  # (M,)
+    rows = torch.arange(n, device=targets.device).unsqueeze(1).expand(n, t)[real]
+    return -torch.zeros(n, device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
+
+
 class LSTMDecoder(nn.Module):
     """Embedding (+ z at every step) -> LSTM (state initialised from z) -> hidden states.
 
     ``output`` is the vocabulary projection (H -> V); it is applied by the caller, so a
-    likelihood computes logits only at real positions (see objectives.sequence_log_prob).
+    likelihood computes logits only at real positions (see :func:`sequence_log_prob`).
 
     Args:
         latent_dim: D; 0 makes a plain LSTM language model.

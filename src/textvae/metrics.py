@@ -37,14 +37,19 @@ and as one word per sentence; padding never counts.
   per-dimension decomposition of its KL).
 - ``au_by_delta``: the active units at ``au_delta`` and at 0.2 (:data:`AU_DELTA_PAPER`, DELLA's
   threshold), ``{"0.01": n, "0.2": n}``, for comparison with papers that use the larger one.
-- ``bound_valid``: whether ``elbo`` and ``nll`` are bounds on log p(x): False when the posterior
-  declares that its ``log_prob`` is not a log-density (``bound_valid`` False, e.g. DELLA with
+- ``bound_valid``: whether ``elbo`` and ``nll`` are bounds on log p(x): False when the posterior's
+  type declares that its ``log_prob`` is not a log-density (:class:`textvae.objectives.KL`'s
+  ``bound_valid``: :class:`textvae.posteriors.LayerwiseGaussian` with
   ``model.kl_reduction: mean``, the released code's layer average of the KL and log-densities);
   then ``kl``, ``elbo``, ``nll``, the perplexities and ``mi`` follow that average.
 
-Layer-wise latents (DELLA, event shape (L, D); a posterior and prior with ``conditionals``):
+The KL is the training objective's (:func:`textvae.objectives.kl_estimate`, chosen by the
+types of posterior and prior): closed form for diagonal Gaussians, layer-wise for DELLA, Monte
+Carlo log q(z|x) - log p(z) over the IW samples otherwise.
+
+Layer-wise latents (DELLA, event shape (L, D); :class:`textvae.posteriors.LayerwiseGaussian`):
 ``kl`` is the closed form per layer at each IW sample of z_<l, averaged over the samples
-(:func:`textvae.objectives.conditional_kl`; ``kl_samples`` = their number); ``kl_per_dim`` is
+(:func:`textvae.objectives.kl_estimate`; ``kl_samples`` = their number); ``kl_per_dim`` is
 (L, D) and ``kl_per_layer`` (L,); ``mi`` (and ``mi_batch``, the same estimator within each batch)
 uses the joint log q(z|x) of every sample under every sentence's posterior
 (:func:`distribution_mi`); ``au`` uses E_q[z|x] estimated by 256 common-random-number ancestral
@@ -97,13 +102,7 @@ import torch
 from textvae.data import TextDataset
 from textvae.fields import EVAL_KEYS
 from textvae.flows import InverseError, base_gaussian
-from textvae.objectives import (
-    conditional_kl,
-    iw_bound,
-    iw_log_weights,
-    kl_per_dim,
-    rsample_and_log_prob,
-)
+from textvae.objectives import iw_bound, iw_log_weights, kl_estimator, rsample_and_log_prob
 
 log = logging.getLogger(__name__)
 
@@ -541,13 +540,14 @@ def evaluate(
                 if summary_fn is not None:
                     r["summary"] = summary_fn(batch).float().cpu()
             p = model.prior(batch)
-            dims = kl_per_dim(q, p)  # (B, D), or None without a closed form
-            if dims is not None:
-                r["kl"], r["kl_dims"] = dims.sum(-1).cpu(), dims.sum(0).cpu()
-            r["closed_form"] = dims is not None
-            layerwise = dims is None and hasattr(q, "conditionals") and hasattr(p, "conditionals")
-            scale = getattr(q, "log_prob_scale", 1.0)
-            r["bound_valid"] = getattr(q, "bound_valid", True)
+            # the training objective's KL (objectives.kl_estimate), chosen by the types of q, p
+            estimator = kl_estimator(q, p)
+            if not estimator.needs_samples:  # closed form: (B,), (B, D)
+                closed = estimator.estimate(q, p)
+                r["kl"], r["kl_dims"] = closed.total.cpu(), closed.per_dim.sum(0).cpu()
+                r["bound_valid"] = closed.bound_valid
+            r["closed_form"] = not estimator.needs_samples
+            layerwise = estimator.name == "layerwise"
             z1 = (
                 q.sample()
             )  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
@@ -585,16 +585,20 @@ def evaluate(
                     lw, ll = iw_log_weights(model, batch, q, p, z, log_q)
                 log_w.append(lw.float())
                 ll_sum += ll.float().sum(0)
-                kl_sum += (ll.float() - lw.float()).sum(0)  # log q - log p of each sample
-                if layerwise:
-                    chunk_kl = conditional_kl(q, p, z).float().sum(0)
-                    layer_kl = chunk_kl if layer_kl is None else layer_kl + chunk_kl
+                if estimator.needs_samples:  # one KL value per sample (s, B) (and per layer)
+                    chunk = estimator.estimate(q, p, z, log_q)
+                    r["bound_valid"] = chunk.bound_valid
+                    if layerwise:
+                        chunk_kl = chunk.per_dim.float().sum(0)  # (B, L, D)
+                        layer_kl = chunk_kl if layer_kl is None else layer_kl + chunk_kl
+                    else:
+                        kl_sum += chunk.total.float().sum(0)
             r["rec"] = (-ll_sum / n_samples).cpu()
             if layerwise:
                 layer_kl = layer_kl / n_samples
-                r["kl"] = (layer_kl.flatten(1).sum(-1) * scale).cpu()
+                r["kl"] = (layer_kl.flatten(1).sum(-1) * chunk.scale).cpu()
                 r["kl_dims"] = layer_kl.sum(0).cpu()
-            elif dims is None:
+            elif estimator.needs_samples:
                 r["kl"] = (kl_sum / n_samples).cpu()
             if iw_samples:
                 r["nll"] = (-iw_bound(torch.cat(log_w, dim=0))).cpu()

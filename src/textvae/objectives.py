@@ -8,56 +8,22 @@ silently re-weight the KL).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import (
+    Distribution,
+    Independent,
+    TransformedDistribution,
+    kl_divergence,
+)
 
 from textvae.config import KLConfig
-
-
-def sequence_log_prob(
-    hidden: torch.Tensor,
-    output: torch.nn.Module,
-    targets: torch.Tensor,
-    mask: torch.Tensor,
-    float32_softmax: bool = True,
-    block_rows: int = 512,
-) -> torch.Tensor:
-    """log p(x) of each sequence: sum over real positions of log softmax(output(h_t))[x_t].
-
-    The output projection runs only on real positions (padding costs nothing), in blocks of
-    ``block_rows`` positions so that the (block, V) logits stay in cache while they are cast
-    and normalised (measured 1.5x faster than one (M, V) pass on CPU, bench/RESULTS.md);
-    per-sentence sums are accumulated in float32.
-
-    Args:
-        hidden: (N, T, H) decoder outputs; position t predicts ``targets[:, t]``.
-        output: the vocabulary projection, H -> V.
-        targets: (N, T) int64 token ids.
-        mask: (N, T), 1 on real tokens (EOS included), 0 on padding.
-        float32_softmax: take the log-softmax in float32 even under bf16 autocast (always for
-            evaluation). False lets training under bf16 autocast keep it in bf16, which is
-            about a third cheaper; the per-token rounding (~2^-8 relative) is unbiased noise
-            far below the noise of a one-sample ELBO gradient.
-
-    Returns:
-        (N,) float32, nats per sequence.
-    """
-    n, t = targets.shape
-    real = mask.bool()
-    h, y = hidden[real], targets[real]  # (M, H), (M,): M real positions
-    nll = []
-    for i in range(0, h.size(0), block_rows):
-        logits = output(h[i : i + block_rows])  # (block, V)
-        if float32_softmax:
-            logits = logits.float()
-        with torch.autocast(logits.device.type, enabled=False):
-            nll.append(F.cross_entropy(logits, y[i : i + block_rows], reduction="none").float())
-    nll = torch.cat(nll)  # (M,)
-    rows = torch.arange(n, device=targets.device).unsqueeze(1).expand(n, t)[real]
-    return -torch.zeros(n, device=nll.device, dtype=torch.float32).index_add_(0, rows, nll)
+from textvae.posteriors import LayerwiseGaussian
 
 
 def kl_weight(step: int, cfg: KLConfig) -> float:
@@ -88,41 +54,188 @@ def kl_weight(step: int, cfg: KLConfig) -> float:
     raise ValueError(f"unknown kl.schedule '{cfg.schedule}'")
 
 
-def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor | None:
-    """Closed-form KL(q||p) per latent dimension, (B, D), when both are diagonal Gaussians.
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """Everything the training objective takes besides the model and the batch, built once
+    from the config (:meth:`from_config`) and passed whole to :func:`elbo` (through the model's
+    ``forward``); the loop only sets this step's beta (:meth:`at`).
 
-    Returns None when no per-dimension closed form exists (a flow posterior or a flow prior:
-    the caller then estimates the KL by Monte Carlo, log q(z) - log p(z) on samples of q).
+    Attributes:
+        beta: the KL weight of this step (Higgins et al. 2017; 1 is the ELBO).
+        free_bits: lambda in nats; 0 disables it (:func:`free_bits_kl`).
+        free_bits_mode: ``per_dim``, ``per_layer``, ``total`` or ``per_sentence_dim``.
+        kl_target: the batch-mean KL (nats per sentence) the target penalty holds; 0 = off.
+        kl_target_weight: the weight of |mean_B KL - kl_target| (Burgess et al. 2018, eq. 8);
+            0 = off.
+
+    The model-side auxiliary terms (bag-of-words, classifier) carry their own weights with the
+    model (:meth:`textvae.models.base.TextVAE.auxiliary_losses`).
     """
-    if isinstance(q, Independent) and isinstance(p, Independent):
-        if isinstance(q.base_dist, Normal) and isinstance(p.base_dist, Normal):
-            return kl_divergence(q.base_dist, p.base_dist)
-    return None
+
+    beta: float = 1.0
+    free_bits: float = 0.0
+    free_bits_mode: str = "per_dim"
+    kl_target: float = 0.0
+    kl_target_weight: float = 0.0
+
+    @classmethod
+    def from_config(cls, kl: KLConfig) -> ObjectiveSettings:
+        """The settings of the ``kl`` section (beta at its maximum ``kl.beta_max``)."""
+        return cls(
+            beta=kl.beta_max,
+            free_bits=kl.free_bits,
+            free_bits_mode=kl.free_bits_mode,
+            kl_target=kl.target,
+            kl_target_weight=kl.target_weight,
+        )
+
+    def at(self, beta: float, kl_target: bool = True) -> ObjectiveSettings:
+        """These settings at one training step: KL weight ``beta`` (the schedule's), and
+        without the KL target penalty when ``kl_target`` is False (the autoencoder phase of
+        ``train.ae_pretrain_steps`` trains with KL weight 0 and no target)."""
+        return dataclasses.replace(
+            self, beta=beta, kl_target_weight=self.kl_target_weight if kl_target else 0.0
+        )
 
 
-def conditional_kl(q: Distribution, p: Distribution, z: torch.Tensor) -> torch.Tensor | None:
-    """Per-layer closed-form KL of two layer-wise distributions at a sample of the layers below.
+class KL(NamedTuple):
+    """An estimate of KL(q || p) (:func:`kl_estimate`).
 
-    For q and p that factorise over layers given the layers below (both with a ``conditionals(z)``
-    method, e.g. :class:`textvae.posteriors.LayerwiseGaussian`), the chain rule of the KL gives
+    Attributes:
+        total: per sentence, nats, times ``scale``: (B,) for a closed form (no sample), else
+            (*S, B), one value per sample of q.
+        per_dim: per latent dimension, nats, not scaled: (B, D) for a closed form, (*S, B, L, D)
+            layer-wise; None for a Monte Carlo estimate (no per-dimension value exists).
+        scale: the posterior's ``log_prob_scale`` (1/L for DELLA's ``kl_reduction: mean``, which
+            is not an ELBO); 1 otherwise.
+        bound_valid: whether q's ``log_prob`` is a log-density, so that ELBO and IW estimates are
+            bounds on log p(x) (False with ``kl_reduction: mean``).
+    """
+
+    total: torch.Tensor
+    per_dim: torch.Tensor | None
+    scale: float = 1.0
+    bound_valid: bool = True
+
+
+@dataclass(frozen=True)
+class KLEstimator:
+    """How KL(q || p) is computed for one (posterior type, prior type) pair.
+
+    Attributes:
+        name: ``closed_form``, ``layerwise`` or ``monte_carlo``.
+        needs_samples: whether :attr:`estimate` reads samples z of q (and their log q).
+        estimate: (q, p, z (*S, B, *event) or None, log q (*S, B) or None) -> :class:`KL`.
+    """
+
+    name: str
+    needs_samples: bool
+    estimate: Callable[..., KL]
+
+
+def _closed_form(q: Independent, p: Independent, z=None, log_q=None) -> KL:
+    """Closed form per dimension of two diagonal Gaussians: (B, D) nats, no sample needed."""
+    per_dim = kl_divergence(q.base_dist, p.base_dist)  # (B, D)
+    return KL(per_dim.sum(-1), per_dim)
+
+
+def _layerwise(q: LayerwiseGaussian, p: LayerwiseGaussian, z: torch.Tensor, log_q=None) -> KL:
+    """The chain rule of the KL for layer-wise distributions (DELLA, Hu et al. 2022):
 
         KL(q || p) = E_{z ~ q} [ sum_l KL(q(z_l | z_<l, x) || p(z_l | z_<l)) ],
 
     so the closed-form KL of each layer's conditionals at z_<l drawn from q, summed over layers,
-    is an unbiased estimate of KL(q || p) with the innermost expectation taken exactly (Hu et al.
-    2022 train DELLA on these terms). The sum over layers of this estimate and the Monte Carlo
-    estimate log q(z) - log p(z) have the same expectation.
+    is an unbiased estimate of KL(q || p) with the innermost expectation taken exactly; it has the
+    expectation of the Monte Carlo estimate log q(z) - log p(z). Per dimension (*S, B, L, D)."""
+    per_dim = kl_divergence(q.conditionals(z), p.conditionals(z))  # (*S, B, L, D)
+    scale = q.log_prob_scale
+    return KL(per_dim.flatten(-2).sum(-1) * scale, per_dim, scale, q.bound_valid)
+
+
+def _monte_carlo(q: Distribution, p: Distribution, z: torch.Tensor, log_q: torch.Tensor) -> KL:
+    """log q(z|x) - log p(z) at samples of q (a flow posterior or prior: no closed form), with
+    the exact log q that came with the samples (:func:`rsample_and_log_prob`). (*S, B)."""
+    return KL(log_q - p.log_prob(z), None)
+
+
+CLOSED_FORM = KLEstimator("closed_form", False, _closed_form)
+LAYERWISE = KLEstimator("layerwise", True, _layerwise)
+MONTE_CARLO = KLEstimator("monte_carlo", True, _monte_carlo)
+
+# (posterior type, prior type) -> estimator; the most specific registered pair wins (as
+# torch.distributions.kl.register_kl): a subclass of a registered type uses its entry
+KL_ESTIMATORS: dict[tuple[type, type], KLEstimator] = {
+    (Independent, Independent): CLOSED_FORM,  # diagonal Gaussians (Independent Normal)
+    (Independent, TransformedDistribution): MONTE_CARLO,  # Gaussian posterior, flow prior
+    (TransformedDistribution, Distribution): MONTE_CARLO,  # flow posterior, any prior
+    (LayerwiseGaussian, LayerwiseGaussian): LAYERWISE,
+}
+
+
+def kl_estimator(q: Distribution, p: Distribution) -> KLEstimator:
+    """The KL estimator registered for the types of q and p (:data:`KL_ESTIMATORS`), the most
+    specific pair by the classes' method resolution order (the posterior's first).
+
+    Raises:
+        NotImplementedError: no pair fits (the message names both types and the registry).
+    """
+    q_mro, p_mro = type(q).__mro__, type(p).__mro__
+    best = None  # (rank, estimator); a plain loop, which torch.compile traces without a break
+    for (q_type, p_type), estimator in KL_ESTIMATORS.items():
+        if q_type in q_mro and p_type in p_mro:
+            rank = (q_mro.index(q_type), p_mro.index(p_type))
+            if best is None or rank < best[0]:
+                best = (rank, estimator)
+    if best is None:
+        raise NotImplementedError(
+            f"no KL estimator for posterior {type(q).__name__} and prior {type(p).__name__}: "
+            "add the pair to textvae.objectives.KL_ESTIMATORS (closed_form, layerwise or "
+            "monte_carlo)"
+        )
+    return best[1]
+
+
+def kl_estimate(
+    q: Distribution,
+    p: Distribution,
+    z: torch.Tensor | None = None,
+    log_q: torch.Tensor | None = None,
+) -> KL:
+    """KL(q || p), chosen by the types of q and p (:func:`kl_estimator`): the one KL of training
+    (:func:`elbo`) and evaluation (:func:`textvae.metrics.evaluate`).
+
+    - diagonal Gaussians: the closed form per dimension (Kingma & Welling 2014, appendix B);
+      z is not needed.
+    - layer-wise Gaussians (DELLA): the closed form of each layer's conditionals at the sampled
+      z_<l, summed over layers (Hu et al. 2022).
+    - a flow posterior or prior: the Monte Carlo estimate log q(z|x) - log p(z).
 
     Args:
-        z: (*S, B, L, D) samples of q.
+        q, p: posterior and prior, batch shape (B,).
+        z: (*S, B, *event) samples of q (layer-wise and Monte Carlo only).
+        log_q: (*S, B) their log q (Monte Carlo only; :func:`rsample_and_log_prob`).
 
     Returns:
-        (*S, B, L, D) float32, nats (not scaled by ``log_prob_scale``); None when q or p has no
-        ``conditionals`` (use :func:`kl_per_dim` or Monte Carlo).
+        :class:`KL`, nats per sentence.
+
+    Raises:
+        NotImplementedError: no estimator is registered for the pair.
+        ValueError: the estimator needs samples and none were given.
     """
-    if not (hasattr(q, "conditionals") and hasattr(p, "conditionals")):
+    estimator = kl_estimator(q, p)
+    if estimator.needs_samples and (
+        z is None or (log_q is None and estimator.name == "monte_carlo")
+    ):
+        raise ValueError(f"the {estimator.name} KL needs samples z of q (and log q)")
+    return estimator.estimate(q, p, z, log_q)
+
+
+def kl_per_dim(q: Distribution, p: Distribution) -> torch.Tensor | None:
+    """Closed-form KL(q||p) per latent dimension, (B, D), when the pair has a closed form
+    (:func:`kl_estimate`); None otherwise (a flow posterior or prior, layer-wise latents)."""
+    if kl_estimator(q, p) is not CLOSED_FORM:
         return None
-    return kl_divergence(q.conditionals(z), p.conditionals(z))
+    return kl_estimate(q, p).per_dim
 
 
 def rsample_and_log_prob(
@@ -188,49 +301,39 @@ def free_bits_kl(kl_dims: torch.Tensor, free_bits: float, mode: str = "per_dim")
 
 
 def elbo(
-    model,
-    batch: dict[str, torch.Tensor],
-    beta: float = 1.0,
-    free_bits: float = 0.0,
-    free_bits_mode: str = "per_dim",
-    kl_target: float = 0.0,
-    kl_target_weight: float = 0.0,
+    model, batch: dict[str, torch.Tensor], settings: ObjectiveSettings | None = None
 ) -> dict[str, torch.Tensor]:
     """Single-sample ELBO and the training loss (Kingma & Welling 2014; Bowman et al. 2016).
 
     loss = mean_B[rec] + beta * KL_term (+ kl_target_weight * |mean_B[KL] - kl_target|)
-    (+ bow_weight * mean_B[bow]), where rec = -log p(x|z), z ~ q(z|x) reparameterised, and
-    KL_term is :func:`free_bits_kl` of the closed-form KL. Without a closed form (a flow
-    posterior or prior) the KL is the single-sample estimate log q(z|x) - log p(z) on the same
-    z, with log q from :func:`rsample_and_log_prob` (exact, also for flows without an inverse);
-    free bits then floor the batch-mean total KL, at ``D * free_bits`` in ``per_dim`` mode (no
-    per-dimension KL exists) and at ``free_bits`` in ``total`` mode. A model without latent
-    gets loss = -log p(x).
+    (+ the model's auxiliary terms), where rec = -log p(x|z), z ~ q(z|x) reparameterised, with
+    beta, free bits and the KL target from ``settings``. The KL is :func:`kl_estimate`'s, chosen
+    by the types of q and p (``settings`` None: beta 1, nothing else): KL_term is :func:`free_bits_kl` of its per-dimension values when
+    they exist (closed form; layer-wise at the sampled z_<l for DELLA, free bits per dimension,
+    per layer or in total); without them (a flow posterior or prior) the KL is the single-sample
+    estimate log q(z|x) - log p(z) on the same z, with log q from :func:`rsample_and_log_prob`
+    (exact, also for flows without an inverse), and free bits floor the batch-mean total KL, at
+    ``D * free_bits`` in ``per_dim`` mode (no per-dimension KL exists) and at ``free_bits`` in
+    ``total`` mode. A distribution whose ``log_prob_scale`` is not 1 (the released DELLA code's
+    layer mean, ``model.kl_reduction: mean``) has its KL scaled by it, which is not an ELBO. A
+    model without latent gets loss = -log p(x).
 
     KL target (``kl_target`` > 0 and ``kl_target_weight`` > 0): the penalty
     kl_target_weight * |mean_B KL - kl_target| (nats per sentence) holds the batch-mean KL near
     the target when the weight exceeds beta (Burgess et al. 2018, "Understanding disentangling
     in beta-VAE", eq. 8, is the case beta = 0). Not part of the ELBO.
 
-    Layer-wise latents (a posterior and prior with ``conditionals``, DELLA): z is one ancestral
-    sample of q; the KL is :func:`conditional_kl` at that sample, closed form per layer, summed
-    over layers and dimensions (free bits per dimension, per layer or in total); a distribution
-    whose ``log_prob_scale`` is not 1 (the released DELLA code's layer mean,
-    ``model.kl_reduction: mean``) has its KL scaled by it, which is not an ELBO.
-
-    The classifier term (Chien & Luo 2022; when ``model.classifier`` is set and the batch has
-    ``labels``): ``cls`` = mean cross-entropy (nats per labelled sentence) of the classifier's
-    prediction from the same z over the batch's sentences with a label >= 0 (None when there
-    is none), added as ``model.classifier_weight * cls``; not part of the ELBO.
-
-    The bag-of-words term (Zhao et al. 2017; when ``model.bow_head`` is set) is
-    bow = -log p_bow(x | z) on the same z: an auxiliary loss, **not** part of the ELBO; it is
-    returned separately and evaluation never includes it.
+    Auxiliary terms (:meth:`textvae.models.base.TextVAE.auxiliary_losses`, on the same z; not
+    part of the ELBO, never in evaluation): each ``name -> (weight, value)`` adds
+    ``weight * mean(value)`` to the loss and is returned under its name: the bag-of-words term
+    ``bow`` (Zhao et al. 2017) = -log p_bow(x | z), (B,); the classifier term ``cls`` (Chien &
+    Luo 2022) = the mean cross-entropy over the batch's labelled sentences (None without one).
 
     Returns:
         dict with ``loss`` (scalar), ``rec`` (B,), ``kl`` (B,), ``kl_per_dim`` (B, D) (for
         layer-wise latents (B, L, D), unscaled) or None, ``bow`` (B,) or None and ``cls``
-        (scalar) or None; nats per sentence (``cls`` per labelled sentence).
+        (scalar) or None (plus any other auxiliary term of the model); nats per sentence
+        (``cls`` per labelled sentence).
     """
     if not model.has_latent:
         rec = -model.log_likelihood(batch, None)[0]
@@ -243,42 +346,35 @@ def elbo(
             "cls": None,
         }
     q, p = model.posterior_and_prior(batch)
-    scale = getattr(q, "log_prob_scale", 1.0)
-    kl_dims = kl_per_dim(q, p)
-    if kl_dims is not None:
-        z = q.rsample((1,))  # (1, B, D)
-        kl = kl_dims.sum(-1)
-        kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode)
-    else:
+    estimator = kl_estimator(q, p)
+    if estimator.needs_samples:
         z, log_q = rsample_and_log_prob(q, (1,))  # (1, B, *event), (1, B)
-        kl_dims = conditional_kl(q, p, z)
-        if kl_dims is not None:  # layer-wise: closed form per layer at the sampled z_<l
-            kl_dims = kl_dims[0]  # (B, L, D)
-            kl = kl_dims.flatten(1).sum(-1) * scale
-            kl_term = free_bits_kl(kl_dims, free_bits, free_bits_mode) * scale
+        kl = estimator.estimate(q, p, z, log_q)
+        kl = kl._replace(total=kl.total[0], per_dim=None if kl.per_dim is None else kl.per_dim[0])
+    else:
+        kl = estimator.estimate(q, p)  # (B,), (B, D)
+        z = q.rsample((1,))  # (1, B, D)
+    s = settings if settings is not None else ObjectiveSettings()
+    if kl.per_dim is not None:
+        kl_term = free_bits_kl(kl.per_dim, s.free_bits, s.free_bits_mode) * kl.scale
+    else:  # no per-dimension KL: free bits floor the total
+        floor = s.free_bits * (z[0, 0].numel() if s.free_bits_mode != "total" else 1)
+        if s.free_bits > 0 and s.free_bits_mode == "per_sentence_dim":  # each sentence's total
+            kl_term = torch.clamp(kl.total, min=floor).mean()
         else:
-            kl = (log_q - p.log_prob(z))[0]
-            floor = free_bits * (z[0, 0].numel() if free_bits_mode != "total" else 1)
-            if free_bits > 0 and free_bits_mode == "per_sentence_dim":  # each sentence's total
-                kl_term = torch.clamp(kl, min=floor).mean()
-            else:
-                kl_term = torch.clamp(kl.mean(), min=floor) if free_bits > 0 else kl.mean()
+            kl_term = (
+                torch.clamp(kl.total.mean(), min=floor) if s.free_bits > 0 else kl.total.mean()
+            )
     rec = -model.log_likelihood(batch, z)[0]  # (B,)
-    loss = rec.mean() + beta * kl_term
-    if kl_target > 0 and kl_target_weight > 0:
-        loss = loss + kl_target_weight * (kl.mean() - kl_target).abs()
-    bow = None
-    if model.bow_head is not None:
-        bow = -model.bow_head.log_prob(z[0], batch["input_ids"], batch["attention_mask"])  # (B,)
-        loss = loss + model.bow_weight * bow.mean()
-    cls = None
-    if getattr(model, "classifier", None) is not None and "labels" in batch:
-        labelled = batch["labels"] >= 0  # -1: hidden from the semi-supervised classifier
-        if bool(labelled.any()):
-            logits = model.classifier(z[0][labelled].float())  # (B_labelled, classes)
-            cls = F.cross_entropy(logits, batch["labels"][labelled])
-            loss = loss + model.classifier_weight * cls
-    return {"loss": loss, "rec": rec, "kl": kl, "kl_per_dim": kl_dims, "bow": bow, "cls": cls}
+    loss = rec.mean() + s.beta * kl_term
+    if s.kl_target > 0 and s.kl_target_weight > 0:
+        loss = loss + s.kl_target_weight * (kl.total.mean() - s.kl_target).abs()
+    out = {"rec": rec, "kl": kl.total, "kl_per_dim": kl.per_dim, "bow": None, "cls": None}
+    for name, (weight, value) in model.auxiliary_losses(batch, z[0]).items():
+        if value is not None:
+            loss = loss + weight * value.mean()
+        out[name] = value
+    return {"loss": loss, **out}
 
 
 def iw_log_weights(

@@ -235,7 +235,7 @@ class LayerwiseGaussian(Distribution):
     - ``log_prob(z)``: sum over layers (and dimensions) of log N(z_l; mu_l(z_<l), sigma_l^2(z_<l))
       (nats), times ``log_prob_scale``.
     - ``conditionals(z)``: the L per-layer Gaussians given z_<l, a ``Normal`` of batch shape
-      (..., L, D): the hook :func:`textvae.objectives.conditional_kl` uses for the per-layer KL.
+      (..., L, D): the hook the layer-wise KL of :func:`textvae.objectives.kl_estimate` uses.
     - ``mean``: E[z] estimated from 256 ancestral draws with common random numbers, averaging
       mu_l(z_<l) over the draws (layer 1 exact).
 

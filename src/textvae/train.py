@@ -18,38 +18,49 @@ A run folder holds:
   ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}`` (``resume``,
   ``phase`` at a phase hand-off, ``aggressive off``, ``non-finite loss``, ``finished``).
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
-  safetensors, optimizer, RNG states, LR scheduler, :class:`TrainerState` with the step that
+  safetensors, optimizer, RNG states, LR scheduler, :class:`~textvae.remedies.TrainerState` with the step that
   drives the beta schedule and the data position), written at every validation.
 - ``checkpoints/best/model.safetensors``: the weights of the best validation ELBO.
 - ``samples.txt``: at each validation, greedy decodings of z ~ p(z) (ancestral samples for a
   model without latent; for a conditional model, one greedy response from z ~ p(z|c) to each of
   the first validation contexts).
 
-Training-schedule remedies (the model-side ones live in the model and its config):
+The loop (``_loop``) reads top to bottom: for each global batch, the phase hand-off when due,
+this step's beta, the aggressive encoder-only steps while on, one optimizer step, a ``train``
+record every ``train.log_every`` steps, and validation (``_validate``: evaluation, the ``valid``
+record, the validation-time remedies, LR schedules, samples and checkpoints) every
+``train.eval_every`` steps or at each epoch's end. The objective's settings are built once
+(:class:`textvae.objectives.ObjectiveSettings`) and the training-schedule remedies are small
+functions of :mod:`textvae.remedies` on the checkpointed :class:`~textvae.remedies.TrainerState`
+(the model-side ones live in the model and its config):
 
 - ``kl.cycle_epochs`` > 0 sets the cyclical KL schedule's period in epochs: it is turned into
   ``kl.cycle_steps`` from the number of batches per epoch when training starts
-  (:func:`resolve_cycle`; a ``kl cycle`` event records the value), DELLA's 2-epoch cycles.
-
+  (:func:`~textvae.remedies.resolve_cycle`; a ``kl cycle`` event records the value), DELLA's
+  2-epoch cycles.
 - Phases (Li et al. 2019, "A Surprisingly Effective Fix for Deep Latent Variable Modeling of
   Text"): with ``train.ae_pretrain_steps`` = N > 0 the run starts in phase ``ae`` (an
   autoencoder through the z bottleneck: KL weight 0, z still sampled, as their beta = 0 run)
-  and at step N hands off to phase ``vae``: :func:`reset_generative` re-initialises the decoder
-  side, the optimizer state and LR schedule start afresh, and the KL schedule counts from the
-  phase start (:func:`phase_beta`). Phase and boundary live in :class:`TrainerState`, so a
-  resume on either side of the boundary continues exactly.
+  and at step N hands off to phase ``vae``: :func:`~textvae.remedies.start_vae_phase`
+  re-initialises the decoder side, the optimizer state and LR schedule start afresh, and the KL
+  schedule counts from the phase start (:func:`~textvae.remedies.phase_beta`). Phase and
+  boundary live in the trainer state, so a resume on either side of the boundary continues
+  exactly.
 - The same two phases as Park & Lee 2021 ("Finetuning Pretrained Transformers into Variational
   Autoencoders", the ``t5_vae`` model): ``train.ae_reset_decoder=false`` (phase 2 starts from
   the phase-1 weights), ``train.ae_patience`` (phase 1 ends early once the validation ``rec``
-  has not improved for that many validations: :func:`update_ae_early_stop`; the hand-off event
-  says ``reason``: ``steps`` or ``early stop``) and ``train.ae_freeze_decoder`` (phase 1 drops
-  the gradients of the model's ``decoder_modules``: :func:`frozen_parameters`).
+  has not improved for that many validations: :func:`~textvae.remedies.update_ae_early_stop`;
+  the hand-off event says ``reason``: ``steps`` or ``early stop``) and
+  ``train.ae_freeze_decoder`` (phase 1 drops the gradients of the model's ``decoder_modules``:
+  :func:`~textvae.remedies.frozen_parameters`).
 - Aggressive inference-network training (He et al. 2019, "Lagging Inference Networks and
   Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first runs
-  :func:`aggressive_inner_loop` (encoder-only updates with their own optimizer) and then
-  updates the decoder side only; :func:`update_aggressive` switches it off for good at the first
-  validation whose MI is lower than the previous one. Both optimizers, the flag and the last MI
-  are checkpointed.
+  :func:`~textvae.remedies.aggressive_inner_loop` (encoder-only updates with their own
+  optimizer) and then updates the decoder side only; :func:`~textvae.remedies.update_aggressive`
+  switches it off for good at the first validation whose MI is lower than the previous one. Both
+  optimizers, the flag and the last MI are checkpointed.
+- The collapse watch (:func:`~textvae.remedies.update_collapse`) logs the ``posterior
+  collapse`` warning.
 
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
@@ -77,19 +88,21 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from textvae import remedies
 from textvae.atomic import commit_dir, temp_dir
-from textvae.config import Config, ConfigError, KLConfig
+from textvae.config import Config, ConfigError
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import kl_weight
+from textvae.objectives import ObjectiveSettings
+from textvae.remedies import TrainerState, resolve_cycle
 from textvae.rundir import (
     FINISHED,
     WEIGHTS,
@@ -166,37 +179,6 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-@dataclass
-class TrainerState:
-    """Position of a run, saved in every checkpoint: the optimizer step (which drives the beta
-    schedule), the data position (epoch, next batch in it), the best validation loss, the
-    training phase (``ae`` or ``vae``) with the step it began at, whether aggressive
-    inference-network training is on, with the MI of the previous validation (nats), and the
-    early stopping of phase ``ae`` (best validation rec in nats per sentence, validations
-    without improvement since, and whether the phase is to end; :func:`update_ae_early_stop`)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    best_valid: float = math.inf
-    last_valid_step: int = -1
-    collapsed_validations: int = 0
-    phase: str = "vae"
-    phase_start: int = 0
-    aggressive: bool = False
-    last_mi: float | None = None
-    ae_best_rec: float = math.inf
-    ae_bad_validations: int = 0
-    ae_stopped: bool = False
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
 def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     t = config.train
     if t.optimizer == "sgd":
@@ -205,171 +187,6 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-
-
-def phase_beta(state: TrainerState, kl: KLConfig) -> float:
-    """The KL weight of the current step: 0 in phase ``ae``; in phase ``vae`` the schedule
-    :func:`textvae.objectives.kl_weight` at ``state.step - state.phase_start`` (so a warm-up
-    after autoencoder pretraining starts from its beginning, as Li et al. 2019's second run)."""
-    if state.phase == "ae":
-        return 0.0
-    return kl_weight(state.step - state.phase_start, kl)
-
-
-def resolve_cycle(kl: KLConfig, steps_per_epoch: int) -> KLConfig:
-    """The KL config with the cyclical period in steps: ``cycle_steps`` = round(``cycle_epochs``
-    * ``steps_per_epoch``) (at least 1) when ``cycle_epochs`` > 0 (DELLA's period of 2 epochs),
-    else ``kl`` unchanged."""
-    if kl.cycle_epochs <= 0:
-        return kl
-    return dataclasses.replace(kl, cycle_steps=max(1, round(kl.cycle_epochs * steps_per_epoch)))
-
-
-def update_aggressive(state: TrainerState, mi: float) -> bool:
-    """He et al. 2019's switch: aggressive training stops for good once the validation MI
-    decreases (their code: ``if cur_mi - pre_mi < 0``, checked at each epoch; here at each
-    validation, with the protocol's aggregate-posterior MI over the validation set). The first
-    validation of a phase has no predecessor and never switches it off.
-
-    Args:
-        mi: I_q(x; z) of this validation, nats.
-
-    Returns:
-        True when this call switched aggressive training off.
-    """
-    if not state.aggressive:
-        return False
-    off = state.last_mi is not None and mi < state.last_mi
-    state.last_mi = mi
-    if off:
-        state.aggressive = False
-    return off
-
-
-def update_ae_early_stop(state: TrainerState, rec: float, patience: int) -> bool:
-    """Early stopping of the autoencoder phase on the validation reconstruction (Park & Lee
-    2021's phase 1): a validation whose ``rec`` is below the phase's best resets the count,
-    any other counts one; after ``patience`` in a row the phase is marked to end
-    (``state.ae_stopped``; the hand-off happens before the next step). Does nothing outside
-    phase ``ae`` or with ``patience`` 0.
-
-    Args:
-        rec: E_q[-log p(x|z)] of this validation, nats per sentence.
-
-    Returns:
-        True when this call ended the phase.
-    """
-    if state.phase != "ae" or patience <= 0 or state.ae_stopped:
-        return False
-    if rec < state.ae_best_rec:
-        state.ae_best_rec, state.ae_bad_validations = rec, 0
-        return False
-    state.ae_bad_validations += 1
-    state.ae_stopped = state.ae_bad_validations >= patience
-    return state.ae_stopped
-
-
-def frozen_parameters(model, config: Config, state: TrainerState) -> list[torch.nn.Parameter]:
-    """The parameters held fixed at this step: the model's ``decoder_modules`` in phase ``ae``
-    with ``train.ae_freeze_decoder`` (and its ``latent_projection_modules`` with
-    ``train.ae_freeze_latent_projection``), else none. The loop drops their gradients before the
-    update, so no optimizer (nor weight decay) moves them."""
-    if not (config.train.ae_freeze_decoder and state.phase == "ae"):
-        return []
-    names = model.decoder_modules + (
-        getattr(model, "latent_projection_modules", ())
-        if config.train.ae_freeze_latent_projection
-        else ()
-    )
-    return [
-        p
-        for name in names
-        if getattr(model, name, None) is not None
-        for p in getattr(model, name).parameters()
-    ]
-
-
-def aggressive_inner_loop(
-    model,
-    enc_optimizer: torch.optim.Optimizer,
-    draw_batch: Callable[[int], dict],
-    loss_of: Callable[[dict], torch.Tensor],
-    max_inner: int,
-    window: int,
-    grad_clip: float,
-    backward: Callable[[torch.Tensor], None] | None = None,
-    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> int:
-    """Encoder-only updates until the encoder's loss stops improving (He et al. 2019, Alg. 1).
-
-    Step i (0-based) computes the training loss on ``draw_batch(i)`` (He et al.'s code: the
-    current batch first, then random training batches), back-propagates, clips the inference
-    network's gradient norm at ``grad_clip`` (0 = no clipping) and steps ``enc_optimizer``, whose
-    parameters are the inference network's only: every other parameter is left unchanged
-    (their gradients are computed and discarded). After every ``window`` steps the window's loss
-    per token (sum over sentences / real tokens, EOS counted) is compared with the previous
-    window's; the loop stops when it is higher, and after ``max_inner`` steps at most.
-
-    Args:
-        model: the unwrapped model (``inference_parameters()``, ``zero_grad``).
-        loss_of: batch -> scalar training loss (mean over the batch of nats per sentence).
-        backward: how to back-propagate (``accelerator.backward``); ``loss.backward`` if None.
-        all_sum: sums a float64 tensor over processes (several processes must stop together:
-            they compare the window losses of all their batches); None for one process.
-
-    Returns:
-        The number of encoder-only steps taken, 1 <= n <= max_inner.
-
-    Raises:
-        ValueError: ``max_inner`` or ``window`` < 1, or the model has no inference network.
-    """
-    if max_inner < 1 or window < 1:
-        raise ValueError(f"max_inner ({max_inner}) and window ({window}) must be >= 1")
-    params = model.inference_parameters()
-    previous, total, tokens = math.inf, 0.0, 0
-    for i in range(max_inner):
-        batch = draw_batch(i)
-        loss = loss_of(batch)
-        model.zero_grad(set_to_none=True)
-        (backward or torch.Tensor.backward)(loss)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        enc_optimizer.step()
-        total += loss.item() * batch["input_ids"].size(0)
-        tokens += int(batch["attention_mask"].sum())
-        if (i + 1) % window == 0:
-            sums = torch.tensor([total, float(tokens)], dtype=torch.float64)
-            if all_sum is not None:
-                sums = all_sum(sums)
-            current = float(sums[0] / sums[1])
-            if current > previous:
-                break
-            previous, total, tokens = current, 0.0, 0
-    model.zero_grad(set_to_none=True)
-    return i + 1
-
-
-def reset_generative(model, config: Config, tokenizer) -> list[str]:
-    """Li et al. 2019's decoder reset: every parameter and buffer outside the inference network
-    (decoder, bag-of-words head) is set, in place, to its value in a model freshly built under
-    ``torch.manual_seed(config.train.seed)``: the initialisation this run started from, as a
-    second run with the same seed that loads the pretrained encoder. The caller's RNG is
-    untouched; the inference network is kept.
-
-    Returns:
-        The ``state_dict`` keys that were reset.
-
-    Raises:
-        ValueError: the model names no inference network (``inference_modules``).
-    """
-    if not model.inference_modules:
-        raise ValueError(f"{type(model).__name__} has no inference network to keep")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.train.seed)
-        fresh = MODELS[config.model.name](config.model, tokenizer)
-    state = {k: v for k, v in fresh.state_dict().items() if not model.is_inference_key(k)}
-    model.load_state_dict(state, strict=False)
-    return sorted(state)
 
 
 def train(
@@ -557,10 +374,7 @@ def _train(
     model, *optimizers = accelerator.prepare(model, *optimizers)
     optimizer = optimizers[0]
     enc_optimizer = optimizers[1] if enc_optimizer is not None else None
-    state = TrainerState()
-    if not resume:
-        state.phase = "ae" if t.ae_pretrain_steps > 0 else "vae"
-        state.aggressive = t.aggressive and state.phase == "vae"
+    state = remedies.initial_state(t) if not resume else TrainerState()  # resume: loaded below
     accelerator.register_for_checkpointing(state)
     for sched in schedulers:
         accelerator.register_for_checkpointing(sched)
@@ -579,291 +393,38 @@ def _train(
             config=params,
             init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
         )
+    all_sum = None
+    if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
 
-    def write_log(record: dict) -> None:
-        if log_file is not None:
-            record = {**record, "phase": state.phase, "aggressive": state.aggressive}
-            log_file.write(record)
-            if record["type"] in TRACKED and t.log_with != "none":
-                accelerator.log(
-                    {
-                        f"{record['type']}/{k}": record[k]
-                        for k in TRACKED[record["type"]]
-                        if record.get(k) is not None
-                    },
-                    step=record["step"],
-                )
+        def all_sum(x: torch.Tensor) -> torch.Tensor:
+            return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        raw=raw,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        enc_optimizer=enc_optimizer,
+        schedulers=schedulers,
+        fresh_schedules=fresh_schedules,
+        state=state,
+        train_ds=train_ds,
+        valid_ds=valid_ds,
+        objective=ObjectiveSettings.from_config(config.kl),
+        log_file=log_file,
+        on_validation=on_validation,
+        all_sum=all_sum,
+    )
     if resume:
-        write_log({"type": "event", "event": "resume", "step": state.step})
-
-    def check_collapse(m: dict) -> None:
-        """Count validations in a row with KL or z-usage gap under threshold; warn past patience."""
-        low_gap = m["z_gap"] is not None and m["z_gap"] < t.collapse_z_gap
-        if m["kl"] < t.collapse_kl or low_gap:
-            state.collapsed_validations += 1
-        else:
-            state.collapsed_validations = 0
-        if t.collapse_patience and state.collapsed_validations >= t.collapse_patience:
-            gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
-            reason = collapse_reason(m["kl"], m["z_gap"], t.collapse_kl, t.collapse_z_gap)
-            message = (
-                f"posterior collapse? for {state.collapsed_validations} validations in a "
-                f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
-                f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
-                "free bits, a longer KL warm-up or pooling"
-            )
-            log.warning("step %d: %s", state.step, message)
-            write_log(
-                {
-                    "type": "warning",
-                    "warning": "posterior collapse",
-                    "step": state.step,
-                    "kl": m["kl"],
-                    "z_gap": m["z_gap"],
-                    "au": m["au"],
-                    "validations": state.collapsed_validations,
-                    "message": message,
-                }
-            )
-
-    def validate() -> dict:
-        m = evaluate(
-            raw,
-            valid_ds,
-            iw_samples=0,
-            au_delta=config.eval.au_delta,
-            batch_size=config.eval.batch_size,
-            chunk_tokens=config.eval.chunk_tokens,
-            precision=t.precision,
-            seed=t.seed,
-            num_processes=n_proc,
-            process_index=rank,
-        )
-        record = {
-            "type": "valid",
-            "step": state.step,
-            "epoch": state.epoch,
-            "beta": phase_beta(state, config.kl),
-            **{
-                k: m[k]
-                for k in (
-                    "elbo",
-                    "rec",
-                    "kl",
-                    "mi",
-                    "mi_batch",
-                    "au",
-                    "au_delta",
-                    "z_gap",
-                    "kl_per_dim",
-                    "encoder_dispersion",
-                )
-            },
-        }
-        write_log(record)
-        if raw.has_latent:
-            log.info(
-                "step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f "
-                "(nats/sentence)",
-                state.step,
-                m["elbo"],
-                m["rec"],
-                m["kl"],
-                math.nan if m["mi"] is None else m["mi"],
-                m["au"],
-                math.prod(raw.latent_shape),
-                m["z_gap"] if m["z_gap"] is not None else math.nan,
-            )
-            check_collapse(m)
-            if state.phase == "ae" and m["rec"] < state.ae_best_rec:
-                save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
-                if not t.ae_patience:  # update_ae_early_stop tracks it when it runs
-                    state.ae_best_rec = m["rec"]
-            if update_ae_early_stop(state, m["rec"], t.ae_patience):
-                log.info(
-                    "step %d: validation rec has not improved for %d validations: the "
-                    "autoencoder phase ends",
-                    state.step,
-                    t.ae_patience,
-                )
-                write_log(
-                    {
-                        "type": "event",
-                        "event": "ae early stop",
-                        "step": state.step,
-                        "rec": m["rec"],
-                        "best_rec": state.ae_best_rec,
-                    }
-                )
-            last_mi = state.last_mi
-            if m["mi"] is not None and update_aggressive(
-                state, m["mi"]
-            ):  # None: a flow's I(x; z_K) failed
-                log.info(
-                    "step %d: validation MI fell from %.3f to %.3f nats: aggressive training off",
-                    state.step,
-                    last_mi,
-                    m["mi"],
-                )
-                write_log(
-                    {
-                        "type": "event",
-                        "event": "aggressive off",
-                        "step": state.step,
-                        "mi": m["mi"],
-                        "last_mi": last_mi,
-                    }
-                )
-        loss = -m["elbo"]
-        for sched in schedulers:
-            sched.step(loss)
-        # greedy decoding of z ~ p(z) shows what z encodes; a model without z samples ancestrally;
-        # a conditional model answers the first validation contexts from z ~ p(z|c)
-        strategy = "greedy" if raw.has_latent else "sample"
-        what = "prior samples"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(t.seed + state.step)
-            if not t.num_samples:
-                samples = []
-            elif raw.conditional:
-                contexts = valid_ds.contexts[: t.num_samples]
-                samples = [
-                    f"{c} => {r[0]}"
-                    for c, r in zip(
-                        contexts, respond(raw, contexts, 1, strategy=strategy), strict=True
-                    )
-                ]
-                what = "responses (context => response)"
-            else:
-                samples = sample_prior(raw, t.num_samples, strategy=strategy)
-        state.last_valid_step = state.step
-        if main:
-            with open(run_dir / "samples.txt", "a") as fh:
-                fh.write(
-                    f"# step {state.step}, {what}, {strategy}\n"
-                    + "".join(s + "\n" for s in samples)
-                )
-        if loss < state.best_valid:
-            state.best_valid = loss
-            if main:
-                write_weights(
-                    run_dir, "best", raw.state_dict(), {"trainer_state.json": state.state_dict()}
-                )
-        save_last()
-        if on_validation is not None:
-            on_validation(record)
-        return record
-
-    def save_last() -> None:
-        # every process saves its own RNG state into the same folder; the main one commits it
-        last = checkpoint_path(run_dir, "last")
-        tmp = temp_dir(last) if main else last.with_name("last.tmp")
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if main:
-            commit_dir(tmp, last)
-
-    def forward(batch: dict, beta: float) -> dict:
-        """The training objective on a batch; a non-finite loss stops the run."""
-        # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
-        target_weight = config.kl.target_weight if state.phase == "vae" else 0.0
-        out = model(
-            batch,
-            beta=beta,
-            free_bits=config.kl.free_bits,
-            free_bits_mode=config.kl.free_bits_mode,
-            kl_target=config.kl.target,
-            kl_target_weight=target_weight,
-        )
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
-            write_log(
-                {
-                    "type": "event",
-                    "event": "non-finite loss",
-                    "step": state.step,
-                    "rec": rec,
-                    "kl": kl,
-                }
-            )
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {state.step} (rec {rec:.4g}, kl {kl:.4g}); "
-                f"training stopped. The last good state is {run_dir / 'checkpoints' / 'last'}; "
-                "lower train.lr or lengthen the KL warm-up, then resume or restart."
-            )
-        return out
-
-    def save_ae_best(rec: float) -> None:
-        """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
-        if not main:
-            return
-        write_weights(
-            run_dir, "ae_best", raw.state_dict(), {"info.json": {"step": state.step, "rec": rec}}
-        )
-
-    def start_vae_phase() -> None:
-        """Li et al. 2019 hand-off: decoder side re-initialised, optimizers and LR schedules as
-        in a fresh run (the encoder keeps its pretrained weights), KL schedule from here. With
-        ``train.ae_start: best`` the weights are first those of the best phase-1 validation rec
-        (Park & Lee 2021's early stopping keeps its argmin), when a validation happened."""
-        start = {"start": "last", "from_step": state.step}
-        if t.ae_start == "best":
-            accelerator.wait_for_everyone()
-            folder = checkpoint_path(run_dir, "ae_best")
-            if (folder / WEIGHTS).is_file():
-                raw.load_state_dict(load_file(str(folder / WEIGHTS)))
-                info = json.loads((folder / "info.json").read_text())
-                start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
-            else:
-                start["start"] = "last (no phase-1 validation to choose from)"
-        reset = reset_generative(raw, config, tokenizer) if t.ae_reset_decoder else []
-        for opt in optimizers:
-            opt.state.clear()
-            for group in opt.param_groups:
-                group["lr"] = t.lr
-        for sched, fresh in zip(schedulers, fresh_schedules, strict=True):
-            sched.load_state_dict(copy.deepcopy(fresh))
-        state.phase, state.phase_start = "vae", state.step
-        state.best_valid, state.collapsed_validations = math.inf, 0
-        state.aggressive, state.last_mi = t.aggressive, None
-        reason = "early stop" if state.ae_stopped else "steps"
-        log.info(
-            "step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
-            "re-initialised)",
-            state.step,
-            reason,
-            len(reset),
-        )
-        write_log(
-            {
-                "type": "event",
-                "event": "phase",
-                "step": state.step,
-                "reset": len(reset),
-                "reason": reason,
-                **start,
-            }
-        )
-
-    def epoch_batches(epoch: int) -> list[list[int]]:
-        """The global batches of an epoch; with N processes those of fewer than N sentences
-        (at most the last, short one) are left out, since every process needs a share."""
-        return [b for b in train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc]
-
-    def shard(indices: list[int]) -> dict:
-        """This process's share of a global batch (every N-th sentence: balanced lengths)."""
-        return {
-            k: v.to(accelerator.device) for k, v in train_ds.collate(indices[rank::n_proc]).items()
-        }
-
-    per_epoch = len(epoch_batches(0))
+        run.write_log({"type": "event", "event": "resume", "step": state.step})
+    per_epoch = len(run.epoch_batches(0))
     total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
-        config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
-        write_log(
+        run.config = config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
+        run.write_log(
             {
                 "type": "event",
                 "event": "kl cycle",
@@ -880,148 +441,485 @@ def _train(
             t.ae_pretrain_steps,
         )
     bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
-    all_sum = None
-    if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
-
-        def all_sum(x: torch.Tensor) -> torch.Tensor:
-            return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
-
-    def new_window() -> dict:
-        return {
-            "loss": 0.0,
-            "rec": 0.0,
-            "kl": 0.0,
-            "bow": 0.0,
-            "cls": 0.0,
-            "n_cls": 0,
-            "inner": 0,
-            "n": 0,
-            "tokens": 0,
-            "t0": time.perf_counter(),
-        }
-
-    window = new_window()
-    stop = state.step >= total
     # log records (validation lines, collapse warnings) print above the progress bar
     with logging_redirect_tqdm():
-        while not stop:
-            batches = epoch_batches(state.epoch)  # global batches; each process takes its share
-            while state.batch_in_epoch < len(batches) and not stop:
-                if stop_signals.signum is not None:  # SIGINT/SIGTERM during the last step
-                    save_last()
-                    write_log(
-                        {
-                            "type": "event",
-                            "event": "interrupted",
-                            "step": state.step,
-                            "signal": signal.Signals(stop_signals.signum).name,
-                        }
-                    )
-                    bar.close()
-                    if log_file is not None:
-                        log_file.close()
-                    raise TrainingInterrupted(stop_signals.signum, state.step, run_dir)
-                if state.phase == "ae" and (state.step >= t.ae_pretrain_steps or state.ae_stopped):
-                    start_vae_phase()
-                n_global = len(batches[state.batch_in_epoch])
-                batch = shard(batches[state.batch_in_epoch])
-                n_local = batch["input_ids"].size(0)
-                beta = phase_beta(state, config.kl)
-                model.train()
-                inner = 0
-                if state.aggressive:
-                    # the current batch first, then random batches drawn by a generator seeded by
-                    # the step, so a resumed run draws the same ones
-                    gen = torch.Generator().manual_seed(t.seed * 1_000_003 + state.step)
-                    picks = torch.randint(len(batches), (t.aggressive_max_inner,), generator=gen)
-
-                    def draw(i: int, batch=batch, picks=picks, batches=batches) -> dict:
-                        return batch if i == 0 else shard(batches[int(picks[i])])
-
-                    inner = aggressive_inner_loop(
-                        raw,
-                        enc_optimizer,
-                        draw,
-                        lambda b, beta=beta: forward(b, beta)["loss"],
-                        t.aggressive_max_inner,
-                        t.aggressive_window,
-                        t.grad_clip,
-                        accelerator.backward,
-                        all_sum,
-                    )
-                out = forward(batch, beta)
-                loss = out["loss"]
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                # DDP averages the processes' gradients: weigh each by its share of the batch, so
-                # the update is that of the mean over the global batch (weight 1 when equal)
-                share = n_local * n_proc / n_global
-                accelerator.backward(loss if share == 1 else loss * share)
-                for p in frozen_parameters(raw, config, state):
-                    p.grad = None  # phase ae with a frozen decoder: the optimizers skip them
-                if t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                if enc_optimizer is not None and not state.aggressive:
-                    enc_optimizer.step()  # joint update; while aggressive the decoder side only
-                state.step += 1
-                state.batch_in_epoch += 1
-                # this process's share of the global batch means (summed over processes below)
-                window["loss"] += loss.item() * n_local / n_global
-                window["rec"] += out["rec"].sum().item() / n_global
-                window["kl"] += out["kl"].sum().item() / n_global
-                if out["bow"] is not None:
-                    window["bow"] += out["bow"].sum().item() / n_global
-                if out.get("cls") is not None:
-                    window["cls"] += out["cls"].item()
-                    window["n_cls"] += 1
-                window["inner"] += inner
-                window["n"] += 1
-                window["tokens"] += int(batch["attention_mask"].sum())
-                bar.update(1)
-                if state.step % t.log_every == 0:
-                    n, dt = window["n"], time.perf_counter() - window["t0"]
-                    if all_sum is not None:
-                        keys = ("loss", "rec", "kl", "bow", "tokens")
-                        sums = all_sum(
-                            torch.tensor([float(window[k]) for k in keys], dtype=torch.float64)
-                        )
-                        window.update(zip(keys, sums.tolist(), strict=True))
-                    record = {
-                        "type": "train",
-                        "step": state.step,
-                        "epoch": state.epoch,
-                        "loss": window["loss"] / n,
-                        "rec": window["rec"] / n,
-                        "kl": window["kl"] / n,
-                        "beta": beta,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "tokens_per_s": window["tokens"] / max(dt, 1e-9),
-                    }
-                    if raw.bow_head is not None:
-                        record["bow"] = window["bow"] / n
-                    if window["n_cls"]:  # classifier cross-entropy, nats per labelled sentence
-                        record["cls"] = window["cls"] / window["n_cls"]
-                    if t.aggressive:
-                        record["inner_steps"] = window["inner"] / n
-                    write_log(record)
-                    bar.set_postfix(
-                        rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
-                    )
-                    window = new_window()
-                stop = state.step >= total
-                if t.eval_every and state.step % t.eval_every == 0:
-                    validate()
-            if state.batch_in_epoch >= len(batches):
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                if not t.eval_every:
-                    validate()
-        if state.last_valid_step != state.step:
-            validate()
+        _loop(run, total, stop_signals, bar)
         bar.close()
     if log_file is not None:
-        write_log({"type": "event", "event": FINISHED, "step": state.step})
+        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
         log_file.close()
     accelerator.end_training()
     return run_dir
+
+
+def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
+    """The training loop: epochs of global batches, one optimizer step per batch, a ``train``
+    log record every ``train.log_every`` steps, validation (with its checkpoints and the
+    validation-time remedies, :func:`_validate`) every ``train.eval_every`` steps or at each
+    epoch's end, and once more at the end."""
+    t, state = run.config.train, run.state
+    window = _Window()
+    stop = state.step >= total
+    while not stop:
+        batches = run.epoch_batches(state.epoch)  # global batches; each process takes its share
+        while state.batch_in_epoch < len(batches) and not stop:
+            if stop_signals.signum is not None:  # SIGINT/SIGTERM during the last step
+                run.interrupt(stop_signals.signum, bar)
+            if remedies.ae_phase_over(state, t):
+                run.start_vae_phase()
+            n_global = len(batches[state.batch_in_epoch])
+            batch = run.shard(batches[state.batch_in_epoch])
+            beta = remedies.phase_beta(state, run.config.kl)
+            run.model.train()
+            inner = run.aggressive_steps(batch, batches, beta) if state.aggressive else 0
+            out = run.update(batch, n_global, beta)
+            state.step += 1
+            state.batch_in_epoch += 1
+            window.add(out, batch, n_global, inner)
+            bar.update(1)
+            if state.step % t.log_every == 0:
+                record = window.record(run, beta)
+                run.write_log(record)
+                bar.set_postfix(
+                    rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
+                )
+                window = _Window()
+            stop = state.step >= total
+            if t.eval_every and state.step % t.eval_every == 0:
+                _validate(run)
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if not t.eval_every:
+                _validate(run)
+    if state.last_valid_step != state.step:
+        _validate(run)
+
+
+@dataclass
+class _Run:
+    """What the loop works with: the config, the run folder, the prepared model and optimizers
+    (``optimizer`` for everything, or for the generative side while ``enc_optimizer`` has the
+    inference network, with ``train.aggressive``), the :class:`TrainerState`, the datasets and
+    the log; its methods are the loop's steps that touch several of them."""
+
+    config: Config
+    run_dir: Path
+    accelerator: object
+    model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
+    raw: torch.nn.Module  # the unwrapped model
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    enc_optimizer: torch.optim.Optimizer | None
+    schedulers: list
+    fresh_schedules: list[dict]
+    state: TrainerState
+    train_ds: TextDataset
+    valid_ds: TextDataset
+    objective: ObjectiveSettings
+    log_file: RunLog | None  # log.jsonl (main process only)
+    on_validation: Callable[[dict], None] | None
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None  # sum over processes; None for one
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.optimizer, self.enc_optimizer) if o is not None]
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def write_log(self, record: dict) -> None:
+        """Append ``record`` (with the phase and the aggressive flag) to ``log.jsonl`` and send
+        its :data:`TRACKED` scalars to the trackers; main process only."""
+        if self.log_file is not None:
+            record = {**record, "phase": self.state.phase, "aggressive": self.state.aggressive}
+            self.log_file.write(record)
+            if record["type"] in TRACKED and self.config.train.log_with != "none":
+                self.accelerator.log(
+                    {
+                        f"{record['type']}/{k}": record[k]
+                        for k in TRACKED[record["type"]]
+                        if record.get(k) is not None
+                    },
+                    step=record["step"],
+                )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of an epoch; with N processes those of fewer than N sentences
+        (at most the last, short one) are left out, since every process needs a share."""
+        t, n_proc = self.config.train, self.accelerator.num_processes
+        return [
+            b for b in self.train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc
+        ]
+
+    def shard(self, indices: list[int]) -> dict:
+        """This process's share of a global batch (every N-th sentence: balanced lengths)."""
+        rank, n_proc = self.accelerator.process_index, self.accelerator.num_processes
+        return {
+            k: v.to(self.accelerator.device)
+            for k, v in self.train_ds.collate(indices[rank::n_proc]).items()
+        }
+
+    def loss(self, batch: dict, beta: float) -> dict:
+        """The training objective on a batch; a non-finite loss stops the run."""
+        # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
+        out = self.model(batch, self.objective.at(beta, kl_target=self.state.phase == "vae"))
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
+            step = self.state.step
+            self.write_log(
+                {"type": "event", "event": "non-finite loss", "step": step, "rec": rec, "kl": kl}
+            )
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {step} (rec {rec:.4g}, kl {kl:.4g}); "
+                f"training stopped. The last good state is {self.run_dir / 'checkpoints' / 'last'}; "
+                "lower train.lr or lengthen the KL warm-up, then resume or restart."
+            )
+        return out
+
+    def aggressive_steps(self, batch: dict, batches: list[list[int]], beta: float) -> int:
+        """He et al. 2019's encoder-only steps before the step (:func:`remedies.aggressive_inner_loop`):
+        the current batch first, then random batches of this epoch; returns how many."""
+        t = self.config.train
+        picks = remedies.aggressive_picks(
+            t.seed, self.state.step, len(batches), t.aggressive_max_inner
+        )
+
+        def draw(i: int) -> dict:
+            return batch if i == 0 else self.shard(batches[int(picks[i])])
+
+        return remedies.aggressive_inner_loop(
+            self.raw,
+            self.enc_optimizer,
+            draw,
+            lambda b: self.loss(b, beta)["loss"],
+            t.aggressive_max_inner,
+            t.aggressive_window,
+            t.grad_clip,
+            self.accelerator.backward,
+            self.all_sum,
+        )
+
+    def update(self, batch: dict, n_global: int, beta: float) -> dict:
+        """One optimizer step on this process's share of a global batch of ``n_global``
+        sentences; returns the objective's output."""
+        t, n_proc = self.config.train, self.accelerator.num_processes
+        out = self.loss(batch, beta)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        # DDP averages the processes' gradients: weigh each by its share of the batch, so
+        # the update is that of the mean over the global batch (weight 1 when equal)
+        share = batch["input_ids"].size(0) * n_proc / n_global
+        self.accelerator.backward(out["loss"] if share == 1 else out["loss"] * share)
+        for p in remedies.frozen_parameters(self.raw, self.config, self.state):
+            p.grad = None  # phase ae with a frozen decoder: the optimizers skip them
+        if t.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        if self.enc_optimizer is not None and not self.state.aggressive:
+            self.enc_optimizer.step()  # joint update; while aggressive the decoder side only
+        return out
+
+    def save_last(self) -> None:
+        """``checkpoints/last``: every process saves its own RNG state into the same folder;
+        the main one commits it."""
+        last = checkpoint_path(self.run_dir, "last")
+        tmp = temp_dir(last) if self.main else last.with_name("last.tmp")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            commit_dir(tmp, last)
+
+    def save_best(self) -> None:
+        """``checkpoints/best``: the weights and the trainer state (main process)."""
+        if self.main:
+            write_weights(
+                self.run_dir,
+                "best",
+                self.raw.state_dict(),
+                {"trainer_state.json": self.state.state_dict()},
+            )
+
+    def save_ae_best(self, rec: float) -> None:
+        """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
+        if self.main:
+            write_weights(
+                self.run_dir,
+                "ae_best",
+                self.raw.state_dict(),
+                {"info.json": {"step": self.state.step, "rec": rec}},
+            )
+
+    def start_vae_phase(self) -> None:
+        """The hand-off of :func:`remedies.start_vae_phase`, logged. With ``train.ae_start:
+        best`` the weights are first those of the best phase-1 validation rec (Park & Lee
+        2021's early stopping keeps its argmin), when a validation happened."""
+        state, t = self.state, self.config.train
+        start = {"start": "last", "from_step": state.step}
+        if t.ae_start == "best":
+            self.accelerator.wait_for_everyone()
+            folder = checkpoint_path(self.run_dir, "ae_best")
+            if (folder / WEIGHTS).is_file():
+                self.raw.load_state_dict(load_file(str(folder / WEIGHTS)))
+                info = json.loads((folder / "info.json").read_text())
+                start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
+            else:
+                start["start"] = "last (no phase-1 validation to choose from)"
+        reset = remedies.start_vae_phase(
+            self.raw,
+            self.config,
+            self.tokenizer,
+            state,
+            self.optimizers,
+            self.schedulers,
+            self.fresh_schedules,
+        )
+        reason = "early stop" if state.ae_stopped else "steps"
+        log.info(
+            "step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
+            "re-initialised)",
+            state.step,
+            reason,
+            len(reset),
+        )
+        self.write_log(
+            {
+                "type": "event",
+                "event": "phase",
+                "step": state.step,
+                "reset": len(reset),
+                "reason": reason,
+                **start,
+            }
+        )
+
+    def interrupt(self, signum: int, bar) -> None:
+        """Stop after a finished step on SIGINT/SIGTERM: checkpoint, log, raise.
+
+        Raises:
+            TrainingInterrupted: always.
+        """
+        self.save_last()
+        self.write_log(
+            {
+                "type": "event",
+                "event": "interrupted",
+                "step": self.state.step,
+                "signal": signal.Signals(signum).name,
+            }
+        )
+        bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        raise TrainingInterrupted(signum, self.state.step, self.run_dir)
+
+
+class _Window:
+    """The running sums of one ``train`` log record (``train.log_every`` steps): this process's
+    share of the global batch means, summed over processes when the record is written."""
+
+    def __init__(self):
+        self.loss = self.rec = self.kl = self.bow = self.cls = 0.0
+        self.n_cls = self.inner = self.n = self.tokens = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, out: dict, batch: dict, n_global: int, inner: int) -> None:
+        n_local = batch["input_ids"].size(0)
+        self.loss += out["loss"].item() * n_local / n_global
+        self.rec += out["rec"].sum().item() / n_global
+        self.kl += out["kl"].sum().item() / n_global
+        if out["bow"] is not None:
+            self.bow += out["bow"].sum().item() / n_global
+        if out.get("cls") is not None:
+            self.cls += out["cls"].item()
+            self.n_cls += 1
+        self.inner += inner
+        self.n += 1
+        self.tokens += int(batch["attention_mask"].sum())
+
+    def record(self, run: _Run, beta: float) -> dict:
+        """The ``train`` record of the window (window means, nats per sentence)."""
+        n, dt = self.n, time.perf_counter() - self.t0
+        sums = {"loss": self.loss, "rec": self.rec, "kl": self.kl, "bow": self.bow}
+        sums["tokens"] = self.tokens
+        if run.all_sum is not None:
+            total = run.all_sum(
+                torch.tensor([float(v) for v in sums.values()], dtype=torch.float64)
+            )
+            sums = dict(zip(sums, total.tolist(), strict=True))
+        record = {
+            "type": "train",
+            "step": run.state.step,
+            "epoch": run.state.epoch,
+            "loss": sums["loss"] / n,
+            "rec": sums["rec"] / n,
+            "kl": sums["kl"] / n,
+            "beta": beta,
+            "lr": run.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": sums["tokens"] / max(dt, 1e-9),
+        }
+        if run.raw.bow_head is not None:
+            record["bow"] = sums["bow"] / n
+        if self.n_cls:  # classifier cross-entropy, nats per labelled sentence
+            record["cls"] = self.cls / self.n_cls
+        if run.config.train.aggressive:
+            record["inner_steps"] = self.inner / n
+        return record
+
+
+def _validate(run: _Run) -> dict:
+    """Validation: :func:`textvae.metrics.evaluate` on the validation split (single sample, no IW
+    bound), its ``valid`` log record, the validation-time remedies (collapse watch, autoencoder
+    phase best and early stop, aggressive switch-off), the LR schedules, prior samples into
+    ``samples.txt``, ``checkpoints/best`` when the ELBO improved, then ``checkpoints/last``."""
+    config, state, raw = run.config, run.state, run.raw
+    t = config.train
+    m = evaluate(
+        raw,
+        run.valid_ds,
+        iw_samples=0,
+        au_delta=config.eval.au_delta,
+        batch_size=config.eval.batch_size,
+        chunk_tokens=config.eval.chunk_tokens,
+        precision=t.precision,
+        seed=t.seed,
+        num_processes=run.accelerator.num_processes,
+        process_index=run.accelerator.process_index,
+    )
+    record = {
+        "type": "valid",
+        "step": state.step,
+        "epoch": state.epoch,
+        "beta": remedies.phase_beta(state, config.kl),
+        **{k: m[k] for k in VALID_FIELDS},
+    }
+    run.write_log(record)
+    if raw.has_latent:
+        log.info(
+            "step %d: valid elbo %.2f rec %.2f kl %.3f mi %.3f au %d/%d z_gap %.3f (nats/sentence)",
+            state.step,
+            m["elbo"],
+            m["rec"],
+            m["kl"],
+            math.nan if m["mi"] is None else m["mi"],
+            m["au"],
+            math.prod(raw.latent_shape),
+            m["z_gap"] if m["z_gap"] is not None else math.nan,
+        )
+        _validation_remedies(run, m)
+    loss = -m["elbo"]
+    for sched in run.schedulers:
+        sched.step(loss)
+    _write_samples(run)
+    state.last_valid_step = state.step
+    if loss < state.best_valid:
+        state.best_valid = loss
+        run.save_best()
+    run.save_last()
+    if run.on_validation is not None:
+        run.on_validation(record)
+    return record
+
+
+# the evaluation fields of a ``valid`` log record
+VALID_FIELDS = (
+    "elbo",
+    "rec",
+    "kl",
+    "mi",
+    "mi_batch",
+    "au",
+    "au_delta",
+    "z_gap",
+    "kl_per_dim",
+    "encoder_dispersion",
+)
+
+
+def _validation_remedies(run: _Run, m: dict) -> None:
+    """The remedies that act on a validation's metrics ``m``, with their log records."""
+    state, t = run.state, run.config.train
+    if remedies.update_collapse(state, m["kl"], m["z_gap"], t):
+        gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
+        reason = collapse_reason(m["kl"], m["z_gap"], t.collapse_kl, t.collapse_z_gap)
+        message = (
+            f"posterior collapse? for {state.collapsed_validations} validations in a "
+            f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
+            f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
+            "free bits, a longer KL warm-up or pooling"
+        )
+        log.warning("step %d: %s", state.step, message)
+        run.write_log(
+            {
+                "type": "warning",
+                "warning": "posterior collapse",
+                "step": state.step,
+                "kl": m["kl"],
+                "z_gap": m["z_gap"],
+                "au": m["au"],
+                "validations": state.collapsed_validations,
+                "message": message,
+            }
+        )
+    if remedies.ae_best_improved(state, m["rec"], t.ae_patience):
+        run.save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
+    if remedies.update_ae_early_stop(state, m["rec"], t.ae_patience):
+        log.info(
+            "step %d: validation rec has not improved for %d validations: the "
+            "autoencoder phase ends",
+            state.step,
+            t.ae_patience,
+        )
+        run.write_log(
+            {
+                "type": "event",
+                "event": "ae early stop",
+                "step": state.step,
+                "rec": m["rec"],
+                "best_rec": state.ae_best_rec,
+            }
+        )
+    last_mi = state.last_mi
+    # None: a flow's I(x; z_K) failed
+    if m["mi"] is not None and remedies.update_aggressive(state, m["mi"]):
+        log.info(
+            "step %d: validation MI fell from %.3f to %.3f nats: aggressive training off",
+            state.step,
+            last_mi,
+            m["mi"],
+        )
+        run.write_log(
+            {
+                "type": "event",
+                "event": "aggressive off",
+                "step": state.step,
+                "mi": m["mi"],
+                "last_mi": last_mi,
+            }
+        )
+
+
+def _write_samples(run: _Run) -> None:
+    """Greedy decodings of z ~ p(z) into ``samples.txt`` (they show what z encodes); a model
+    without z samples ancestrally; a conditional model answers the first validation contexts
+    from z ~ p(z|c). Under a forked RNG seeded by the step."""
+    raw, t, step = run.raw, run.config.train, run.state.step
+    strategy = "greedy" if raw.has_latent else "sample"
+    what = "prior samples"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed + step)
+        if not t.num_samples:
+            samples = []
+        elif raw.conditional:
+            contexts = run.valid_ds.contexts[: t.num_samples]
+            responses = respond(raw, contexts, 1, strategy=strategy)
+            samples = [f"{c} => {r[0]}" for c, r in zip(contexts, responses, strict=True)]
+            what = "responses (context => response)"
+        else:
+            samples = sample_prior(raw, t.num_samples, strategy=strategy)
+    if run.main:
+        with open(run.run_dir / "samples.txt", "a") as fh:
+            fh.write(f"# step {step}, {what}, {strategy}\n" + "".join(s + "\n" for s in samples))

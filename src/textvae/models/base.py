@@ -28,7 +28,8 @@ everything else is the generative side. A model built on a pretrained decoder na
 ``decoder_modules`` (what ``train.ae_freeze_decoder`` holds fixed in the autoencoder phase;
 empty when there is none). ``backbone`` names the network family (``lstm``, ``t5``), and
 :meth:`TextVAE.make_tokenizer` builds the run's tokenizer. ``bow_head`` (a ``BagOfWordsHead`` or None) and
-``bow_weight`` carry the optional bag-of-words loss.
+``bow_weight`` carry the optional bag-of-words loss, which :meth:`TextVAE.auxiliary_losses` hands
+to the objective with any other model-side training term.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from torch.distributions import Distribution
 
 from textvae.data import build_tokenizer, encode_texts
-from textvae.objectives import elbo
+from textvae.objectives import ObjectiveSettings, elbo
 
 
 class TextVAE(nn.Module):
@@ -85,25 +86,29 @@ class TextVAE(nn.Module):
         return (self.latent_dim,)
 
     def forward(
-        self,
-        batch: dict[str, torch.Tensor],
-        beta: float = 1.0,
-        free_bits: float = 0.0,
-        free_bits_mode: str = "per_dim",
-        kl_target: float = 0.0,
-        kl_target_weight: float = 0.0,
+        self, batch: dict[str, torch.Tensor], settings: ObjectiveSettings | None = None
     ) -> dict[str, torch.Tensor]:
         """The training objective (negative ELBO with beta, free bits and the optional KL target
-        penalty), see objectives.elbo."""
-        return elbo(
-            self,
-            batch,
-            beta=beta,
-            free_bits=free_bits,
-            free_bits_mode=free_bits_mode,
-            kl_target=kl_target,
-            kl_target_weight=kl_target_weight,
-        )
+        penalty of ``settings``, by default beta 1 and nothing else; plus :meth:`auxiliary_losses`),
+        see :func:`textvae.objectives.elbo`."""
+        return elbo(self, batch, settings)
+
+    def auxiliary_losses(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor
+    ) -> dict[str, tuple[float, torch.Tensor | None]]:
+        """The model's training terms besides the ELBO, on the objective's sample z (B, *event):
+        ``name -> (weight, value)``, which :func:`textvae.objectives.elbo` adds to the loss as
+        ``weight * value.mean()`` and returns under ``name`` (None: nothing this batch). Not part
+        of the ELBO; evaluation never includes them.
+
+        Here the bag-of-words term (Zhao et al. 2017) when the model has a ``bow_head``:
+        ``bow`` = -log p_bow(x | z), (B,) nats per sentence, weight ``bow_weight``. A model
+        with another term overrides this and extends the dict (``lstm_vae``'s classifier).
+        """
+        if self.bow_head is None:
+            return {}
+        bow = -self.bow_head.log_prob(z, batch["input_ids"], batch["attention_mask"])  # (B,)
+        return {"bow": (self.bow_weight, bow)}
 
     def posterior_and_prior(
         self, batch: dict[str, torch.Tensor]

@@ -24,11 +24,10 @@ from torch import nn
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
-from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
+from textvae.decoders import BagOfWordsHead, LSTMDecoder, sequence_log_prob, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead
 
 

@@ -33,7 +33,7 @@ Log-likelihoods are nats per sentence, EOS counted, padding never.
   hidden state before the output layer).
 - **Objective**: the shared ELBO (:func:`textvae.objectives.elbo`): reconstruction + beta *
   sum over layers of KL(q(z_l|z_<l,x) || p(z_l|z_<l)), closed form per layer at one ancestral
-  sample of z_<l (:func:`textvae.objectives.conditional_kl`). ``model.kl_reduction: mean``
+  sample of z_<l (:func:`textvae.objectives.kl_estimate`). ``model.kl_reduction: mean``
   averages over layers instead (the released code; not a bound, see below).
 - **Conditional** (``della_cvae``): the context c (``context_ids``) is encoded by the same
   encoder into c_l; p(z_l | z_<l, c) from [zbar_l ; c_l], q(z_l | z_<l, x, c) from
@@ -84,10 +84,9 @@ from torch.distributions import Distribution
 
 from textvae.config import ConfigError, ModelConfig, parse_latent_layers
 from textvae.data import train_subword_tokenizer
-from textvae.decoders import BagOfWordsHead, shift_right
+from textvae.decoders import BagOfWordsHead, sequence_log_prob, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 from textvae.posteriors import LatentRecurrence, LayerwiseGaussian
 
 LAYERWISE_FUSIONS = ("della", "lmf")
@@ -621,7 +620,7 @@ class DELLA(TextVAE):
     def log_likelihood(self, batch: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) (``della_cvae``: log p(x|z, c)) for z (S, B, L, D): (S, B) float32, nats per
         sentence: the sum of log p(x_t | x_<t, z) over the real tokens, EOS counted, padding never
-        (:func:`textvae.objectives.sequence_log_prob`); the decoder reads ``[BOS] + x`` shifted.
+        (:func:`textvae.decoders.sequence_log_prob`); the decoder reads ``[BOS] + x`` shifted.
         The S samples go through the decoder as one (S * B, T) batch, sample-major (a context
         prefix once per batch)."""
         s, b = z.shape[:2]

@@ -13,15 +13,15 @@ to every decoder input) and ``kl.target`` (KL target penalty).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
-from textvae.decoders import BagOfWordsHead, LSTMDecoder, shift_right
+from textvae.decoders import BagOfWordsHead, LSTMDecoder, sequence_log_prob, shift_right
 from textvae.encoders import LSTMEncoder, delete_tokens
 from textvae.flows import AutoregressivePrior, PosteriorFlow
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
 
 
@@ -133,6 +133,23 @@ class LSTMVAE(TextVAE):
         return sequence_log_prob(
             hidden, self.decoder.output, targets, mask, float32_softmax=not self.training
         ).view(s, b)
+
+    def auxiliary_losses(
+        self, batch: dict[str, torch.Tensor], z: torch.Tensor
+    ) -> dict[str, tuple[float, torch.Tensor | None]]:
+        """The bag-of-words term (:meth:`TextVAE.auxiliary_losses`) and, with a classifier
+        (Chien & Luo 2022) and a batch with ``labels``, ``cls``: the mean cross-entropy (nats per
+        labelled sentence) of the classifier's prediction from z over the sentences with a
+        label >= 0 (None when there is none), weight ``classifier_weight``."""
+        terms = super().auxiliary_losses(batch, z)
+        if self.classifier is not None and "labels" in batch:
+            labelled = batch["labels"] >= 0  # -1: hidden from the semi-supervised classifier
+            cls = None
+            if bool(labelled.any()):
+                logits = self.classifier(z[labelled].float())  # (B_labelled, classes)
+                cls = F.cross_entropy(logits, batch["labels"][labelled])
+            terms["cls"] = (self.classifier_weight, cls)
+        return terms
 
     def decode_step(self, z, input_ids, state):
         """One step: z (N, D), previous tokens (N,), state or None -> logits (N, V), state."""

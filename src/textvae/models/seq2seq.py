@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 
 from textvae.config import ModelConfig
-from textvae.decoders import LSTMDecoder, shift_right
+from textvae.decoders import LSTMDecoder, sequence_log_prob, shift_right
 from textvae.encoders import LSTMEncoder, encode_context
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 
 
 class Seq2Seq(TextVAE):

@@ -37,10 +37,9 @@ from torch.distributions import Distribution
 
 from textvae.config import ModelConfig
 from textvae.data import train_subword_tokenizer as train_t5_tokenizer  # the shared trainer
-from textvae.decoders import BagOfWordsHead, shift_right
+from textvae.decoders import BagOfWordsHead, sequence_log_prob, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
 from textvae.models.base import TextVAE
-from textvae.objectives import sequence_log_prob
 from textvae.posteriors import GaussianHead, standard_normal
 
 
@@ -231,7 +230,7 @@ class T5VAE(TextVAE):
         """log p(x|z) for z (S, B, D): (S, B) float32, nats per sentence.
 
         The sum of log p(x_t | x_<t, z) over the sentence's real tokens, EOS counted, padding
-        never (:func:`textvae.objectives.sequence_log_prob`), so a sentence's value does not
+        never (:func:`textvae.decoders.sequence_log_prob`), so a sentence's value does not
         depend on its batch's padding. Park & Lee's released code instead averages the token
         losses over all B x T positions of the padded batch (padding counted as zero loss) and
         adds the mean per-sentence KL to that per-token average, which re-weights the KL by
