@@ -110,7 +110,7 @@ from textvae.config import load_config
 from textvae.data import TextDataset, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
-from textvae.objectives import kl_weight
+from textvae.objectives import ObjectiveSettings, kl_weight
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "ptb"
 PRESETS = {"t5": CONFIGS / "t5-vae-cpu.yaml", "della": CONFIGS / "della-cpu.yaml"}
@@ -298,11 +298,10 @@ def autocast(precision: str):
 
 
 def step(model, opt, batch: dict, beta: float, cfg) -> torch.Tensor:
-    """One optimizer step of the training objective, as ``textvae train`` takes it."""
+    """One optimizer step of the training objective (the preset's ``kl`` settings at KL weight
+    ``beta``), as ``textvae train`` takes it."""
     with autocast(cfg.train.precision):
-        out = model(
-            batch, beta=beta, free_bits=cfg.kl.free_bits, free_bits_mode=cfg.kl.free_bits_mode
-        )
+        out = model(batch, ObjectiveSettings.from_config(cfg.kl).at(beta))
     opt.zero_grad(set_to_none=True)
     out["loss"].backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -397,7 +396,7 @@ def bench_model(name: str, args, rates: dict) -> None:
 
     def fwd():
         with autocast(cfg.train.precision):
-            box["loss"] = model(batch, beta=1.0, free_bits=cfg.kl.free_bits)["loss"]
+            box["loss"] = model(batch, ObjectiveSettings.from_config(cfg.kl).at(1.0))["loss"]
 
     measured_fwd = counted(fwd)
     measured_bwd = counted(lambda: box["loss"].backward())
