@@ -195,7 +195,9 @@ def run_tree(tree: Path, out: Path, corpus: Path, extra: dict[str, list[str]]) -
         run_dir = out / name
         if (run_dir / "eval.json").is_file():
             continue
-        args = [str(preset), *overrides, *extra.get(name, [])]
+        drop = {e[1:] for e in extra.get(name, []) if e.startswith("~")}  # ~key: leave it out
+        kept = [o for o in overrides if o.split("=", 1)[0] not in drop]
+        args = [str(preset), *kept, *(e for e in extra.get(name, []) if not e.startswith("~"))]
         train = [*cli, "train", "--threads", "1", "--run-dir", str(run_dir), *args]
         _run(train, env, tree)
         if resume is not None:
@@ -264,7 +266,8 @@ def main() -> None:
         action="append",
         default=[],
         metavar="TREE:RUN:KEY=VALUE",
-        help="an extra override for one tree's run (e.g. after a key moved)",
+        help="an extra override for one tree's run (e.g. after a key moved); "
+        "TREE:RUN:~KEY leaves the run's KEY out",
     )
     args = parser.parse_args()
     trees = dict(t.split("=", 1) for t in args.trees)
