@@ -362,19 +362,30 @@ def test_threads_are_set_from_the_option_the_environment_or_the_free_cores(monke
         torch.set_num_threads(before)
 
 
-def test_importing_textvae_first_makes_openmp_threads_wait_passively():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_importing_textvae_first_bounds_the_openmp_spin():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = str(SRC)
-    code = "import os, textvae, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's own choice is kept
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "ACTIVE"
+    code = (
+        "import os, textvae, torch; print(os.environ.get('GOMP_SPINCOUNT'), "
+        "os.environ.get('OMP_WAIT_POLICY'), textvae.threads.WAIT_POLICY_APPLIED)"
+    )
+
+    def run(extra: dict, source: str = code) -> str:
+        return subprocess.run(
+            [sys.executable, "-c", source],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+
+    from textvae.threads import SPIN_COUNT
+
+    assert run({}) == f"{SPIN_COUNT} None True"
+    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "None ACTIVE True"  # a user's own choice is kept
+    assert run({"GOMP_SPINCOUNT": "5"}) == "5 None True"
+    late = code.replace("import os, textvae, torch", "import os, torch, textvae")
+    assert run({}, late) == f"{SPIN_COUNT} None False"  # too late for libgomp: said so
 
 
 # --- files and packaging ------------------------------------------------------------------------

@@ -18,20 +18,15 @@ Entry points: :func:`load` a trained run (its folder: :mod:`textvae.rundir`);
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-# Before torch is imported (libgomp reads it once, when torch loads it): OpenMP threads that
-# wait at a barrier sleep instead of spinning, so a core taken by another process slows this one
-# down about in proportion instead of 3-50x (textvae/threads.py, bench/RESULTS.md). A value the user
-# set is kept.
-_WAIT_POLICY_LATE = "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from textvae import threads as _threads  # noqa: E402  (imports neither torch nor textvae)
 
-from textvae import threads as _threads  # noqa: E402  (after the environment is set)
-
-_threads.WAIT_POLICY_APPLIED = not _WAIT_POLICY_LATE
+# Before torch is imported (libgomp reads these once, when torch loads it): OpenMP threads that
+# wait at a barrier spin only briefly and then sleep, so a core taken by another process slows
+# this one down about in proportion instead of 3-50x (textvae/threads.py, bench/RESULTS.md).
+_threads.WAIT_POLICY_APPLIED = _threads.bound_openmp_spinning(torch_loaded="torch" in sys.modules)
 
 try:
     from importlib.metadata import PackageNotFoundError, version

@@ -8,9 +8,13 @@ the main preset trained 3-50x slower beside one other busy process than on one t
 14; bench/RESULTS.md, "Threads": 2 spinning threads beside ``while True: pass`` logged no
 10-step window in 60 s). Two remedies, both here:
 
-- ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep), set by ``textvae/__init__.py`` with
-  ``os.environ.setdefault`` before torch is imported; libgomp reads it once, when torch loads
-  it, so it has no effect when torch was imported before textvae (:data:`WAIT_POLICY_APPLIED`).
+- a bounded spin (:func:`bound_openmp_spinning`, called by ``textvae/__init__.py`` before torch is
+  imported): ``GOMP_SPINCOUNT`` = :data:`SPIN_COUNT` iterations (libgomp's default is 300,000,
+  about 3 ms, before a waiting thread sleeps). ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all), the
+  first fix, cost 18% of the training speed on an idle machine: every parallel region then
+  wakes sleeping threads through the kernel. libgomp reads both variables once, when torch
+  loads it, so they have no effect when torch was imported before textvae
+  (:data:`WAIT_POLICY_APPLIED`); a value the user set for either is kept.
 - :func:`set_threads`: as many threads as cores that are free when the work starts (the
   command line calls it for every heavy command; ``--threads N`` overrides, and so does
   ``OMP_NUM_THREADS``).
@@ -23,8 +27,29 @@ import os
 
 log = logging.getLogger(__name__)
 
-# set by textvae/__init__.py: whether OMP_WAIT_POLICY could still reach libgomp at import time
+# spins of libgomp's busy-wait before a waiting thread sleeps (GOMP_SPINCOUNT); measured in
+# bench/RESULTS.md, "Threads": the bounded spin
+SPIN_COUNT = "1000"
+
+# set by textvae/__init__.py: whether the bounded spin could still reach libgomp at import time
 WAIT_POLICY_APPLIED = True
+
+
+def bound_openmp_spinning(torch_loaded: bool) -> bool:
+    """Set ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` unless the user chose a wait already.
+
+    Args:
+        torch_loaded: whether torch (hence libgomp) is already imported: the variable is then
+            set but no longer read.
+
+    Returns:
+        Whether the threads wait in a bounded way: the user set ``OMP_WAIT_POLICY`` or
+        ``GOMP_SPINCOUNT`` themselves, or this call set it before libgomp was loaded.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return True
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return not torch_loaded
 
 
 def available_cores() -> int:
@@ -82,10 +107,11 @@ def set_threads(threads: int | None = None) -> tuple[int, str]:
         threads = free_cores()
         reason = f"{threads} of {n} cores free"
     torch.set_num_threads(threads)
-    if not WAIT_POLICY_APPLIED and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if not WAIT_POLICY_APPLIED:
         log.warning(
             "torch was imported before textvae, so OpenMP threads spin while they wait "
-            "(slow beside other busy processes): set OMP_WAIT_POLICY=PASSIVE in the "
-            "environment, or import textvae first"
+            "(slow beside other busy processes): set GOMP_SPINCOUNT=%s in the "
+            "environment, or import textvae first",
+            SPIN_COUNT,
         )
     return threads, reason
