@@ -11,6 +11,11 @@ command (start-up included) and the load average of the machine before and after
 Usage:
     TEXTVAE_DATA_DIR=../shared/data python bench/bench_sharded_eval.py RUN_DIR \\
         [--max-sentences 200] [--iw-samples 500] [--processes 2] [--batch-size B]
+        [--precision bf16] [--keep DIR]
+
+``--keep DIR`` keeps the two evaluation JSONs as ``DIR/eval-1proc.json`` and
+``DIR/eval-Nproc.json`` (e.g. the run folder, so the timed evaluation is also the run's
+evaluation); without it they are written to a temporary folder and dropped.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def run(processes: int, args, output: Path) -> dict:
     ]
     if args.batch_size:
         cli += ["--batch-size", str(args.batch_size)]
+    if args.precision:
+        cli += ["--precision", args.precision]
     if processes == 1:
         cmd = [sys.executable, *cli]
     else:
@@ -104,10 +111,18 @@ def main() -> None:
         help="evaluation batch (default: the run's eval.batch_size); the processes "
         "share whole batches, so there must be at least as many as processes",
     )
+    parser.add_argument(
+        "--precision", default=None, help="evaluation precision (default: the run's eval config)"
+    )
+    parser.add_argument("--keep", default=None, help="folder to keep the two evaluation JSONs in")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        one = run(1, args, Path(tmp) / "one.json")
-        many = run(args.processes, args, Path(tmp) / "many.json")
+        folder = Path(args.keep) if args.keep else Path(tmp)
+        for name in ("eval-1proc.json", f"eval-{args.processes}proc.json"):
+            if (folder / name).exists():
+                raise SystemExit(f"{folder / name} exists; it is never overwritten")
+        one = run(1, args, folder / "eval-1proc.json")
+        many = run(args.processes, args, folder / f"eval-{args.processes}proc.json")
     a, b = one.pop("result"), many.pop("result")
     worst = 0.0
     for key in a:
