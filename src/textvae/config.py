@@ -34,8 +34,10 @@ class DataConfig:
     """Where the sentences come from and how they become token ids.
 
     Attributes:
-        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR`` (``ptb``, ``yelp_sentiment``,
-            ``dailydialog``), or null to use the explicit ``*_path`` files.
+        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR``: a name registered in
+            ``textvae.registry.CORPORA`` (shipped: ``ptb``, ``yelp_sentiment``,
+            ``dailydialog``, see :mod:`textvae.corpora`; an unknown name is an error listing
+            them when the data is read), or null to use the explicit ``*_path`` files.
         train_split / valid_split / test_split: which split of a named corpus plays each role
             (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``;
             DailyDialog has only ``validation`` and ``test``: train on ``test``, validate and
@@ -44,7 +46,7 @@ class DataConfig:
             ``.jsonl``, or dialogues with ``format: dialogue``) used when ``corpus`` is null.
         format: ``auto`` (from the file extension), ``text``, ``tsv``, ``jsonl`` or ``dialogue``
             (one dialogue per line, every utterance ended by ``__eou__``, the DailyDialog
-            format; always used for ``corpus: dailydialog``). A dialogue corpus yields
+            format; always used for a named dialogue corpus, ``corpus: dailydialog``). A dialogue corpus yields
             (context, response) pairs: every utterance after the first is a response, its
             context the ``context_window`` utterances before it.
         context_window: dialogue corpora: how many previous utterances form a context (>= 1).
