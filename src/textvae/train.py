@@ -95,7 +95,13 @@ import torch
 from textvae import remedies
 from textvae.atomic import commit_dir, temp_dir
 from textvae.config import Config, ConfigError
-from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
+from textvae.data import (
+    DataError,
+    TextDataset,
+    load_split,
+    load_tokenizer,
+    semi_supervised_labels,
+)
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
@@ -238,12 +244,62 @@ def _train(
     on_validation: Callable[[dict], None] | None,
     stop_signals: _StopSignals,
 ) -> Path:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    """Set up (config, accelerator, data, model, optimizers and state), run the loop, finish."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    config, resume = _run_config(config, run_dir, resume, overrides)
+    t = config.train
+    accelerator = _accelerator(t, run_dir, resume)
+    train_ds, valid_ds, tokenizer = _datasets(config, run_dir, resume, accelerator.is_main_process)
+    model = MODELS[config.model.name](config.model, tokenizer)
+    if accelerator.process_index:  # identical initial weights everywhere; then its own noise
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed + accelerator.process_index)
+    run = _prepare(
+        config,
+        run_dir,
+        resume,
+        accelerator,
+        model,
+        tokenizer,
+        train_ds,
+        valid_ds,
+        on_validation,
+    )
+    state = run.state
+    if resume:
+        run.write_log({"type": "event", "event": "resume", "step": state.step})
+    run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
+    run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
+    # every registered remedy the config switches on, in registration order (textvae.remedies)
+    run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
+    for remedy in run.remedies:
+        remedy.start()
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        disable=not (t.progress and run.main),
+        desc="train",
+    )
+    # log records (validation lines, collapse warnings) print above the progress bar
+    with logging_redirect_tqdm():
+        _loop(run, total, stop_signals, bar)
+        bar.close()
+    if run.log_file is not None:
+        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
+        run.log_file.close()
+    accelerator.end_training()
+    return run_dir
+
+
+def _run_config(
+    config: Config | None, run_dir: Path, resume: bool, overrides: list[str] | None
+) -> tuple[Config, bool]:
+    """The config to train and whether a checkpoint is resumed: a new run's own (its folder
+    must be empty or absent), or the run folder's (:func:`textvae.rundir.resume_config`); a
+    folder stopped before its first checkpoint starts afresh from its config.yaml."""
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
@@ -253,7 +309,8 @@ def _train(
         except RunDirError:  # stopped before its first checkpoint: a fresh start of its config
             resume = False
             log.warning(
-                "%s has no checkpoint yet: training starts afresh from its config.yaml", run_dir
+                "%s has no checkpoint yet: training starts afresh from its config.yaml",
+                run_dir,
             )
             if int(os.environ.get("RANK", "0")) == 0:  # several processes: the first moves it
                 set_aside_log(run_dir)
@@ -262,7 +319,16 @@ def _train(
             f"{run_dir} exists and is not empty; pass --resume to continue it or "
             "choose another --run-dir (nothing was changed)"
         )
-    t = config.train
+    return config, resume
+
+
+def _accelerator(t, run_dir: Path, resume: bool):
+    """The ``accelerate.Accelerator`` of this training (precision, trackers, processes), the
+    global seed set; checks that the processes can share the batch and the checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
     # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting,
     # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
     # distributed PartialState is kept).
@@ -286,8 +352,7 @@ def _train(
         ),
     )
     set_seed(t.seed)
-    main = accelerator.is_main_process
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    n_proc = accelerator.num_processes
     if t.batch_size % n_proc:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is the global batch and must be a "
@@ -304,7 +369,16 @@ def _train(
                 f"{saved} / accelerate launch --num_processes {saved}) or start a "
                 "new run (nothing was changed)"
             )
+    return accelerator
 
+
+def _datasets(
+    config: Config, run_dir: Path, resume: bool, main: bool
+) -> tuple[TextDataset, TextDataset, object]:
+    """The training and validation datasets and the tokenizer (built on the training split,
+    or the run folder's when resuming); a new run's folder gets ``config.yaml``,
+    ``tokenizer/`` and ``data.json`` (main process), a resumed one its updated config."""
+    t = config.train
     train_corpus = load_split(config.data, "train")
     valid_corpus = load_split(config.data, "valid")
     conditional = MODELS[config.model.name].conditional
@@ -345,16 +419,31 @@ def _train(
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
     valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
+    return train_ds, valid_ds, tokenizer
 
-    model = MODELS[config.model.name](config.model, tokenizer)
-    if rank:  # identical initial weights everywhere; then each process its own noise
-        set_seed(t.seed + rank)
+
+def _prepare(
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    accelerator,
+    model: torch.nn.Module,
+    tokenizer,
+    train_ds: TextDataset,
+    valid_ds: TextDataset,
+    on_validation: Callable[[dict], None] | None,
+) -> _Run:
+    """The optimizers and LR schedules, all prepared by accelerate with the model; the trainer
+    state (a new run's, or the checkpoint's with every RNG, optimizer and schedule when
+    resuming); the log and the trackers: the :class:`_Run` the loop works with."""
+    t = config.train
     # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
     # the inference network, the main one for the rest; otherwise one optimizer for everything
     enc_optimizer = None
     if t.aggressive:
         optimizer = _optimizer(
-            config, [p for n, p in model.named_parameters() if not model.is_inference_key(n)]
+            config,
+            [p for n, p in model.named_parameters() if not model.is_inference_key(n)],
         )
         enc_optimizer = _optimizer(config, model.inference_parameters())
     else:
@@ -364,7 +453,11 @@ def _train(
     if t.lr_scheduler == "plateau":
         schedulers = [
             torch.optim.lr_scheduler.ReduceLROnPlateau(
-                o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min
+                o,
+                mode="min",
+                factor=t.lr_decay,
+                patience=t.lr_patience,
+                min_lr=t.lr_min,
             )
             for o in optimizers
         ]
@@ -378,9 +471,8 @@ def _train(
         accelerator.register_for_checkpointing(sched)
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
-    raw = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
     log_file = RunLog(run_dir) if main else None
-
     if main and t.log_with != "none":
         params = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -389,20 +481,24 @@ def _train(
         accelerator.init_trackers(
             "textvae",
             config=params,
-            init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
+            init_kwargs={
+                "wandb": {"name": run_dir.name},
+                "mlflow": {"run_name": run_dir.name},
+            },
         )
     all_sum = None
-    if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
+    if accelerator.num_processes > 1:  # the inner loops of all processes stop at the same
+        # step; the logs sum the processes' shares
 
         def all_sum(x: torch.Tensor) -> torch.Tensor:
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
-    run = _Run(
+    return _Run(
         config=config,
         run_dir=run_dir,
         accelerator=accelerator,
         model=model,
-        raw=raw,
+        raw=accelerator.unwrap_model(model),
         tokenizer=tokenizer,
         optimizer=optimizer,
         enc_optimizer=enc_optimizer,
@@ -416,24 +512,6 @@ def _train(
         on_validation=on_validation,
         all_sum=all_sum,
     )
-    if resume:
-        run.write_log({"type": "event", "event": "resume", "step": state.step})
-    run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
-    run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
-    # every registered remedy the config switches on, in registration order (textvae.remedies)
-    run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
-    for remedy in run.remedies:
-        remedy.start()
-    bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
-    # log records (validation lines, collapse warnings) print above the progress bar
-    with logging_redirect_tqdm():
-        _loop(run, total, stop_signals, bar)
-        bar.close()
-    if log_file is not None:
-        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
-        log_file.close()
-    accelerator.end_training()
-    return run_dir
 
 
 def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
@@ -469,7 +547,9 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
                 record = window.record(run, beta)
                 run.write_log(record)
                 bar.set_postfix(
-                    rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
+                    rec=f"{record['rec']:.2f}",
+                    kl=f"{record['kl']:.2f}",
+                    beta=f"{beta:.3f}",
                 )
                 window = _Window()
             stop = state.step >= total
@@ -532,7 +612,11 @@ class _Run:
         """Append ``record`` (with the phase and the aggressive flag) to ``log.jsonl`` and send
         its :data:`TRACKED` scalars to the trackers; main process only."""
         if self.log_file is not None:
-            record = {**record, "phase": self.state.phase, "aggressive": self.state.aggressive}
+            record = {
+                **record,
+                "phase": self.state.phase,
+                "aggressive": self.state.aggressive,
+            }
             self.log_file.write(record)
             if record["type"] in TRACKED and self.config.train.log_with != "none":
                 self.accelerator.log(
@@ -569,7 +653,13 @@ class _Run:
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
             step = self.state.step
             self.write_log(
-                {"type": "event", "event": "non-finite loss", "step": step, "rec": rec, "kl": kl}
+                {
+                    "type": "event",
+                    "event": "non-finite loss",
+                    "step": step,
+                    "rec": rec,
+                    "kl": kl,
+                }
             )
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {step} (rec {rec:.4g}, kl {kl:.4g}); "
