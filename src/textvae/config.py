@@ -47,9 +47,9 @@ class DataConfig:
             ``.jsonl``, or dialogues with ``format: dialogue``) used when ``corpus`` is null.
         format: ``auto`` (from the file extension), ``text``, ``tsv``, ``jsonl`` or ``dialogue``
             (one dialogue per line, every utterance ended by ``__eou__``, the DailyDialog
-            format; always used for a named dialogue corpus, ``corpus: dailydialog``). A dialogue corpus yields
-            (context, response) pairs: every utterance after the first is a response, its
-            context the ``context_window`` utterances before it.
+            format; always used for a named dialogue corpus, ``corpus: dailydialog``). A
+            dialogue corpus yields (context, response) pairs: every utterance after the first
+            is a response, its context the ``context_window`` utterances before it.
         context_window: dialogue corpora: how many previous utterances form a context (>= 1).
         text_field / label_field: column (TSV header name) or key (JSONL) of the text and of an
             optional label.

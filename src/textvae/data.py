@@ -393,8 +393,9 @@ def load_split(
     first N sentences. A named corpus split over several files (``yelp_sentiment``: one per
     label) has them interleaved by a fixed permutation (seed 0) so that a limit keeps every
     class. A dialogue corpus (a named corpus of format ``dialogue``, ``corpus: dailydialog``, or
-    ``format: dialogue``; an explicit ``path`` is then read as dialogues too) gives (context, response) pairs: ``texts`` are the responses, ``contexts``
-    their contexts (see the module docstring).
+    ``format: dialogue``; an explicit ``path`` is then read as dialogues too) gives (context,
+    response) pairs: ``texts`` are the responses, ``contexts`` their contexts (see the module
+    docstring).
 
     Raises:
         DataError: missing or malformed file, no sentence left, or an unknown corpus name

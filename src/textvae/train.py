@@ -94,14 +94,8 @@ import torch
 
 from textvae import remedies
 from textvae.atomic import commit_dir, temp_dir
-from textvae.config import Config, ConfigError
-from textvae.data import (
-    DataError,
-    TextDataset,
-    load_split,
-    load_tokenizer,
-    semi_supervised_labels,
-)
+from textvae.config import Config, ConfigError, TrainConfig
+from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
@@ -258,15 +252,7 @@ def _train(
 
         set_seed(t.seed + accelerator.process_index)
     run = _prepare(
-        config,
-        run_dir,
-        resume,
-        accelerator,
-        model,
-        tokenizer,
-        train_ds,
-        valid_ds,
-        on_validation,
+        config, run_dir, resume, accelerator, model, tokenizer, train_ds, valid_ds, on_validation
     )
     state = run.state
     if resume:
@@ -277,12 +263,7 @@ def _train(
     run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
     for remedy in run.remedies:
         remedy.start()
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        disable=not (t.progress and run.main),
-        desc="train",
-    )
+    bar = tqdm(total=total, initial=state.step, disable=not (t.progress and run.main), desc="train")
     # log records (validation lines, collapse warnings) print above the progress bar
     with logging_redirect_tqdm():
         _loop(run, total, stop_signals, bar)
@@ -309,8 +290,7 @@ def _run_config(
         except RunDirError:  # stopped before its first checkpoint: a fresh start of its config
             resume = False
             log.warning(
-                "%s has no checkpoint yet: training starts afresh from its config.yaml",
-                run_dir,
+                "%s has no checkpoint yet: training starts afresh from its config.yaml", run_dir
             )
             if int(os.environ.get("RANK", "0")) == 0:  # several processes: the first moves it
                 set_aside_log(run_dir)
@@ -322,7 +302,7 @@ def _run_config(
     return config, resume
 
 
-def _accelerator(t, run_dir: Path, resume: bool):
+def _accelerator(t: TrainConfig, run_dir: Path, resume: bool):
     """The ``accelerate.Accelerator`` of this training (precision, trackers, processes), the
     global seed set; checks that the processes can share the batch and the checkpoint."""
     from accelerate import Accelerator
@@ -442,8 +422,7 @@ def _prepare(
     enc_optimizer = None
     if t.aggressive:
         optimizer = _optimizer(
-            config,
-            [p for n, p in model.named_parameters() if not model.is_inference_key(n)],
+            config, [p for n, p in model.named_parameters() if not model.is_inference_key(n)]
         )
         enc_optimizer = _optimizer(config, model.inference_parameters())
     else:
@@ -453,11 +432,7 @@ def _prepare(
     if t.lr_scheduler == "plateau":
         schedulers = [
             torch.optim.lr_scheduler.ReduceLROnPlateau(
-                o,
-                mode="min",
-                factor=t.lr_decay,
-                patience=t.lr_patience,
-                min_lr=t.lr_min,
+                o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min
             )
             for o in optimizers
         ]
@@ -481,14 +456,10 @@ def _prepare(
         accelerator.init_trackers(
             "textvae",
             config=params,
-            init_kwargs={
-                "wandb": {"name": run_dir.name},
-                "mlflow": {"run_name": run_dir.name},
-            },
+            init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
         )
     all_sum = None
-    if accelerator.num_processes > 1:  # the inner loops of all processes stop at the same
-        # step; the logs sum the processes' shares
+    if accelerator.num_processes > 1:  # inner loops stop together; logs sum the shares
 
         def all_sum(x: torch.Tensor) -> torch.Tensor:
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
@@ -547,9 +518,7 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
                 record = window.record(run, beta)
                 run.write_log(record)
                 bar.set_postfix(
-                    rec=f"{record['rec']:.2f}",
-                    kl=f"{record['kl']:.2f}",
-                    beta=f"{beta:.3f}",
+                    rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
                 )
                 window = _Window()
             stop = state.step >= total
@@ -612,11 +581,7 @@ class _Run:
         """Append ``record`` (with the phase and the aggressive flag) to ``log.jsonl`` and send
         its :data:`TRACKED` scalars to the trackers; main process only."""
         if self.log_file is not None:
-            record = {
-                **record,
-                "phase": self.state.phase,
-                "aggressive": self.state.aggressive,
-            }
+            record = {**record, "phase": self.state.phase, "aggressive": self.state.aggressive}
             self.log_file.write(record)
             if record["type"] in TRACKED and self.config.train.log_with != "none":
                 self.accelerator.log(
@@ -653,13 +618,7 @@ class _Run:
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
             step = self.state.step
             self.write_log(
-                {
-                    "type": "event",
-                    "event": "non-finite loss",
-                    "step": step,
-                    "rec": rec,
-                    "kl": kl,
-                }
+                {"type": "event", "event": "non-finite loss", "step": step, "rec": rec, "kl": kl}
             )
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {step} (rec {rec:.4g}, kl {kl:.4g}); "
