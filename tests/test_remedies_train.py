@@ -13,7 +13,7 @@ import textvae
 from tests.conftest import make_sentences
 from textvae import remedies
 from textvae import train as train_module
-from textvae.config import KLConfig, TrainConfig
+from textvae.config import KLConfig, TrainConfig, section_class
 from textvae.data import TextDataset
 from textvae.models import MODELS, base
 from textvae.objectives import ObjectiveSettings, elbo, kl_weight
@@ -330,6 +330,8 @@ def test_a_new_run_starts_in_the_autoencoder_phase_only_when_asked():
 
 
 def test_the_collapse_watch_warns_after_patience_validations_in_a_row():
+    # the collapse watch declares its keys (train.collapse_*): the train section's class
+    TrainConfig = section_class("train")  # noqa: N806
     t = TrainConfig(collapse_kl=0.5, collapse_z_gap=0.1, collapse_patience=2)
     state = TrainerState()
     assert not remedies.update_collapse(state, 0.1, 1.0, t)  # low KL: 1 in a row

@@ -332,7 +332,7 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
     """(texts, labels, source) of the probe's fit or score set."""
     import dataclasses
 
-    from textvae.data import DataError, load_split
+    from textvae.data import DataError, load_split, named_corpus
 
     data_cfg = dataclasses.replace(cfg.data, train_limit=None, valid_limit=None)
     if which is not None and Path(which).is_file():
@@ -347,8 +347,9 @@ def _probe_split(model, cfg, data: str | None, which: str | None, role: str, arg
         if name is None:
             raise DataError("probe: give --data CORPUS, or --fit and --score files")
         if which is None:
-            if name == "yelp_sentiment":
-                which = "test" if role == "train" else "dev"
+            spec = named_corpus(name)
+            if spec is not None and spec.probe_splits is not None:  # yelp_sentiment: test, dev
+                which = spec.probe_splits[0 if role == "train" else 1]
             elif name == cfg.data.corpus:
                 which = cfg.data.train_split if role == "train" else cfg.data.valid_split
             else:

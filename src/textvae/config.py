@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,8 +35,10 @@ class DataConfig:
     """Where the sentences come from and how they become token ids.
 
     Attributes:
-        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR`` (``ptb``, ``yelp_sentiment``,
-            ``dailydialog``), or null to use the explicit ``*_path`` files.
+        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR``: a name registered in
+            ``textvae.registry.CORPORA`` (shipped: ``ptb``, ``yelp_sentiment``,
+            ``dailydialog``, see :mod:`textvae.corpora`; an unknown name is an error listing
+            them when the data is read), or null to use the explicit ``*_path`` files.
         train_split / valid_split / test_split: which split of a named corpus plays each role
             (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``;
             DailyDialog has only ``validation`` and ``test``: train on ``test``, validate and
@@ -44,9 +47,9 @@ class DataConfig:
             ``.jsonl``, or dialogues with ``format: dialogue``) used when ``corpus`` is null.
         format: ``auto`` (from the file extension), ``text``, ``tsv``, ``jsonl`` or ``dialogue``
             (one dialogue per line, every utterance ended by ``__eou__``, the DailyDialog
-            format; always used for ``corpus: dailydialog``). A dialogue corpus yields
-            (context, response) pairs: every utterance after the first is a response, its
-            context the ``context_window`` utterances before it.
+            format; always used for a named dialogue corpus, ``corpus: dailydialog``). A
+            dialogue corpus yields (context, response) pairs: every utterance after the first
+            is a response, its context the ``context_window`` utterances before it.
         context_window: dialogue corpora: how many previous utterances form a context (>= 1).
         text_field / label_field: column (TSV header name) or key (JSONL) of the text and of an
             optional label.
@@ -185,12 +188,6 @@ class TrainConfig:
         lr_scheduler: ``constant`` or ``plateau`` (multiply by ``lr_decay`` when the
             validation loss has not improved for ``lr_patience`` validations).
         num_samples: prior samples written to ``samples.txt`` at each validation.
-        collapse_kl / collapse_z_gap: collapse thresholds in nats per sentence: a validation
-            whose KL is below ``collapse_kl`` or whose z-usage gap is below ``collapse_z_gap``
-            counts towards a posterior-collapse warning.
-        collapse_patience: after this many such validations in a row, every further one
-            writes a warning (progress output and ``log.jsonl``); 0 = never warn. Training
-            is not stopped.
         aggressive: aggressive inference-network training (He et al. 2019): before each
             decoder update, encoder-only updates on random training batches (their own
             optimizer, same settings) until the encoder's loss stops improving; switched off
@@ -233,6 +230,10 @@ class TrainConfig:
             ``log.jsonl`` (which stays the record): ``none``, ``tensorboard`` (event files in
             ``<run>/tensorboard/``), ``wandb`` or ``mlflow`` (``pip install textvae[wandb]`` /
             ``[mlflow]``; configured by their own environment variables).
+
+    The ``train`` section also holds the keys that the registered remedies declare
+    (:func:`section_class`; ``Remedy.keys`` in :mod:`textvae.remedies`): e.g. the collapse
+    watch's ``collapse_kl``, ``collapse_z_gap``, ``collapse_patience``.
     """
 
     seed: int = 0
@@ -254,9 +255,6 @@ class TrainConfig:
     precision: str = "fp32"
     num_samples: int = 5
     progress: bool = True
-    collapse_kl: float = 0.5
-    collapse_z_gap: float = 0.5
-    collapse_patience: int = 3
     aggressive: bool = False
     aggressive_max_inner: int = 100
     aggressive_window: int = 15
@@ -294,14 +292,52 @@ def default_model_config() -> ModelConfig:
     return registry.config_class(registry.default_model())()
 
 
+SECTIONS = {"train": TrainConfig, "kl": KLConfig}  # the sections a remedy may add keys to
+
+
+def section_class(section: str) -> type:
+    """The dataclass of the ``train`` or ``kl`` section: :class:`TrainConfig` / :class:`KLConfig`
+    plus the keys every registered remedy declares for it (a remedy's ``keys`` dataclass and
+    ``section``, :class:`textvae.remedies.Remedy`), so that a remedy's keys are
+    ``<section>.<key>`` like every other and a new remedy edits no config class. The base class
+    itself when no remedy adds keys to the section.
+
+    Raises:
+        ConfigError: two remedies, or a remedy and the base class, declare the same key.
+    """
+    base = SECTIONS[section]
+    remedies = registry.discover_remedies().values()
+    parts = tuple(r.keys for r in remedies if r.keys is not None and r.section == section)
+    return _composed_section(base, parts)
+
+
+@functools.cache
+def _composed_section(base: type, parts: tuple[type, ...]) -> type:
+    if not parts:
+        return base
+    owner = {f.name: base.__name__ for f in dataclasses.fields(base)}
+    for part in parts:
+        for f in dataclasses.fields(part):
+            if f.name in owner:
+                raise ConfigError(
+                    f"config key {f.name!r} is declared by {owner[f.name]} and {part.__name__}"
+                )
+            owner[f.name] = part.__name__
+    # the base's fields first, then each part's in registration order (reversed MRO)
+    cls = dataclasses.make_dataclass(base.__name__, [], bases=(*reversed(parts), base))
+    cls.__module__, cls.__doc__ = __name__, base.__doc__
+    return cls
+
+
 @dataclass
 class Config:
-    """The whole run: ``model`` is the config class of the chosen ``model.name``."""
+    """The whole run: ``model`` is the config class of the chosen ``model.name``; ``kl`` and
+    ``train`` are the classes of :func:`section_class` (with the remedies' keys)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=default_model_config)
-    kl: KLConfig = field(default_factory=KLConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    kl: KLConfig = field(default_factory=lambda: section_class("kl")())
+    train: TrainConfig = field(default_factory=lambda: section_class("train")())
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -355,6 +391,7 @@ def _schema(name: str, source: str) -> DictConfig:
 
 def _valid_keys(section: str | None, name: str) -> list[str]:
     classes = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.name != "model"}
+    classes.update({s: section_class(s) for s in SECTIONS})
     classes["model"] = registry.config_class(name)
     if section in classes:
         return [f"{section}.{key}" for key in model_keys(classes[section])]
@@ -517,6 +554,8 @@ def validate(config: Config) -> None:
         )
     _validate_against_model(config)
     config.model.validate(config)
+    for remedy in registry.discover_remedies().values():
+        remedy.validate(config)
 
 
 def _validate_against_model(config: Config) -> None:

