@@ -366,3 +366,41 @@ def test_minutes_budget_and_storage_url(tiny_corpus):
     assert (tiny_corpus / "elsewhere.db").is_file() and not (out / "study.db").exists()
     assert summary["trials"] == [] and not list(out.glob("trial-*"))
     assert "0 of 6 trials" in (out / "sweep.md").read_text()
+
+
+def test_nsga2_sweep_evolves_within_its_trial_budget(tiny_corpus):
+    """With Optuna's default population of 50, a multi-objective sweep of fewer than 50 trials
+    is a random search (every trial in generation 0); the sweep's default population is a
+    quarter of the budget (at least 4), so 12 trials run generations beyond the first."""
+    from textvae.sweep import nsga2_population, open_study
+
+    _write_preset(tiny_corpus)
+    path = _write_sweep(
+        tiny_corpus,
+        """
+base: tiny.yaml
+space:
+  model.word_dropout: {low: 0.0, high: 0.5}
+budget: {trials: 12, max_steps: 3}
+objectives: {nll: minimize, mi: maximize}
+""",
+    )
+    sweep = load_sweep(path)
+    assert sweep.sampler == "nsga2" and sweep.population_size == nsga2_population(12) == 4
+    assert nsga2_population(16) == 4 and nsga2_population(400) == 50
+    study = open_study(sweep, f"sqlite:///{tiny_corpus / 'ga.db'}")
+
+    def objective(trial):
+        x = trial.suggest_float("model.word_dropout", 0.0, 0.5)
+        return x, -((x - 0.25) ** 2)
+
+    study.optimize(objective, n_trials=12)
+    generations = [t.system_attrs.get("NSGAIISampler:generation", 0) for t in study.trials]
+    assert max(generations) >= 2, generations
+    bad = _write_sweep(
+        tiny_corpus,
+        "base: tiny.yaml\nspace:\n  model.word_dropout: {low: 0.0, high: 0.5}\nbudget: {trials: 4}\nobjectives: {nll: minimize, mi: maximize}\nstudy: {population_size: 1}\n",
+        "bad.yaml",
+    )
+    with pytest.raises(SweepError, match="study.population_size"):
+        load_sweep(bad)

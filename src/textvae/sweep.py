@@ -38,7 +38,9 @@ The file, every key optional except ``base`` or ``entries``::
 
 A sweep whose parameters are all grids (entries are always a grid) runs every combination once
 with Optuna's ``GridSampler`` (trial i is grid point i); otherwise ``TPESampler`` (one objective)
-or ``NSGAIISampler`` (several) samples ``budget.trials`` trials. ``budget.minutes`` stops
+or ``NSGAIISampler`` (several; generations of ``study.population_size``, by default a
+quarter of ``budget.trials`` between 4 and 50: :func:`nsga2_population`) samples
+``budget.trials`` trials. ``budget.minutes`` stops
 starting new trials after that many minutes of this invocation. A null objective field (the
 ``mi`` of a language model, which has no latent) counts as the worst value (+inf for minimize,
 -inf for maximize). ``study.pruner: median`` (one minimized objective) stops a trial whose
@@ -106,7 +108,14 @@ EVALUATION_KEYS = (
     "skip_too_long",
     "flow_mi_sentences",
 )
-STUDY_KEYS = ("sampler", "seed", "heartbeat_seconds", "pruner", "pruner_startup_trials")
+STUDY_KEYS = (
+    "sampler",
+    "seed",
+    "heartbeat_seconds",
+    "pruner",
+    "pruner_startup_trials",
+    "population_size",
+)
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
 
 
@@ -150,6 +159,7 @@ class Sweep:
     pruner: str
     pruner_startup_trials: int
     raw: dict
+    population_size: int | None = None
 
     @property
     def is_grid(self) -> bool:
@@ -410,6 +420,11 @@ def load_sweep(path: str | Path) -> Sweep:
     startup = study_raw.get("pruner_startup_trials", 5)
     if not isinstance(startup, int) or startup < 0:
         raise _err(path, "study.pruner_startup_trials", "must be an integer >= 0")
+    population = study_raw.get("population_size")
+    if population is not None and (not isinstance(population, int) or population < 2):
+        raise _err(path, "study.population_size", "must be an integer >= 2 (NSGA-II)")
+    if population is None and sampler == "nsga2":
+        population = nsga2_population(trials)
 
     sweep = Sweep(
         path=path,
@@ -430,6 +445,7 @@ def load_sweep(path: str | Path) -> Sweep:
         pruner=pruner,
         pruner_startup_trials=startup,
         raw=OmegaConf.to_container(raw),
+        population_size=population,
     )
     _check_configs(sweep)
     return sweep
@@ -635,6 +651,20 @@ def _storage(sweep: Sweep, url: str):
         )
 
 
+def nsga2_population(trials: int) -> int:
+    """NSGA-II's generation size for a budget of ``trials``: a quarter of the budget, between 4
+    and Optuna's default of 50. Optuna's default alone draws its first generation of 50 at
+    random, so a sweep of fewer than 50 trials would be a random search that never selects
+    (the 16-trial remedy search of docs/results/recipes.md ran that way); with a quarter, a
+    16-trial sweep has four generations of four."""
+    return max(4, min(50, trials // 4))
+
+
+def _population(sweep: Sweep) -> str:
+    """`` (population N)`` for an NSGA-II sweep's summary line, else nothing."""
+    return f" (population {sweep.population_size})" if sweep.sampler == "nsga2" else ""
+
+
 def _sampler(sweep: Sweep, seed: int):
     import optuna
 
@@ -645,7 +675,7 @@ def _sampler(sweep: Sweep, seed: int):
     if sweep.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=sweep.population_size)
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -1009,7 +1039,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         f"# Sweep {sweep.name}",
         "",
         f"Sweep file `{sweep.path}`; study `{sweep.name}` in `{_hide_password(url)}`; sampler "
-        f"{sweep.sampler}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
+        f"{sweep.sampler}{_population(sweep)}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
         f"(★: on the Pareto front{'' if len(sweep.objectives) > 1 else ', i.e. the best trial'}).",
         f"Evaluation: split **{e['split']}** ({first.get('data', '–')}, "
         f"{first.get('n_sentences', '–')} sentences), {e['checkpoint']} checkpoint, K = "
