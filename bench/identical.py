@@ -53,6 +53,9 @@ SMALL = [
     "train.max_steps=24",
     "train.seed=3",
 ]
+# the tiny backbones of tests/conftest.py, written out here: this script runs other trees'
+# code (older ones too), and bench scripts do not import the test package (its __init__
+# sets the suite's OpenMP wait policy)
 TINY_T5 = [
     "model.t5_d_model=16",
     "model.t5_d_ff=32",

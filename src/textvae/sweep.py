@@ -627,6 +627,9 @@ def run_trial(
 
 
 def storage_url(sweep: Sweep, out_dir: Path, storage: str | None) -> str:
+    """The Optuna RDB URL of the study: ``storage`` when given (``--storage``, e.g.
+    ``postgresql://user:password@host/db``), else the SQLite file ``OUT/study.db`` (absolute, so
+    worker processes started elsewhere open the same file)."""
     return storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
 
 
