@@ -229,6 +229,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "classifier_accuracy",
         "fraction (classifier on E_q[z|x])",
         "a jointly trained classifier on z (`model.classifier_weight`): accuracy on the labelled sentences",
+        objective=True,
     ),
     Field(
         "protocol", "classifier_n", "labelled sentences", "sentences behind `classifier_accuracy`"
