@@ -247,6 +247,15 @@ def test_probe_cli_on_labelled_files(tiny_config, tmp_path, capsys):
     assert "majority class" in out and "| 60 |" in out
     record = json.loads((run / "probe-fit.json").read_text())
     assert [r["n"] for r in record["results"]] == [10, 60] and record["score_sentences"] == 30
+    # a second probe never replaces the first: the default name gets a suffix, --output refuses
+    first = (run / "probe-fit.json").read_bytes()
+    assert cli.main([*args, "--labels", "all"]) == 0
+    assert (run / "probe-fit.json").read_bytes() == first
+    assert [r["n"] for r in json.loads((run / "probe-fit-2.json").read_text())["results"]] == [60]
+    capsys.readouterr()
+    assert cli.main([*args, "--output", str(run / "probe-fit.json")]) == 1
+    assert "probe-fit.json exists" in capsys.readouterr().err
+    assert (run / "probe-fit.json").read_bytes() == first
     # a corpus without labels is refused with a message naming the file
     assert cli.main(["probe", str(run)]) == 1
     assert "no labels" in capsys.readouterr().err

@@ -372,6 +372,8 @@ def _cmd_probe(args) -> int:
     from textvae.data import TextDataset
     from textvae.metrics import probe_accuracy
 
+    if args.output:
+        _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
     _set_threads(args)
     model, tokenizer = textvae.load(args.run_dir)
     if not model.has_latent:
@@ -420,7 +422,13 @@ def _cmd_probe(args) -> int:
         "seed": args.seed,
         "results": results,
     }
-    output = _write_json(record, args.output or Path(args.run_dir) / f"probe-{name}.json")
+    if args.output:
+        output = _write_json(record, args.output)
+    else:  # an earlier probe of the run is never replaced: probe-<data>-2.json, -3, ...
+        output, i = Path(args.run_dir) / f"probe-{name}.json", 2
+        while output.exists():
+            output, i = Path(args.run_dir) / f"probe-{name}-{i}.json", i + 1
+        _write_json(record, output)
     print(
         f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
         f"({len(score_y)} sentences); features: posterior mean"
@@ -685,7 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="use only the first N sentences of the fit and of the score set (default: all)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random subsets")
-    p.add_argument("--output", help="JSON path (default RUN_DIR/probe-<data>.json)")
+    p.add_argument(
+        "--output",
+        help="JSON path (default RUN_DIR/probe-<data>.json, or probe-<data>-2.json, ... when "
+        "that exists: an earlier probe is never replaced)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="let --output replace an existing file")
     _heavy(p)
     p.set_defaults(func=_cmd_probe)
 
