@@ -57,8 +57,10 @@ def main() -> None:
 
 
 def trained(runs: list[str], sentences: int) -> None:
-    """One row per trained run folder: its pooling, KL, AU and dispersion on the first
-    ``sentences`` test sentences (whole, in dataset order)."""
+    """One row per trained run folder (best checkpoint): its pooling, KL (one-sample, nats per
+    sentence, EOS counted), AU (delta 0.01) and ``encoder_dispersion`` on the first
+    ``sentences`` test sentences (whole, in dataset order). Raises what ``textvae.load`` raises
+    for a folder without a checkpoint (``RunDirError``, ``FileNotFoundError``)."""
     import textvae
 
     print(

@@ -124,9 +124,15 @@ def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precisio
         precision,
         args.generation,
     )
-    path, i = Path(args.run_dir) / f"{stem}.json", 2
+    return _unused_path(Path(args.run_dir), stem)
+
+
+def _unused_path(folder: Path, stem: str) -> Path:
+    """``folder/<stem>.json``, or ``<stem>-2.json``, ``-3``, ... when that name is taken: an
+    earlier evaluation or probe is never replaced."""
+    path, i = folder / f"{stem}.json", 2
     while path.exists():
-        path, i = Path(args.run_dir) / f"{stem}-{i}.json", i + 1
+        path, i = folder / f"{stem}-{i}.json", i + 1
     return path
 
 
@@ -422,13 +428,7 @@ def _cmd_probe(args) -> int:
         "seed": args.seed,
         "results": results,
     }
-    if args.output:
-        output = _write_json(record, args.output)
-    else:  # an earlier probe of the run is never replaced: probe-<data>-2.json, -3, ...
-        output, i = Path(args.run_dir) / f"probe-{name}.json", 2
-        while output.exists():
-            output, i = Path(args.run_dir) / f"probe-{name}-{i}.json", i + 1
-        _write_json(record, output)
+    output = _write_json(record, args.output or _unused_path(Path(args.run_dir), f"probe-{name}"))
     print(
         f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
         f"({len(score_y)} sentences); features: posterior mean"
