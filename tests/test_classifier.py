@@ -92,6 +92,20 @@ def test_classifier_trains_jointly_and_evaluate_reports_its_accuracy(tmp_path):
     )
     logged = [line for line in (run / "log.jsonl").read_text().splitlines() if '"cls"' in line]
     assert logged  # the cross-entropy is in the training log
+    # a sweep evaluates with the same dataset as `textvae evaluate`, labels included (it used
+    # to drop them, so experiments/yelp-classifier.yaml's objective was always missing)
+    from textvae.sweep import evaluate_run, load_sweep
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(
+        f"name: cls\nbase: {run / 'config.yaml'}\n"
+        "evaluation: {split: test, iw_samples: 2, output: eval-sweep}\n"
+        "objectives: {classifier_accuracy: maximize}\n"
+    )
+    swept = evaluate_run(run, load_sweep(spec).evaluation)
+    assert swept["classifier_n"] == 60
+    assert swept["classifier_accuracy"] == pytest.approx(r["classifier_accuracy"], abs=1e-9)
+    assert (run / "eval-sweep.json").is_file()
 
 
 def test_classifier_options_are_validated(tiny_corpus):

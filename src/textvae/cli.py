@@ -78,24 +78,6 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _dataset_for(model, config, split: str, data: str | None, max_sentences: int | None):
-    from textvae.data import TextDataset, load_split
-
-    if max_sentences is not None and max_sentences < 1:
-        raise ValueError(
-            f"--max-sentences must be at least 1, got {max_sentences} (leave it out "
-            "to use every sentence)"
-        )
-    corpus = load_split(config.data, split, path=data, whole=True)  # never data.max_length
-    texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
-    if max_sentences is not None:
-        texts = texts[:max_sentences]
-        labels = labels[:max_sentences] if labels else labels
-        contexts = contexts[:max_sentences] if contexts is not None else None
-    full = len(texts) == len(corpus.texts)
-    return TextDataset(texts, model.tokenizer, labels, contexts), corpus.source, full
-
-
 def _refuse_existing(path: Path, overwrite: bool) -> Path:
     if path.exists() and not overwrite:
         raise FileExistsError(
@@ -167,7 +149,11 @@ def _cmd_evaluate(args) -> int:
 
         shard = PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without GPU
         model.to(shard.device)
-    dataset, source, full = _dataset_for(model, cfg, args.split, args.data, args.max_sentences)
+    from textvae.data import evaluation_dataset
+
+    dataset, source, full = evaluation_dataset(
+        cfg.data, model.tokenizer, args.split, args.data, args.max_sentences
+    )
     k = args.iw_samples if args.iw_samples is not None else cfg.eval.iw_samples
     precision = args.precision or cfg.eval.precision
     progress = _progress(args)

@@ -496,6 +496,38 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
     return Corpus(kept_texts, None, str(path), stats, contexts=kept_contexts)
 
 
+def evaluation_dataset(
+    cfg: DataConfig,
+    tokenizer,
+    role: str,
+    path: str | Path | None = None,
+    max_sentences: int | None = None,
+) -> tuple[TextDataset, str, bool]:
+    """The dataset an evaluation scores: the split playing ``role`` read whole
+    (:func:`load_split` with ``whole=True``: never cut at ``data.max_length``), in file order,
+    with its labels (so ``classifier_accuracy`` is reported for a model with a classifier) and
+    contexts (a dialogue corpus), optionally only the first ``max_sentences`` sentences. The one
+    place ``textvae evaluate`` and ``textvae sweep`` build it (before issue 15 the sweep dropped
+    the labels, so a sweep never reported ``classifier_accuracy``).
+
+    Returns:
+        (dataset, source: the file(s) read, full: whether every sentence of the split is in).
+
+    Raises:
+        ValueError: ``max_sentences`` below 1. DataError: from :func:`load_split`.
+    """
+    if max_sentences is not None and max_sentences < 1:
+        raise ValueError(f"max_sentences must be at least 1, got {max_sentences}")
+    corpus = load_split(cfg, role, path=path, whole=True)
+    texts, labels, contexts = corpus.texts, corpus.labels, corpus.contexts
+    if max_sentences is not None:
+        texts = texts[:max_sentences]
+        labels = labels[:max_sentences] if labels else labels
+        contexts = contexts[:max_sentences] if contexts is not None else None
+    full = len(texts) == len(corpus.texts)
+    return TextDataset(texts, tokenizer, labels, contexts), corpus.source, full
+
+
 def semi_supervised_labels(labels: list[int], fraction: float, seed: int = 0) -> list[int]:
     """The labels a semi-supervised classifier may see: those of round(fraction * N) sentences
     chosen by a permutation of the indices seeded by ``seed`` (the same set in every run), -1

@@ -509,18 +509,16 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
     """Evaluate a run folder as ``textvae evaluate`` does, with a sweep's evaluation settings;
     writes and returns ``RUN_DIR/<output>.json``."""
     import textvae
-    from textvae.data import TextDataset, load_split
+    from textvae.data import evaluation_dataset
     from textvae.metrics import evaluate, generation_metrics, response_metrics
 
     e = evaluation
     start = time.perf_counter()
     model, tokenizer = textvae.load(run_dir, which=e["checkpoint"])
     cfg = model.config
-    corpus = load_split(cfg.data, e["split"], whole=True)  # never data.max_length
-    n = e["max_sentences"]
-    texts = corpus.texts[:n] if n else corpus.texts
-    contexts = (corpus.contexts[:n] if n else corpus.contexts) if corpus.contexts else None
-    dataset = TextDataset(texts, tokenizer, contexts=contexts)
+    dataset, source, _ = evaluation_dataset(
+        cfg.data, tokenizer, e["split"], None, e["max_sentences"]
+    )
     result = evaluate(
         model,
         dataset,
@@ -533,7 +531,7 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
         skip_too_long=e["skip_too_long"],
         flow_mi_sentences=e["flow_mi_sentences"],
     )
-    result["data"], result["split"] = corpus.source, e["split"]
+    result["data"], result["split"] = source, e["split"]
     if e["generation"] and model.conditional:
         g = e["gen_sentences"]
         result.update(
