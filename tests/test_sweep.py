@@ -82,6 +82,8 @@ def test_grid_sweep_runs_exactly_its_grid_and_writes_the_summary(tiny_corpus):
     table = [line for line in md.splitlines() if line.startswith("| trial-")]
     assert len(table) == 12  # the trial table and the evaluation table
     assert "split **valid**" in md and "- fb: `kl.free_bits=0.5`" in md
+    lm_rows = [line for line in table if "entry=lm" in line]
+    assert len(lm_rows) == 2 and all("inf" not in line and ", –" in line for line in lm_rows)
     pareto = {
         t.number
         for t in optuna.load_study(

@@ -1015,7 +1015,11 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
                 else None
             )
         settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
-        values = ", ".join("–" if v is None else f"{v:.3f}" for v in (t.values or []))
+        # an objective the evaluation did not report (e.g. classifier_accuracy of a run without
+        # classifier) was stored as the worst value, ±inf: shown as missing, not as a score
+        values = ", ".join(
+            "–" if v is None or math.isinf(v) else f"{v:.3f}" for v in (t.values or [])
+        )
         if t.state == TrialState.PRUNED and t.intermediate_values:
             step = max(t.intermediate_values)
             values = f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
