@@ -128,7 +128,7 @@ def _write_json(record: dict, path: str | Path) -> Path:
 def _cmd_evaluate(args) -> int:
     import textvae
     from textvae.fields import UNITS
-    from textvae.metrics import evaluate
+    from textvae.metrics import evaluate, runnable_precision
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ValueError(
@@ -155,7 +155,10 @@ def _cmd_evaluate(args) -> int:
         cfg.data, model.tokenizer, args.split, args.data, args.max_sentences
     )
     k = args.iw_samples if args.iw_samples is not None else cfg.eval.iw_samples
-    precision = args.precision or cfg.eval.precision
+    # what runs names the file: bf16 on a device without native bfloat16 runs (and is named) fp32
+    precision = runnable_precision(
+        args.precision or cfg.eval.precision, next(model.parameters()).device
+    )
     progress = _progress(args)
     start = time.perf_counter()
     result = evaluate(

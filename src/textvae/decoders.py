@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from textvae.precision import lstm_forward
+
 
 def shift_right(input_ids: torch.Tensor, bos_id: int) -> torch.Tensor:
     """Decoder inputs: ``<bos>`` followed by all but the last column. (B, T) -> (B, T).
@@ -147,7 +149,9 @@ class LSTMDecoder(nn.Module):
         if state is None:
             state = self.initial_state(z, n)
         h0, c0 = state
-        out, (h, c) = self.lstm(emb, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous()))
+        out, (h, c) = lstm_forward(
+            self.lstm, emb, (h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous())
+        )
         return self.dropout_out(out), (h.squeeze(0), c.squeeze(0))
 
 

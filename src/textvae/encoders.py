@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from textvae.precision import lstm_forward
+
 POOLINGS = ("last", "first", "mean", "max", "attention")
 
 
@@ -188,11 +190,11 @@ class LSTMEncoder(nn.Module):
             emb = emb + self.noise_std * torch.randn_like(emb)
         emb = self.dropout_in(emb)
         if not self.bidirectional:
-            states, _ = self.lstm(emb)  # (B, T, H)
+            states, _ = lstm_forward(self.lstm, emb)  # (B, T, H)
             return masked_pool(states, attention_mask, self.pooling, self.attention)
         lengths = attention_mask.sum(1).cpu()
         packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)
+        out, (h_n, _) = lstm_forward(self.lstm, packed)
         if self.pooling == "last":
             return torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=input_ids.size(1))

@@ -103,6 +103,7 @@ from textvae.data import TextDataset
 from textvae.fields import EVAL_KEYS
 from textvae.flows import InverseError, base_gaussian
 from textvae.objectives import iw_bound, iw_log_weights, kl_estimator, rsample_and_log_prob
+from textvae.precision import runnable_precision
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +382,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _autocast(device: torch.device, precision: str):
-    if precision == "bf16":
+    if runnable_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -432,7 +433,8 @@ def evaluate(
     ``kl`` then use one sample), which is what training's validation uses. Each batch samples
     under a forked RNG seeded by :func:`batch_seed` (``seed``, batch index), so evaluation is
     repeatable, leaves the caller's RNG untouched and does not depend on the process count.
-    With ``precision="bf16"`` the network runs under bfloat16 autocast; log-softmax,
+    With ``precision="bf16"`` the network runs under bfloat16 autocast (fp32 where the device
+    has no native bf16, :func:`runnable_precision`; ``precision`` records what ran); log-softmax,
     log-densities, log-sum-exp and all sums stay float32/float64. ``progress`` shows a tqdm
     bar on stderr (sentences done, elapsed, remaining; the main process's share when sharded).
 
@@ -496,6 +498,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    precision = runnable_precision(precision, device)  # bf16 without native support runs fp32
     summary_fn, classifier = (
         getattr(model, "encoder_summary", None),
         getattr(model, "classifier", None),

@@ -97,7 +97,7 @@ from textvae.atomic import commit_dir, temp_dir
 from textvae.config import Config, ConfigError, TrainConfig
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
-from textvae.metrics import evaluate
+from textvae.metrics import evaluate, runnable_precision
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings
 from textvae.registry import discover_remedies
@@ -323,8 +323,10 @@ def _accelerator(t: TrainConfig, run_dir: Path, resume: bool):
             )
     # several processes (accelerate launch / torchrun set WORLD_SIZE): gloo without a GPU
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # bf16 on a device without native bfloat16 (an AVX2-only CPU) runs fp32, with a warning
+    precision = runnable_precision(t.precision, "cuda" if torch.cuda.is_available() else "cpu")
     accelerator = Accelerator(
-        mixed_precision="no" if t.precision == "fp32" else t.precision,
+        mixed_precision="no" if precision == "fp32" else precision,
         cpu=cpu,
         log_with=None if t.log_with == "none" else t.log_with,
         project_config=ProjectConfiguration(
