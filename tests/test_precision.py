@@ -58,6 +58,14 @@ def test_bf16_training_and_cli_evaluation_without_native_bf16(
 ):
     run = train(tiny_config(**{"train.max_steps": 2, "train.precision": "bf16"}), tmp_path / "r")
     assert (run / "checkpoints" / "last" / "model.safetensors").is_file()
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {"event": "precision", "requested": "bf16", "ran": "fp32"}.items() <= next(
+        e for e in events if e.get("event") == "precision"
+    ).items()
+    from textvae.report import write_report
+
+    write_report(run, split="valid", max_sentences=8)
+    assert "precision bf16 requested, ran fp32" in (run / "report" / "report.md").read_text()
     args = ["evaluate", str(run), "--iw-samples", "3", "--precision", "bf16", "--split", "valid"]
     assert cli.main(args) == 0
     (out,) = run.glob("eval-valid-*.json")

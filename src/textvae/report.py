@@ -470,6 +470,13 @@ def latent_status(
     return f"{verdict} ({', '.join(parts)}; thresholds KL {kl_threshold}, gap {gap_threshold})"
 
 
+def _precision_ran(requested: str, groups: dict[str, list[dict]]) -> str:
+    """``requested``, or "bf16 requested, ran fp32" when training logged a ``precision`` event
+    (no native bfloat16 on its device: :func:`textvae.precision.runnable_precision`)."""
+    ran = {e["ran"] for e in groups.get("event", []) if e.get("event") == "precision"}
+    return requested if not ran else f"{requested} requested, ran {', '.join(sorted(ran))}"
+
+
 @torch.no_grad()
 def write_report(
     run_dir: str | Path,
@@ -602,7 +609,8 @@ def write_report(
             else []
         ),
         f"- training: {train_steps} optimizer steps, batch {t.batch_size}, `{t.optimizer}` lr "
-        f"{t.lr}, precision {t.precision}; corpus `{cfg.data.corpus or cfg.data.train_path}`",
+        f"{t.lr}, precision {_precision_ran(t.precision, groups)}; corpus "
+        f"`{cfg.data.corpus or cfg.data.train_path}`",
         f"- tokenizer: {quick['tokenizer']}",
         "",
     ]

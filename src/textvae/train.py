@@ -16,7 +16,9 @@ A run folder holds:
   "posterior collapse", step, kl, z_gap, validations, message}`` when KL or z-usage gap have
   stayed under ``train.collapse_kl`` / ``train.collapse_z_gap`` for
   ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}`` (``resume``,
-  ``phase`` at a phase hand-off, ``aggressive off``, ``non-finite loss``, ``finished``).
+  ``phase`` at a phase hand-off, ``aggressive off``, ``non-finite loss``, ``finished``, and
+  ``precision`` with ``requested`` and ``ran`` when bf16 ran as fp32 on a device without native
+  bfloat16).
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
   safetensors, optimizer, RNG states, LR scheduler, :class:`~textvae.remedies.TrainerState` with the step that
   drives the beta schedule and the data position), written at every validation.
@@ -257,6 +259,12 @@ def _train(
     state = run.state
     if resume:
         run.write_log({"type": "event", "event": "resume", "step": state.step})
+    ran = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    if ran != t.precision:  # bf16 on a device without native bfloat16 (textvae.precision)
+        run.write_log(
+            {"type": "event", "event": "precision", "step": state.step}
+            | {"requested": t.precision, "ran": ran}
+        )
     run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
     run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     # every registered remedy the config switches on, in registration order (textvae.remedies)
