@@ -36,8 +36,9 @@ def runnable_precision(precision: str, device: torch.device | str) -> str:
 
     On an x86 CPU without AVX-512 (e.g. an AVX2-only AMD EPYC) PyTorch 2.13's bf16 autocast
     cannot run an ``nn.LSTM`` ("could not create a primitive descriptor for the LSTM forward
-    propagation primitive") and emulates bf16 matmuls: a training step of an LSTM decoder with
-    a 10k-word softmax took 14.2 s in bf16 against 0.58 s in fp32 on one such core. Training,
+    propagation primitive") and emulates bf16 matmuls: a training step of the PTB CPU preset
+    took 9.8 s under bf16 autocast (the LSTM kept in fp32) against 0.72 s in fp32 on one such
+    core (``bench/bf16_fallback.py``, bench/RESULTS.md). Training,
     validation, ``textvae evaluate`` (its file name included) and sweeps record the precision
     that ran, so a bf16 preset scored on such a machine says ``fp32``.
 
