@@ -128,7 +128,8 @@ def _write_json(record: dict, path: str | Path) -> Path:
 def _cmd_evaluate(args) -> int:
     import textvae
     from textvae.fields import UNITS
-    from textvae.metrics import evaluate, runnable_precision
+    from textvae.metrics import evaluate
+    from textvae.precision import runnable_precision
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ValueError(
