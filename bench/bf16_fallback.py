@@ -4,7 +4,8 @@ Times training steps of the PTB CPU preset (``configs/ptb/lstm-vae-cpu.yaml``: e
 hidden 256, latent 32, batch 32, the full PTB vocabulary) on the machine it runs on, in three
 ways: fp32; bf16 autocast as PyTorch runs it (every op autocast lists, the LSTM included); bf16
 autocast with the LSTM kept in float32 (``textvae.precision.lstm_forward``'s fallback). Prints
-seconds per step (mean over ``--steps`` after 2 untimed steps), or the error a way raised.
+seconds per step (mean over ``--steps`` after 2 untimed steps; bench_cpu.train_steps: the
+preset's Adam, clip, objective and beta schedule) and tokens/s, or the error a way raised.
 Results: bench/RESULTS.md.
 
 Usage:
@@ -15,35 +16,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from pathlib import Path
 
 import torch
 
 import textvae.precision
+from bench_cpu import train_steps  # the same timed training loop (bench/ is on sys.path)
 from textvae.config import load_config
 from textvae.data import TextDataset, build_tokenizer, load_split
-from textvae.models import MODELS
-from textvae.objectives import ObjectiveSettings
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "lstm-vae-cpu.yaml"
-
-
-def seconds_per_step(cfg, tok, ds, bf16: bool, steps: int) -> float:
-    torch.manual_seed(0)
-    model = MODELS[cfg.model.name](cfg.model, tok).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    settings = ObjectiveSettings.from_config(cfg.kl).at(1.0)
-    batches = ds.batches(cfg.train.batch_size, True, 0, 0)[: steps + 2]
-    for i, idx in enumerate(batches):
-        if i == 2:
-            start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(ds.collate(idx), settings)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -68,7 +50,10 @@ def main() -> None:
     for name, (bf16, treat_as_native) in ways.items():
         textvae.precision.bf16_native = lambda kind, v=treat_as_native: v
         try:
-            print(f"{name}: {seconds_per_step(cfg, tok, ds, bf16, args.steps):.3f} s/step")
+            _, tokens_per_s, seconds = train_steps(
+                cfg, tok, ds, "bf16" if bf16 else "fp32", args.steps, warmup=2
+            )
+            print(f"{name}: {seconds / args.steps:.3f} s/step, {tokens_per_s:.0f} tokens/s")
         except RuntimeError as err:
             print(f"{name}: RuntimeError: {str(err).splitlines()[0][:120]}")
 

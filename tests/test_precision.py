@@ -1,7 +1,7 @@
 """bf16 on a device without native bfloat16 runs fp32, and every record says what ran.
 
 On an AVX2-only CPU PyTorch's bf16 autocast cannot run an ``nn.LSTM`` (a oneDNN error) and
-emulates bf16 matmuls some 25 times slower than fp32; before textvae.precision every bf16 preset
+emulates bf16 matmuls (a training step 12 times slower than fp32, bench/RESULTS.md); before textvae.precision every bf16 preset
 (configs/ptb/lstm-vae-cpu.yaml and its flow siblings) crashed there at the first step. The
 tests force "no native bf16" so that they fail on the old code on any machine.
 """

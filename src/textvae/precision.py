@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+_FALLBACK_WARNED: set[str] = set()  # device types already warned about
 
 
 @functools.cache
@@ -37,10 +38,10 @@ def runnable_precision(precision: str, device: torch.device | str) -> str:
     On an x86 CPU without AVX-512 (e.g. an AVX2-only AMD EPYC) PyTorch 2.13's bf16 autocast
     cannot run an ``nn.LSTM`` ("could not create a primitive descriptor for the LSTM forward
     propagation primitive") and emulates bf16 matmuls: a training step of the PTB CPU preset
-    took 9.8 s under bf16 autocast (the LSTM kept in fp32) against 0.72 s in fp32 on one such
-    core (``bench/bf16_fallback.py``, bench/RESULTS.md). Training,
-    validation, ``textvae evaluate`` (its file name included) and sweeps record the precision
-    that ran, so a bf16 preset scored on such a machine says ``fp32``.
+    took 4.98 s under bf16 autocast (the LSTM kept in fp32) against 0.42 s in fp32 on one such
+    core (``bench/bf16_fallback.py``, bench/RESULTS.md). Training, validation, ``textvae
+    evaluate`` (its file name included) and sweeps record the precision that ran, so a bf16
+    preset scored on such a machine says ``fp32``.
 
     Args:
         precision: ``"fp32"`` or ``"bf16"``.
@@ -61,16 +62,14 @@ def runnable_precision(precision: str, device: torch.device | str) -> str:
     return precision
 
 
-_FALLBACK_WARNED: set[str] = set()
-
-
 def lstm_forward(lstm: nn.LSTM, x, state=None):
     """``lstm(x, state)``, in float32 outside autocast when bf16 autocast is active on a CPU
     without native bfloat16, where PyTorch 2.13 raises "could not create a primitive descriptor
     for the LSTM forward propagation primitive" (:func:`runnable_precision`).
 
     Args:
-        lstm: the module. x: (B, T, D) float or a ``PackedSequence``. state: optional (h0, c0).
+        lstm: the module. x: (B, T, D) float or a ``PackedSequence``. state: optional
+            (h0, c0), each (layers x directions, B, H).
     Returns:
         what ``lstm`` returns (outputs in float32 on the fallback path).
     """

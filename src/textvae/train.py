@@ -262,8 +262,13 @@ def _train(
     ran = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     if ran != t.precision:  # bf16 on a device without native bfloat16 (textvae.precision)
         run.write_log(
-            {"type": "event", "event": "precision", "step": state.step}
-            | {"requested": t.precision, "ran": ran}
+            {
+                "type": "event",
+                "event": "precision",
+                "step": state.step,
+                "requested": t.precision,
+                "ran": ran,
+            }
         )
     run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
     run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
