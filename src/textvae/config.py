@@ -185,8 +185,13 @@ class TrainConfig:
         valid_limit_eval: sentences of the validation split used at each validation (null = all).
         precision: ``fp32`` or ``bf16`` autocast, passed to ``accelerate`` (``no``, accelerate's
             name for fp32, is accepted; YAML reads a bare ``no`` as false, which is accepted too).
-        lr_scheduler: ``constant`` or ``plateau`` (multiply by ``lr_decay`` when the
-            validation loss has not improved for ``lr_patience`` validations).
+        lr_scheduler: ``constant``, ``plateau`` (multiply by ``lr_decay`` when the
+            validation loss has not improved for ``lr_patience`` validations) or ``cosine``
+            (Loshchilov & Hutter 2017, SGDR eq. 5 without restarts: after each optimizer step
+            the LR is ``lr_min + (lr - lr_min) * (1 + cos(pi * s / S)) / 2``, ``s`` the steps
+            since the training phase began and ``S`` the phase's steps up to the budget; held at
+            ``lr`` during an autoencoder phase, so the VAE phase decays over its own steps).
+        lr_min: the lowest LR of ``plateau``; the LR that ``cosine`` ends at.
         num_samples: prior samples written to ``samples.txt`` at each validation.
         aggressive: aggressive inference-network training (He et al. 2019): before each
             decoder update, encoder-only updates on random training batches (their own
@@ -348,7 +353,7 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the model's own choices are checked b
     "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.ae_start": ("best", "last"),
-    "train.lr_scheduler": ("constant", "plateau"),
+    "train.lr_scheduler": ("constant", "plateau", "cosine"),
     "train.precision": ("fp32", "bf16"),
     "train.log_with": ("none", "tensorboard", "wandb", "mlflow"),
     "eval.precision": ("fp32", "bf16"),

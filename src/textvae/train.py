@@ -253,8 +253,18 @@ def _train(
         from accelerate.utils import set_seed
 
         set_seed(t.seed + accelerator.process_index)
+    per_epoch = len(_epoch_batches(train_ds, t, accelerator.num_processes, 0))
+    total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
     run = _prepare(
-        config, run_dir, resume, accelerator, model, tokenizer, train_ds, valid_ds, on_validation
+        config,
+        run_dir,
+        resume,
+        accelerator,
+        model,
+        tokenizer,
+        (train_ds, valid_ds),
+        on_validation,
+        total,
     )
     state = run.state
     if resume:
@@ -270,8 +280,7 @@ def _train(
                 "ran": ran,
             }
         )
-    run.steps_per_epoch = per_epoch = len(run.epoch_batches(0))
-    run.total = total = t.max_steps if t.max_steps is not None else t.max_epochs * per_epoch
+    run.steps_per_epoch, run.total = per_epoch, total
     # every registered remedy the config switches on, in registration order (textvae.remedies)
     run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
     for remedy in run.remedies:
@@ -417,6 +426,43 @@ def _datasets(
     return train_ds, valid_ds, tokenizer
 
 
+def _epoch_batches(
+    train_ds: TextDataset, t: TrainConfig, n_proc: int, epoch: int
+) -> list[list[int]]:
+    """The global batches of an epoch; with ``n_proc`` processes those of fewer than ``n_proc``
+    sentences (at most the last, short one) are left out, since every process needs a share."""
+    return [b for b in train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc]
+
+
+def _lr_schedulers(
+    t: TrainConfig, optimizers: list[torch.optim.Optimizer], state: TrainerState, total: int
+) -> list:
+    """One LR schedule per optimizer (``train.lr_scheduler``): none for ``constant``;
+    ``ReduceLROnPlateau`` for ``plateau`` (stepped at each validation with the validation loss);
+    for ``cosine`` a ``LambdaLR`` stepped after each optimizer step, whose factor is read from
+    ``state`` (the step and the phase's start), so a resumed run and the autoencoder phase's
+    hand-off need nothing of the schedule's own count. ``total``: the run's step budget."""
+    if t.lr_scheduler == "plateau":
+        return [
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min
+            )
+            for o in optimizers
+        ]
+    if t.lr_scheduler != "cosine":
+        return []
+    floor = t.lr_min / t.lr if t.lr > 0 else 0.0
+
+    def factor(_: int) -> float:  # a function, not an object: LambdaLR does not pickle it
+        if state.phase == "ae":
+            return 1.0
+        span = max(1, total - state.phase_start)
+        done = min(1.0, (state.step - state.phase_start) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+
+    return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+
 def _prepare(
     config: Config,
     run_dir: Path,
@@ -424,14 +470,15 @@ def _prepare(
     accelerator,
     model: torch.nn.Module,
     tokenizer,
-    train_ds: TextDataset,
-    valid_ds: TextDataset,
+    datasets: tuple[TextDataset, TextDataset],
     on_validation: Callable[[dict], None] | None,
+    total: int,
 ) -> _Run:
     """The optimizers and LR schedules, all prepared by accelerate with the model; the trainer
     state (a new run's, or the checkpoint's with every RNG, optimizer and schedule when
     resuming); the log and the trackers: the :class:`_Run` the loop works with."""
     t = config.train
+    train_ds, valid_ds = datasets
     # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
     # the inference network, the main one for the rest; otherwise one optimizer for everything
     enc_optimizer = None
@@ -443,19 +490,12 @@ def _prepare(
     else:
         optimizer = _optimizer(config, model.parameters())
     optimizers = [o for o in (optimizer, enc_optimizer) if o is not None]
-    schedulers = []
-    if t.lr_scheduler == "plateau":
-        schedulers = [
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                o, mode="min", factor=t.lr_decay, patience=t.lr_patience, min_lr=t.lr_min
-            )
-            for o in optimizers
-        ]
+    state = remedies.initial_state(t) if not resume else TrainerState()  # resume: loaded below
+    schedulers = _lr_schedulers(t, optimizers, state, total)
     fresh_schedules = [copy.deepcopy(s.state_dict()) for s in schedulers]
     model, *optimizers = accelerator.prepare(model, *optimizers)
     optimizer = optimizers[0]
     enc_optimizer = optimizers[1] if enc_optimizer is not None else None
-    state = remedies.initial_state(t) if not resume else TrainerState()  # resume: loaded below
     accelerator.register_for_checkpointing(state)
     for sched in schedulers:
         accelerator.register_for_checkpointing(sched)
@@ -524,6 +564,9 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
                 stats.update(remedy.before_update(batch, batches, beta))
             out = run.update(batch, n_global, beta)
             state.step += 1
+            if t.lr_scheduler == "cosine":
+                for sched in run.schedulers:
+                    sched.step()
             state.batch_in_epoch += 1
             for remedy in run.remedies:
                 remedy.after_step(out)
@@ -611,10 +654,9 @@ class _Run:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of an epoch; with N processes those of fewer than N sentences
         (at most the last, short one) are left out, since every process needs a share."""
-        t, n_proc = self.config.train, self.accelerator.num_processes
-        return [
-            b for b in self.train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc
-        ]
+        return _epoch_batches(
+            self.train_ds, self.config.train, self.accelerator.num_processes, epoch
+        )
 
     def shard(self, indices: list[int]) -> dict:
         """This process's share of a global batch (every N-th sentence: balanced lengths)."""
@@ -801,8 +843,9 @@ def _validate(run: _Run) -> dict:
         for remedy in run.remedies:
             remedy.validation(m)  # collapse watch, phase-1 best and early stop, aggressive off
     loss = -m["elbo"]
-    for sched in run.schedulers:
-        sched.step(loss)
+    if t.lr_scheduler == "plateau":
+        for sched in run.schedulers:
+            sched.step(loss)
     _write_samples(run)
     state.last_valid_step = state.step
     if loss < state.best_valid:
