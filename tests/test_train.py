@@ -185,3 +185,77 @@ def test_language_model_trains_and_evaluates_exactly(tiny_config, tmp_path):
     assert not model.has_latent
     r = evaluate(model, TextDataset(["the cat sat"], tok), iw_samples=500)
     assert r["iw_samples"] is None and r["nll"] == pytest.approx(r["rec"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _lrs(run_dir) -> dict[int, float]:
+    return {
+        r["step"]: r["lr"]
+        for r in map(json.loads, open(run_dir / "log.jsonl"))
+        if r["type"] == "train"
+    }
+
+
+def test_cosine_lr_follows_sgdr_over_the_vae_phase_and_resumes_exactly(tiny_config, tmp_path):
+    """train.lr_scheduler=cosine: held at lr in the autoencoder phase, then lr_min + (lr -
+    lr_min)(1 + cos(pi s / S)) / 2 over the VAE phase's S steps; an interrupted run resumed with
+    the same budget ends bit-identical to the uninterrupted one."""
+    import math
+
+    extra = {
+        "train.lr_scheduler": "cosine",
+        "train.lr": 0.01,
+        "train.lr_min": 0.001,
+        "train.max_steps": 30,
+        "train.ae_pretrain_steps": 10,
+        "train.eval_every": 5,
+        "train.log_every": 1,
+        "model.word_dropout": 0.2,
+    }
+    whole = train(tiny_config(**extra), tmp_path / "whole")
+    lrs = _lrs(whole)
+    # the logged lr is the one after the step's scheduler update, i.e. the next step's
+    for step in range(1, 10):
+        assert lrs[step] == pytest.approx(0.01)
+    for step in range(10, 31):
+        s = step - 10
+        want = 0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * s / 20))
+        assert lrs[step] == pytest.approx(want, rel=1e-6), step
+    assert lrs[30] == pytest.approx(0.001)
+
+    def stop_at_15(record):
+        if record["step"] == 15:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(tiny_config(**extra), tmp_path / "part", on_validation=stop_at_15)
+    train(None, tmp_path / "part", resume=True)
+    a, b = _final_weights(whole), _final_weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _lrs(tmp_path / "part") == lrs
+
+
+def test_training_output_off_a_terminal_and_on_resume_of_a_finished_run(
+    tiny_config, tmp_path, capsys, caplog
+):
+    """No progress bar when stderr is not a terminal; an LM logs its validation NLL; resuming a
+    finished run says so and changes nothing."""
+    caplog.set_level("INFO", logger="textvae.train")
+    run = train(
+        tiny_config(
+            **{"model.name": "lstm_lm", "train.max_steps": 6, "train.eval_every": 3},
+            **{"train.progress": "true"},
+        ),
+        tmp_path / "lm",
+    )
+    err = capsys.readouterr().err
+    assert "\r" not in err and "train:" not in err  # pytest's stderr is not a terminal
+    assert any(m.startswith("step 3: valid nll") for m in caplog.messages)
+    log_before = (run / "log.jsonl").read_text()
+    caplog.clear()
+    train(None, run, resume=True)
+    assert any("finished at step 6" in m for m in caplog.messages)
+    assert (run / "log.jsonl").read_text() == log_before

@@ -86,6 +86,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -267,6 +268,18 @@ def _train(
         total,
     )
     state = run.state
+    if resume and state.step >= total:  # nothing to train: say so, change nothing
+        log.warning(
+            "%s finished at step %d of its budget of %d steps; nothing to train (raise "
+            "train.max_epochs or train.max_steps with --resume to continue it)",
+            run_dir,
+            state.step,
+            total,
+        )
+        if run.log_file is not None:
+            run.log_file.close()
+        accelerator.end_training()
+        return run_dir
     if resume:
         run.write_log({"type": "event", "event": "resume", "step": state.step})
     ran = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
@@ -285,7 +298,9 @@ def _train(
     run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
     for remedy in run.remedies:
         remedy.start()
-    bar = tqdm(total=total, initial=state.step, disable=not (t.progress and run.main), desc="train")
+    # a bar only on a terminal: written to a log file its \r updates are noise (as evaluate's)
+    show_bar = t.progress and run.main and sys.stderr.isatty()
+    bar = tqdm(total=total, initial=state.step, disable=not show_bar, desc="train")
     # log records (validation lines, collapse warnings) print above the progress bar
     with logging_redirect_tqdm():
         _loop(run, total, stop_signals, bar)
@@ -842,6 +857,8 @@ def _validate(run: _Run) -> dict:
         )
         for remedy in run.remedies:
             remedy.validation(m)  # collapse watch, phase-1 best and early stop, aggressive off
+    else:  # a model without latent: its ELBO is log p(x), exact
+        log.info("step %d: valid nll %.2f (nats/sentence)", state.step, -m["elbo"])
     loss = -m["elbo"]
     if t.lr_scheduler == "plateau":
         for sched in run.schedulers:
