@@ -96,13 +96,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from torch.distributions import Distribution, Independent, TransformedDistribution
 
 from textvae.data import TextDataset
 from textvae.fields import EVAL_KEYS
 from textvae.flows import InverseError, base_gaussian
-from textvae.objectives import iw_bound, iw_log_weights, kl_estimator, rsample_and_log_prob
+from textvae.objectives import (
+    KL,
+    iw_bound,
+    iw_log_weights,
+    kl_estimator,
+    rsample_and_log_prob,
+)
+from textvae.posteriors import LayerwiseGaussian
 from textvae.precision import runnable_precision
 
 log = logging.getLogger(__name__)
@@ -390,7 +400,7 @@ def _autocast(device: torch.device, precision: str):
 def too_long(model, dataset: TextDataset) -> list[int]:
     """Indices of the sentences ``model`` cannot take whole: those needing more than its
     :attr:`max_positions` (:meth:`positions_needed`, context included); empty without a limit."""
-    limit = getattr(model, "max_positions", None)
+    limit = model.max_positions
     if limit is None:
         return []
     ctx = dataset.context_ids
@@ -407,6 +417,542 @@ def batch_seed(seed: int, index: int) -> int:
     from its own seed, so how the batches are shared among processes cannot change them
     (index -1 seeds the flow-MI pass)."""
     return seed * 1_000_003 + index
+
+
+# --- what differs between posterior families: chosen by the posterior's type ------------------
+
+
+class EvaluatedSet(NamedTuple):
+    """What a posterior family's whole-set MI (:attr:`PosteriorStatistics.set_mi`) may read
+    besides the values its batches kept.
+
+    Attributes:
+        model: the evaluated model (in eval mode).
+        dataset: the evaluated :class:`textvae.data.TextDataset`.
+        first_batch: dataset indices of the first scored batch (for a template posterior).
+        scored: dataset indices of every scored sentence, in batch (length-sorted) order.
+        batch_size: sentences per evaluation batch.
+        device: where the network runs.
+        precision: ``fp32`` or ``bf16``, as it runs (:func:`runnable_precision`).
+        seed: the evaluation seed (:func:`batch_seed`).
+        iw_samples: K of the evaluation (0: training's validation).
+        flow_mi_sentences: the cap on a flow's MI sentences that was asked for (None: default).
+    """
+
+    model: torch.nn.Module
+    dataset: TextDataset
+    first_batch: list[int]
+    scored: list[int]
+    batch_size: int
+    device: torch.device
+    precision: str
+    seed: int
+    iw_samples: int
+    flow_mi_sentences: int | None
+
+
+class PosteriorStatistics(NamedTuple):
+    """The evaluation statistics that differ between posterior families, registered for the
+    posterior's type in :data:`POSTERIOR_STATISTICS` as :data:`textvae.objectives.KL_ESTIMATORS`
+    registers the KL. What every family shares lives on the distribution: E_q[z|x] is ``q.mean``
+    (exact for a Gaussian; 256 common random draws for a flow or layer-wise posterior) and
+    log q(z|x) is ``q.log_prob``. What differs is how I(x; z) is estimated from them and whether
+    the KL and the active units are also reported per layer.
+
+    Attributes:
+        name: the family, for messages.
+        keep: ``(q, z) -> dict``: what one batch keeps for the whole set's MI, from q (batch
+            (B,)) and one sample z (B, *event) per sentence: CPU tensors and floats (gathered
+            across processes when sharded), with ``mi_b`` (the batch's MI, nats) and ``b`` (B)
+            when the family's minibatch MI comes from these samples.
+        set_mi: ``(kept, evaluated) -> (mi or None, [(mi_b, B)], mi_estimator)``: the MI of the
+            whole set (nats) from the kept dicts in batch order and an :class:`EvaluatedSet`,
+            the per-batch values ``mi_batch`` averages (weighted by B) and the estimator's
+            description (the reason when mi is None).
+        per_layer: the event shape is (L, D): ``kl_per_layer``, ``au_per_layer`` and
+            ``au_layer_mean`` are reported.
+    """
+
+    name: str
+    keep: Callable[[Distribution, torch.Tensor], dict]
+    set_mi: Callable[[list[dict], EvaluatedSet], tuple[float | None, list, str]]
+    per_layer: bool = False
+
+
+def _gaussian_keep(q: Independent, z: torch.Tensor) -> dict:
+    """Diagonal Gaussian: mu, log sigma^2 and z (B, D) float32, and the minibatch MI of He et
+    al. 2019 (:func:`batch_mi`, closed-form entropy).
+
+    Raises:
+        ValueError: q is an ``Independent`` of something other than ``Normal``.
+    """
+    base_gaussian(q)
+    mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
+    mi_b = batch_mi(mu, logvar, z)
+    return {"mu": mu.cpu(), "logvar": logvar.cpu(), "z": z.cpu(), "mi_b": mi_b, "b": z.size(0)}
+
+
+def _gaussian_set_mi(kept: list[dict], evaluated: EvaluatedSet) -> tuple[float, list, str]:
+    """Diagonal Gaussian: :func:`aggregate_mi` over the whole set (closed-form log-densities,
+    float64 matrix products)."""
+    mi = aggregate_mi(
+        torch.cat([k["mu"] for k in kept]),
+        torch.cat([k["logvar"] for k in kept]),
+        torch.cat([k["z"] for k in kept]),
+    )
+    return mi, [(k["mi_b"], k["b"]) for k in kept], MI_ESTIMATOR
+
+
+def _layerwise_keep(q: LayerwiseGaussian, z: torch.Tensor) -> dict:
+    """Layer-wise Gaussian: the offset (B, L, 2D) that, with the model's shared layer maps,
+    rebuilds q after gathering (:meth:`LayerwiseGaussian.with_offset`), the ancestral sample z
+    (B, L, D), and the batch's MI from the joint log q(z|x) (:func:`distribution_mi`)."""
+    mi_b = distribution_mi([q], [z])
+    return {"offset": q.offset.cpu(), "z": z.cpu(), "mi_b": mi_b, "b": z.size(0)}
+
+
+def _layerwise_set_mi(kept: list[dict], evaluated: EvaluatedSet) -> tuple[float, list, str]:
+    """Layer-wise Gaussian: :func:`distribution_mi` over the whole set, every batch's posterior
+    rebuilt from its offset on a template posterior of the first batch (the layer maps and the
+    latent recurrence are the model's, shared by every sentence)."""
+    e = evaluated
+    first = {k: v.to(e.device) for k, v in e.dataset.collate(e.first_batch).items()}
+    template = e.model.posterior(first)
+    posteriors = [template.with_offset(k["offset"].to(e.device)) for k in kept]
+    mi = distribution_mi(posteriors, [k["z"].to(e.device) for k in kept])
+    return mi, [(k["mi_b"], k["b"]) for k in kept], LAYERWISE_ESTIMATOR
+
+
+def _flow_keep(q: Distribution, z: torch.Tensor) -> dict:
+    """Flow posterior: nothing; its MI is a pass of its own (:func:`_flow_set_mi`)."""
+    return {}
+
+
+def _flow_set_mi(kept: list[dict], evaluated: EvaluatedSet) -> tuple[float | None, list, str]:
+    """Flow posterior: I(x; z_K) by :func:`_flow_mi` over the first ``flow_mi_sentences``
+    scored sentences in dataset order (default :data:`FLOW_MI_EVAL_SENTENCES`, or
+    :data:`FLOW_MI_VALIDATION_SENTENCES` without IW samples; 0 = all), under its own seed
+    (:func:`batch_seed` index -1); never the base Gaussian's I(x; z_0) in its place."""
+    e = evaluated
+    cap = e.flow_mi_sentences
+    if cap is None:
+        cap = FLOW_MI_EVAL_SENTENCES if e.iw_samples else FLOW_MI_VALIDATION_SENTENCES
+    indices = sorted(e.scored)[: cap or None]  # 0 = every sentence
+    with torch.random.fork_rng(devices=[e.device] if e.device.type == "cuda" else []):
+        torch.manual_seed(batch_seed(e.seed, -1))
+        return _flow_mi(
+            e.model, e.dataset, indices, len(e.scored), e.batch_size, e.device, e.precision
+        )
+
+
+GAUSSIAN_STATISTICS = PosteriorStatistics("diagonal Gaussian", _gaussian_keep, _gaussian_set_mi)
+FLOW_STATISTICS = PosteriorStatistics("flow", _flow_keep, _flow_set_mi)
+LAYERWISE_STATISTICS = PosteriorStatistics(
+    "layer-wise Gaussian", _layerwise_keep, _layerwise_set_mi, per_layer=True
+)
+
+# posterior type -> its statistics; the most specific registered type wins (a subclass of a
+# registered type uses its entry), as the KL estimators of textvae.objectives.KL_ESTIMATORS
+POSTERIOR_STATISTICS: dict[type, PosteriorStatistics] = {
+    Independent: GAUSSIAN_STATISTICS,  # diagonal Gaussian (Independent Normal)
+    TransformedDistribution: FLOW_STATISTICS,  # a flow over a diagonal Gaussian
+    LayerwiseGaussian: LAYERWISE_STATISTICS,  # DELLA's layer-wise latents
+}
+
+
+def posterior_statistics(q: Distribution) -> PosteriorStatistics:
+    """The statistics registered for the type of q (:data:`POSTERIOR_STATISTICS`): the entry of
+    the first class in q's method resolution order that has one.
+
+    Raises:
+        NotImplementedError: no class of q is registered (the message names q's type).
+    """
+    for cls in type(q).__mro__:
+        if cls in POSTERIOR_STATISTICS:
+            return POSTERIOR_STATISTICS[cls]
+    raise NotImplementedError(
+        f"no evaluation statistics for posterior {type(q).__name__}: register its type in "
+        "textvae.metrics.POSTERIOR_STATISTICS (a PosteriorStatistics: what a batch keeps for "
+        "the MI, the whole set's MI, whether it has layers)"
+    )
+
+
+# --- the estimators of one batch -----------------------------------------------------------
+
+
+class _Run(NamedTuple):
+    """The settings every batch of one evaluation shares (see :func:`evaluate`)."""
+
+    device: torch.device
+    precision: str  # as it runs
+    seed: int
+    iw_samples: int
+    chunk_tokens: int
+
+
+def _exact_likelihood(model, batch: dict[str, torch.Tensor], precision: str) -> dict:
+    """A model without latent: its exact -log p(x) (B,) float32 nats, as ``nll`` and ``rec``."""
+    with _autocast(batch["input_ids"].device, precision):
+        ll = model.log_likelihood(batch, None)[0].float()
+    nll = (-ll).cpu()
+    return {"nll": nll, "rec": nll}
+
+
+def _closed_form_kl(q: Distribution, p: Distribution, estimator) -> dict:
+    """The KL of a batch when its estimator needs no sample: ``kl`` (B,) and ``kl_dims`` (D,)
+    summed over the batch, nats; only ``closed_form`` False otherwise (:class:`_SampledKL`)."""
+    if estimator.needs_samples:
+        return {"closed_form": False}
+    closed = estimator.estimate(q, p)  # (B,), (B, D)
+    return {
+        "closed_form": True,
+        "kl": closed.total.cpu(),
+        "kl_dims": closed.per_dim.sum(0).cpu(),
+        "bound_valid": closed.bound_valid,
+    }
+
+
+class _SampledKL:
+    """The KL of a batch from its IW samples (an estimator that needs samples), summed over
+    the sample chunks: per dimension when the estimator gives per-dimension values (layer-wise:
+    (B, L, D)), else per sentence (Monte Carlo: (B,))."""
+
+    def __init__(self, b: int, device: torch.device):
+        self.total = torch.zeros(b, device=device)
+        self.per_dim, self.scale, self.bound_valid = None, 1.0, True
+
+    def add(self, kl: KL) -> None:
+        """One chunk's :class:`textvae.objectives.KL` of s samples: total (s, B), per_dim
+        (s, B, *event) or None."""
+        self.bound_valid, self.scale = kl.bound_valid, kl.scale
+        if kl.per_dim is not None:
+            chunk = kl.per_dim.float().sum(0)
+            self.per_dim = chunk if self.per_dim is None else self.per_dim + chunk
+        else:
+            self.total += kl.total.float().sum(0)
+
+    def result(self, n_samples: int) -> dict:
+        """``kl`` (B,) nats (scaled by the posterior's ``log_prob_scale``), the mean over the
+        ``n_samples``; ``kl_dims`` (*event) summed over the batch when per-dimension values exist."""
+        if self.per_dim is None:
+            return {"kl": (self.total / n_samples).cpu(), "bound_valid": self.bound_valid}
+        per_dim = self.per_dim / n_samples
+        return {
+            "kl": (per_dim.flatten(1).sum(-1) * self.scale).cpu(),
+            "kl_dims": per_dim.sum(0).cpu(),
+            "bound_valid": self.bound_valid,
+        }
+
+
+def _importance_sampled(model, batch, q, p, estimator, run: _Run) -> dict:
+    """The estimates over the K = ``run.iw_samples`` (at least one) importance samples of a
+    batch, drawn in chunks of s = max(1, chunk_tokens // (B * T)) samples (:func:`evaluate`):
+    ``rec`` (B,) = mean_k -log p(x|z_k); ``nll`` (B,) = the IW bound (Burda et al. 2016, only
+    with K > 0); the KL over the same samples when the estimator needs samples
+    (:class:`_SampledKL`). Nats per sentence, float32, on the CPU."""
+    b, t = batch["input_ids"].shape
+    n_samples = run.iw_samples or 1
+    step = max(1, run.chunk_tokens // (b * t))
+    log_w, ll_sum = [], torch.zeros(b, device=run.device)
+    kl = _SampledKL(b, run.device) if estimator.needs_samples else None
+    for start in range(0, n_samples, step):
+        # (s, B, *event) with log q (s, B): exact also for flows without an inverse;
+        # layer-wise latents drawn ancestrally, all layers once per sample
+        z, log_q = rsample_and_log_prob(q, (min(step, n_samples - start),))
+        with _autocast(run.device, run.precision):
+            lw, ll = iw_log_weights(model, batch, q, p, z, log_q)
+        log_w.append(lw.float())
+        ll_sum += ll.float().sum(0)
+        if kl is not None:  # one KL value per sample (s, B) (and per dimension)
+            kl.add(estimator.estimate(q, p, z, log_q))
+    out = {"rec": (-ll_sum / n_samples).cpu()}
+    if kl is not None:
+        out.update(kl.result(n_samples))
+    if run.iw_samples:
+        out["nll"] = (-iw_bound(torch.cat(log_w, dim=0))).cpu()
+    return out
+
+
+def _classifier_counts(model, mean: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict:
+    """With the model's classifier on z (:meth:`textvae.models.base.TextVAE.classify_latent`)
+    and a batch with labels: ``cls_n`` labelled sentences (label >= 0) and ``cls_correct``, how
+    many of them it labels right from E_q[z|x] (``mean`` (B, *event)); {} otherwise."""
+    if "labels" not in batch:
+        return {}
+    logits = model.classify_latent(mean.to(batch["labels"].device).float())
+    if logits is None:
+        return {}
+    labelled = batch["labels"] >= 0
+    pred = logits.argmax(-1)
+    return {
+        "cls_correct": int((pred == batch["labels"])[labelled].sum()),
+        "cls_n": int(labelled.sum()),
+    }
+
+
+def _score_batch(model, batch: dict[str, torch.Tensor], index: int, run: _Run) -> dict:
+    """Every per-batch estimate of batch ``index`` (its own seed, :func:`batch_seed`), as CPU
+    tensors and numbers: ``rec``, ``nll``, ``kl``, ``kl_dims``, ``closed_form``,
+    ``bound_valid``, ``family`` (:func:`posterior_statistics`), ``mean`` (E_q[z|x]), ``mi``
+    (what the family keeps), ``summary`` (the encoder summary), ``gap`` (the z-usage gap), the
+    classifier counts; only ``nll`` and ``rec`` for a model without latent."""
+    device = run.device
+    # the z-usage gap's permutations have their own generator: the IW samples stay as they were
+    perm_gen = torch.Generator(device=device).manual_seed(batch_seed(run.seed, index))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(batch_seed(run.seed, index))
+        if not model.has_latent:
+            return _exact_likelihood(model, batch, run.precision)
+        with _autocast(device, run.precision):
+            q = model.posterior(batch)
+            summary = model.encoder_summary(batch)  # (B, H) or None
+        p = model.prior(batch)
+        # the training objective's KL (objectives.kl_estimate), chosen by the types of q, p
+        estimator = kl_estimator(q, p)
+        r = _closed_form_kl(q, p, estimator)
+        z = q.sample()  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
+        family = posterior_statistics(q)
+        r.update(family=family, mean=q.mean.float().cpu(), mi=family.keep(q, z))
+        if summary is not None:
+            r["summary"] = summary.float().cpu()
+        r.update(_classifier_counts(model, r["mean"], batch))
+        with _autocast(device, run.precision):
+            gap = z_usage_gap(model, batch, z, perm_gen)
+        r["gap"] = gap.cpu() if gap is not None else None
+        r.update(_importance_sampled(model, batch, q, p, estimator, run))
+    return r
+
+
+def _score_batches(
+    model,
+    dataset: TextDataset,
+    batches: list[list[int]],
+    run: _Run,
+    num_processes: int,
+    process_index: int,
+    progress: bool,
+) -> list[dict]:
+    """:func:`_score_batch` of this process's share of ``batches`` (batch j goes to process
+    j mod ``num_processes``), each record with its ``batch`` number and dataset ``indices``;
+    when sharded, every process's records gathered to every process, in batch order."""
+    mine = [(j, b) for j, b in enumerate(batches) if j % num_processes == process_index]
+    bar = _progress_bar(sum(len(b) for _, b in mine), "evaluate", progress and process_index == 0)
+    records = []
+    for j, indices in mine:
+        batch = {k: v.to(run.device) for k, v in dataset.collate(indices).items()}
+        records.append({"batch": j, "indices": indices, **_score_batch(model, batch, j, run)})
+        bar.update(len(indices))
+    bar.close()
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        records = sorted(gather_object(records), key=lambda r: r["batch"])
+    return records
+
+
+# --- the estimators of the whole set, from the batch records in batch order -------------------
+
+
+def _likelihood_fields(records: list[dict], dataset: TextDataset) -> dict:
+    """``n_sentences``, ``n_tokens``, ``n_words`` (EOS counted), ``rec`` and, with an IW (or
+    exact) NLL, ``nll``, ``nll_stderr``, the per-sentence values in dataset order
+    (``nll_per_sentence``, ``sentence_index``, ``n_words_per_sentence``), ``ppl_token`` and
+    ``ppl_word``."""
+    order = [i for r in records for i in r["indices"]]  # length-sorted; un-sorted below
+    index = sorted(order)
+    n = len(order)
+    n_words_each = [dataset.n_words[i] for i in index]
+    out = {
+        "n_sentences": n,
+        "n_tokens": sum(len(dataset.ids[i]) for i in index),
+        "n_words": sum(n_words_each),
+        "rec": float(torch.cat([r["rec"] for r in records]).double().mean()),
+    }
+    nll = [r["nll"] for r in records if r.get("nll") is not None]
+    if not nll:
+        return out
+    nll_t = torch.cat(nll).double()
+    out["nll"] = float(nll_t.mean())
+    out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    # back to dataset order: nll_t[j] is the value of sentence order[j]
+    out["nll_per_sentence"] = nll_t[torch.argsort(torch.tensor(order))].tolist()
+    out["sentence_index"] = index
+    out["n_words_per_sentence"] = n_words_each
+    out["ppl_token"] = math.exp(float(nll_t.sum()) / out["n_tokens"])
+    out["ppl_word"] = math.exp(float(nll_t.sum()) / out["n_words"])
+    return out
+
+
+def _kl_fields(records: list[dict], n: int, iw_samples: int, per_layer: bool) -> dict:
+    """``kl`` (mean over the N sentences), ``kl_samples`` (None for a closed form),
+    ``kl_per_dim`` ((D,) or (L, D) as lists; None without per-dimension values) and, with
+    layers, ``kl_per_layer`` (L,). Nats per sentence.
+
+    Raises:
+        ValueError: some batches had a closed-form KL and others not.
+    """
+    closed_form = {r["closed_form"] for r in records}
+    if len(closed_form) > 1:
+        raise ValueError("the KL had a closed form for some batches only; cannot mix estimates")
+    kl_dims_sum = None
+    for r in records:
+        if r.get("kl_dims") is not None:
+            kl_dims_sum = r["kl_dims"] if kl_dims_sum is None else kl_dims_sum + r["kl_dims"]
+    per_dim = kl_dims_sum.double() / n if kl_dims_sum is not None else None
+    out = {
+        "kl": float(torch.cat([r["kl"] for r in records]).double().mean()),
+        "kl_samples": None if closed_form == {True} else (iw_samples or 1),
+        "kl_per_dim": per_dim.tolist() if per_dim is not None else None,
+    }
+    if per_layer:
+        out["kl_per_layer"] = per_dim.sum(-1).tolist()
+    return out
+
+
+def _mi_fields(records: list[dict], family: PosteriorStatistics, evaluated: EvaluatedSet) -> dict:
+    """``mi``, ``mi_batch`` (the batch MIs weighted by batch size; None without them) and
+    ``mi_estimator``, by the posterior family's :attr:`PosteriorStatistics.set_mi`."""
+    mi, per_batch, estimator = family.set_mi([r["mi"] for r in records], evaluated)
+    mi_batch = (
+        sum(m * b for m, b in per_batch) / sum(b for _, b in per_batch) if per_batch else None
+    )
+    return {"mi": mi, "mi_batch": mi_batch, "mi_estimator": estimator}
+
+
+def _au_fields(means: list[torch.Tensor], au_delta: float, per_layer: bool) -> dict:
+    """Active units (:func:`active_units`) of the posterior means (B_i, *event) of every
+    batch: ``au``, ``au_delta``, ``au_by_delta`` (at ``au_delta`` and :data:`AU_DELTA_PAPER`)
+    and, with layers, ``au_per_layer`` and ``au_layer_mean`` (Hu et al. 2022, A.3)."""
+    mean_all = torch.cat(means)  # (N, *event)
+    au, var = active_units(mean_all, au_delta)
+    deltas = sorted({au_delta, AU_DELTA_PAPER})
+    out = {
+        "au": au,
+        "au_delta": au_delta,
+        "au_by_delta": {str(d): int((var > d).sum()) for d in deltas},
+    }
+    if per_layer:  # (N, L, D): per layer
+        var_layers = var.view(mean_all.shape[1:])
+        out["au_per_layer"] = {str(d): (var_layers > d).sum(-1).tolist() for d in deltas}
+        # DELLA's own AU (Hu et al. 2022, A.3): the mean over layers of the per-layer count at 0.2
+        out["au_layer_mean"] = sum(out["au_per_layer"][str(AU_DELTA_PAPER)]) / var_layers.size(0)
+    return out
+
+
+def _classifier_fields(records: list[dict]) -> dict:
+    """``classifier_accuracy`` (fraction) and ``classifier_n`` over the labelled sentences; {}
+    when none was scored (no classifier, or no labels)."""
+    n = sum(r.get("cls_n", 0) for r in records)
+    if not n:
+        return {}
+    return {
+        "classifier_accuracy": sum(r.get("cls_correct", 0) for r in records) / n,
+        "classifier_n": n,
+    }
+
+
+def _dispersion_field(records: list[dict], model) -> dict:
+    """``encoder_dispersion`` of the batches' encoder summaries (:func:`encoder_dispersion`),
+    or None values with a ``reason`` for a model without one (``encoder_summary`` None)."""
+    summaries = [r["summary"] for r in records if "summary" in r]
+    if not summaries:
+        return {
+            "total_variance": None,
+            "relative_variance": None,
+            "mean_cosine_distance": None,
+            "reason": f"{type(model).__name__} has no single encoder "
+            "summary before its posterior heads "
+            "(encoder_summary)",
+        }
+    sums = DispersionSums()
+    for h in summaries:
+        sums.add(h)
+    return encoder_dispersion(sums)
+
+
+def _protocol_fields(
+    records: list[dict], evaluated: EvaluatedSet, au_delta: float, n_skipped: int
+) -> dict:
+    """The evaluation dict (exactly :data:`EVAL_KEYS`) from the batch records in batch order:
+    each whole-set estimator on its own."""
+    model = evaluated.model
+    out: dict = dict.fromkeys(EVAL_KEYS)
+    out.update(_likelihood_fields(records, evaluated.dataset))
+    out.update(
+        tokenizer=tokenizer_kind(evaluated.dataset.tokenizer),
+        precision=evaluated.precision,
+        seed=evaluated.seed,
+        bound_valid=all(r.get("bound_valid", True) for r in records),
+        n_skipped=n_skipped,
+    )
+    n, n_tokens = out["n_sentences"], out["n_tokens"]
+    if not model.has_latent:
+        out["elbo"] = -out["rec"]  # exact log-likelihood: the bound is tight
+        out["ppl_elbo_token"] = math.exp(out["rec"] * n / n_tokens)
+        return out
+    family = records[0]["family"]  # every batch's posterior has the same type
+    out.update(_kl_fields(records, n, evaluated.iw_samples, family.per_layer))
+    out["elbo"] = -(out["rec"] + out["kl"])
+    out["ppl_elbo_token"] = math.exp(-out["elbo"] * n / n_tokens)
+    out["iw_samples"] = evaluated.iw_samples or None
+    out.update(_mi_fields(records, family, evaluated))
+    out.update(_au_fields([r["mean"] for r in records], au_delta, family.per_layer))
+    gaps = [r["gap"] for r in records if r.get("gap") is not None]
+    out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
+    out.update(_classifier_fields(records))
+    out["encoder_dispersion"] = _dispersion_field(records, model)
+    return out
+
+
+# --- the protocol ----------------------------------------------------------------------------
+
+
+def _check_arguments(iw_samples: int, dataset, num_processes: int, process_index: int) -> None:
+    """Raises ValueError for the arguments :func:`evaluate` refuses (its Raises)."""
+    if iw_samples < 0:
+        raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate an empty dataset")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
+    if num_processes > 1 and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        raise ValueError(
+            f"num_processes={num_processes} needs torch.distributed initialised "
+            "(run under accelerate launch or torchrun, or call PartialState())"
+        )
+
+
+def _evaluation_batches(
+    model, dataset: TextDataset, batch_size: int, skip_too_long: bool
+) -> tuple[list[list[int]], int]:
+    """The length-sorted batches of dataset indices that are scored (sentences past the
+    model's position limit left out with ``skip_too_long``) and the number left out.
+
+    Raises:
+        ValueError: sentences past the limit without ``skip_too_long``, or all of them past it.
+    """
+    skipped = too_long(model, dataset)
+    if skipped and not skip_too_long:
+        longest = max(skipped, key=lambda i: len(dataset.ids[i]))
+        raise ValueError(
+            f"{len(skipped)} of {len(dataset)} sentences (e.g. sentence {longest}, "
+            f"{len(dataset.ids[longest])} tokens) are longer than the model's "
+            f"{model.max_positions} positions; evaluation never shortens a sentence: pass "
+            "skip_too_long=True (textvae evaluate --skip-too-long) to score the others and report "
+            "how many were skipped"
+        )
+    if len(skipped) == len(dataset):
+        raise ValueError(
+            f"all {len(dataset)} sentences are longer than the model's "
+            f"{model.max_positions} positions"
+        )
+    skip_set = set(skipped)
+    batches = [
+        [i for i in b if i not in skip_set] for b in dataset.batches(batch_size, shuffle=False)
+    ]
+    return [b for b in batches if b], len(skipped)
 
 
 @torch.no_grad()
@@ -426,6 +972,15 @@ def evaluate(
     process_index: int = 0,
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
+
+    Composed of small estimators: each batch (:func:`_score_batch`, under its own seed) gets the
+    IW bound, rec and a sampled KL over the same importance samples
+    (:func:`_importance_sampled`), or the closed-form KL (:func:`_closed_form_kl`), E_q[z|x],
+    what its posterior family keeps for the MI (:func:`posterior_statistics`), the z-usage gap,
+    the encoder summary and the classifier counts; the whole set then gets each field group
+    from the batch records in batch order (:func:`_likelihood_fields`, :func:`_kl_fields`,
+    :func:`_mi_fields`, :func:`_au_fields`, :func:`_classifier_fields`,
+    :func:`_dispersion_field`).
 
     The IW samples of a batch go through the decoder as one (s * B, T) batch per chunk, with
     s = max(1, chunk_tokens // (B * T)); the encoder runs once per batch. ``iw_samples=0``
@@ -465,48 +1020,11 @@ def evaluate(
         ValueError: ``iw_samples`` < 0, an empty dataset, sentences past the model's
             position limit without ``skip_too_long``, ``process_index`` not in
             [0, ``num_processes``), or several processes without ``torch.distributed``.
+        NotImplementedError: no KL estimator or no evaluation statistics are registered for
+            the model's posterior (and prior) types (:func:`posterior_statistics`).
     """
-    if iw_samples < 0:
-        raise ValueError(f"iw_samples must be >= 0, got {iw_samples}")
-    if len(dataset) == 0:
-        raise ValueError("cannot evaluate an empty dataset")
-    if not 0 <= process_index < num_processes:
-        raise ValueError(f"process_index {process_index} is not in [0, {num_processes})")
-    if num_processes > 1 and not (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):
-        raise ValueError(
-            f"num_processes={num_processes} needs torch.distributed initialised "
-            "(run under accelerate launch or torchrun, or call PartialState())"
-        )
-    skipped = too_long(model, dataset)
-    if skipped and not skip_too_long:
-        longest = max(skipped, key=lambda i: len(dataset.ids[i]))
-        raise ValueError(
-            f"{len(skipped)} of {len(dataset)} sentences (e.g. sentence {longest}, "
-            f"{len(dataset.ids[longest])} tokens) are longer than the model's "
-            f"{model.max_positions} positions; evaluation never shortens a sentence: pass "
-            "skip_too_long=True (textvae evaluate --skip-too-long) to score the others and report "
-            "how many were skipped"
-        )
-    if len(skipped) == len(dataset):
-        raise ValueError(
-            f"all {len(dataset)} sentences are longer than the model's "
-            f"{model.max_positions} positions"
-        )
-    skip_set = set(skipped)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    precision = runnable_precision(precision, device)  # bf16 without native support runs fp32
-    summary_fn, classifier = (
-        getattr(model, "encoder_summary", None),
-        getattr(model, "classifier", None),
-    )
-    batches = [
-        [i for i in b if i not in skip_set] for b in dataset.batches(batch_size, shuffle=False)
-    ]
-    batches = [b for b in batches if b]
+    _check_arguments(iw_samples, dataset, num_processes, process_index)
+    batches, n_skipped = _evaluation_batches(model, dataset, batch_size, skip_too_long)
     if len(batches) < num_processes and process_index == 0:
         log.warning(
             "%d evaluation batches of %d sentences for %d processes: %d processes have "
@@ -517,225 +1035,27 @@ def evaluate(
             num_processes,
             num_processes - len(batches),
         )
-    records = []  # one per batch scored here, everything on the CPU (gathered when sharded)
-    mine = sum(len(b) for j, b in enumerate(batches) if j % num_processes == process_index)
-    bar, done = _progress_bar(mine, "evaluate", progress and process_index == 0), 0
-    for j, indices in enumerate(batches):
-        if j % num_processes != process_index:
-            continue
-        bar.update(done)  # the previous batch's sentences
-        done = len(indices)
-        r = {"batch": j, "indices": indices}
-        records.append(r)
-        batch = {k: v.to(device) for k, v in dataset.collate(indices).items()}
-        b, t = batch["input_ids"].shape
-        # the z-usage gap's permutations have their own generator: the IW samples stay as they were
-        perm_gen = torch.Generator(device=device).manual_seed(batch_seed(seed, j))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(batch_seed(seed, j))
-            if not model.has_latent:
-                with _autocast(device, precision):
-                    ll = model.log_likelihood(batch, None)[0].float()
-                r["nll"] = r["rec"] = (-ll).cpu()
-                continue
-            with _autocast(device, precision):
-                q = model.posterior(batch)
-                if summary_fn is not None:
-                    r["summary"] = summary_fn(batch).float().cpu()
-            p = model.prior(batch)
-            # the training objective's KL (objectives.kl_estimate), chosen by the types of q, p
-            estimator = kl_estimator(q, p)
-            if not estimator.needs_samples:  # closed form: (B,), (B, D)
-                closed = estimator.estimate(q, p)
-                r["kl"], r["kl_dims"] = closed.total.cpu(), closed.per_dim.sum(0).cpu()
-                r["bound_valid"] = closed.bound_valid
-            r["closed_form"] = not estimator.needs_samples
-            layerwise = estimator.name == "layerwise"
-            z1 = (
-                q.sample()
-            )  # (B, *event): the z-usage gap's codes (and the MI samples without a flow)
-            r["layerwise"], r["flow"], r["b"] = layerwise, False, b
-            if layerwise:
-                # the posterior is rebuilt from its offset after gathering (it holds modules)
-                r["offset"], r["z"] = q.offset.cpu(), z1.cpu()
-                r["mean"] = q.mean.float().cpu()
-                r["mi_b"] = distribution_mi([q], [z1])
-            elif base_gaussian(q) is not q:  # a flow: MI of z_K after the loop (_flow_mi)
-                r["flow"] = True
-                r["mean"] = q.mean.float().cpu()
-            else:
-                mu, logvar = q.mean.float(), (2 * torch.log(q.stddev)).float()
-                r["mu"], r["logvar"], r["z"], r["mean"] = mu.cpu(), logvar.cpu(), z1.cpu(), mu.cpu()
-                r["mi_b"] = batch_mi(mu, logvar, z1)
-            if classifier is not None and "labels" in batch:  # from E_q[z|x], labelled only
-                labelled = batch["labels"] >= 0
-                pred = classifier(r["mean"].to(device).float()).argmax(-1)
-                r["cls_correct"] = int((pred == batch["labels"])[labelled].sum())
-                r["cls_n"] = int(labelled.sum())
-            with _autocast(device, precision):
-                gap = z_usage_gap(model, batch, z1, perm_gen)
-            r["gap"] = gap.cpu() if gap is not None else None
-            n_samples = iw_samples or 1
-            step = max(1, chunk_tokens // (b * t))
-            log_w, ll_sum = [], torch.zeros(b, device=device)
-            kl_sum = torch.zeros(b, device=device)
-            layer_kl = None  # (B, L, D): per-layer closed-form KL summed over the samples
-            for start in range(0, n_samples, step):
-                # (s, B, *event) with log q (s, B): exact also for flows without an inverse;
-                # layer-wise latents drawn ancestrally, all layers once per sample
-                z, log_q = rsample_and_log_prob(q, (min(step, n_samples - start),))
-                with _autocast(device, precision):
-                    lw, ll = iw_log_weights(model, batch, q, p, z, log_q)
-                log_w.append(lw.float())
-                ll_sum += ll.float().sum(0)
-                if estimator.needs_samples:  # one KL value per sample (s, B) (and per layer)
-                    chunk = estimator.estimate(q, p, z, log_q)
-                    r["bound_valid"] = chunk.bound_valid
-                    if layerwise:
-                        chunk_kl = chunk.per_dim.float().sum(0)  # (B, L, D)
-                        layer_kl = chunk_kl if layer_kl is None else layer_kl + chunk_kl
-                    else:
-                        kl_sum += chunk.total.float().sum(0)
-            r["rec"] = (-ll_sum / n_samples).cpu()
-            if layerwise:
-                layer_kl = layer_kl / n_samples
-                r["kl"] = (layer_kl.flatten(1).sum(-1) * chunk.scale).cpu()
-                r["kl_dims"] = layer_kl.sum(0).cpu()
-            elif estimator.needs_samples:
-                r["kl"] = (kl_sum / n_samples).cpu()
-            if iw_samples:
-                r["nll"] = (-iw_bound(torch.cat(log_w, dim=0))).cpu()
-    bar.update(done)
-    bar.close()
-    if num_processes > 1:
-        from accelerate.utils import gather_object
-
-        records = sorted(gather_object(records), key=lambda r: r["batch"])
-    # the batch results in batch order, as one process computes them
-    order = [i for r in records for i in r["indices"]]  # length-sorted; un-sorted below
-    nll = [r["nll"] for r in records if r.get("nll") is not None]
-    rec = [r["rec"] for r in records]
-    kl = [r["kl"] for r in records if r.get("kl") is not None]
-    kl_dims_sum = None
-    for r in records:
-        if r.get("kl_dims") is not None:
-            kl_dims_sum = r["kl_dims"] if kl_dims_sum is None else kl_dims_sum + r["kl_dims"]
-    closed_form = all(r.get("closed_form", True) for r in records)
-    layerwise = any(r.get("layerwise", False) for r in records)
-    flow = any(r.get("flow", False) for r in records)
-    bound_valid = all(r.get("bound_valid", True) for r in records)
-    zs = [r["z"].to(device) if layerwise else r["z"] for r in records if "z" in r]
-    mus = [r["mu"] for r in records if "mu" in r]
-    logvars = [r["logvar"] for r in records if "logvar" in r]
-    means = [r["mean"] for r in records if "mean" in r]
-    mi_b = [(r["mi_b"], r["b"]) for r in records if "mi_b" in r]
-    gaps = [r["gap"] for r in records if r.get("gap") is not None]
-    cls_correct = sum(r.get("cls_correct", 0) for r in records)
-    cls_n = sum(r.get("cls_n", 0) for r in records)
-    dispersion = DispersionSums()
-    for r in records:
-        if "summary" in r:
-            dispersion.add(r["summary"])
-    posteriors = []  # layer-wise posteriors of the whole set, for the aggregate MI
-    if layerwise:
-        # the shared recurrence and layer maps of this model's posteriors (from the first batch)
-        first = {k: v.to(device) for k, v in dataset.collate(batches[0]).items()}
-        template = model.posterior(first)
-        posteriors = [
-            type(template)(
-                r["offset"].to(device), template.recurrence, template.weight, template.reduction
-            )
-            for r in records
-        ]
-    if flow:
-        cap = (
-            flow_mi_sentences
-            if flow_mi_sentences is not None
-            else (FLOW_MI_EVAL_SENTENCES if iw_samples else FLOW_MI_VALIDATION_SENTENCES)
-        )
-        cap = cap or None  # 0 = every sentence
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(batch_seed(seed, -1))
-            flow_mi = _flow_mi(
-                model, dataset, sorted(order)[:cap], len(order), batch_size, device, precision
-            )
-    bar.update(done)
-    bar.close()
-    model.train(was_training)
-    n = len(order)
-    index = sorted(order)
-    n_tokens = sum(len(dataset.ids[i]) for i in index)
-    n_words_each = [dataset.n_words[i] for i in index]
-    n_words = sum(n_words_each)
-    rec_t = torch.cat(rec).double()
-    out: dict = dict.fromkeys(EVAL_KEYS)
-    out.update(
-        n_sentences=n,
-        n_tokens=n_tokens,
-        n_words=n_words,
-        rec=float(rec_t.mean()),
-        tokenizer=tokenizer_kind(dataset.tokenizer),
-        precision=precision,
-        seed=seed,
-        bound_valid=bound_valid,
-        n_skipped=len(skipped),
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    # bf16 without native support runs fp32
+    run = _Run(device, runnable_precision(precision, device), seed, iw_samples, chunk_tokens)
+    records = _score_batches(model, dataset, batches, run, num_processes, process_index, progress)
+    scored = [i for r in records for i in r["indices"]]
+    evaluated = EvaluatedSet(
+        model,
+        dataset,
+        batches[0],
+        scored,
+        batch_size,
+        device,
+        run.precision,
+        seed,
+        iw_samples,
+        flow_mi_sentences,
     )
-    if nll:
-        nll_t = torch.cat(nll).double()
-        out["nll"] = float(nll_t.mean())
-        out["nll_stderr"] = float(nll_t.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
-        # back to dataset order: nll_t[j] is the value of sentence order[j]
-        out["nll_per_sentence"] = nll_t[torch.argsort(torch.tensor(order))].tolist()
-        out["sentence_index"] = index
-        out["n_words_per_sentence"] = n_words_each
-        out["ppl_token"] = math.exp(float(nll_t.sum()) / n_tokens)
-        out["ppl_word"] = math.exp(float(nll_t.sum()) / n_words)
-    if not model.has_latent:
-        out["elbo"] = -out["rec"]  # exact log-likelihood: the bound is tight
-        out["ppl_elbo_token"] = math.exp(out["rec"] * n / n_tokens)
-        return out
-    if not (closed_form or layerwise) and kl_dims_sum is not None:
-        raise ValueError("the KL had a closed form for some batches only; cannot mix estimates")
-    out["kl"] = float(torch.cat(kl).double().mean())
-    out["kl_samples"] = None if closed_form else (iw_samples or 1)
-    out["elbo"] = -(out["rec"] + out["kl"])
-    out["ppl_elbo_token"] = math.exp(-out["elbo"] * n / n_tokens)
-    out["iw_samples"] = iw_samples or None
-    out["kl_per_dim"] = (kl_dims_sum.double() / n).tolist() if kl_dims_sum is not None else None
-    if layerwise:
-        out["kl_per_layer"] = (kl_dims_sum.double() / n).sum(-1).tolist()
-        out["mi"] = distribution_mi(posteriors, zs)
-        out["mi_estimator"] = LAYERWISE_ESTIMATOR
-    elif flow:  # never the z_0 value under the name mi
-        out["mi"], mi_b, out["mi_estimator"] = flow_mi
-    else:
-        out["mi"] = aggregate_mi(torch.cat(mus), torch.cat(logvars), torch.cat(zs))
-        out["mi_estimator"] = MI_ESTIMATOR
-    out["mi_batch"] = sum(m * b for m, b in mi_b) / sum(b for _, b in mi_b) if mi_b else None
-    mean_all = torch.cat(means)  # (N, *event)
-    out["au"], var = active_units(mean_all, au_delta)
-    out["au_delta"] = au_delta
-    deltas = sorted({au_delta, AU_DELTA_PAPER})
-    out["au_by_delta"] = {str(d): int((var > d).sum()) for d in deltas}
-    if mean_all.dim() == 3:  # (N, L, D): per layer
-        per_layer = var.view(mean_all.shape[1:])
-        out["au_per_layer"] = {str(d): (per_layer > d).sum(-1).tolist() for d in deltas}
-        # DELLA's own AU (Hu et al. 2022, A.3): the mean over layers of the per-layer count at 0.2
-        out["au_layer_mean"] = sum(out["au_per_layer"][str(AU_DELTA_PAPER)]) / per_layer.size(0)
-    out["z_gap"] = float(torch.cat(gaps).double().mean()) if gaps else None
-    if cls_n:
-        out["classifier_accuracy"], out["classifier_n"] = cls_correct / cls_n, cls_n
-    if summary_fn is not None:
-        out["encoder_dispersion"] = encoder_dispersion(dispersion)
-    else:
-        out["encoder_dispersion"] = {
-            "total_variance": None,
-            "relative_variance": None,
-            "mean_cosine_distance": None,
-            "reason": f"{type(model).__name__} has no single encoder "
-            "summary before its posterior heads "
-            "(encoder_summary)",
-        }
+    out = _protocol_fields(records, evaluated, au_delta, n_skipped)
+    model.train(was_training)
     return out
 
 
@@ -906,7 +1226,7 @@ def response_metrics(
     """
     from textvae.generate import respond
 
-    if not getattr(model, "conditional", False):
+    if not model.conditional:
         raise ValueError(f"{type(model).__name__} is not a conditional model")
     if len(contexts) != len(references) or not contexts:
         raise ValueError(

@@ -283,6 +283,12 @@ class LayerwiseGaussian(Distribution):
             offset.shape[:-2], torch.Size((n_layers, self.latent_dim)), validate_args=False
         )
 
+    def with_offset(self, offset: torch.Tensor) -> LayerwiseGaussian:
+        """The distribution with the same layer maps, recurrence and reduction and another offset
+        (*batch', L, 2D): how the evaluation rebuilds a batch's posterior from its offset alone
+        (a tensor, which can be gathered across processes; the distribution holds modules)."""
+        return type(self)(offset, self.recurrence, self.weight, self.reduction)
+
     @property
     def log_prob_scale(self) -> float:
         """1 for the density (``sum``); 1/L for the released code's layer mean."""

@@ -115,6 +115,20 @@ class TextVAE(nn.Module):
         bow = -self.bow_head.log_prob(z, batch["input_ids"], batch["attention_mask"])  # (B,)
         return {"bow": (self.bow_weight, bow)}
 
+    def encoder_summary(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The encoder's summary h (B, H) that the posterior heads read, before any head: what
+        the encoder-feature dispersion of Long et al. 2019 measures
+        (:func:`textvae.metrics.encoder_dispersion`). None here: a model without one single
+        summary (DELLA reads per-layer features together with its latent recurrence; a model
+        without latent); ``lstm_vae``, ``cvrae`` and ``t5_vae`` override it."""
+        return None
+
+    def classify_latent(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Logits (B, classes) of the model's classifier on z (B, *event) trained jointly with it
+        (Chien & Luo 2022; ``model.classifier_weight`` of ``lstm_vae``), from which the
+        evaluation reports ``classifier_accuracy``; None here: a model without one."""
+        return None
+
     def posterior_and_prior(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[Distribution, Distribution]:

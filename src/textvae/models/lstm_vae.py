@@ -184,6 +184,11 @@ class LSTMVAE(TextVAE):
             terms["cls"] = (self.classifier_weight, cls)
         return terms
 
+    def classify_latent(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Logits (B, classes) float32 of the classifier on z (B, D)
+        (:meth:`TextVAE.classify_latent`); None when ``classifier_weight`` is 0 (no classifier)."""
+        return None if self.classifier is None else self.classifier(z.float())
+
     def decode_step(self, z, input_ids, state):
         """One step: z (N, D), previous tokens (N,), state or None -> logits (N, V), state."""
         hidden, state = self.decoder(input_ids.unsqueeze(1), z, state)  # (N, 1, H)
