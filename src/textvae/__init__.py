@@ -48,19 +48,26 @@ def load(run_dir: str | Path, which: str = "best"):
         the posterior q(z|x) (``.mean``, ``.stddev``: (B, D)).
 
     Raises:
-        textvae.rundir.RunDirError: no such checkpoint; FileNotFoundError: no config.yaml.
+        FileNotFoundError: no ``config.yaml`` (not a run folder).
+        textvae.rundir.RunDirError: no ``tokenizer/`` folder, no such checkpoint, or no weights
+            in it (the missing path is named).
     """
     from safetensors.torch import load_file
 
     from textvae.data import load_tokenizer
     from textvae.models import MODELS
-    from textvae.rundir import TOKENIZER, WEIGHTS, checkpoint_dir, read_config
+    from textvae.rundir import WEIGHTS, RunDirError, checkpoint_dir, read_config, tokenizer_dir
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER)
+    weights = checkpoint_dir(run_dir, which) / WEIGHTS
+    if not weights.is_file():
+        raise RunDirError(
+            f"{run_dir}: no weights in the '{which}' checkpoint ({weights} not found)"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir(run_dir))
     model = MODELS[config.model.name](config.model, tokenizer)
-    model.load_state_dict(load_file(str(checkpoint_dir(run_dir, which) / WEIGHTS)))
+    model.load_state_dict(load_file(str(weights)))
     model.eval()
     model.config = config
     return model, tokenizer

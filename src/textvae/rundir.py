@@ -112,6 +112,21 @@ def write_weights(
     return final
 
 
+def tokenizer_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/tokenizer``, the tokenizer's ``save_pretrained`` folder (it always holds
+    ``tokenizer_config.json``).
+
+    Raises:
+        RunDirError: the folder, or its ``tokenizer_config.json``, is missing (the path is named).
+    """
+    path = Path(run_dir) / TOKENIZER
+    if not path.is_dir():
+        raise RunDirError(f"{run_dir}: no tokenizer folder (expected {path}, written by training)")
+    if not (path / "tokenizer_config.json").is_file():
+        raise RunDirError(f"{path}: not a saved tokenizer (no tokenizer_config.json in it)")
+    return path
+
+
 # --- the saved config ------------------------------------------------------------------------
 
 

@@ -1,0 +1,80 @@
+"""Every command as careful as ``train``: a mistyped, undecodable or empty input file, a run
+folder missing its tokenizer, a zero count or limit each give one line naming the file, line or
+key (exit 1, nothing written); generate labels what it prints (input beside reconstruction,
+weight beside interpolation)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import textvae
+from tests.conftest import make_sentences, tiny_overrides
+from textvae import cli
+from textvae.config import load_config
+from textvae.rundir import RunDirError
+from textvae.train import train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny trained run (2 steps) shared by the tests of this file; they only read it."""
+    root = tmp_path_factory.mktemp("commands")
+    for name, n, seed in (("train", 60, 0), ("valid", 20, 1), ("test", 20, 2)):
+        (root / f"{name}.txt").write_text("\n".join(make_sentences(n, seed)) + "\n")
+    config = load_config(None, tiny_overrides(root, **{"train.max_steps": 2}))
+    return train(config, root / "run")
+
+
+def _error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+# --- a run folder missing a part ----------------------------------------------------------------
+
+
+@pytest.fixture
+def run_without_tokenizer(run, tmp_path):
+    copy = tmp_path / "no-tokenizer"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tokenizer"))
+    return copy
+
+
+def test_load_names_the_missing_tokenizer_folder(run_without_tokenizer):
+    with pytest.raises(RunDirError, match="no tokenizer") as info:
+        textvae.load(run_without_tokenizer)
+    assert str(run_without_tokenizer / "tokenizer") in str(info.value)
+
+
+def test_load_names_an_empty_tokenizer_folder_and_missing_weights(run, tmp_path):
+    copy = tmp_path / "parts"
+    shutil.copytree(run, copy)
+    for name in (copy / "tokenizer").iterdir():
+        name.unlink()
+    with pytest.raises(RunDirError, match="not a saved tokenizer"):
+        textvae.load(copy)
+    shutil.rmtree(copy / "tokenizer")
+    shutil.copytree(run / "tokenizer", copy / "tokenizer")
+    (copy / "checkpoints" / "best" / "model.safetensors").unlink()
+    with pytest.raises(RunDirError, match="no weights in the 'best' checkpoint"):
+        textvae.load(copy)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluate", "--iw-samples", "2"],
+        ["generate"],
+        ["report", "--max-sentences", "5"],
+        ["probe", "--fit", "x.tsv"],
+    ],
+)
+def test_every_command_names_the_missing_tokenizer_folder(run_without_tokenizer, command, capsys):
+    name, *options = command
+    assert cli.main([name, str(run_without_tokenizer), *options]) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert str(run_without_tokenizer / "tokenizer") in line
+    assert not list(run_without_tokenizer.glob("eval-*.json"))
+    assert not (run_without_tokenizer / "report").exists()
