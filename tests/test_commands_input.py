@@ -13,6 +13,7 @@ import textvae
 from tests.conftest import make_sentences, tiny_overrides
 from textvae import cli
 from textvae.config import load_config
+from textvae.data import DataError, load_split
 from textvae.rundir import RunDirError
 from textvae.train import train
 
@@ -78,3 +79,39 @@ def test_every_command_names_the_missing_tokenizer_folder(run_without_tokenizer,
     assert str(run_without_tokenizer / "tokenizer") in line
     assert not list(run_without_tokenizer.glob("eval-*.json"))
     assert not (run_without_tokenizer / "report").exists()
+
+
+# --- counts and limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", ["0", "-3"])
+def test_report_max_sentences_below_one_is_one_line(run, n, capsys):
+    assert cli.main(["report", str(run), "--max-sentences", n]) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"--max-sentences must be at least 1, got {n}" in line
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-1"])
+def test_evaluate_iw_samples_below_one_is_refused(run, k, capsys):
+    """K is the number of importance samples of a bound (K=1 is the ELBO): 0 has no meaning."""
+    assert cli.main(["evaluate", str(run), "--iw-samples", k]) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"--iw-samples must be at least 1, got {k}" in line
+    assert not list(run.glob("eval-*.json"))
+
+
+def test_evaluate_help_says_what_k_is(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "K >= 1" in help_text and "K=1 is the ELBO" in help_text
+
+
+@pytest.mark.parametrize(("key", "role"), [("train_limit", "train"), ("valid_limit", "valid")])
+@pytest.mark.parametrize("value", [0, -5])
+def test_a_limit_below_one_names_its_key_not_the_corpus(run, key, role, value):
+    config = load_config(run / "config.yaml", [f"data.{key}={value}"])
+    with pytest.raises(DataError, match=f"data.{key} must be at least 1") as info:
+        load_split(config.data, role)
+    assert f"got {value}" in str(info.value) and "no sentences" not in str(info.value)

@@ -136,6 +136,11 @@ def _cmd_evaluate(args) -> int:
             f"--max-sentences must be at least 1, got {args.max_sentences} (leave "
             "it out to evaluate every sentence)"
         )
+    if args.iw_samples is not None and args.iw_samples < 1:
+        raise ValueError(
+            f"--iw-samples must be at least 1, got {args.iw_samples} (K importance samples of "
+            "the bound; K=1 is the ELBO)"
+        )
     if args.output:
         _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
     _set_threads(args)
@@ -437,6 +442,11 @@ def _cmd_probe(args) -> int:
 def _cmd_report(args) -> int:
     from textvae.report import write_report
 
+    if args.max_sentences < 1:
+        raise ValueError(
+            f"--max-sentences must be at least 1, got {args.max_sentences} (the first N "
+            "sentences of --split for the latent plots and examples)"
+        )
     _set_threads(args)
     folder = write_report(
         args.run_dir,
@@ -552,7 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", help="evaluate this file instead of the config's split (default: none)"
     )
-    p.add_argument("--iw-samples", type=int, help="K of the IW-NLL (default from config: 500)")
+    p.add_argument(
+        "--iw-samples",
+        type=int,
+        help="K >= 1 importance samples of the IW-NLL bound (Burda et al. 2016; K=1 is the "
+        "ELBO; default from config: eval.iw_samples)",
+    )
     p.add_argument(
         "--max-sentences", type=int, help="only the first N sentences, N >= 1 (default: all)"
     )
@@ -700,7 +715,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["train", "valid", "test"],
         help="sentences for the latent plots and examples",
     )
-    p.add_argument("--max-sentences", type=int, default=2000, help="first N sentences of --split")
+    p.add_argument(
+        "--max-sentences", type=int, default=2000, help="first N >= 1 sentences of --split"
+    )
     p.add_argument("--examples", type=int, default=5, help="examples of each kind in report.md")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _heavy(p)

@@ -485,8 +485,8 @@ def load_split(
     docstring).
 
     Raises:
-        DataError: missing or malformed file, no sentence left, or an unknown corpus name
-            (:func:`named_files`).
+        DataError: missing or malformed file, no sentence left, ``data.train_limit`` /
+            ``data.valid_limit`` below 1, or an unknown corpus name (:func:`named_files`).
     """
     if path is None and cfg.corpus is None:
         path = getattr(cfg, f"{role}_path")
@@ -522,7 +522,7 @@ def load_split(
         labels = [labels[i] for i in order] if has_labels else labels
     kept, kept_texts, truncated, dropped = _length_policy(texts, cfg)
     kept_labels = [labels[i] for i in kept] if has_labels else []
-    limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
+    limit = _split_limit(cfg, role)
     if limit is not None:
         kept_texts, kept_labels = kept_texts[:limit], kept_labels[:limit]
     if not kept_texts:
@@ -535,6 +535,19 @@ def load_split(
         "dropped": dropped,
     }
     return Corpus(kept_texts, label_ids, source, stats)
+
+
+def _split_limit(cfg: DataConfig, role: str) -> int | None:
+    """``data.train_limit`` / ``data.valid_limit`` of the split playing ``role`` (None: all).
+
+    Raises:
+        DataError: the limit is below 1 (the key is named, not the corpus file it would empty).
+    """
+    key = f"{role}_limit"
+    limit = getattr(cfg, key) if role in ("train", "valid") else None
+    if limit is not None and limit < 1:
+        raise DataError(f"data.{key} must be at least 1, got {limit} (null keeps every sentence)")
+    return limit
 
 
 def _length_policy(texts: list[str], cfg: DataConfig) -> tuple[list[int], list[str], int, int]:
@@ -565,7 +578,7 @@ def _load_dialogue_split(cfg: DataConfig, role: str, path: Path) -> Corpus:
     contexts, responses = dialogue_pairs(dialogues, cfg.context_window)
     kept, kept_texts, truncated, dropped = _length_policy(responses, cfg)
     kept_contexts = [contexts[i] for i in kept]
-    limit = cfg.train_limit if role == "train" else cfg.valid_limit if role == "valid" else None
+    limit = _split_limit(cfg, role)
     if limit is not None:
         kept_contexts, kept_texts = kept_contexts[:limit], kept_texts[:limit]
     if not kept_texts:
