@@ -115,3 +115,98 @@ def test_a_limit_below_one_names_its_key_not_the_corpus(run, key, role, value):
     with pytest.raises(DataError, match=f"data.{key} must be at least 1") as info:
         load_split(config.data, role)
     assert f"got {value}" in str(info.value) and "no sentences" not in str(info.value)
+
+
+# --- generate --input: files and sentences ------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["recin.tx", "inputs/recin", "recin.jsonl"])
+def test_generate_input_that_names_a_missing_file_is_an_error(run, value, tmp_path, capsys):
+    """A value without spaces that has a file extension or a '/' is a file name: when there is no
+    such file, generate says so instead of encoding it as a sentence of <unk>."""
+    code = cli.main(["generate", str(run), "--mode", "reconstruct", "--input", value])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    [line] = _error_lines(captured.err)
+    assert f"--input {value}: no such file" in line
+
+
+def test_generate_input_of_a_file_and_sentences_together_is_an_error(run, tmp_path, capsys):
+    path = tmp_path / "a.txt"
+    path.write_text("the cat sat\n")
+    code = cli.main(["generate", str(run), "--mode", "interpolate", "--input", str(path), "a dog"])
+    assert code == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert str(path) in line and "one file or sentences" in line
+
+
+def test_generate_input_sentences_and_files_are_still_read(run, tmp_path, capsys):
+    """Backward compatible: sentences (also one-word ones, and with dots) and an existing file."""
+    path = tmp_path / "in.txt"
+    path.write_text("the cat sat\n\na dog ran\n")
+    assert cli.main(["generate", str(run), "--mode", "reconstruct", "--input", str(path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    args = [
+        "--mode",
+        "reconstruct",
+        "--input",
+        "the cat sat on the mat .",
+        "cat",
+        "u.s.",
+    ]
+    assert cli.main(["generate", str(run), *args]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+
+
+def test_generate_input_file_not_utf8_names_the_file_and_line(run, tmp_path, capsys):
+    path = tmp_path / "recin.txt"
+    path.write_bytes(b"the cat sat\na dog \xff ran\n")
+    assert cli.main(["generate", str(run), "--mode", "reconstruct", "--input", str(path)]) == 1
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"{path}, line 2: invalid UTF-8" in line
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n"])
+def test_generate_input_file_that_is_empty_says_so(run, tmp_path, text, capsys):
+    path = tmp_path / "recin.txt"
+    path.write_text(text)
+    for mode in ("reconstruct", "interpolate"):
+        assert cli.main(["generate", str(run), "--mode", mode, "--input", str(path)]) == 1
+        [line] = _error_lines(capsys.readouterr().err)
+        assert f"{path}: empty file" in line
+
+
+# --- generate labels what it prints -------------------------------------------------------------
+
+
+def test_reconstruct_prints_each_input_beside_its_reconstruction(run, capsys):
+    texts = ["the cat sat", "a dog ran under the log"]
+    model, _ = textvae.load(run)
+    from textvae.generate import reconstruct
+
+    expected = reconstruct(model, texts)
+    assert cli.main(["generate", str(run), "--mode", "reconstruct", "--input", *texts]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{text}\t{rec}" for text, rec in zip(texts, expected, strict=True)]
+
+
+def test_interpolate_prints_the_weight_beside_each_sentence(run, capsys):
+    args = ["--mode", "interpolate", "-n", "6", "--input", "the cat sat", "a dog ran"]
+    assert cli.main(["generate", str(run), *args]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in out] == [
+        "t=0.00",
+        "t=0.20",
+        "t=0.40",
+        "t=0.60",
+        "t=0.80",
+        "t=1.00",
+    ]
+
+
+def test_generate_help_says_what_is_read_and_printed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "file extension" in help_text and "INPUT<tab>RECONSTRUCTION" in help_text
+    assert "t=0.00" in help_text

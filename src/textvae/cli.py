@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -262,19 +263,92 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")  # .txt .tsv .jsonl, not "u.s."
+
+
+def _names_a_file(value: str) -> bool:
+    """Whether an ``--input`` value is meant as a file name: no whitespace, and a path
+    separator or a file extension (``recin.tx``, ``data/in``); a sentence has spaces."""
+    if not value or any(c.isspace() for c in value):
+        return False
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    return any(sep in value for sep in separators) or bool(_FILE_EXTENSION.search(value))
+
+
 def _read_inputs(items: list[str]) -> list[str]:
+    """The lines of ``generate --input``: the non-blank lines of one file, or the values
+    themselves as sentences (contexts for ``respond``).
+
+    Raises:
+        DataError: a value meant as a file name (:func:`_names_a_file`) names no file, a file is
+            given with other values, the file is not UTF-8 (file and line named) or empty.
+    """
+    from textvae.data import DataError, read_file
+
     if len(items) == 1 and Path(items[0]).is_file():
-        lines = Path(items[0]).read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()]
+        texts, _, _ = read_file(items[0], fmt="text")
+        if not texts:
+            raise DataError(f"{items[0]}: empty file (no sentence in it; give one per line)")
+        return texts
+    for value in items:
+        if Path(value).is_file():
+            raise DataError(f"--input {value} is a file: give one file or sentences, not both")
+        if _names_a_file(value):
+            what = "is a folder, not a file" if Path(value).is_dir() else "no such file"
+            raise DataError(
+                f"--input {value}: {what} (a value without spaces that has a file extension "
+                "or a path separator is read as a file name; a sentence has spaces)"
+            )
     return items
+
+
+def _generate_respond(model, lines: list[str], n: int, options: dict) -> list[str]:
+    """``generate --mode respond``: each context, then its n responses."""
+    from textvae.data import context_string, split_utterances
+    from textvae.generate import respond
+
+    if not lines:
+        raise SystemExit(
+            "error: --mode respond needs --input CONTEXT_FILE (one context per "
+            "line, utterances separated by __eou__) or contexts"
+        )
+    window = model.config.data.context_window
+    contexts = [context_string(split_utterances(line), window) for line in lines]
+    out = []
+    for context, responses in zip(contexts, respond(model, contexts, n, **options), strict=True):
+        out += [f"# context: {context}", *responses]
+    return out
+
+
+def _generate_from_inputs(model, args, texts: list[str], options: dict) -> list[str]:
+    """``generate --mode reconstruct``: INPUT<tab>RECONSTRUCTION per sentence;
+    ``--mode interpolate``: t=<weight><tab>SENTENCE per step (t=0: the first sentence)."""
+    from textvae.generate import interpolate, interpolation_weights, reconstruct
+
+    if args.mode == "reconstruct":
+        if not texts:
+            raise SystemExit("error: --mode reconstruct needs --input FILE or sentences")
+        outputs = reconstruct(model, texts, **options)
+        return [f"{text}\t{out}" for text, out in zip(texts, outputs, strict=True)]
+    if len(texts) != 2:
+        raise SystemExit(
+            f"error: --mode interpolate needs exactly two sentences in --input, got {len(texts)}"
+        )
+    outputs = interpolate(
+        model, texts[0], texts[1], steps=args.n, method=args.interpolation, **options
+    )
+    weights = interpolation_weights(args.n)
+    return [f"t={t:.2f}\t{out}" for t, out in zip(weights, outputs, strict=True)]
 
 
 def _cmd_generate(args) -> int:
     import torch
 
     import textvae
-    from textvae.generate import interpolate, reconstruct, sample_prior
+    from textvae.generate import sample_prior
 
+    # the inputs first: a mistyped file name fails at once, before the model is loaded
+    texts = _read_inputs(args.input or []) if args.mode != "sample" else []
     _set_threads(args)
     torch.manual_seed(args.seed)
     model, _ = textvae.load(args.run_dir)
@@ -292,38 +366,11 @@ def _cmd_generate(args) -> int:
             "conditional model only supports --mode respond"
         )
     if args.mode == "respond":
-        from textvae.data import context_string, split_utterances
-        from textvae.generate import respond
-
-        lines = _read_inputs(args.input or [])
-        if not lines:
-            raise SystemExit(
-                "error: --mode respond needs --input CONTEXT_FILE (one context per "
-                "line, utterances separated by __eou__) or contexts"
-            )
-        window = model.config.data.context_window
-        contexts = [context_string(split_utterances(line), window) for line in lines]
-        for context, responses in zip(
-            contexts, respond(model, contexts, args.n, **options), strict=True
-        ):
-            print(f"# context: {context}")
-            for response in responses:
-                print(response)
-        return 0
-    if args.mode == "sample":
+        lines = _generate_respond(model, texts, args.n, options)
+    elif args.mode == "sample":
         lines = sample_prior(model, args.n, **options)
     else:
-        texts = _read_inputs(args.input or [])
-        if args.mode == "reconstruct":
-            if not texts:
-                raise SystemExit("error: --mode reconstruct needs --input FILE or sentences")
-            lines = reconstruct(model, texts, **options)
-        else:
-            if len(texts) != 2:
-                raise SystemExit("error: --mode interpolate needs exactly two sentences in --input")
-            lines = interpolate(
-                model, texts[0], texts[1], steps=args.n, method=args.interpolation, **options
-            )
+        lines = _generate_from_inputs(model, args, texts, options)
     for line in lines:
         print(line)
     return 0
@@ -642,7 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         default="sample",
         choices=["sample", "reconstruct", "interpolate", "respond"],
-        help="respond (conditional models): N responses to each context of --input",
+        help="sample: N sentences from the prior; reconstruct: one line "
+        "INPUT<tab>RECONSTRUCTION per input sentence; interpolate: N lines t=0.00<tab>SENTENCE "
+        "... t=1.00<tab>SENTENCE between the two input sentences (t: the weight of the second); "
+        "respond (conditional models): N responses to each context of --input",
     )
     p.add_argument(
         "-n", type=int, default=10, help="samples, interpolation steps, or responses per context"
@@ -664,8 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input",
         nargs="+",
-        help="a file (one sentence per line; for respond one "
-        "context per line, utterances separated by __eou__) or sentences (default: none)",
+        help="one file (one sentence per line; for respond one context per line, utterances "
+        "separated by __eou__) or sentences (default: none). A value without spaces that has "
+        "a file extension (.txt, .tsv, ...) or a path separator is a file name: an error when "
+        "there is no such file, never read as a sentence",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     _heavy(p, progress=False)

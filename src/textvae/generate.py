@@ -223,14 +223,27 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ).unsqueeze(1) * b
 
 
+def interpolation_weights(steps: int) -> list[float]:
+    """The weights t of :func:`interpolate`'s ``steps`` points: evenly spaced from 0 (the first
+    sentence) to 1 (the second), ends included; ``[0.0]`` for one step."""
+    return torch.linspace(0, 1, steps).tolist()
+
+
 @torch.no_grad()
 def interpolate(
     model, text_a: str, text_b: str, steps: int = 5, method: str = "linear", **options
 ) -> list[str]:
-    """Decode ``steps`` points between the posterior means of two sentences (ends included).
+    """Decode ``steps`` points between the posterior means of two sentences (ends included), at
+    the weights :func:`interpolation_weights` gives (z = (1 - t) mu_a + t mu_b when linear).
 
     Args:
         method: ``linear`` or ``spherical`` (slerp, Shoemake 1985; White 2016 for latents).
+
+    Returns:
+        ``steps`` sentences, from ``text_a``'s reconstruction to ``text_b``'s.
+
+    Raises:
+        ValueError: the model has no latent variable, or ``method`` is unknown.
     """
     _require_latent(model)
     if method not in ("linear", "spherical"):
@@ -238,7 +251,7 @@ def interpolate(
     mu = model.encode([text_a, text_b]).mean  # (2, *event)
     event = mu.shape[1:]
     flat = mu.reshape(2, -1)  # (2, D); DELLA's (L, D) latents flattened, so slerp sees one vector
-    t = torch.linspace(0, 1, steps, device=mu.device)
+    t = torch.tensor(interpolation_weights(steps), device=mu.device)  # (steps,)
     if method == "linear":
         z = torch.lerp(flat[0].expand(steps, -1), flat[1].expand(steps, -1), t.unsqueeze(1))
     else:
