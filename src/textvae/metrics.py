@@ -89,6 +89,23 @@ Generation metrics (:func:`generation_metrics`, BLEU through ``sacrebleu``): ``r
 ``self_bleu``, ``distinct_1``, ``distinct_2``; for conditional models
 (:func:`response_metrics`): ``response_bleu``, ``distinct_1``, ``distinct_2`` of generated
 responses. Latent probe: :func:`probe_accuracy`.
+
+How :func:`evaluate` is put together: each batch, under its own seed (:func:`batch_seed`), goes
+through the per-batch estimators (:func:`_score_batch`: the exact likelihood of a model without
+latent, the closed-form KL, the IW bound with rec and a sampled KL over the same samples, E_q[z|x],
+the classifier counts, the z-usage gap, the encoder summary); the batch records (gathered across
+processes when sharded) then go through one function per field group (:func:`_likelihood_fields`,
+:func:`_kl_fields`, :func:`_mi_fields`, :func:`_au_fields`, :func:`_classifier_fields`,
+:func:`_dispersion_field`). What differs between posterior families is chosen by the
+posterior's type, never by a name: the KL by :func:`textvae.objectives.kl_estimator`, the MI (what
+a batch keeps, the whole set's estimate) and the per-layer fields by
+:func:`posterior_statistics` (:data:`POSTERIOR_STATISTICS`: diagonal Gaussian, flow, layer-wise);
+E_q[z|x] is the distribution's ``mean`` and log q(z|x) its ``log_prob`` for every family. A
+model's optional parts come through its interface: :meth:`textvae.models.base.TextVAE.encoder_summary`
+and :meth:`~textvae.models.base.TextVAE.classify_latent` (None without them). A new posterior
+family registers one :class:`PosteriorStatistics` (and its KL pair in
+:data:`textvae.objectives.KL_ESTIMATORS`); evaluating a run folder is
+:func:`textvae.evaluation.evaluate_run`.
 """
 
 from __future__ import annotations
