@@ -18,9 +18,9 @@ each measurement, since "alone" means "without this script's busy process", not 
 
 Usage::
 
-    git worktree add --detach /tmp/textvae-before 63ac92f
-    TEXTVAE_DATA_DIR=/work/shared/data python bench/bench_threads.py \\
-        --trees before=/tmp/textvae-before/src after=src --settings alone:2 busy:default
+    git worktree add --detach ../textvae-before 63ac92f   # any folder outside the checkout
+    TEXTVAE_DATA_DIR=../shared/data python bench/bench_threads.py \\
+        --trees before=../textvae-before/src after=src --settings alone:2 busy:default
 """
 
 from __future__ import annotations

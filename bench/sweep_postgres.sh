@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PORT=${PORT:-54329}
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 OUT=${OUT:-runs/postgres-demo-$(date +%Y%m%d-%H%M%S)}
-DB=$(mktemp -d /tmp/textvae-pg.XXXXXX)
+DB=$(mktemp -d -t textvae-pg.XXXXXX)  # under $TMPDIR, else /tmp
 mkdir -p "$OUT"
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" = 0 ] && chown postgres "$DB"

@@ -9,7 +9,7 @@ same seed, so the two JSONs show how much the averaging inflates the reported li
 kl_reduction changes no parameter: only how the layer terms are combined.
 
 Usage (after `textvae sweep experiments/della-ptb.yaml`, which trains the klmean entry):
-    TEXTVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python bench/della_klmean_sum.py \
+    TEXTVAE_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python analysis/della_klmean_sum.py \
         runs/della/ptb-della-klmean-cpu --max-sentences 500 --iw-samples 500
 writes RUN/eval-test<N>-sum.json (bf16, seed 0, the test split).
 """

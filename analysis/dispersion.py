@@ -1,8 +1,8 @@
 """Long et al. 2019's encoder feature dispersion on PTB (issue 15, item 7), at initialisation
 and after training.
 
-Usage: python bench/dispersion.py [--sentences N] [--preset configs/ptb/lstm-vae-cpu.yaml]
-       python bench/dispersion.py --runs RUN [RUN ...] [--sentences N]
+Usage: python analysis/dispersion.py [--sentences N] [--preset configs/ptb/lstm-vae-cpu.yaml]
+       python analysis/dispersion.py --runs RUN [RUN ...] [--sentences N]
 
 Without ``--runs``, for each pooling (last, mean, max): the preset's LSTM VAE built with random
 weights (seed 0, the preset's sizes), its word-level tokenizer built on the PTB training split,

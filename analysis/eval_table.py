@@ -1,6 +1,6 @@
 """Markdown table of `textvae evaluate` JSON files, for the write-ups in docs/results/.
 
-Usage: python bench/eval_table.py [--layers] NAME=PATH/eval.json ...
+Usage: python analysis/eval_table.py [--layers] NAME=PATH/eval.json ...
 
 Columns: rec, KL, IW-NLL ± stderr (nats per sentence; "exact" when the model has no latent),
 PPL per word and per model token, the single-sample ELBO perplexity per token (Park & Lee's

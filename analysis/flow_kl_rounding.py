@@ -4,12 +4,13 @@
 ``log_w = (ll + log p) - log q``), both compared with float64 arithmetic on the same float32
 ingredients (log q, log p, ll).
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python bench/flow_kl_rounding.py
+    PYTHONPATH=src OMP_NUM_THREADS=1 python analysis/flow_kl_rounding.py
 
 A tiny untrained IAF VAE (vocabulary of the test corpus, hidden 16, latent 4, two IAF steps),
 64 sentences, 10 samples each. Prints the largest and mean absolute error of each form (nats),
 how often each equals the float64 difference rounded to float32, and how often they agree.
-Recorded in bench/RESULTS.md; the explanation is in ``objectives._monte_carlo``'s docstring.
+Recorded in analysis/README.md ("Flow KL rounding"); the explanation is in
+``objectives._monte_carlo``'s docstring.
 """
 
 from __future__ import annotations
