@@ -191,3 +191,52 @@ def test_probe_sizes_and_a_model_without_latent(runs):
         parse_probe_sizes("ten")
     with pytest.raises(ValueError, match="no latent variable to probe"):
         probe(runs["lstm_lm"])
+
+
+SHARDED = """
+import json, sys
+from textvae.evaluation import EvaluationRequest, evaluate_run
+record, path = evaluate_run(sys.argv[1], EvaluationRequest(iw_samples=4, batch_size=8, output=sys.argv[2]))
+print(json.dumps({"path": None if path is None else str(path)}))
+"""
+
+
+def test_evaluate_run_on_two_processes_writes_the_one_process_json(runs, tmp_path):
+    """Under torchrun each process scores its share of the batches; the main one writes the
+    one-process record (the other returns no path)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = runs["lstm_vae"]
+    one, _ = evaluate_run(
+        run, EvaluationRequest(iw_samples=4, batch_size=8, output=tmp_path / "1.json")
+    )
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += ["--master_addr=127.0.0.1", f"--master_port={port}", str(script), str(run)]
+    done = subprocess.run(
+        [*cmd, str(tmp_path / "2.json")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = sorted(json.loads(line)["path"] or "" for line in done.stdout.splitlines())
+    assert paths == ["", str(tmp_path / "2.json")]  # only the main process wrote
+    two = _without_timing(json.loads((tmp_path / "2.json").read_text()))
+    one = _without_timing(one)
+    assert list(two) == list(one)
+    for key, value in one.items():  # floats to 1e-6: see tests/test_distributed.py
+        if isinstance(value, float) or (
+            isinstance(value, list) and value and isinstance(value[0], float)
+        ):
+            assert two[key] == pytest.approx(value, abs=1e-6, rel=1e-6), key
+        else:
+            assert two[key] == value, key
