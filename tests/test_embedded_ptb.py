@@ -71,7 +71,7 @@ def test_the_shipped_files_are_package_data_with_the_published_sums():
 
 def test_the_package_data_glob_covers_the_shipped_files():
     """pyproject's package-data puts the files in a wheel (checked for real by building one:
-    ``pip wheel . --no-deps -w /tmp/wheel && python -m zipfile -l /tmp/wheel/textvae-*.whl``)."""
+    ``pip wheel . --no-deps -w dist && python -m zipfile -l dist/textvae-*.whl``)."""
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     globs = config["tool"]["setuptools"]["package-data"]["textvae"]

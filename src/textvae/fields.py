@@ -4,9 +4,9 @@ Everything that names an evaluation field renders from :data:`EVAL_FIELDS`: the 
 ``textvae evaluate`` holds the "protocol" fields (:func:`textvae.metrics.evaluate` returns exactly
 :data:`EVAL_KEYS`, in this order), the "record" fields and, with ``--generation``, the
 "generation" (or, for conditional models, "response") fields; the CLI prints each value with its
-:data:`UNITS`; README's key tables are :func:`fields_markdown` (tests/test_first_day.py checks
-README against it); and the markdown tables of ``textvae report``, ``textvae compare`` and
-``sweep.md`` (:func:`textvae.report.evaluation_table`) have one column per name in
+:data:`UNITS`; docs/evaluation.md's key tables are :func:`fields_markdown`
+(tests/test_first_day.py checks docs/evaluation.md against it); and the markdown tables of
+``textvae report``, ``textvae compare`` and ``sweep.md`` (:func:`textvae.report.evaluation_table`) have one column per name in
 :data:`TABLE_COLUMNS`, headed by the field's ``column`` and formatted by its ``format``.
 
 A new evaluation field is one :class:`Field` here (plus its name in :data:`TABLE_COLUMNS` to be a
@@ -26,7 +26,7 @@ class Field(NamedTuple):
             by ``textvae evaluate``), ``generation`` or ``response`` (with ``--generation``).
         name: its key in the evaluation JSON.
         unit: its unit as printed, e.g. ``nats/sentence``.
-        meaning: one line for README's key table (markdown).
+        meaning: one line for docs/evaluation.md's key table (markdown).
         column: the header of its column in evaluation tables (units included), None if it is
             never a column.
         format: ``str.format`` pattern of a value in a table cell; None where the table writes it
@@ -198,7 +198,7 @@ EVAL_FIELDS: tuple[Field, ...] = (
         "protocol",
         "nll_per_sentence",
         "nats/sentence, dataset order",
-        "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and `bench/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of different sentences",
+        "the per-sentence IW-NLLs behind `nll` in dataset order (JSON only): `textvae compare` and `analysis/eval_table.py` pair two evaluations by `sentence_index` and refuse evaluations of different sentences",
     ),
     Field(
         "protocol",
@@ -343,7 +343,7 @@ def table_fields() -> list[Field]:
 
 
 def fields_markdown(groups: tuple[str, ...] = ("protocol", "record")) -> str:
-    """README's key table (``| key | unit | meaning |``) of the :data:`EVAL_FIELDS` in
+    """docs/evaluation.md's key table (``| key | unit | meaning |``) of the :data:`EVAL_FIELDS` in
     ``groups``, one row per field."""
 
     def cell(text: str) -> str:
