@@ -410,8 +410,11 @@ def format_value(result: dict, key: str, latent_dim: int | None = None) -> str:
     """The table cell of field ``key`` of an evaluation ``result``: its
     :data:`textvae.fields.EVAL_FIELDS` format; ``nll`` with its standard error, ``au`` with the
     latent size (``latent_dim``, when given) and its threshold, ``iw_samples`` "exact" for a
-    model without latent; "–" for a missing value."""
+    model without latent; "–" for a missing value and for the ``rec`` of a model without latent
+    (its ``rec`` is its -log p(x): it has no reconstruction term to set beside a VAE's)."""
     value = result.get(key)
+    if key == "rec" and _exact_nll(result):
+        return "–"
     if key == "nll":
         if value is None:
             return "–"
@@ -428,15 +431,36 @@ def format_value(result: dict, key: str, latent_dim: int | None = None) -> str:
     return fields.field(key).format.format(value)
 
 
+def _exact_nll(result: dict) -> bool:
+    """Whether an evaluation's ``nll`` is exact: a model without latent (no KL, no K)."""
+    return (
+        result.get("nll") is not None and result.get("kl") is None and not result.get("iw_samples")
+    )
+
+
+def _nll_header(rows: dict[str, dict]) -> str:
+    """The NLL column's header: IW-NLL, or exact where every row is exact, or both."""
+    exact = [_exact_nll(r) for r in rows.values() if r.get("nll") is not None]
+    if exact and all(exact):
+        return "NLL (nats/sent, exact)"
+    if any(exact):
+        return "NLL (nats/sent; IW bound, exact for an LM)"
+    return fields.field("nll").column
+
+
 def evaluation_table(rows: dict[str, dict], latent_dims: dict[str, int] | None = None) -> str:
     """A markdown table, one row per name, one column per field of
     :data:`textvae.fields.TABLE_COLUMNS` (its ``column`` header, units included; its
-    ``format``); columns empty in every row are left out."""
+    ``format``; the NLL's header says whether it is an IW bound or exact, :func:`_nll_header`);
+    columns empty in every row are left out."""
     columns = [
-        f for f in fields.table_fields() if any(r.get(f.name) is not None for r in rows.values())
+        f
+        for f in fields.table_fields()
+        if any(r.get(f.name) is not None and format_value(r, f.name) != "–" for r in rows.values())
     ]
+    headers = [_nll_header(rows) if f.name == "nll" else f.column for f in columns]
     lines = [
-        "| run | " + " | ".join(f.column for f in columns) + " |",
+        "| run | " + " | ".join(headers) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for name, result in rows.items():
@@ -626,13 +650,15 @@ def write_report(
         ): e
         for file, e in evaluations.items()
     }
-    rows[f"{split}, first {len(texts)} (this report, no IW)"] = quick
+    how = "no IW" if model.has_latent else "exact NLL"
+    rows[f"{split}, first {len(texts)} (this report, {how})"] = quick
     md += [
         "## Evaluation",
         "",
         "Each row names the file its numbers come from (`textvae evaluate` outputs in the run "
         "folder, the most complete of each split first: more sentences, then larger K); the "
-        "last row is this report's own single-sample pass. Units: nats per sentence (EOS "
+        f"last row is this report's own {'single-sample' if model.has_latent else 'exact'} "
+        "pass. Units: nats per sentence (EOS "
         "counted)" + (f"; MI {quick['mi_estimator']}." if model.has_latent else "."),
         "",
         evaluation_table(rows, {r: latent_dim for r in rows} if latent_dim else None),
@@ -656,7 +682,12 @@ def write_report(
         "![training curves](curves.png)",
         "",
         "Thin lines: means over `train.log_every` training steps; markers: validations "
-        "(single-sample ELBO terms on the validation split).",
+        + (
+            "(single-sample ELBO terms on the validation split)."
+            if model.has_latent
+            else "(the exact -log p(x) on the validation split; a language model has no "
+            "latent, so no KL to draw)."
+        ),
         "",
     ]
 
@@ -717,16 +748,20 @@ def write_report(
 
 
 def _examples(model, texts: list[str], n_examples: int) -> list[str]:
-    """Markdown lines: prior samples, and for a latent model reconstructions and one
-    interpolation (greedy decoding)."""
+    """Markdown lines: prior samples (greedy from z ~ p(z); ancestral samples of a model
+    without latent), and for a latent model reconstructions and one interpolation (greedy)."""
     from textvae.generate import interpolate, reconstruct, sample_prior
 
-    md = ["## Examples", "", "Prior samples (z ~ p(z), greedy decoding):", ""]
+    how = (
+        "Prior samples (z ~ p(z), greedy decoding):"
+        if model.has_latent
+        else "Samples (no latent: ancestral sampling from p(x)):"
+    )
+    strategy = "greedy" if model.has_latent else "sample"
+    md = ["## Examples", "", how, ""]
     md += [
         f"{i + 1}. {s or '(empty)'}"
-        for i, s in enumerate(
-            sample_prior(model, n_examples, strategy="greedy" if model.has_latent else "sample")
-        )
+        for i, s in enumerate(sample_prior(model, n_examples, strategy=strategy))
     ]
     if not model.has_latent:
         return md
