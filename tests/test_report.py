@@ -3,9 +3,96 @@ language model (no latent) has an exact -log p(x), no reconstruction term, KL or
 
 from __future__ import annotations
 
+import pytest
+
 from textvae import cli, report
-from textvae.report import evaluation_table
+from textvae.report import compare_runs, evaluation_table, plot_curves
+from textvae.rundir import read_log
 from textvae.train import train
+
+
+def _panels(fig) -> dict[str, list[str]]:
+    """Panel title -> labels of the lines that hold data (legend entries without data left out)."""
+    return {
+        ax.get_title(): [line.get_label() for line in ax.get_lines() if len(line.get_xdata())]
+        for ax in fig.axes
+    }
+
+
+def _panel(fig, word: str):
+    """The one axes whose title starts with ``word``."""
+    (ax,) = [ax for ax in fig.axes if ax.get_title().startswith(word)]
+    return ax
+
+
+def _logs() -> dict[str, dict[str, list[dict]]]:
+    """A VAE and a language model as ``read_log`` gives them: the LM's training windows carry
+    kl 0.0 and a beta (train.py writes them), its validations rec = -elbo = its NLL."""
+    vae_train = [{"step": s, "rec": 60.0, "kl": 4.0, "beta": 1.0} for s in (5, 10)]
+    vae_valid = [
+        {"step": s, "elbo": -e, "rec": e - 4.0, "kl": 4.0, "mi": 2.0, "au": 5, "z_gap": 1.0}
+        for s, e in ((5, 66.0), (10, 65.0))
+    ]
+    lm_train = [{"step": s, "rec": 61.0, "kl": 0.0, "beta": 1.0} for s in (5, 10)]
+    lm_valid = [{"step": s, "elbo": -e, "rec": e, "kl": None} for s, e in ((5, 63.0), (10, 62.0))]
+    return {
+        "vae": {"train": vae_train, "valid": vae_valid},
+        "lm": {"train": lm_train, "valid": lm_valid},
+    }
+
+
+def test_curves_draw_a_language_model_only_where_it_has_the_quantity(tmp_path):
+    fig = plot_curves(_logs(), tmp_path / "c.png", "curves", {"vae": True, "lm": False})
+    assert (tmp_path / "c.png").is_file()
+    panels = _panels(fig)
+    # the likelihood panel: the VAE's -ELBO beside the LM's exact NLL, both from validations
+    like = _panel(fig, "likelihood")
+    lines = {line.get_label(): list(line.get_ydata()) for line in like.get_lines()}
+    assert lines["vae -ELBO valid"] == [66.0, 65.0]
+    assert lines["lm NLL valid (exact)"] == [63.0, 62.0]
+    assert lines["vae -ELBO train"] == [64.0, 64.0]  # training windows: rec + kl
+    # no LM in any latent panel: not at KL = 0, not in beta, not as a reconstruction
+    for title, labels in panels.items():
+        if not title.startswith("likelihood"):
+            assert not [x for x in labels if x.startswith("lm")], title
+    for word in ("reconstruction", "KL(", "KL weight"):
+        assert [x for x in panels[_panel(fig, word).get_title()] if x.startswith("vae")]
+    # and the figure says why it is missing there
+    caption = fig.get_suptitle()
+    assert "lm" in caption and "no latent" in caption and "likelihood panel" in caption
+
+
+def test_curves_of_one_language_model_are_its_exact_nll(tmp_path):
+    fig = plot_curves({"lm": _logs()["lm"]}, tmp_path / "c.png", "lm", {"lm": False})
+    (ax,) = fig.axes
+    assert "exact" in ax.get_title() and "-log p(x)" in ax.get_title()
+    valid = [line for line in ax.get_lines() if line.get_label() == "validation"]
+    assert list(valid[0].get_ydata()) == [63.0, 62.0]
+
+
+def test_compare_of_a_vae_and_a_language_model(tiny_config, tmp_path, monkeypatch):
+    runs = {
+        name: train(
+            tiny_config(**{"train.max_steps": 4, "train.eval_every": 2, **extra}), tmp_path / name
+        )
+        for name, extra in (("vae", {}), ("lm", {"model.name": "lstm_lm"}))
+    }
+    drawn = []
+    original = report.plot_curves
+    monkeypatch.setattr(report, "plot_curves", lambda *a, **k: drawn.append(original(*a, **k)))
+    compare_runs(list(runs.values()), tmp_path / "cmp")
+    panels = _panels(drawn[0])
+    like = next(labels for title, labels in panels.items() if title.startswith("likelihood"))
+    assert "vae -ELBO valid" in like and "lm NLL valid (exact)" in like
+    rec = next(labels for title, labels in panels.items() if title.startswith("reconstruction"))
+    assert rec and not [x for x in rec if x.startswith("lm")]
+    lm_valid = read_log(runs["lm"])["valid"]
+    (nll,) = [
+        line
+        for line in _panel(drawn[0], "likelihood").get_lines()
+        if line.get_label() == "lm NLL valid (exact)"
+    ]
+    assert list(nll.get_ydata()) == pytest.approx([-r["elbo"] for r in lm_valid])
 
 
 def test_report_of_a_language_model_names_its_sampling_and_its_exact_nll(tiny_config, tmp_path):

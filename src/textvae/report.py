@@ -59,7 +59,7 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-CURVES = (  # (record type, key, title)
+CURVES = (  # (log key, title): the panels of a run with a latent, after the likelihood panel
     ("rec", "reconstruction  -log p(x|z)  (nats/sentence)"),
     ("kl", "KL(q(z|x) || p(z))  (nats/sentence)"),
     ("beta", "KL weight beta"),
@@ -73,85 +73,137 @@ CURVES = (  # (record type, key, title)
     ),
     ("encoder_dispersion.relative_variance", "encoder dispersion: total variance / mean ||h||^2"),
 )
+TRAIN_WINDOWS = ("likelihood", "rec", "kl", "beta")  # the panels that draw training windows too
 
 
-LM_CURVES = (("rec", "-log p(x)  (nats/sentence)"),)  # a language model has nothing else
+def _likelihood_title(latent: list[bool]) -> str:
+    """The likelihood panel's title for runs with (True) and without (False) a latent."""
+    if all(latent):
+        return "likelihood: -ELBO, a bound on -log p(x)  (nats/sentence)"
+    if not any(latent):
+        return "likelihood: -log p(x), exact  (nats/sentence)"
+    return (
+        "likelihood: -ELBO (latent runs, a bound) vs exact NLL\n"
+        "-log p(x) (language models)  (nats/sentence; lower is better)"
+    )
+
+
+def _likelihood(records: list[dict], latent: bool) -> tuple[list[int], list[float]]:
+    """(steps, nats per sentence): -ELBO of a run with a latent (-``elbo`` of a validation,
+    ``rec + kl`` of a training window), the exact -log p(x) of one without (its ``rec``)."""
+    if not latent:
+        return _series(records, "rec")
+    pairs = [
+        (r["step"], -r["elbo"] if r.get("elbo") is not None else r["rec"] + r["kl"])
+        for r in records
+        if r.get("elbo") is not None or (r.get("rec") is not None and r.get("kl") is not None)
+    ]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _draw_run(axes: dict, label: str, groups: dict, latent: bool, colors: tuple, single: bool):
+    """One run's lines into ``axes`` ({log key or "likelihood": Axes}): training windows thin
+    in ``colors[0]``, validations with markers in ``colors[1]``; a run without latent only into
+    the likelihood panel. ``single``: the labels name the kind of line, not the run."""
+    quantity = "-ELBO " if latent else "NLL "
+    for key, ax in axes.items():
+        if key != "likelihood" and not latent:
+            continue  # a language model has no reconstruction term, KL, beta or latent
+        name = f"{label} {quantity if key == 'likelihood' else ''}"
+        for kind in ("train", "valid"):
+            if (kind == "train" and key not in TRAIN_WINDOWS) or (kind, key) == ("valid", "beta"):
+                continue
+            records = groups.get(kind, [])
+            x, y = _likelihood(records, latent) if key == "likelihood" else _series(records, key)
+            if not x:
+                continue
+            if kind == "train":
+                faint = 0.45 if key != "beta" else 1.0
+                style = dict(
+                    color=colors[0], lw=0.8, alpha=faint, marker="." if len(x) < 3 else None
+                )
+                text = "train (window mean)" if single else f"{name}train"
+            else:
+                style = dict(color=colors[1], marker="o", ms=4, lw=1.5)
+                text = "validation" if single else f"{name}valid" + ("" if latent else " (exact)")
+            ax.plot(x, y, label=text, **style)
 
 
 def plot_curves(
-    runs: dict[str, dict[str, list[dict]]], path: str | Path, title: str, has_latent: bool = True
-) -> Path:
-    """Training curves against optimizer step, one panel per quantity of :data:`CURVES` (of
-    :data:`LM_CURVES` when ``has_latent`` is False: a language model has no KL, beta or latent).
+    runs: dict[str, dict[str, list[dict]]],
+    path: str | Path,
+    title: str,
+    has_latent: dict[str, bool],
+):
+    """Training curves against optimizer step: a likelihood panel (nats/sentence: -ELBO of a
+    run with a latent, the exact -log p(x) of a language model, so the two are compared on
+    likelihood), then one panel per quantity of :data:`CURVES` when any run has a latent. A run
+    without latent is drawn in the likelihood panel only (it has no reconstruction term, KL,
+    beta, MI or active units), and the figure's title says so.
 
     Args:
         runs: ``{label: read_log(run)}``; one run draws training windows (thin) and
-            validations (markers); several runs overlay their validation curves (the training
-            windows of rec and KL too, thin).
+            validations (markers) in two colours; several runs one colour each (validations
+            with markers, training windows of likelihood, rec, KL and beta thin).
         path: PNG to write.
+        title: the figure title.
+        has_latent: label -> whether that run's model has a latent (``model.has_latent``).
+
+    Returns:
+        The matplotlib Figure, written and closed (its axes, lines and labels can be read).
     """
     plt = _pyplot()
-    curves = CURVES if has_latent else LM_CURVES
-    fig, axes = plt.subplots(
-        *((2, 4) if has_latent else (1, 1)),
-        figsize=(18, 7.5) if has_latent else (7, 4.5),
+    latent = [has_latent[label] for label in runs]
+    panels = [("likelihood", _likelihood_title(latent)), *(CURVES if any(latent) else ())]
+    big = len(panels) > 1
+    fig, grid = plt.subplots(
+        *((3, 3) if big else (1, 1)),
+        figsize=(16, 11) if big else (7, 4.5),
         constrained_layout=True,
         squeeze=False,
     )
+    axes = {key: ax for (key, _), ax in zip(panels, grid.flat, strict=True)}
     single = len(runs) == 1
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, groups) in enumerate(runs.items()):
         color = colors[i % len(colors)]
-        train, valid = groups.get("train", []), groups.get("valid", [])
-        for ax, (key, panel) in zip(axes.flat, curves, strict=True):
-            if key in ("rec", "kl", "beta"):
-                x, y = _series(train, key)
-                if x:
-                    ax.plot(
-                        x,
-                        y,
-                        color=color,
-                        lw=0.8,
-                        alpha=0.45 if key != "beta" else 1.0,
-                        marker="." if len(x) < 3 else None,
-                        label=(f"{label} train" if not single else "train (window mean)"),
-                    )
-            if key != "beta":
-                x, y = _series(valid, key)
-                if x:
-                    ax.plot(
-                        x,
-                        y,
-                        "o-",
-                        color=color if not single else colors[1],
-                        ms=4,
-                        lw=1.5,
-                        label=(f"{label} valid" if not single else "validation"),
-                    )
-            ax.set_title(panel)
-            ax.set_xlabel("optimizer step")
-    keys = [k for k, _ in curves]
-    if "au" in keys and axes.flat[keys.index("au")].lines:
-        axes.flat[keys.index("au")].set_ylim(
-            bottom=0
-        )  # a count: start at 0, so a flat 32 does not look like noise
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=8, loc="best")
-        else:
-            ax.text(
-                0.5,
-                0.5,
-                "not logged by this run",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
+        pair = (color, colors[1]) if single else (color, color)
+        _draw_run(axes, label, groups, has_latent[label], pair, single)
+    for key, text in panels:
+        _finish_axes(axes[key], text, key, single)
+    without = [label for label, flag in zip(runs, latent, strict=True) if not flag]
+    if big and without:
+        title += (
+            f"\n{', '.join(without)}: no latent variable (language model), drawn in the likelihood "
+            "panel only: no reconstruction term, KL, beta, MI or active units"
+        )
     fig.suptitle(title)
     fig.savefig(path)
     plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def _finish_axes(ax, title: str, key: str, single: bool) -> None:
+    """Title, x label and legend of one panel; a note where no run logged its quantity."""
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    if ax.get_lines():
+        if key == "au":
+            ax.set_ylim(bottom=0)  # a count: start at 0, so a flat 32 does not look like noise
+        ax.legend(fontsize=8, loc="best")
+        return
+    ax.text(
+        0.5,
+        0.5,
+        "not logged by this run" if single else "not logged by these runs",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+    )
+
+
+PER_DIMENSION_FLOORS = ("per_dim", "per_sentence_dim")  # free-bits modes that floor each dimension
 
 
 def plot_kl_per_dim(
@@ -550,7 +602,9 @@ def write_report(
     tmp = temp_dir(final)
     tmp.mkdir()
     name = run_dir.name
-    plot_curves({name: groups}, tmp / "curves.png", f"{name}: training curves", model.has_latent)
+    plot_curves(
+        {name: groups}, tmp / "curves.png", f"{name}: training curves", {name: model.has_latent}
+    )
 
     quick = evaluate(
         model,
@@ -973,7 +1027,7 @@ def compare_runs(
     names = [p.name for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"two runs share a folder name: {names}")
-    rows, dims, logs, missing, files = {}, {}, {}, [], {}
+    rows, dims, logs, missing, files, latent = {}, {}, {}, [], {}, {}
     for path in paths:
         logs[path.name] = read_log(path)
         found = best_evaluation(path, eval_name)
@@ -984,24 +1038,25 @@ def compare_runs(
             missing.append(path.name)
         cfg = OmegaConf.load(path / CONFIG)
         cls = MODELS[cfg.model.name]
+        latent[path.name] = cls.has_latent
         # DELLA's L x D latents: L depends on the backbone, so no denominator is shown
         dims[path.name] = (
             cfg.model.latent_dim if cls.has_latent and cls.backbone != "gpt2" else None
         )
     output = Path(output) if output is not None else default_compare_dir(paths)
     output.mkdir(parents=True, exist_ok=True)
-    plot_curves(
-        logs,
-        output / "compare_curves.png",
-        "training curves",
-        any(MODELS[OmegaConf.load(p / CONFIG).model.name].has_latent for p in paths),
-    )
+    plot_curves(logs, output / "compare_curves.png", "training curves", latent)
     plot_rate_distortion(rows, output / "rate_distortion.png", f"rate-distortion ({eval_name})")
     notes = [
         "Evaluations (written by `textvae evaluate`; the most complete of the split "
         f"`{eval_name}` in each run: more sentences, then larger K): "
         + "; ".join(f"{n}: `{f}`" for n, f in files.items())
-        + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences."
+        + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences"
+        + (
+            " (exact NLL for a language model, which has no latent)."
+            if any(_exact_nll(r) for r in rows.values())
+            else "."
+        )
     ]
     tokenizers = {n: r.get("tokenizer") for n, r in rows.items() if r.get("tokenizer")}
     if len(set(tokenizers.values())) > 1:
