@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from textvae import cli, report
-from textvae.report import compare_runs, evaluation_table, plot_curves
+from textvae.report import compare_runs, evaluation_table, plot_curves, plot_kl_per_dim
 from textvae.rundir import read_log
 from textvae.train import train
 
@@ -93,6 +93,39 @@ def test_compare_of_a_vae_and_a_language_model(tiny_config, tmp_path, monkeypatc
         if line.get_label() == "lm NLL valid (exact)"
     ]
     assert list(nll.get_ydata()) == pytest.approx([-r["elbo"] for r in lm_valid])
+
+
+def test_kl_per_dim_marks_the_free_bits_floor_on_an_axis_of_the_active_dimensions(tmp_path):
+    kl = [2.5, 1.2, 0.15, 0.14, 1e-4, 2e-4]
+    var = [0.5, 0.2, 3e-3, 2e-3, 4e-4, 1e-3]
+    fig = plot_kl_per_dim(kl, var, 0.01, tmp_path / "k.png", "run", free_bits=0.15)
+    top, bottom = fig.axes
+    floor = [line for line in top.get_lines() if "free bits" in line.get_label()]
+    assert len(floor) == 1 and list(floor[0].get_ydata()) == [0.15, 0.15]
+    assert "0.15" in floor[0].get_label() and "per dimension" in floor[0].get_label()
+    assert top.get_legend() is not None
+    # the axis is spent on the dimensions that carry KL, not on decades below 1e-2
+    assert top.get_yscale() == "linear" and top.get_ylim()[0] == 0
+    assert 2.5 <= top.get_ylim()[1] < 3.5
+    # the variance panel's log axis starts near the data, under the AU threshold
+    low = bottom.get_ylim()[0]
+    assert 1e-4 <= low <= 4e-4 and bottom.get_yscale() == "log"
+    # no floor without free bits; a floor on the total KL is no per-dimension line
+    fig = plot_kl_per_dim(kl, var, 0.01, tmp_path / "k.png", "run")
+    assert not [x for x in fig.axes[0].get_lines() if "free bits" in x.get_label()]
+    fig = plot_kl_per_dim(kl, var, 0.01, tmp_path / "k.png", "run", 2.0, "total")
+    assert not [x for x in fig.axes[0].get_lines() if "free bits" in x.get_label()]
+    assert "free bits 2.0 nats on the total KL" in fig.axes[0].get_title()
+
+
+def test_report_draws_the_runs_free_bits_floor(tiny_config, tmp_path, monkeypatch):
+    run = train(tiny_config(**{"train.max_steps": 2, "kl.free_bits": 0.1}), tmp_path / "vae")
+    drawn = []
+    original = report.plot_kl_per_dim
+    monkeypatch.setattr(report, "plot_kl_per_dim", lambda *a, **k: drawn.append(original(*a, **k)))
+    report.write_report(run, max_sentences=8, n_examples=1)
+    floor = [x for x in drawn[0].axes[0].get_lines() if "free bits" in x.get_label()]
+    assert list(floor[0].get_ydata()) == [0.1, 0.1]
 
 
 def test_report_of_a_language_model_names_its_sampling_and_its_exact_nll(tiny_config, tmp_path):

@@ -212,27 +212,35 @@ def plot_kl_per_dim(
     delta: float,
     path: str | Path,
     title: str,
+    free_bits: float = 0.0,
+    free_bits_mode: str = "per_dim",
     kl_total: float | None = None,
-) -> Path:
-    """Two aligned bar charts over latent dimensions: KL per dimension (nats/sentence, log
-    scale) and Var_x(E_q[z|x]) with the active-unit threshold delta as a line; active
-    dimensions are coloured in both panels. ``kl_dims`` None (a flow posterior or prior has no
-    per-dimension KL) draws the variance panel only, with ``kl_total`` (Monte Carlo) in the title.
+):
+    """Two aligned bar charts over latent dimensions: KL per dimension (nats/sentence, linear,
+    with the free-bits floor) and Var_x(E_q[z|x]) (log) with the active-unit threshold delta as
+    a line; active dimensions are coloured in both panels. ``kl_dims`` None (a flow posterior or
+    prior has no per-dimension KL) draws the variance panel only, with ``kl_total`` (Monte
+    Carlo) in the title.
+
+    Args:
+        free_bits: the run's ``kl.free_bits`` lambda, nats (0: off). In a per-dimension mode
+            (``per_dim``, ``per_sentence_dim``) it is a horizontal line on the KL panel; a floor
+            on the total KL or on each layer's KL is named in the title.
+        free_bits_mode: the run's ``kl.free_bits_mode``.
+
+    Returns:
+        The matplotlib Figure, written and closed (its axes and lines can be read).
     """
     plt = _pyplot()
     d = len(mu_var)
     active = [v > delta for v in mu_var]
     colors = ["#d62728" if a else "#7f7f7f" for a in active]
-    floor = 1e-5
     width = max(7.0, 0.28 * d + 2)
     if kl_dims is not None:
         fig, (top, bottom) = plt.subplots(
             2, 1, figsize=(width, 6.5), sharex=True, constrained_layout=True
         )
-        top.bar(range(d), [max(k, floor) for k in kl_dims], color=colors)
-        top.set_yscale("log")
-        top.set_ylim(bottom=floor)
-        top.set_ylabel("KL per dimension\n(nats/sentence, log)")
+        _kl_panel(top, kl_dims, colors, free_bits, free_bits_mode)
         heading, kl_text = top, f"KL total {sum(kl_dims):.3f} nats"
     else:
         fig, bottom = plt.subplots(figsize=(width, 3.8), constrained_layout=True)
@@ -240,21 +248,69 @@ def plot_kl_per_dim(
         kl_text = "no per-dimension KL (flow): Monte Carlo KL total " + (
             f"{kl_total:.3f} nats" if kl_total is not None else "n/a"
         )
+    floor = _free_bits_text(free_bits, free_bits_mode, d, drawn=kl_dims is not None)
     heading.set_title(
-        f"{title}\n{kl_text}\n{sum(active)}/{d} active units (red) at delta = {delta}"
+        f"{title}\n{kl_text}{floor}\n{sum(active)}/{d} active units (red) at delta = {delta}"
     )
-    bottom.bar(range(d), [max(v, floor) for v in mu_var], color=colors)
-    bottom.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
-    bottom.set_yscale("log")
-    bottom.set_ylim(bottom=floor)
-    bottom.set_ylabel("Var over sentences of\nposterior mean (log)")
-    bottom.set_xlabel("latent dimension")
-    bottom.legend(loc="upper right", fontsize=8, framealpha=1.0)
+    _variance_panel(bottom, mu_var, colors, delta)
     step = 1 if d <= 40 else max(1, d // 32)
     bottom.set_xticks(range(0, d, step))
     fig.savefig(path)
     plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def _free_bits_text(free_bits: float, mode: str, d: int, drawn: bool) -> str:
+    """The title's words on a free-bits floor that the KL panel does not draw as a line."""
+    if free_bits <= 0 or (drawn and mode in PER_DIMENSION_FLOORS):
+        return ""
+    if mode == "total":
+        return f"; free bits {free_bits} nats on the total KL"
+    if mode == "per_layer":
+        return f"; free bits {free_bits} nats on each layer's KL"
+    # no per-dimension KL: the objective floors the total at d * lambda
+    return f"; free bits {free_bits} nats per dimension ({free_bits * d:g} on the total)"
+
+
+def _kl_panel(ax, kl_dims: list[float], colors: list[str], free_bits: float, mode: str) -> None:
+    """KL per dimension (nats/sentence) as bars, with the free-bits floor as a line.
+
+    A linear axis, not a log one: nats add up, so the bars sum to the KL total and the axis is
+    spent on the dimensions that carry information (a log axis spends most of its height on
+    the 1e-5..1e-2 nats of collapsed dimensions, which are ~0 on any scale that matters for the
+    bound). How far below the threshold a dimension lies is the variance panel's job (log).
+    """
+    ax.bar(range(len(kl_dims)), kl_dims, color=colors)
+    floor = free_bits > 0 and mode in PER_DIMENSION_FLOORS
+    ax.set_ylim(0, max([*kl_dims, free_bits if floor else 0.0, 1e-3]) * 1.15)
+    if floor:
+        each = "per dimension" + (" and sentence" if mode == "per_sentence_dim" else "")
+        ax.axhline(
+            free_bits,
+            color="black",
+            ls=":",
+            lw=1.4,
+            label=f"free bits floor lambda = {free_bits} nats {each} ({mode})",
+        )
+        ax.legend(loc="best", fontsize=8, framealpha=1.0)
+    ax.set_ylabel("KL per dimension\n(nats/sentence)")
+
+
+def _variance_panel(ax, mu_var: list[float], colors: list[str], delta: float) -> None:
+    """Var over sentences of the posterior mean per dimension as bars on a log axis, with the
+    AU threshold delta. The axis starts at half the smallest positive variance, kept between
+    delta / 1000 and delta / 10 (the threshold never at the bottom edge, at most three decades
+    below it); smaller values are drawn at the limit."""
+    scale = delta if delta > 0 else 1e-2
+    positive = [v for v in mu_var if v > 0]
+    low = min(max(min(positive, default=scale) / 2, scale * 1e-3), scale / 10)
+    ax.bar(range(len(mu_var)), [max(v, low) for v in mu_var], color=colors)
+    ax.axhline(delta, color="black", ls="--", lw=1.2, label=f"AU threshold delta = {delta}")
+    ax.set_yscale("log")
+    ax.set_ylim(low, max([*mu_var, delta]) * 3)  # room above the threshold line for its label
+    ax.set_ylabel("Var over sentences of\nposterior mean (log)")
+    ax.set_xlabel("latent dimension")
+    ax.legend(loc="best", fontsize=8, framealpha=1.0)
 
 
 def plot_projection(
@@ -760,6 +816,8 @@ def write_report(
                 cfg.eval.au_delta,
                 tmp / "kl_per_dim.png",
                 name,
+                cfg.kl.free_bits,
+                cfg.kl.free_bits_mode,
                 kl_total=quick["kl"],
             )
             lengths = [len(s.split()) for s in texts]
