@@ -47,18 +47,26 @@ starting new trials after that many minutes of this invocation. A null objective
 validation -ELBO at a validation is worse than the median of earlier trials' at the same step
 (Optuna's ``MedianPruner`` after ``study.pruner_startup_trials``, default 5, finished trials).
 
+SIGINT (Ctrl-C) or SIGTERM (``kill PID``, a scheduler) stops the trials in training after a
+finished step, as ``textvae train`` does, worker processes included (:class:`_Relay`); the same
+command resumes them.
+
 Trials are scored on the validation split by default: select recipes on ``valid``, and use the
 test split only for the final evaluation of the chosen ones (selecting on test overstates them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import re
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -75,7 +83,8 @@ log = logging.getLogger(__name__)
 
 # What trains one trial: ``train(config, run_dir, resume=False, on_validation=None) -> run_dir``
 # with the signature of :func:`textvae.train.train`, which the CLI passes in. The sweep never
-# imports the training loop itself (it reads run folders through :mod:`textvae.rundir`).
+# calls the training loop itself (it reads run folders through :mod:`textvae.rundir`); it
+# imports only its TrainingInterrupted, to stop a worker that a signal stopped.
 Trainer = Callable[..., Path]
 
 TOP_KEYS = (
@@ -117,6 +126,7 @@ STUDY_KEYS = (
     "population_size",
 )
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop training after a finished step
 
 
 class SweepError(ValueError):
@@ -756,10 +766,16 @@ def run_worker(
     train: Trainer,
 ) -> int:
     """One worker's loop: run trials of the study until its budget is used, then wait for
-    running trials (its own peers' or dead ones that the heartbeat will queue again).
+    running trials (its own peers' or dead ones that the heartbeat will queue again). A trial
+    stopped by SIGINT/SIGTERM ends the loop: it is recorded failed, with ``checkpoints/last``
+    at its last finished step, and the next invocation resumes it.
 
     Returns:
         The number of trials this worker ran.
+
+    Raises:
+        TrainingInterrupted: SIGINT or SIGTERM stopped a trial's training.
+        KeyboardInterrupt: SIGINT (or, in a worker process, SIGTERM) outside training.
     """
     import optuna
     import torch
@@ -769,7 +785,7 @@ def run_worker(
         torch.set_num_threads(threads)
     sweep, out = load_sweep(sweep_path), Path(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ran = 0
+    ran, stopped = 0, []
 
     def objective(trial) -> list[float]:
         trials = study.get_trials(deepcopy=False)
@@ -810,9 +826,9 @@ def run_worker(
             record = run_trial(sweep, run_dir, entry, params, report, train=train)
         except optuna.TrialPruned:
             raise
-        except Exception as err:  # recorded in sweep.md; the next invocation retries it
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            log.exception("trial %d (%s) failed", number, run_dir)
+        except (Exception, KeyboardInterrupt) as err:  # the next invocation retries it
+            if _record_failure(trial, number, run_dir, err):
+                stopped.append(err)
             raise
         trial.set_user_attr("train_s", record["train_s"])
         trial.set_user_attr("eval_s", record["eval_s"])
@@ -840,7 +856,27 @@ def run_worker(
         study = open_study(sweep, url, seed=sweep.seed + 1000 * worker + len(trials))
         study.optimize(objective, n_trials=1, catch=(Exception,))
         ran += 1
+        if stopped:  # SIGINT/SIGTERM: no further trial
+            raise stopped[0]
     return ran
+
+
+def _record_failure(trial, number: int, run_dir: Path, err: BaseException) -> bool:
+    """Record why a trial failed (its ``error``, shown in ``sweep.md``; :func:`retry_failed`
+    queues it again at the next invocation, which resumes its run folder).
+
+    Returns:
+        Whether a signal stopped it (training's :class:`~textvae.train.TrainingInterrupted`, or
+        KeyboardInterrupt outside training): then the worker starts no further trial.
+    """
+    from textvae.train import TrainingInterrupted
+
+    trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+    if not isinstance(err, TrainingInterrupted | KeyboardInterrupt):
+        log.exception("trial %d (%s) failed", number, run_dir)
+        return False
+    log.warning("trial %d (%s) stopped: %s; run the sweep again to resume it", number, run_dir, err)
+    return True
 
 
 def retry_failed(study) -> list[int]:
@@ -885,9 +921,75 @@ def _worker_main(
     threads: int,
     deadline: float | None,
     train: Trainer,
+    signals: multiprocessing.connection.Connection,
 ) -> None:
+    """A worker process of :func:`run_sweep`. SIGTERM stops it as SIGINT does (in training
+    after a finished step, elsewhere as KeyboardInterrupt), and the number of every SIGINT or
+    SIGTERM it receives is written to ``signals`` (a pipe to the parent, used as Python's signal
+    wakeup fd: written when the signal arrives) for :class:`_Relay`.
+
+    Raises:
+        SystemExit: 128 + the signal's number when a signal stopped it (130 outside training).
+    """
     logging.basicConfig(level=logging.WARNING)
-    run_worker(sweep_path, out_dir, url, worker, threads, deadline, train=train)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    os.set_blocking(signals.fileno(), False)
+    signal.set_wakeup_fd(signals.fileno(), warn_on_full_buffer=False)
+    from textvae.train import TrainingInterrupted
+
+    try:
+        run_worker(sweep_path, out_dir, url, worker, threads, deadline, train=train)
+    except TrainingInterrupted as stop:
+        raise SystemExit(128 + stop.signum) from None
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+class _Relay:
+    """While :func:`run_sweep`'s worker processes run, SIGINT and SIGTERM to this process are
+    passed on to each worker that did not receive them itself, so that every worker stops as
+    ``textvae train`` does (after a finished step, ``checkpoints/last`` written).
+
+    Ctrl-C in a terminal, ``kill -- -PGID``, systemd or Slurm signal every process of the
+    sweep; ``kill PID``, a container runtime or a parent process signal this one alone. Each
+    worker reports the signals it receives as they arrive (:func:`_worker_main`), so the
+    ``n``-th signal here is passed on, ``GRACE`` seconds after it came, only to a worker that
+    has not had ``n``: a worker signalled twice would stop at once, without its checkpoint.
+    """
+
+    GRACE = 1.0  # seconds for a signal sent to the whole group to reach the workers
+
+    def __init__(self, workers: list, reports: list):
+        self.workers, self.reports = workers, reports
+        self.received: list[tuple[int, float]] = []  # (signal, time.monotonic()) here
+        self.reported = [0] * len(workers)  # signals each worker says it received
+        self.had = [0] * len(workers)  # signals each worker received or was sent
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append((signum, time.monotonic()))
+
+    def __enter__(self) -> _Relay:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def pass_on(self) -> None:
+        """Count the workers' reported signals; send each worker the signals it lacks."""
+        due = [s for s, at in self.received if time.monotonic() - at >= self.GRACE]
+        for i, worker in enumerate(self.workers):
+            with contextlib.suppress(BlockingIOError):  # nothing new
+                data = os.read(self.reports[i].fileno(), 4096)
+                self.reported[i] += sum(b in STOP_SIGNALS for b in data)
+            self.had[i] = max(self.had[i], self.reported[i])
+            if self.had[i] < len(due) and worker.is_alive():
+                os.kill(worker.pid, due[self.had[i]])
+                self.had[i] += 1
 
 
 def run_sweep(
@@ -901,6 +1003,12 @@ def run_sweep(
     """Run (or continue) a sweep: ``jobs`` worker processes on this machine share the study,
     each with ``max(1, cores // jobs)`` torch threads; then write ``sweep.md`` and
     ``rate_distortion.png``.
+
+    SIGINT or SIGTERM stops every trial in training after a finished step (``checkpoints/last``
+    written; with ``jobs`` > 1 the signal is passed on to the workers that did not get it
+    themselves, :class:`_Relay`) and records it failed; no further trial starts, and running
+    the sweep again resumes those trials. The signal is then raised again for the caller's own
+    handler (the CLI: KeyboardInterrupt, exit 130; SIGTERM's default, the process ends by it).
 
     Args:
         sweep_path: the sweep YAML.
@@ -917,8 +1025,11 @@ def run_sweep(
 
     Raises:
         SweepError: invalid file, or the folder holds another sweep's ``sweep.yaml``.
+        RuntimeError: a worker process failed.
     """
     import optuna
+
+    from textvae.train import TrainingInterrupted
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = load_sweep(sweep_path)
@@ -937,25 +1048,56 @@ def run_sweep(
     retry_failed(open_study(sweep, url))  # created once here, so workers only load it
     deadline = time.time() + 60 * sweep.minutes if sweep.minutes else None
     if jobs <= 1:
-        run_worker(str(sweep.path), str(out), url, 0, None, deadline, train=train)
+        try:
+            run_worker(str(sweep.path), str(out), url, 0, None, deadline, train=train)
+        except TrainingInterrupted as stop:
+            signal.raise_signal(stop.signum)  # the caller's handler: e.g. KeyboardInterrupt
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")
-        workers = [
-            context.Process(
-                target=_worker_main,
-                args=(str(sweep.path), str(out), url, i, threads, deadline, train),
-            )
-            for i in range(jobs)
-        ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        failed = [w.exitcode for w in workers if w.exitcode != 0]
-        if failed:
-            raise RuntimeError(f"sweep workers exited with codes {failed}; see their output")
+        signum = _run_workers(sweep, out, url, jobs, deadline, train)
+        if signum is not None:
+            signal.raise_signal(signum)
     return out, write_summary(sweep, out, url)
+
+
+def _run_workers(
+    sweep: Sweep, out: Path, url: str, jobs: int, deadline: float | None, train: Trainer
+) -> int | None:
+    """Run ``jobs`` worker processes (:func:`_worker_main`) until they end, passing SIGINT and
+    SIGTERM on to them (:class:`_Relay`).
+
+    Returns:
+        The last signal this process received while they ran, else None.
+
+    Raises:
+        RuntimeError: a worker failed (not stopped by a signal this process received).
+    """
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    pipes = [context.Pipe(duplex=False) for _ in range(jobs)]  # (read end, write end)
+    workers = [
+        context.Process(
+            target=_worker_main,
+            args=(str(sweep.path), str(out), url, i, threads, deadline, train, pipes[i][1]),
+        )
+        for i in range(jobs)
+    ]
+    for report, _ in pipes:
+        os.set_blocking(report.fileno(), False)
+    with _Relay(workers, [report for report, _ in pipes]) as relay:
+        for w, (_, wakeup) in zip(workers, pipes, strict=True):
+            w.start()
+            wakeup.close()  # the worker has its own copy
+        while any(w.is_alive() for w in workers):
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.2)
+            relay.pass_on()
+    for report, _ in pipes:
+        report.close()
+    if relay.received:
+        return relay.received[-1][0]
+    failed = [w.exitcode for w in workers if w.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"sweep workers exited with codes {failed}; see their output")
+    return None
 
 
 UNITS_NOTE = (
