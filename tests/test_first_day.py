@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import textvae
+import textvae.report
 from tests.conftest import tiny_overrides
 from textvae import cli
 from textvae.data import TextDataset
