@@ -1,5 +1,7 @@
 """Config loading: presets, inheritance, overrides and clear errors."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,35 @@ def test_type_and_choice_errors():
         load_config(None, ["model.pooling"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/preset.yaml")
+
+
+def test_loading_a_config_imports_no_training_machinery():
+    """A config loads without the training loop or the remedies module: the remedies' keys and
+    their checks come from the leaf textvae.remedy_keys. (The models, and through them the
+    objective, are imported by the model registry: each model's config class lives beside it.)"""
+    code = (
+        "import sys\n"
+        "from textvae.config import load_config\n"
+        "config = load_config(None, ['train.ae_pretrain_steps=5', 'train.aggressive=true'])\n"
+        "assert config.train.ae_pretrain_steps == 5 and config.train.aggressive\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('textvae'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "textvae.config" in out and "textvae.remedy_keys" in out
+    for module in ("textvae.train", "textvae.remedies", "textvae.metrics", "textvae.rundir"):
+        assert module not in out, (module, out)
+
+
+def test_the_remedies_keys_are_checked_by_their_own_classes():
+    for overrides, key in (
+        (["train.ae_start=first"], "train.ae_start='first' is not one of best, last"),
+        (["train.ae_patience=2"], "train.ae_patience needs an autoencoder phase"),
+        (["train.ae_pretrain_steps=-1"], "train.ae_pretrain_steps must be >= 0"),
+        (["train.aggressive_window=0"], "train.aggressive_window must be >= 1"),
+        (["model.name=lstm_lm", "train.ae_pretrain_steps=3"], "no latent variable"),
+        (["model.name=lstm_lm", "kl.target=3"], "so kl.target cannot be used"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, overrides)

@@ -1,9 +1,12 @@
 """Training-schedule remedies: aggressive inference-network training (He et al. 2019) and
-autoencoder pretraining with a decoder reset (Li et al. 2019), and their exact resume."""
+autoencoder pretraining with a decoder reset (Li et al. 2019), their state, optimizers and
+phases through the remedy interface, and their exact resume (also from checkpoints of the
+layout before the remedies kept their own state)."""
 
 import copy
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,12 +16,13 @@ import textvae
 from tests.conftest import make_sentences
 from textvae import remedies
 from textvae import train as train_module
-from textvae.config import KLConfig, TrainConfig, section_class
+from textvae.config import KLConfig
 from textvae.data import TextDataset
 from textvae.models import MODELS, base
 from textvae.objectives import ObjectiveSettings, elbo, kl_weight
-from textvae.remedies import TrainerState, aggressive_inner_loop, phase_beta, update_aggressive
-from textvae.train import train
+from textvae.remedies import Phase, aggressive_inner_loop, update_aggressive
+from textvae.remedy_keys import AEPretrainingKeys, CollapseWatchKeys
+from textvae.train import TrainerState, train
 
 
 def _records(run_dir):
@@ -29,6 +33,33 @@ def _trainer_state(run_dir) -> dict:
     """The TrainerState of the last checkpoint (accelerate's first registered custom object)."""
     path = run_dir / "checkpoints" / "last" / "custom_checkpoint_0.pkl"
     return torch.load(path, weights_only=False)
+
+
+def _remedy_state(run_dir, name: str) -> dict:
+    """The state of remedy ``name`` in the last checkpoint."""
+    return _trainer_state(run_dir)["remedies"][name]
+
+
+def _run_of(config, **fields) -> train_module._Run:
+    """The loop's run of ``config`` as a new run starts (remedies enabled, their state), without
+    data, model or accelerator unless given in ``fields``."""
+    given = {
+        "run_dir": None,
+        "accelerator": None,
+        "model": None,
+        "raw": None,
+        "tokenizer": None,
+        "train_ds": None,
+        "valid_ds": None,
+        "objective": None,
+        "on_validation": None,
+        "steps_per_epoch": 0,
+        "total": 0,
+        **fields,
+    }
+    run = train_module._Run(config=config, state=TrainerState(), **given)
+    train_module._enable_remedies(run)
+    return run
 
 
 def _final(run_dir):
@@ -149,13 +180,13 @@ def test_inner_loop_stops_on_the_loss_summed_over_processes(tiny_model, tokenize
 
 
 def test_aggressive_switch_off_rule():
-    state = TrainerState(aggressive=True)
+    state = {"aggressive": True, "last_mi": None}
     assert not update_aggressive(state, -0.01)  # first validation: nothing to compare with
-    assert not update_aggressive(state, 0.5) and state.aggressive
-    assert not update_aggressive(state, 0.5) and state.aggressive  # equal is not a decrease
-    assert update_aggressive(state, 0.49) and not state.aggressive
-    assert not update_aggressive(state, 3.0) and not state.aggressive  # off for good
-    assert state.last_mi == 0.49
+    assert not update_aggressive(state, 0.5) and state["aggressive"]
+    assert not update_aggressive(state, 0.5) and state["aggressive"]  # equal is not a decrease
+    assert update_aggressive(state, 0.49) and not state["aggressive"]
+    assert not update_aggressive(state, 3.0) and not state["aggressive"]  # off for good
+    assert state["last_mi"] == 0.49
 
 
 def test_aggressive_run_switches_off_when_validation_mi_falls(tiny_config, tmp_path, monkeypatch):
@@ -187,8 +218,7 @@ def test_aggressive_run_switches_off_when_validation_mi_falls(tiny_config, tmp_p
     assert (
         len(off) == 1 and off[0]["step"] == 6 and off[0]["mi"] == 0.6 and off[0]["last_mi"] == 0.7
     )
-    state = _trainer_state(run)
-    assert state["aggressive"] is False and state["last_mi"] == 0.6
+    assert _remedy_state(run, "aggressive") == {"aggressive": False, "last_mi": 0.6}
     # both optimizers are checkpointed (decoder side, inference network)
     assert {"optimizer.bin", "optimizer_1.bin"} <= {
         p.name for p in (run / "checkpoints" / "last").iterdir()
@@ -204,7 +234,7 @@ def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(
     monkeypatch.setattr(remedies, "aggressive_inner_loop", lambda *args, **kwargs: 1)
     cfg = tiny_config(**{"train.aggressive": "true", "train.max_steps": 4, "train.seed": 5})
     run = train(cfg, tmp_path / "outer")
-    assert _trainer_state(run)["aggressive"] is True
+    assert _remedy_state(run, "aggressive")["aggressive"] is True
     final = _final(run)
     _, tokenizer = textvae.load(run)
     torch.manual_seed(5)
@@ -217,11 +247,22 @@ def test_while_aggressive_the_outer_step_updates_the_decoder_side_only(
 # --- autoencoder pretraining, then the VAE phase ------------------------------------------------
 
 
-def test_phase_beta_counts_the_schedule_from_the_phase_start():
+def test_the_kl_schedule_counts_from_the_phase_start():
     kl = KLConfig(schedule="linear", beta_start=0.1, warmup_steps=10)
-    assert phase_beta(TrainerState(step=7, phase="ae"), kl) == 0.0
-    assert phase_beta(TrainerState(step=30, phase="vae", phase_start=30), kl) == kl_weight(0, kl)
-    assert phase_beta(TrainerState(step=35, phase="vae", phase_start=30), kl) == kl_weight(5, kl)
+
+    def beta(step: int, phase: Phase) -> float:  # the loop's beta, with no remedy's own
+        run = SimpleNamespace(
+            phase=phase, state=TrainerState(step=step), config=SimpleNamespace(kl=kl), remedies=[]
+        )
+        return train_module._Run.beta(run)
+
+    assert beta(7, Phase(autoencoder=True)) == 0.0
+    assert beta(30, Phase(start=30)) == kl_weight(0, kl)
+    assert beta(35, Phase(start=30)) == kl_weight(5, kl)
+    assert beta(35, Phase()) == kl_weight(35, kl)
+    # autoencoder pretraining reports its phase from its own state
+    state = TrainerState(remedies={"ae_pretraining": {"phase": "vae", "phase_start": 30}})
+    assert remedies.AEPretraining(SimpleNamespace(state=state)).phase() == Phase(start=30)
 
 
 def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
@@ -281,7 +322,7 @@ def test_ae_pretraining_keeps_kl_weight_zero_then_resets_the_decoder(
         if key not in generative:
             assert torch.equal(before[key], after[key]), key
     assert not torch.equal(after["encoder.lstm.weight_ih_l0"], fresh["encoder.lstm.weight_ih_l0"])
-    state = _trainer_state(run)
+    state = _remedy_state(run, "ae_pretraining")
     assert state["phase"] == "vae" and state["phase_start"] == 5
 
 
@@ -304,7 +345,7 @@ def test_resume_across_the_phase_boundary_with_all_remedies_is_exact(tiny_config
     finals = {}
     for stop in (6, 9):  # at the boundary (checkpoint still in phase ae) and after it
         part = train(tiny_config(**extra, **{"train.max_steps": stop}), tmp_path / f"part{stop}")
-        assert _trainer_state(part)["phase"] == ("ae" if stop == 6 else "vae")
+        assert _remedy_state(part, "ae_pretraining")["phase"] == ("ae" if stop == 6 else "vae")
         train(None, part, resume=True, overrides=["train.max_steps=12"])
         finals[stop] = part
     a = _final(whole)
@@ -322,45 +363,76 @@ def test_resume_across_the_phase_boundary_with_all_remedies_is_exact(tiny_config
 # --- the remedies' pieces, one by one (textvae.remedies) -----------------------------------------
 
 
-def test_a_new_run_starts_in_the_autoencoder_phase_only_when_asked():
-    assert remedies.initial_state(TrainConfig()) == TrainerState(phase="vae", aggressive=False)
-    assert remedies.initial_state(TrainConfig(aggressive=True)).aggressive
-    ae = remedies.initial_state(TrainConfig(ae_pretrain_steps=5, aggressive=True))
-    assert ae.phase == "ae" and not ae.aggressive  # aggressive starts with the VAE phase
+def test_a_new_run_starts_in_the_autoencoder_phase_only_when_asked(tiny_config):
+    plain = _run_of(tiny_config())
+    assert plain.phase == Phase() and [r.name for r in plain.remedies] == ["collapse_watch"]
+    assert plain.log_fields() == {"phase": "vae", "aggressive": False}  # off: the defaults
+    assert plain.state.remedies == {"collapse_watch": {"collapsed_validations": 0}}
+    aggressive = _run_of(tiny_config(**{"train.aggressive": "true"}))
+    assert aggressive.state.remedies["aggressive"] == {"aggressive": True, "last_mi": None}
+    assert aggressive.log_fields() == {"phase": "vae", "aggressive": True}
+    ae = _run_of(tiny_config(**{"train.ae_pretrain_steps": 5, "train.aggressive": "true"}))
+    assert ae.phase == Phase(start=0, autoencoder=True)
+    assert ae.log_fields() == {"phase": "ae", "aggressive": False}  # on with the VAE phase
+    assert ae.state.remedies["ae_pretraining"] == {
+        "phase": "ae",
+        "phase_start": 0,
+        "ae_best_rec": math.inf,
+        "ae_bad_validations": 0,
+        "ae_stopped": False,
+    }
+
+
+def test_aggressive_training_has_its_own_optimizer_for_the_inference_network(
+    tiny_config, tiny_model
+):
+    model = tiny_model("lstm_vae", bow_weight=0.5)
+    run = _run_of(tiny_config(**{"train.aggressive": "true"}), raw=model)
+    main, own = train_module._parameter_groups(run)
+    inference = model.inference_parameters()
+    assert [name for name, _ in own] == ["aggressive"]
+    assert [id(p) for p in own[0][1]] == [id(p) for p in inference]
+    assert {id(p) for p in main} == {id(p) for p in model.parameters()} - {id(p) for p in inference}
+    assert train_module._parameter_groups(_run_of(tiny_config(), raw=model))[1] == []
 
 
 def test_the_collapse_watch_warns_after_patience_validations_in_a_row():
-    # the collapse watch declares its keys (train.collapse_*): the train section's class
-    TrainConfig = section_class("train")  # noqa: N806
-    t = TrainConfig(collapse_kl=0.5, collapse_z_gap=0.1, collapse_patience=2)
-    state = TrainerState()
+    t = CollapseWatchKeys(collapse_kl=0.5, collapse_z_gap=0.1, collapse_patience=2)
+    state = {"collapsed_validations": 0}
     assert not remedies.update_collapse(state, 0.1, 1.0, t)  # low KL: 1 in a row
     assert remedies.update_collapse(state, 2.0, 0.05, t)  # low gap: 2 in a row, warn
-    assert remedies.update_collapse(state, 0.1, None, t) and state.collapsed_validations == 3
+    assert remedies.update_collapse(state, 0.1, None, t) and state["collapsed_validations"] == 3
     assert not remedies.update_collapse(state, 2.0, None, t)  # a missing gap never counts
-    assert state.collapsed_validations == 0
-    off = TrainConfig(collapse_kl=0.5, collapse_patience=0)
-    assert not remedies.update_collapse(TrainerState(), 0.0, 0.0, off)  # patience 0: no warning
+    assert state["collapsed_validations"] == 0
+    off = CollapseWatchKeys(collapse_kl=0.5, collapse_patience=0)
+    assert not remedies.update_collapse({"collapsed_validations": 0}, 0.0, 0.0, off)
+
+
+def _ae_state(phase: str = "ae") -> dict:
+    state = {"phase": phase, "phase_start": 0, "ae_best_rec": math.inf}
+    return {**state, "ae_bad_validations": 0, "ae_stopped": False}
 
 
 def test_the_autoencoder_phase_keeps_its_best_rec_and_stops_early():
-    state = TrainerState(phase="ae")
-    assert remedies.ae_best_improved(state, 5.0, patience=0) and state.ae_best_rec == 5.0
+    state = _ae_state()
+    assert remedies.ae_best_improved(state, 5.0, patience=0) and state["ae_best_rec"] == 5.0
     assert not remedies.ae_best_improved(state, 5.0, patience=0)  # equal is no improvement
-    state = TrainerState(phase="ae")  # with early stopping update_ae_early_stop records the best
-    assert remedies.ae_best_improved(state, 5.0, patience=2) and state.ae_best_rec == math.inf
-    assert not remedies.update_ae_early_stop(state, 5.0, 2) and state.ae_best_rec == 5.0
+    state = _ae_state()  # with early stopping update_ae_early_stop records the best
+    assert remedies.ae_best_improved(state, 5.0, patience=2) and state["ae_best_rec"] == math.inf
+    assert not remedies.update_ae_early_stop(state, 5.0, 2) and state["ae_best_rec"] == 5.0
     assert not remedies.update_ae_early_stop(state, 6.0, 2)
-    assert remedies.update_ae_early_stop(state, 5.5, 2) and state.ae_stopped
-    assert remedies.ae_phase_over(state, TrainConfig(ae_pretrain_steps=100))  # stopped early
-    assert not remedies.ae_best_improved(TrainerState(phase="vae"), 1.0, patience=0)
-    t = TrainConfig(ae_pretrain_steps=10)
-    assert not remedies.ae_phase_over(TrainerState(phase="ae", step=9), t)
-    assert remedies.ae_phase_over(TrainerState(phase="ae", step=10), t)
-    assert not remedies.ae_phase_over(TrainerState(phase="vae", step=10), t)
+    assert remedies.update_ae_early_stop(state, 5.5, 2) and state["ae_stopped"]
+    assert remedies.ae_phase_over(state, 0, AEPretrainingKeys(ae_pretrain_steps=100))
+    assert not remedies.ae_best_improved(_ae_state("vae"), 1.0, patience=0)
+    t = AEPretrainingKeys(ae_pretrain_steps=10)
+    assert not remedies.ae_phase_over(_ae_state(), 9, t)
+    assert remedies.ae_phase_over(_ae_state(), 10, t)
+    assert not remedies.ae_phase_over(_ae_state("vae"), 10, t)
 
 
-def test_the_hand_off_resets_decoder_optimizers_schedules_and_state(tiny_config, tokenizer):
+def test_the_hand_off_resets_decoder_optimizers_schedules_and_state(
+    tiny_config, tokenizer, tmp_path
+):
     config = tiny_config(
         **{"train.ae_pretrain_steps": 4, "train.aggressive": "true", "train.lr": 0.003}
     )
@@ -376,18 +448,63 @@ def test_the_hand_off_resets_decoder_optimizers_schedules_and_state(tiny_config,
         opt.step()
         sched.step(loss)
     assert opt.state and opt.param_groups[0]["lr"] < 0.003
-    state = TrainerState(step=4, phase="ae", best_valid=1.0, collapsed_validations=2, last_mi=0.3)
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    reset = remedies.start_vae_phase(
-        model, config, tokenizer, state, [opt], [sched], [fresh_schedule]
+    run = _run_of(
+        config,
+        raw=model,
+        tokenizer=tokenizer,
+        run_dir=tmp_path,
+        accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
     )
-    assert reset and not opt.state and opt.param_groups[0]["lr"] == 0.003
+    run.optimizer, run.schedulers, run.fresh_schedules = opt, [sched], [fresh_schedule]
+    run.state.step, run.state.best_valid = 4, 1.0
+    run.state.remedies["collapse_watch"]["collapsed_validations"] = 2
+    run.state.remedies["aggressive"]["last_mi"] = 0.3
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    next(r for r in run.remedies if r.name == "ae_pretraining").hand_off()
+    assert not opt.state and opt.param_groups[0]["lr"] == 0.003
     assert sched.state_dict() == fresh_schedule
-    assert state == TrainerState(step=4, phase="vae", phase_start=4, aggressive=True)
+    assert run.state.best_valid == math.inf and run.phase == Phase(start=4)
+    assert run.state.remedies == {
+        "collapse_watch": {"collapsed_validations": 0},
+        "ae_pretraining": {**_ae_state("vae"), "phase_start": 4},
+        "aggressive": {"aggressive": True, "last_mi": None},
+    }
     for key, value in model.state_dict().items():  # the encoder kept, the rest as initialised
         expect = trained[key] if model.is_inference_key(key) else fresh[key]
         assert torch.equal(value, expect), key
-    assert set(reset) == {k for k in fresh if not model.is_inference_key(k)}
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(tiny_config, tmp_path):
+    """Checkpoints written before the remedies kept their own state (e.g. by a training started
+    from an older checkout) hold ``phase``, ``aggressive``, ``collapsed_validations``, ... at
+    the top level of the trainer state and an empty ``remedies``: a resume gives each remedy its
+    keys and continues exactly as from the current layout."""
+    extra = {
+        "train.eval_every": 3,
+        "train.ae_pretrain_steps": 6,
+        "train.aggressive": "true",
+        "train.aggressive_max_inner": 3,
+        "train.aggressive_window": 1,
+        "train.batch_size": 32,
+    }
+    whole = train(tiny_config(**extra, **{"train.max_steps": 12}), tmp_path / "whole")
+    part = train(tiny_config(**extra, **{"train.max_steps": 9}), tmp_path / "part")
+    path = part / "checkpoints" / "last" / "custom_checkpoint_0.pkl"
+    saved = torch.load(path, weights_only=False)
+    old = {k: v for k, v in saved.items() if k != "remedies"}
+    for state in saved["remedies"].values():
+        old.update(state)
+    old["remedies"] = {}
+    assert old["phase"] == "vae" and old["phase_start"] == 6 and "last_mi" in old
+    state = TrainerState()
+    state.load_state_dict(old)
+    assert state.remedies == {} and state.step == 9 and state.legacy["phase"] == "vae"
+    assert "legacy" not in state.state_dict()
+    torch.save(old, path)
+    train(None, part, resume=True, overrides=["train.max_steps=12"])
+    a, b = _final(whole), _final(part)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert _trainer_state(part) == _trainer_state(whole)  # saved again in the current layout
 
 
 def test_aggressive_picks_repeat_for_a_step_and_leave_the_global_rng_alone():

@@ -1,5 +1,6 @@
 """The remedy registry: a remedy that changes the course of training is one class that declares
-its own config keys and acts through the loop's hooks; the loop names no remedy.
+its own config keys (a RemedyKeys dataclass with its checks) and acts through the loop's hooks;
+the loop names no remedy.
 
 The toy remedy below lives in this file only (nothing in src/ is edited): registering it adds
 its keys to the ``train`` section, a preset and an override set them, and a tiny training shows
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -18,19 +19,25 @@ import torch
 
 import textvae
 from tests.conftest import tiny_overrides
-from textvae import registry
+from textvae import registry, remedies
 from textvae.config import ConfigError, load_config, section_class
-from textvae.remedies import Remedy, TrainerState
+from textvae.remedies import Remedy
+from textvae.remedy_keys import RemedyKeys
 from textvae.rundir import checkpoint_dir, read_log
-from textvae.train import train
+from textvae.train import TrainerState, train
 
 
 @dataclass
-class HoldBetaKeys:
+class HoldBetaKeys(RemedyKeys):
     """The toy remedy's keys: ``train.hold_beta_steps`` (0 = off) and ``train.hold_beta``."""
 
     hold_beta_steps: int = 0
     hold_beta: float = 0.0
+
+    @classmethod
+    def validate(cls, config):
+        if config.train.hold_beta < 0:
+            raise ConfigError("train.hold_beta must be >= 0")
 
 
 class HoldBeta(Remedy):
@@ -42,11 +49,6 @@ class HoldBeta(Remedy):
     @classmethod
     def enabled(cls, config):
         return config.train.hold_beta_steps > 0
-
-    @classmethod
-    def validate(cls, config):
-        if config.train.hold_beta < 0:
-            raise ConfigError("train.hold_beta must be >= 0")
 
     def _count(self, hook: str) -> None:
         self.state[hook] = self.state.get(hook, 0) + 1
@@ -139,7 +141,7 @@ def test_a_remedy_validates_its_keys_and_they_exist_only_while_registered(
 
 def test_a_key_declared_twice_is_an_error(hold_beta):
     @dataclass
-    class Clash:
+    class Clash(RemedyKeys):
         lr: float = 0.1  # a key of TrainConfig already
 
     class Clashing(Remedy):
@@ -168,20 +170,59 @@ def test_a_checkpoint_without_remedy_state_resumes(tiny_corpus, tmp_path):
     assert state.remedies == {}
 
 
-def test_the_loop_names_no_remedy():
-    """train.py calls remedies only through the hooks: of textvae.remedies it uses the state,
-    the schedule's beta and the hook base class, nothing remedy-specific."""
-    source = (Path(textvae.__file__).parent / "train.py").read_text()
-    used = {
-        node.attr
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "remedies"
+def _docstrings(tree: ast.AST) -> set[int]:
+    """The ids of the docstring nodes of a module, its classes and functions."""
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, scopes)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
     }
-    assert used <= {"phase_beta", "initial_state"}, used
-    names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
-    names |= {n.attr for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Attribute)}
-    for name in ("update_collapse", "update_aggressive", "ae_phase_over", "aggressive_inner_loop"):
-        assert name not in names, name
-    assert "collapse_kl" not in names and "ae_patience" not in names
+
+
+def test_the_loop_names_no_remedy():
+    """train.py calls remedies only through the interface: of textvae.remedies it imports the
+    hook base class and the phase it asks the remedies for, and nothing else (no allow-list):
+    no remedy class or function, no remedy's name, config key or state key, in code or in a
+    string (docstrings aside)."""
+    tree = ast.parse((Path(textvae.__file__).parent / "train.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "textvae.remedies"
+        for alias in node.names
+    }
+    assert imported == {"Remedy", "Phase"}, imported
+    modules = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert "remedies" not in modules and "textvae.remedies" not in modules, modules
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    docstrings = _docstrings(tree)
+    strings = {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+    }
+    own = {
+        name
+        for name, value in vars(remedies).items()
+        if getattr(value, "__module__", None) == "textvae.remedies"
+    }
+    assert own >= {"AEPretraining", "update_collapse", "aggressive_inner_loop", "reset_generative"}
+    assert not (own - {"Remedy", "Phase"}) & names
+    registry.discover_remedies()
+    keys = {f.name for cls in registry.REMEDY_KEYS.values() for f in fields(cls)}
+    assert {"ae_pretrain_steps", "aggressive", "collapse_kl"} <= keys
+    state_keys = {k for cls in registry.REMEDIES.values() for k in cls.legacy_state}
+    assert {"phase", "phase_start", "last_mi", "collapsed_validations"} <= state_keys
+    assert not keys & names, keys & names
+    assert not (keys | state_keys | set(registry.REMEDIES) | {"ae", "vae"}) & strings

@@ -9,6 +9,11 @@ The ``model`` section belongs to the models: each model module declares its conf
 (a :class:`ModelConfig` subclass) and registers it with its model in :mod:`textvae.registry`;
 ``model.name`` selects it, and its ``validate`` checks the model's keys. This module names no
 model and imports none (only the registry, a leaf module).
+
+The ``train`` and ``kl`` sections also hold the keys the training-schedule remedies declare
+(:func:`section_class`): the built-in ones' are dataclasses of the leaf module
+:mod:`textvae.remedy_keys`, each with its checks, so loading a config imports neither the
+remedies (:mod:`textvae.remedies`) nor the training loop.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from textvae import registry
+from textvae.remedy_keys import RemedyKeys
 
 
 class ConfigError(ValueError):
@@ -193,40 +199,6 @@ class TrainConfig:
             ``lr`` during an autoencoder phase, so the VAE phase decays over its own steps).
         lr_min: the lowest LR of ``plateau``; the LR that ``cosine`` ends at.
         num_samples: prior samples written to ``samples.txt`` at each validation.
-        aggressive: aggressive inference-network training (He et al. 2019): before each
-            decoder update, encoder-only updates on random training batches (their own
-            optimizer, same settings) until the encoder's loss stops improving; switched off
-            for good at the first validation whose MI is lower than the previous one's.
-        aggressive_max_inner: at most this many encoder-only steps per decoder step (He et al.:
-            100).
-        aggressive_window: the inner loop stops when the per-token loss of the last
-            ``aggressive_window`` inner steps is higher than that of the window before (He et
-            al.'s released code: 15).
-        ae_pretrain_steps: Li et al. 2019: the first N optimizer steps train an autoencoder
-            (phase ``ae``, KL weight 0), then phase ``vae`` starts: the decoder is re-initialised
-            (``ae_reset_decoder``), the optimizer state is reset and the KL schedule counts from
-            the phase start. The N steps count towards ``max_steps``/``max_epochs``; 0 = off.
-        ae_reset_decoder: re-initialise every parameter outside the inference network at the
-            phase hand-off (Li et al. 2019); false keeps the phase-1 decoder (Park & Lee 2021:
-            phase 2 starts from the phase-1 weights; ``t5_vae`` needs false).
-        ae_patience: early stopping of phase ``ae`` on the validation reconstruction (Park & Lee
-            2021): the VAE phase starts after this many validations in a row whose ``rec``
-            (nats per sentence) is not below the best of the phase, or at ``ae_pretrain_steps``,
-            whichever comes first; 0 = off (the phase lasts ``ae_pretrain_steps``).
-        ae_freeze_decoder: in phase ``ae``, hold the model's pretrained decoder
-            (``decoder_modules``, for ``t5_vae`` the token embedding, the decoder stack and the
-            output layer) fixed: their gradients are dropped before each update (Park & Lee
-            2021's phase 1); the latent-to-decoder projections still train unless
-            ``ae_freeze_latent_projection``.
-        ae_freeze_latent_projection: with ``ae_freeze_decoder``, also hold the latent-to-
-            decoder projections (``t5_vae``: the memory and embedding maps of z) fixed in
-            phase ``ae``, as Park & Lee 2021's released code does (it freezes every decoder-side
-            parameter); the default lets them train (the paper's text freezes "the decoder").
-        ae_start: the weights phase ``vae`` starts from: ``best`` (default; the phase-1
-            weights of the best validation ``rec``, the argmin of the early-stopping criterion,
-            kept in ``checkpoints/ae_best``; as Park & Lee 2021's early stopping; the last
-            weights when no phase-1 validation happened) or ``last`` (the weights at the
-            hand-off).
         batch_size: the **global** batch: sentences per optimizer step over all processes.
             Under ``accelerate launch``/``torchrun`` with N processes each takes
             ``batch_size / N`` sentences of every batch (an error when N does not divide it), so
@@ -237,8 +209,9 @@ class TrainConfig:
             ``[mlflow]``; configured by their own environment variables).
 
     The ``train`` section also holds the keys that the registered remedies declare
-    (:func:`section_class`; ``Remedy.keys`` in :mod:`textvae.remedies`): e.g. the collapse
-    watch's ``collapse_kl``, ``collapse_z_gap``, ``collapse_patience``.
+    (:func:`section_class`; the dataclasses of :mod:`textvae.remedy_keys`): the collapse watch's
+    ``collapse_*``, autoencoder pretraining's ``ae_*`` and aggressive training's
+    ``aggressive*``.
     """
 
     seed: int = 0
@@ -260,15 +233,6 @@ class TrainConfig:
     precision: str = "fp32"
     num_samples: int = 5
     progress: bool = True
-    aggressive: bool = False
-    aggressive_max_inner: int = 100
-    aggressive_window: int = 15
-    ae_pretrain_steps: int = 0
-    ae_reset_decoder: bool = True
-    ae_patience: int = 0
-    ae_freeze_decoder: bool = False
-    ae_start: str = "best"
-    ae_freeze_latent_projection: bool = False
     log_with: str = "none"
 
 
@@ -302,17 +266,25 @@ SECTIONS = {"train": TrainConfig, "kl": KLConfig}  # the sections a remedy may a
 
 def section_class(section: str) -> type:
     """The dataclass of the ``train`` or ``kl`` section: :class:`TrainConfig` / :class:`KLConfig`
-    plus the keys every registered remedy declares for it (a remedy's ``keys`` dataclass and
-    ``section``, :class:`textvae.remedies.Remedy`), so that a remedy's keys are
-    ``<section>.<key>`` like every other and a new remedy edits no config class. The base class
-    itself when no remedy adds keys to the section.
+    plus the keys every registered remedy declares for it (its
+    :class:`~textvae.remedy_keys.RemedyKeys` dataclass and ``section``, registered with
+    :func:`textvae.registry.register_remedy_keys`: the built-in ones in
+    :mod:`textvae.remedy_keys`), so that a remedy's keys are ``<section>.<key>`` like every
+    other and a new remedy edits no config class. The base class itself when no remedy adds
+    keys to the section.
 
     Raises:
-        ConfigError: two remedies, or a remedy and the base class, declare the same key.
+        ConfigError: two remedies, or a remedy and the base class, declare the same key; a
+            remedy's keys are not a RemedyKeys dataclass.
     """
     base = SECTIONS[section]
-    remedies = registry.discover_remedies().values()
-    parts = tuple(r.keys for r in remedies if r.keys is not None and r.section == section)
+    for name, keys in registry.REMEDY_KEYS.items():
+        if not issubclass(keys, RemedyKeys):
+            raise ConfigError(
+                f"remedy {name!r}: its keys {keys.__name__} must subclass "
+                "textvae.remedy_keys.RemedyKeys"
+            )
+    parts = tuple(k for k in registry.REMEDY_KEYS.values() if k.section == section)
     return _composed_section(base, parts)
 
 
@@ -352,7 +324,6 @@ CHOICES: dict[str, tuple[str, ...]] = {  # the model's own choices are checked b
     "kl.schedule": ("constant", "linear", "logistic", "cyclical"),
     "kl.free_bits_mode": ("per_dim", "per_layer", "total", "per_sentence_dim"),
     "train.optimizer": ("sgd", "adam", "adamw"),
-    "train.ae_start": ("best", "last"),
     "train.lr_scheduler": ("constant", "plateau", "cosine"),
     "train.precision": ("fp32", "bf16"),
     "train.log_with": ("none", "tensorboard", "wandb", "mlflow"),
@@ -533,65 +504,38 @@ def validate(config: Config) -> None:
         raise ConfigError("data.corpus is null, so data.train_path must be set")
     check_at_least(config.train, "train", ("batch_size",), 1)
     check_at_least(config.eval, "eval", ("iw_samples",), 1)
-    check_at_least(config.train, "train", ("aggressive_max_inner", "aggressive_window"), 1)
     check_at_least(config.data, "data", ("context_window",), 1)
-    check_at_least(config.train, "train", ("ae_pretrain_steps", "ae_patience"), 0)
     check_at_least(config.kl, "kl", ("target", "target_weight", "cycle_epochs"), 0)
-    t, k = config.train, config.kl
+    k = config.kl
     if k.cycle_epochs > 0 and k.schedule != "cyclical":
         raise ConfigError(
             f"kl.cycle_epochs sets the period of the cyclical schedule, but "
             f"kl.schedule={k.schedule!r}; set kl.schedule=cyclical or cycle_epochs=0"
         )
-    if t.ae_patience > 0 and t.ae_pretrain_steps == 0:
-        raise ConfigError(
-            "train.ae_patience needs an autoencoder phase: set "
-            "train.ae_pretrain_steps > 0 (the phase's longest length)"
-        )
-    if t.ae_freeze_latent_projection and not t.ae_freeze_decoder:
-        raise ConfigError(
-            "train.ae_freeze_latent_projection extends train.ae_freeze_decoder: set "
-            "train.ae_freeze_decoder=true too"
-        )
-    if t.ae_freeze_decoder and t.ae_pretrain_steps == 0:
-        raise ConfigError(
-            "train.ae_freeze_decoder needs an autoencoder phase: set train.ae_pretrain_steps > 0"
-        )
+    for keys in registry.REMEDY_KEYS.values():  # each remedy checks its own keys
+        try:
+            keys.validate(config)
+        except ValueError as err:  # textvae.remedy_keys is a leaf: it raises ValueError
+            raise ConfigError(str(err)) from None
     _validate_against_model(config)
     config.model.validate(config)
-    for remedy in registry.discover_remedies().values():
-        remedy.validate(config)
 
 
 def _validate_against_model(config: Config) -> None:
-    """The training and KL options that need something of the model class (a latent variable,
-    a pretrained decoder, layer-wise latents): read from its attributes, never its name."""
-    m, t, k = config.model, config.train, config.kl
+    """The KL options that need something of the model class (a latent variable, layer-wise
+    latents): read from its attributes, never its name. (The remedies' keys are checked by
+    their own ``validate``, :mod:`textvae.remedy_keys`.)"""
+    m, k = config.model, config.kl
     model = registry.MODELS[m.name]
-    if not model.has_latent:
-        used = [
-            key
-            for key, on in (
-                ("train.aggressive", t.aggressive),
-                ("train.ae_pretrain_steps", t.ae_pretrain_steps > 0),
-                ("kl.target", k.target > 0),
-            )
-            if on
-        ]
-        if used:
-            raise ConfigError(
-                f"model.name={m.name!r} has no latent variable, so "
-                f"{', '.join(used)} cannot be used; set them to 0/false/none"
-            )
+    if not model.has_latent and k.target > 0:
+        raise ConfigError(
+            f"model.name={m.name!r} has no latent variable, so kl.target cannot be used; "
+            "set it to 0"
+        )
     if k.free_bits_mode == "per_layer" and not getattr(model, "layerwise_latent", False):
         raise ConfigError(
             f"kl.free_bits_mode=per_layer: model.name={m.name!r} has one latent "
             "layer; per_layer is for layer-wise latents (use per_dim or total)"
-        )
-    if t.ae_freeze_decoder and not model.decoder_modules:
-        raise ConfigError(
-            f"train.ae_freeze_decoder: model.name={m.name!r} names no pretrained "
-            "decoder to freeze (no decoder_modules); set it to false"
         )
 
 

@@ -1,4 +1,5 @@
-"""The model registry: ``model.name`` -> the model class and its config class.
+"""The registries: ``model.name`` -> the model class and its config class; ``data.corpus`` -> the
+corpus spec; a remedy's name -> its class and its config keys.
 
 A leaf module (it imports nothing of textvae at import time), so that :mod:`textvae.config`
 and every model module can use it without an import cycle. A model module registers itself
@@ -121,20 +122,47 @@ def discover_corpora() -> dict[str, Any]:
 
 REMEDIES: dict[str, Any] = {}  # name -> remedy class (a textvae.remedies.Remedy subclass)
 REMEDY_MODULE = "textvae.remedies"
+# name -> the remedy's keys dataclass (a textvae.remedy_keys.RemedyKeys subclass)
+REMEDY_KEYS: dict[str, type] = {}
+
+
+def register_remedy_keys(name: str) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` (a :class:`textvae.remedy_keys.RemedyKeys` dataclass) the
+    config keys of the remedy ``name``. The built-in remedies' keys are registered in the leaf
+    module :mod:`textvae.remedy_keys`, so that a config is loaded without the remedies
+    themselves; :func:`register_remedy` registers a remedy's ``keys`` too.
+
+    Raises:
+        ValueError: other keys are already registered under ``name``.
+    """
+
+    def add(cls: type) -> type:
+        if REMEDY_KEYS.get(name, cls) is not cls:
+            raise ValueError(
+                f"remedy {name!r} has two keys classes ({REMEDY_KEYS[name].__name__}, "
+                f"{cls.__name__})"
+            )
+        REMEDY_KEYS[name] = cls
+        return cls
+
+    return add
 
 
 def register_remedy(name: str) -> Callable[[type], type]:
     """Class decorator: register ``cls`` (a :class:`textvae.remedies.Remedy` subclass) as the
-    remedy ``name``; sets ``cls.name``. The training loop builds every registered remedy that
+    remedy ``name``; sets ``cls.name``, and registers its ``keys`` (when not None) as
+    :func:`register_remedy_keys` does. The training loop builds every registered remedy that
     is enabled by the config and calls its hooks in registration order.
 
     Raises:
-        ValueError: another class is already registered under ``name``.
+        ValueError: another class is already registered under ``name``, or other keys.
     """
 
     def add(cls: type) -> type:
         if REMEDIES.get(name, cls) is not cls:
             raise ValueError(f"remedy name {name!r} is registered twice ({REMEDIES[name]}, {cls})")
+        if cls.keys is not None:
+            register_remedy_keys(name)(cls.keys)
         cls.name = name
         REMEDIES[name] = cls
         return cls
@@ -143,12 +171,14 @@ def register_remedy(name: str) -> Callable[[type], type]:
 
 
 def unregister_remedy(name: str) -> None:
-    """Remove ``name`` from the remedy registry (for tests that register a remedy of their own)."""
+    """Remove ``name`` and its keys from the remedy registry (for tests that register a remedy
+    of their own)."""
     REMEDIES.pop(name, None)
+    REMEDY_KEYS.pop(name, None)
 
 
 def discover_remedies() -> dict[str, Any]:
     """Import :data:`REMEDY_MODULE` (the built-in remedies register themselves there) and
-    return :data:`REMEDIES`."""
+    return :data:`REMEDIES`. Only training needs them; a config needs only :data:`REMEDY_KEYS`."""
     importlib.import_module(REMEDY_MODULE)
     return REMEDIES

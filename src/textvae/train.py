@@ -4,66 +4,53 @@ A run folder holds:
 
 - ``config.yaml``: the resolved config; ``tokenizer/``: ``save_pretrained`` output;
   ``data.json``: corpus sources and counts (blank lines skipped, sentences truncated/dropped).
-- ``log.jsonl``: one JSON object per line, each with ``phase`` (``ae`` or ``vae``) and
-  ``aggressive`` (aggressive inference-network training on at that point): ``{"type": "train",
+- ``log.jsonl``: one JSON object per line, each with the fields the remedies add to every
+  record (:meth:`~textvae.remedies.Remedy.log_fields`: ``phase``, ``ae`` or ``vae``, and
+  ``aggressive``, aggressive inference-network training on at that point): ``{"type": "train",
   step, epoch, loss, rec, kl, beta, lr, tokens_per_s}`` every ``train.log_every`` steps (window
-  means; nats per sentence; plus ``bow`` with a bag-of-words head and ``inner_steps``, the mean
-  encoder-only steps per step, with ``train.aggressive``) and
+  means; nats per sentence; plus ``bow`` with a bag-of-words head and the numbers the remedies
+  return from ``before_update``, e.g. ``inner_steps``, the mean encoder-only steps per step,
+  with ``train.aggressive``) and
   ``{"type": "valid", step, epoch, beta, elbo, rec, kl, mi, mi_batch, au, au_delta, z_gap,
   kl_per_dim}`` at each validation (single-sample ELBO on the validation split; ``z_gap`` is
   the z-usage gap of :func:`textvae.metrics.z_usage_gap`; ``kl`` is a one-sample Monte Carlo
-  estimate and ``kl_per_dim`` null when the KL has no closed form, e.g. with a flow), ``{"type": "warning", "warning":
-  "posterior collapse", step, kl, z_gap, validations, message}`` when KL or z-usage gap have
-  stayed under ``train.collapse_kl`` / ``train.collapse_z_gap`` for
-  ``train.collapse_patience`` validations in a row, plus ``{"type": "event", ...}`` (``resume``,
-  ``phase`` at a phase hand-off, ``aggressive off``, ``non-finite loss``, ``finished``, and
+  estimate and ``kl_per_dim`` null when the KL has no closed form, e.g. with a flow), the
+  remedies' warnings (``{"type": "warning", "warning": "posterior collapse", ...}``) plus
+  ``{"type": "event", ...}`` (``resume``, the remedies' events such as ``phase`` at the
+  autoencoder hand-off and ``aggressive off``, ``non-finite loss``, ``finished``, and
   ``precision`` with ``requested`` and ``ran`` when bf16 ran as fp32 on a device without native
   bfloat16).
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
-  safetensors, optimizer, RNG states, LR scheduler, :class:`~textvae.remedies.TrainerState` with the step that
-  drives the beta schedule and the data position), written at every validation.
+  safetensors, the optimizers, RNG states, LR schedules, the :class:`TrainerState` with the step
+  that drives the schedules, the data position and each remedy's own state), written at every
+  validation.
 - ``checkpoints/best/model.safetensors``: the weights of the best validation ELBO.
 - ``samples.txt``: at each validation, greedy decodings of z ~ p(z) (ancestral samples for a
   model without latent; for a conditional model, one greedy response from z ~ p(z|c) to each of
   the first validation contexts).
 
 The loop (``_loop``) reads top to bottom: for each global batch, each remedy's
-``begin_step`` (e.g. the phase hand-off when due), this step's beta (the schedule's, then each
-remedy's ``beta``), each remedy's ``before_update`` (e.g. the aggressive encoder-only steps
-while on), one optimizer step (each remedy's ``after_backward`` between the backward pass and
-the update), each remedy's ``after_step``, a ``train`` record every ``train.log_every`` steps,
-and validation (``_validate``: evaluation, the ``valid`` record, each remedy's ``validation``,
-LR schedules, samples and checkpoints) every ``train.eval_every`` steps or at each epoch's end.
-The objective's settings are built once (:class:`textvae.objectives.ObjectiveSettings`). The
-training-schedule remedies are the classes registered in :mod:`textvae.remedies`
-(:class:`~textvae.remedies.Remedy`); the loop builds those the config switches on and calls
-their hooks without naming any. Their state is in the checkpointed
-:class:`~textvae.remedies.TrainerState` (the model-side remedies live in the model and its
-config):
+``begin_step`` (e.g. the phase hand-off when due), this step's beta (the KL schedule's,
+counted from the start of the training phase, then each remedy's ``beta``), each remedy's
+``before_update`` (e.g. the aggressive encoder-only steps while on), one optimizer step
+(:func:`optimizer_step`, with each remedy's ``after_backward`` between the backward pass and the
+update), each remedy's ``after_step``, a ``train`` record every ``train.log_every`` steps, and
+validation (``_validate``: evaluation, the ``valid`` record, each remedy's ``validation``, LR
+schedules, samples and checkpoints) every ``train.eval_every`` steps or at each epoch's end. The
+objective's settings are built once (:class:`textvae.objectives.ObjectiveSettings`).
 
-- :class:`~textvae.remedies.KLCycle`: ``kl.cycle_epochs`` > 0 sets the cyclical KL schedule's
-  period in epochs, turned into ``kl.cycle_steps`` from the number of batches per epoch when
-  training starts (a ``kl cycle`` event records the value), DELLA's 2-epoch cycles.
-- :class:`~textvae.remedies.CollapseWatch`: the ``posterior collapse`` warning.
-- :class:`~textvae.remedies.AEPretraining`, phases (Li et al. 2019, "A Surprisingly Effective
-  Fix for Deep Latent Variable Modeling of Text"): with ``train.ae_pretrain_steps`` = N > 0 the
-  run starts in phase ``ae`` (an autoencoder through the z bottleneck: KL weight 0, z still
-  sampled, as their beta = 0 run) and at step N hands off to phase ``vae``: the decoder side is
-  re-initialised, the optimizer state and LR schedule start afresh, and the KL schedule counts
-  from the phase start (:func:`~textvae.remedies.phase_beta`). Phase and boundary live in the
-  trainer state, so a resume on either side of the boundary continues exactly. The same two
-  phases as Park & Lee 2021 ("Finetuning Pretrained Transformers into Variational
-  Autoencoders", the ``t5_vae`` model): ``train.ae_reset_decoder=false`` (phase 2 starts from
-  the phase-1 weights), ``train.ae_patience`` (phase 1 ends early once the validation ``rec``
-  has not improved for that many validations; the hand-off event says ``reason``: ``steps`` or
-  ``early stop``) and ``train.ae_freeze_decoder`` (phase 1 drops the gradients of the model's
-  ``decoder_modules``).
-- :class:`~textvae.remedies.AggressiveTraining` (He et al. 2019, "Lagging Inference Networks
-  and Posterior Collapse in Variational Autoencoders", Algorithm 1): while on, each step first
-  runs encoder-only updates with their own optimizer (built here: the inference network's
-  parameters apart) and then updates the decoder side only; it is switched off for good at the
-  first validation whose MI is lower than the previous one. Both optimizers, the flag and the
-  last MI are checkpointed.
+The training-schedule remedies (KL cycle, collapse watch, autoencoder pretraining, aggressive
+training) are the classes registered in :mod:`textvae.remedies`
+(:class:`~textvae.remedies.Remedy`; the model-side remedies live in the model and its config);
+the loop builds those the config switches on and calls their hooks without naming any. Each
+declares what it needs of the loop: its state (checkpointed in ``TrainerState.remedies``), the
+optimizers of its own (``parameter_groups``: aggressive training's for the inference network,
+stepped with the main one unless ``joint_update`` says not), the phase of training
+(:class:`~textvae.remedies.Phase`: the step the KL-weight and cosine LR schedules count from,
+and whether the KL term is off, as in an autoencoder phase), and the fields of every log record.
+A remedy that starts a new phase calls ``_Run.start_phase``: the optimizers' state cleared and
+their LR back to ``train.lr``, the LR schedules as at the start of the run, the best validation
+forgotten, each remedy's ``phase_started``.
 
 Checkpoints are written to a temporary folder and renamed into place, so an interruption
 never leaves a half-written checkpoint; an existing non-empty run folder is never
@@ -89,22 +76,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-from textvae import remedies
 from textvae.atomic import commit_dir, temp_dir
 from textvae.config import Config, ConfigError, TrainConfig
 from textvae.data import DataError, TextDataset, load_split, load_tokenizer, semi_supervised_labels
 from textvae.generate import respond, sample_prior
 from textvae.metrics import evaluate, runnable_precision
 from textvae.models import MODELS
-from textvae.objectives import ObjectiveSettings
+from textvae.objectives import ObjectiveSettings, kl_weight
 from textvae.registry import discover_remedies
-from textvae.remedies import Remedy, TrainerState
+from textvae.remedies import Phase, Remedy
 from textvae.rundir import (
     FINISHED,
     RunDirError,
@@ -126,6 +112,41 @@ TRACKED = {
     "train": ("loss", "rec", "kl", "bow", "beta", "lr", "tokens_per_s"),
     "valid": ("elbo", "rec", "kl", "mi", "mi_batch", "au", "z_gap"),
 }
+
+
+@dataclass
+class TrainerState:
+    """Position of a run, saved in every checkpoint: the optimizer step (which drives the KL and
+    LR schedules), the data position (epoch, next batch in it), the best validation loss (nats
+    per sentence) and the step of the last validation, and ``remedies``: remedy name -> that
+    remedy's own state (:attr:`textvae.remedies.Remedy.state`; absent from checkpoints written
+    before the remedy registry, which load with it empty).
+
+    Checkpoints written before the remedies kept their own state hold it at the top level
+    (``phase``, ``phase_start``, ``aggressive``, ``last_mi``, ``collapsed_validations``,
+    ``ae_*``): :meth:`load_state_dict` keeps those keys in :attr:`legacy` until the remedies
+    take theirs (:attr:`~textvae.remedies.Remedy.legacy_state`, :func:`_remedy_states`)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_valid: float = math.inf
+    last_valid_step: int = -1
+    remedies: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.legacy: dict = {}  # not a field: never saved
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {f.name for f in fields(self)}
+        self.remedies = {}
+        for key, value in state.items():
+            if key in names:
+                setattr(self, key, value)
+        self.legacy = {k: v for k, v in state.items() if k not in names}
 
 
 class TrainingDiverged(RuntimeError):
@@ -179,7 +200,9 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _optimizer(config: Config, params) -> torch.optim.Optimizer:
+def build_optimizer(config: Config, params) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` over ``params`` with the config's LR, momentum and
+    weight decay (Adam and AdamW with fused kernels)."""
     t = config.train
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -187,6 +210,39 @@ def _optimizer(config: Config, params) -> torch.optim.Optimizer:
     if t.optimizer == "adam":
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    grad_clip: float,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    clip_grad_norm: Callable = torch.nn.utils.clip_grad_norm_,
+    after_backward: Callable[[], None] | None = None,
+) -> None:
+    """The update of one training step, as the loop takes it (and the bench scripts time it):
+    every gradient of ``model`` cleared, ``loss`` back-propagated, ``after_backward`` called,
+    the gradient norm of all of ``model``'s parameters clipped at ``grad_clip`` (0: no
+    clipping), then each of ``optimizers`` stepped, in order.
+
+    Args:
+        loss: the scalar training loss (the objective's ``loss``: the batch mean of nats per
+            sentence plus its penalties), its graph built by ``model``'s forward.
+        backward: back-propagates ``loss`` (the loop: ``Accelerator.backward``).
+        clip_grad_norm: ``(parameters, max_norm)`` -> clips in place (the loop:
+            ``Accelerator.clip_grad_norm_``).
+        after_backward: called between the backward pass and the clipping (the loop: each
+            remedy's ``after_backward``, e.g. a frozen decoder dropping its gradients).
+    """
+    model.zero_grad(set_to_none=True)
+    backward(loss)
+    if after_backward is not None:
+        after_backward()
+    if grad_clip > 0:
+        clip_grad_norm(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
 
 
 def train(
@@ -200,9 +256,9 @@ def train(
 
     ``train.max_steps``, when set, takes precedence over ``train.max_epochs`` (as in HF
     Trainer). Validation (and checkpointing) happens every ``train.eval_every`` steps, or at
-    each epoch's end when that is 0, and once more at the end of training. The phases of
-    ``train.ae_pretrain_steps`` and aggressive training (``train.aggressive``) are described in
-    the module docstring.
+    each epoch's end when that is 0, and once more at the end of training. The remedies the
+    config switches on (:mod:`textvae.remedies`) act through the loop's hooks (module
+    docstring).
 
     ``on_validation``, when given, is called with each validation's ``log.jsonl`` record (step,
     elbo, rec, kl, ... in nats per sentence) after its checkpoints are written; an exception it
@@ -265,7 +321,7 @@ def _train(
         tokenizer,
         (train_ds, valid_ds),
         on_validation,
-        total,
+        (per_epoch, total),
     )
     state = run.state
     if resume and state.step >= total:  # nothing to train: say so, change nothing
@@ -280,23 +336,8 @@ def _train(
             run.log_file.close()
         accelerator.end_training()
         return run_dir
-    if resume:
-        run.write_log({"type": "event", "event": "resume", "step": state.step})
-    ran = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    if ran != t.precision:  # bf16 on a device without native bfloat16 (textvae.precision)
-        run.write_log(
-            {
-                "type": "event",
-                "event": "precision",
-                "step": state.step,
-                "requested": t.precision,
-                "ran": ran,
-            }
-        )
-    run.steps_per_epoch, run.total = per_epoch, total
-    # every registered remedy the config switches on, in registration order (textvae.remedies)
-    run.remedies = [r(run) for r in discover_remedies().values() if r.enabled(config)]
-    for remedy in run.remedies:
+    _start_events(run, resume)
+    for remedy in run.remedies:  # the enabled ones, in registration order
         remedy.start()
     # a bar only on a terminal: written to a log file its \r updates are noise (as evaluate's)
     show_bar = t.progress and run.main and sys.stderr.isatty()
@@ -310,6 +351,25 @@ def _train(
         run.log_file.close()
     accelerator.end_training()
     return run_dir
+
+
+def _start_events(run: _Run, resume: bool) -> None:
+    """The ``resume`` event of a resumed run, and the ``precision`` event when bf16 runs as fp32
+    (a device without native bfloat16, :mod:`textvae.precision`)."""
+    t, accelerator, step = run.config.train, run.accelerator, run.state.step
+    if resume:
+        run.write_log({"type": "event", "event": "resume", "step": step})
+    ran = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    if ran != t.precision:
+        run.write_log(
+            {
+                "type": "event",
+                "event": "precision",
+                "step": step,
+                "requested": t.precision,
+                "ran": ran,
+            }
+        )
 
 
 def _run_config(
@@ -449,14 +509,13 @@ def _epoch_batches(
     return [b for b in train_ds.batches(t.batch_size, True, t.seed, epoch) if len(b) >= n_proc]
 
 
-def _lr_schedulers(
-    t: TrainConfig, optimizers: list[torch.optim.Optimizer], state: TrainerState, total: int
-) -> list:
+def _lr_schedulers(t: TrainConfig, optimizers: list[torch.optim.Optimizer], run: _Run) -> list:
     """One LR schedule per optimizer (``train.lr_scheduler``): none for ``constant``;
     ``ReduceLROnPlateau`` for ``plateau`` (stepped at each validation with the validation loss);
     for ``cosine`` a ``LambdaLR`` stepped after each optimizer step, whose factor is read from
-    ``state`` (the step and the phase's start), so a resumed run and the autoencoder phase's
-    hand-off need nothing of the schedule's own count. ``total``: the run's step budget."""
+    the run (the step, the budget ``run.total`` and :attr:`_Run.phase`: held at 1 in an
+    autoencoder phase, else decaying from the phase's start), so a resumed run and a phase
+    hand-off need nothing of the schedule's own count."""
     if t.lr_scheduler == "plateau":
         return [
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -469,10 +528,11 @@ def _lr_schedulers(
     floor = t.lr_min / t.lr if t.lr > 0 else 0.0
 
     def factor(_: int) -> float:  # a function, not an object: LambdaLR does not pickle it
-        if state.phase == "ae":
+        phase = run.phase
+        if phase.autoencoder:
             return 1.0
-        span = max(1, total - state.phase_start)
-        done = min(1.0, (state.step - state.phase_start) / span)
+        span = max(1, run.total - phase.start)
+        done = min(1.0, (run.state.step - phase.start) / span)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
 
     return [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
@@ -487,38 +547,110 @@ def _prepare(
     tokenizer,
     datasets: tuple[TextDataset, TextDataset],
     on_validation: Callable[[dict], None] | None,
-    total: int,
+    budget: tuple[int, int],
 ) -> _Run:
-    """The optimizers and LR schedules, all prepared by accelerate with the model; the trainer
-    state (a new run's, or the checkpoint's with every RNG, optimizer and schedule when
-    resuming); the log and the trackers: the :class:`_Run` the loop works with."""
-    t = config.train
+    """The :class:`_Run` the loop works with: every registered remedy the config switches on
+    (in registration order) with its state; the optimizers and LR schedules, all prepared by
+    accelerate with the model (:func:`_optimizers`); the checkpoint's state when resuming
+    (every RNG, optimizer, schedule, the trainer state and the remedies'); the log and the
+    trackers. ``budget``: (global batches per epoch, the step budget)."""
     train_ds, valid_ds = datasets
-    # aggressive training (He et al. 2019) updates the two halves apart: its own optimizer for
-    # the inference network, the main one for the rest; otherwise one optimizer for everything
-    enc_optimizer = None
-    if t.aggressive:
-        optimizer = _optimizer(
-            config, [p for n, p in model.named_parameters() if not model.is_inference_key(n)]
-        )
-        enc_optimizer = _optimizer(config, model.inference_parameters())
-    else:
-        optimizer = _optimizer(config, model.parameters())
-    optimizers = [o for o in (optimizer, enc_optimizer) if o is not None]
-    state = remedies.initial_state(t) if not resume else TrainerState()  # resume: loaded below
-    schedulers = _lr_schedulers(t, optimizers, state, total)
-    fresh_schedules = [copy.deepcopy(s.state_dict()) for s in schedulers]
-    model, *optimizers = accelerator.prepare(model, *optimizers)
-    optimizer = optimizers[0]
-    enc_optimizer = optimizers[1] if enc_optimizer is not None else None
-    accelerator.register_for_checkpointing(state)
-    for sched in schedulers:
-        accelerator.register_for_checkpointing(sched)
+    run = _Run(
+        config=config,
+        run_dir=run_dir,
+        accelerator=accelerator,
+        model=model,
+        raw=model,
+        tokenizer=tokenizer,
+        state=TrainerState(),
+        train_ds=train_ds,
+        valid_ds=valid_ds,
+        objective=ObjectiveSettings.from_config(config.kl),
+        on_validation=on_validation,
+        steps_per_epoch=budget[0],
+        total=budget[1],
+    )
+    _enable_remedies(run)  # with a new run's state; a resumed one's comes with the checkpoint
+    _optimizers(run)
     if resume:
         accelerator.load_state(str(checkpoint_dir(run_dir, "last")))
+        _remedy_states(run)
+    _log_and_trackers(run)
+    return run
+
+
+def _enable_remedies(run: _Run) -> None:
+    """Every registered remedy that ``run.config`` switches on, in registration order
+    (:mod:`textvae.remedies`), with a new run's state (:func:`_remedy_states`); the log fields of
+    every registered one that is off (``log_defaults``)."""
+    registered = discover_remedies().values()
+    run.remedies = [r(run) for r in registered if r.enabled(run.config)]
+    run.log_defaults = {k: v for r in registered for k, v in r.log_defaults.items()}
+    _remedy_states(run)
+
+
+def _remedy_states(run: _Run) -> None:
+    """Each enabled remedy's state, in registration order: its
+    :meth:`~textvae.remedies.Remedy.initial_state`, overlaid with what the checkpoint holds of
+    it, in ``TrainerState.remedies`` or, from a checkpoint written before the remedies kept
+    their own, at the top level of the trainer state (its
+    :attr:`~textvae.remedies.Remedy.legacy_state` keys)."""
+    state = run.state
+    for remedy in run.remedies:
+        legacy = {k: state.legacy[k] for k in remedy.legacy_state if k in state.legacy}
+        saved = state.remedies.get(remedy.name, {})
+        state.remedies[remedy.name] = {**remedy.initial_state(), **legacy, **saved}
+
+
+def _optimizers(run: _Run) -> None:
+    """The optimizers: one for every parameter, or the main one and those of a remedy that
+    splits the parameters (:meth:`~textvae.remedies.Remedy.parameter_groups`: aggressive
+    training's for the inference network); their LR schedules; model and optimizers prepared
+    by accelerate; the trainer state and the schedules registered for checkpointing (in this
+    order: ``checkpoints/last`` of earlier runs loads)."""
+    config, accelerator = run.config, run.accelerator
+    main, own = _parameter_groups(run)
+    optimizers = [build_optimizer(config, main), *(build_optimizer(config, g) for _, g in own)]
+    run.schedulers = _lr_schedulers(config.train, optimizers, run)
+    run.fresh_schedules = [copy.deepcopy(s.state_dict()) for s in run.schedulers]
+    run.model, *optimizers = accelerator.prepare(run.model, *optimizers)
+    run.raw = accelerator.unwrap_model(run.model)
+    run.optimizer = optimizers[0]
+    for (name, _), opt in zip(own, optimizers[1:], strict=True):
+        run.remedy_optimizers.setdefault(name, []).append(opt)
+    accelerator.register_for_checkpointing(run.state)
+    for sched in run.schedulers:
+        accelerator.register_for_checkpointing(sched)
+
+
+def _parameter_groups(run: _Run) -> tuple[list, list[tuple[str, list]]]:
+    """The main optimizer's parameters, and (remedy name, parameters) of each optimizer of a
+    remedy's own.
+
+    Raises:
+        ConfigError: two enabled remedies split the parameters.
+    """
+    splits = [(r.name, r.parameter_groups()) for r in run.remedies]
+    splits = [(name, groups) for name, groups in splits if groups is not None]
+    if not splits:
+        return list(run.raw.parameters()), []
+    if len(splits) > 1:
+        names = " and ".join(name for name, _ in splits)
+        raise ConfigError(
+            f"the remedies {names} each split the model's parameters between optimizers of "
+            "their own; switch one of them off"
+        )
+    name, (main, *own) = splits[0]
+    return main, [(name, group) for group in own]
+
+
+def _log_and_trackers(run: _Run) -> None:
+    """``log.jsonl`` and the ``train.log_with`` trackers (main process); the sum over processes
+    that the inner loops and the log records need with several."""
+    config, accelerator, run_dir = run.config, run.accelerator, run.run_dir
     main = accelerator.is_main_process
-    log_file = RunLog(run_dir) if main else None
-    if main and t.log_with != "none":
+    run.log_file = RunLog(run_dir) if main else None
+    if main and config.train.log_with != "none":
         params = {
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in flat_config(config).items()
@@ -528,31 +660,12 @@ def _prepare(
             config=params,
             init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
         )
-    all_sum = None
     if accelerator.num_processes > 1:  # inner loops stop together; logs sum the shares
 
         def all_sum(x: torch.Tensor) -> torch.Tensor:
             return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
-    return _Run(
-        config=config,
-        run_dir=run_dir,
-        accelerator=accelerator,
-        model=model,
-        raw=accelerator.unwrap_model(model),
-        tokenizer=tokenizer,
-        optimizer=optimizer,
-        enc_optimizer=enc_optimizer,
-        schedulers=schedulers,
-        fresh_schedules=fresh_schedules,
-        state=state,
-        train_ds=train_ds,
-        valid_ds=valid_ds,
-        objective=ObjectiveSettings.from_config(config.kl),
-        log_file=log_file,
-        on_validation=on_validation,
-        all_sum=all_sum,
-    )
+        run.all_sum = all_sum
 
 
 def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
@@ -609,9 +722,10 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
 @dataclass
 class _Run:
     """What the loop works with: the config, the run folder, the prepared model and optimizers
-    (``optimizer`` for everything, or for the generative side while ``enc_optimizer`` has the
-    inference network, with ``train.aggressive``), the :class:`TrainerState`, the datasets and
-    the log; its methods are the loop's steps that touch several of them."""
+    (``optimizer``, the main one, for every parameter or for those no remedy takes:
+    ``remedy_optimizers``), the LR schedules, the :class:`TrainerState`, the enabled remedies,
+    the datasets and the log; its methods are the loop's steps that touch several of them.
+    (:func:`_prepare` builds it in steps: the fields with defaults are filled there.)"""
 
     config: Config
     run_dir: Path
@@ -619,42 +733,66 @@ class _Run:
     model: torch.nn.Module  # as prepared by accelerate (DDP-wrapped with several processes)
     raw: torch.nn.Module  # the unwrapped model
     tokenizer: object
-    optimizer: torch.optim.Optimizer
-    enc_optimizer: torch.optim.Optimizer | None
-    schedulers: list
-    fresh_schedules: list[dict]
     state: TrainerState
     train_ds: TextDataset
     valid_ds: TextDataset
     objective: ObjectiveSettings
-    log_file: RunLog | None  # log.jsonl (main process only)
     on_validation: Callable[[dict], None] | None
-    all_sum: Callable[[torch.Tensor], torch.Tensor] | None  # sum over processes; None for one
+    steps_per_epoch: int
+    total: int  # the step budget
+    optimizer: torch.optim.Optimizer | None = None
+    remedy_optimizers: dict[str, list[torch.optim.Optimizer]] = field(default_factory=dict)
+    schedulers: list = field(default_factory=list)  # one per optimizer, in optimizers' order
+    fresh_schedules: list[dict] = field(default_factory=list)  # their state at the start
     remedies: list[Remedy] = field(default_factory=list)  # the enabled ones, in order
-    total: int = 0  # the step budget
-    steps_per_epoch: int = 0
+    log_defaults: dict = field(default_factory=dict)  # every registered remedy's log_defaults
+    log_file: RunLog | None = None  # log.jsonl (main process only)
+    all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # over processes; None: one
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of training the run is in: the first enabled remedy's that reports one
+        (:meth:`~textvae.remedies.Remedy.phase`), else one phase from step 0."""
+        for remedy in self.remedies:
+            phase = remedy.phase()
+            if phase is not None:
+                return phase
+        return Phase()
 
     def beta(self) -> float:
-        """This step's KL weight: the schedule's (:func:`remedies.phase_beta`: 0 in phase
-        ``ae``), then each remedy's :meth:`~textvae.remedies.Remedy.beta`."""
-        beta = remedies.phase_beta(self.state, self.config.kl)
+        """This step's KL weight: the schedule's (:func:`textvae.objectives.kl_weight`) counted
+        from the start of the :attr:`phase` (0 in an autoencoder phase), then each remedy's
+        :meth:`~textvae.remedies.Remedy.beta`."""
+        phase = self.phase
+        beta = (
+            0.0 if phase.autoencoder else kl_weight(self.state.step - phase.start, self.config.kl)
+        )
         for remedy in self.remedies:
             beta = remedy.beta(beta)
         return beta
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (self.optimizer, self.enc_optimizer) if o is not None]
+        """Every optimizer: the main one, then the remedies' own."""
+        return [self.optimizer, *(o for opts in self.remedy_optimizers.values() for o in opts)]
 
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
 
+    def log_fields(self) -> dict:
+        """The fields every ``log.jsonl`` record carries: each enabled remedy's
+        :meth:`~textvae.remedies.Remedy.log_fields`, the ``log_defaults`` of those that are off."""
+        fields = dict(self.log_defaults)
+        for remedy in self.remedies:
+            fields.update(remedy.log_fields())
+        return fields
+
     def write_log(self, record: dict) -> None:
-        """Append ``record`` (with the phase and the aggressive flag) to ``log.jsonl`` and send
-        its :data:`TRACKED` scalars to the trackers; main process only."""
+        """Append ``record`` (with :meth:`log_fields`: the phase, the aggressive flag) to
+        ``log.jsonl`` and send its :data:`TRACKED` scalars to the trackers; main process only."""
         if self.log_file is not None:
-            record = {**record, "phase": self.state.phase, "aggressive": self.state.aggressive}
+            record = {**record, **self.log_fields()}
             self.log_file.write(record)
             if record["type"] in TRACKED and self.config.train.log_with != "none":
                 self.accelerator.log(
@@ -665,6 +803,22 @@ class _Run:
                     },
                     step=record["step"],
                 )
+
+    def start_phase(self) -> None:
+        """A remedy began a new phase of training (after changing what its
+        :meth:`~textvae.remedies.Remedy.phase` reports; Li et al. 2019's hand-off): the
+        optimizers' state cleared and their LR back to ``train.lr``, the LR schedules back to
+        their state at the start of the run, the best validation forgotten, and every enabled
+        remedy's :meth:`~textvae.remedies.Remedy.phase_started`."""
+        for opt in self.optimizers:
+            opt.state.clear()
+            for group in opt.param_groups:
+                group["lr"] = self.config.train.lr
+        for sched, fresh in zip(self.schedulers, self.fresh_schedules, strict=True):
+            sched.load_state_dict(copy.deepcopy(fresh))
+        self.state.best_valid = math.inf
+        for remedy in self.remedies:
+            remedy.phase_started()
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         """The global batches of an epoch; with N processes those of fewer than N sentences
@@ -683,8 +837,9 @@ class _Run:
 
     def loss(self, batch: dict, beta: float) -> dict:
         """The training objective on a batch; a non-finite loss stops the run."""
-        # the KL target penalty is part of the VAE phase only (the AE phase trains with KL weight 0)
-        out = self.model(batch, self.objective.at(beta, kl_target=self.state.phase == "vae"))
+        # no KL target penalty in an autoencoder phase (which trains with KL weight 0)
+        settings = self.objective.at(beta, kl_target=not self.phase.autoencoder)
+        out = self.model(batch, settings)
         loss = out["loss"]
         if not torch.isfinite(loss):
             rec, kl = out["rec"].mean().item(), out["kl"].mean().item()
@@ -700,24 +855,33 @@ class _Run:
         return out
 
     def update(self, batch: dict, n_global: int, beta: float) -> dict:
-        """One optimizer step on this process's share of a global batch of ``n_global``
-        sentences; returns the objective's output."""
-        t, n_proc = self.config.train, self.accelerator.num_processes
+        """One optimizer step (:func:`optimizer_step`) on this process's share of a global batch
+        of ``n_global`` sentences: the main optimizer, and the remedies' own whose
+        :meth:`~textvae.remedies.Remedy.joint_update` says so; returns the objective's output."""
+        n_proc = self.accelerator.num_processes
         out = self.loss(batch, beta)
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
         # DDP averages the processes' gradients: weigh each by its share of the batch, so
         # the update is that of the mean over the global batch (weight 1 when equal)
         share = batch["input_ids"].size(0) * n_proc / n_global
-        self.accelerator.backward(out["loss"] if share == 1 else out["loss"] * share)
-        for remedy in self.remedies:
-            remedy.after_backward()  # e.g. phase ae's frozen decoder drops its gradients
-        if t.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.optimizer.step()
-        if self.enc_optimizer is not None and not self.state.aggressive:
-            self.enc_optimizer.step()  # joint update; while aggressive the decoder side only
+        stepped = [self.optimizer]
+        for remedy in self.remedies:  # e.g. while aggressive, the decoder side only
+            stepped += remedy.optimizers if remedy.joint_update() else []
+        optimizer_step(
+            out["loss"] if share == 1 else out["loss"] * share,
+            self.model,
+            stepped,
+            self.config.train.grad_clip,
+            backward=self.accelerator.backward,
+            clip_grad_norm=self.accelerator.clip_grad_norm_,
+            after_backward=self.after_backward,
+        )
         return out
+
+    def after_backward(self) -> None:
+        """Each remedy's :meth:`~textvae.remedies.Remedy.after_backward` (e.g. phase ``ae``'s
+        frozen decoder drops its gradients)."""
+        for remedy in self.remedies:
+            remedy.after_backward()
 
     def save_last(self) -> None:
         """``checkpoints/last``: every process saves its own RNG state into the same folder;
