@@ -35,6 +35,7 @@ from textvae.data import TextDataset, build_tokenizer, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings, iw_bound, iw_log_weights, kl_weight
+from textvae.train import build_optimizer, optimizer_step
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "ptb" / "lstm-vae-cpu.yaml"
 
@@ -64,12 +65,14 @@ def train_steps(
     warmup: int = 5,
     compile_model: bool = False,
 ) -> tuple[torch.nn.Module, float, float]:
-    """Train a fresh model (seed 0) with the preset's Adam, clip, objective and beta schedule for
-    ``n_batches`` steps (None: one epoch) after ``warmup`` untimed steps (which include the
-    compilation when ``compile_model``). Returns (model, tokens/s, timed seconds)."""
+    """Train a fresh model (seed 0) with the preset's optimizer, clip, objective and beta schedule
+    for ``n_batches`` steps (None: one epoch) after ``warmup`` untimed steps (which include the
+    compilation when ``compile_model``): the forward under bf16 autocast with ``precision`` bf16,
+    then the training loop's update (:func:`textvae.train.optimizer_step`). Returns (model,
+    tokens/s, timed seconds)."""
     torch.manual_seed(0)
     model = MODELS[cfg.model.name](cfg.model, tok).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=True)
+    opt = build_optimizer(cfg, model.parameters())
     step_fn = torch.compile(model, dynamic=True) if compile_model else model
     batches = ds.batches(cfg.train.batch_size, True, 0, 0)
     batches = batches[: warmup + n_batches] if n_batches is not None else batches
@@ -81,10 +84,7 @@ def train_steps(
         batch = ds.collate(idx)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = step_fn(batch, objective.at(kl_weight(step, cfg.kl)))
-        opt.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
+        optimizer_step(out["loss"], model, [opt], cfg.train.grad_clip)
         tokens += int(batch["attention_mask"].sum())
     seconds = time.perf_counter() - start
     return model, tokens / seconds, seconds

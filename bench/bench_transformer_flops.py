@@ -16,8 +16,9 @@ the same way in the same run), are what stay meaningful.
    ``torch.utils.flop_counter.FlopCounterMode`` on the real model (one training forward, its
    backward, and a whole ``evaluate`` at a small K).
 3. Training: ``--train-steps`` optimizer steps (after ``--warmup``) of the preset's objective
-   on shuffled PTB training batches (the preset's batch size, AdamW (fused, as ``textvae
-   train``), gradient clipping, bf16 autocast as ``train.precision`` says), tokens/s (predicted
+   on shuffled PTB training batches (the preset's batch size and optimizer, AdamW, fused, as
+   ``textvae train`` builds it; the loop's update ``textvae.train.optimizer_step`` with its
+   gradient clipping; bf16 autocast as ``train.precision`` says), tokens/s (predicted
    tokens, EOS counted) and achieved GFLOP/s, training FLOPs = 3 x forward (the usual
    convention: the backward of a matrix product costs two products of the same size, one for
    the gradient of each operand; it holds here for every product, attention scores included,
@@ -111,6 +112,7 @@ from textvae.data import TextDataset, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings, kl_weight
+from textvae.train import build_optimizer, optimizer_step
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "ptb"
 PRESETS = {"t5": CONFIGS / "t5-vae-cpu.yaml", "della": CONFIGS / "della-cpu.yaml"}
@@ -299,13 +301,11 @@ def autocast(precision: str):
 
 def step(model, opt, batch: dict, beta: float, cfg) -> torch.Tensor:
     """One optimizer step of the training objective (the preset's ``kl`` settings at KL weight
-    ``beta``), as ``textvae train`` takes it."""
+    ``beta``), as ``textvae train`` takes it: the forward, then its update
+    (:func:`textvae.train.optimizer_step`)."""
     with autocast(cfg.train.precision):
         out = model(batch, ObjectiveSettings.from_config(cfg.kl).at(beta))
-    opt.zero_grad(set_to_none=True)
-    out["loss"].backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    opt.step()
+    optimizer_step(out["loss"], model, [opt], cfg.train.grad_clip)
     return out["loss"]
 
 
@@ -389,7 +389,7 @@ def bench_model(name: str, args, rates: dict) -> None:
 
     # the analytic count against FlopCounterMode: one training forward and its backward
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=True)
+    opt = build_optimizer(cfg, model.parameters())
     batch = train_ds.collate(batches[0])
     torch.manual_seed(1)
     box = {}

@@ -5,7 +5,8 @@ hidden 256, latent 32, batch 32, the full PTB vocabulary) on the machine it runs
 ways: fp32; bf16 autocast as PyTorch runs it (every op autocast lists, the LSTM included); bf16
 autocast with the LSTM kept in float32 (``textvae.precision.lstm_forward``'s fallback). Prints
 seconds per step (mean over ``--steps`` after 2 untimed steps; bench_cpu.train_steps: the
-preset's Adam, clip, objective and beta schedule) and tokens/s, or the error a way raised.
+preset's Adam, objective and beta schedule, the training loop's update
+``textvae.train.optimizer_step`` with its clipping) and tokens/s, or the error a way raised.
 Results: bench/RESULTS.md.
 
 Usage:

@@ -2,9 +2,10 @@
 presets; a dialogue preset's batches carry their contexts).
 
 Builds the preset's tokenizer and model exactly as ``textvae train`` does, then times
-``--steps`` optimizer steps of the training objective (forward, backward, clip, AdamW update;
-the preset's batch size, beta 1, the preset's free bits, their mode and KL target) on shuffled batches of the training
-split, after ``--warmup`` untimed steps, and one validation pass (``evaluate`` with
+``--steps`` optimizer steps of the training objective (the forward, then the training loop's
+update ``textvae.train.optimizer_step``: backward, clip, the preset's optimizer; the preset's
+batch size, beta 1, the preset's free bits, their mode and KL target) on shuffled batches of
+the training split, after ``--warmup`` untimed steps, and one validation pass (``evaluate`` with
 ``iw_samples=0`` on ``train.valid_limit_eval`` sentences), under fp32 and bf16 autocast. No run
 folder is written; nothing is trained beyond the timed steps.
 
@@ -25,6 +26,7 @@ from textvae.data import TextDataset, load_split
 from textvae.metrics import evaluate
 from textvae.models import MODELS
 from textvae.objectives import ObjectiveSettings
+from textvae.train import build_optimizer, optimizer_step
 
 
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
         torch.manual_seed(t.seed)
         model = MODELS[config.model.name](config.model, tokenizer).train()
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
+        opt = build_optimizer(config, model.parameters())
         autocast = (
             torch.autocast("cpu", dtype=torch.bfloat16)
             if precision == "bf16"
@@ -69,10 +71,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with autocast:
                 out = model(batch, objective)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)
-            opt.step()
+            optimizer_step(out["loss"], model, [opt], t.grad_clip)
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 tokens += int(batch["attention_mask"].sum())
