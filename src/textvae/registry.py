@@ -14,6 +14,11 @@ elsewhere is edited. The dependency runs one way: model modules import :mod:`tex
 (its base :class:`~textvae.config.ModelConfig` and ``ConfigError``) and this module; the config
 loader asks this module for a name's config class, and this module imports the model package
 by name only when a lookup needs it (plugin discovery), never at import time.
+
+A remedy registers its class (:func:`register_remedy`) and, apart from it, its config keys
+(:func:`register_remedy_keys`; the built-in remedies' in the leaf module
+:mod:`textvae.remedy_keys`): the config reads only :data:`REMEDY_KEYS`, and only training
+imports the remedies themselves (:func:`discover_remedies`).
 """
 
 from __future__ import annotations
