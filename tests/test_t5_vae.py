@@ -278,14 +278,16 @@ def test_phase_one_stops_early_then_phase_two_resumes_exactly(tiny_config, tmp_p
     hand_off = next(r for r in records if r.get("event") == "phase")
     assert hand_off["step"] == 4 and hand_off["reason"] == "early stop" and hand_off["reset"] == 0
     state = _trainer_state(whole)
-    assert state["phase"] == "vae" and state["phase_start"] == 4 and state["ae_stopped"]
+    ae = state["remedies"]["ae_pretraining"]  # the remedy's own state
+    assert ae["phase"] == "vae" and ae["phase_start"] == 4 and ae["ae_stopped"]
     for stop_at, done in ((4, [5.0, 6.0]), (6, [5.0, 6.0, 1.0])):
         recs = iter(done)
         part = train(
             _t5_config(tiny_config, **extra, **{"train.max_steps": stop_at}),
             tmp_path / f"part{stop_at}",
         )
-        assert _trainer_state(part)["phase"] == ("ae" if stop_at == 4 else "vae")
+        phase = _trainer_state(part)["remedies"]["ae_pretraining"]["phase"]
+        assert phase == ("ae" if stop_at == 4 else "vae")
         recs = iter(script[len(done) :])
         train(None, part, resume=True, overrides=["train.max_steps=8"])
         a, b = _final(whole), _final(part)

@@ -79,58 +79,8 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _refuse_existing(path: Path, overwrite: bool) -> Path:
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} exists: an evaluation is never replaced silently; pass "
-            "--overwrite to replace it, or choose another --output"
-        )
-    return path
-
-
-def _evaluation_path(args, model, n_sentences: int, full: bool, k: int, precision: str) -> Path:
-    """Where an evaluation goes: ``--output``, else RUN_DIR/eval-<what it is>.json, with a
-    numeric suffix when that name is taken (an earlier evaluation is never replaced).
-
-    Raises:
-        FileExistsError: ``--output`` exists and ``--overwrite`` was not given.
-    """
-    from textvae.rundir import evaluation_name
-
-    if args.output:
-        return _refuse_existing(Path(args.output), args.overwrite)
-    what = args.split if args.data is None else Path(args.data).stem
-    stem = evaluation_name(
-        what,
-        None if full else n_sentences,
-        k if model.has_latent else None,
-        precision,
-        args.generation,
-    )
-    return _unused_path(Path(args.run_dir), stem)
-
-
-def _unused_path(folder: Path, stem: str) -> Path:
-    """``folder/<stem>.json``, or ``<stem>-2.json``, ``-3``, ... when that name is taken: an
-    earlier evaluation or probe is never replaced."""
-    path, i = folder / f"{stem}.json", 2
-    while path.exists():
-        path, i = folder / f"{stem}-{i}.json", i + 1
-    return path
-
-
-def _write_json(record: dict, path: str | Path) -> Path:
-    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
-    from textvae.atomic import write_json
-
-    return write_json(path, record)
-
-
 def _cmd_evaluate(args) -> int:
-    import textvae
-    from textvae.fields import UNITS
-    from textvae.metrics import evaluate
-    from textvae.precision import runnable_precision
+    from textvae.evaluation import EvaluationRequest, evaluate_run
 
     if args.max_sentences is not None and args.max_sentences < 1:
         raise ValueError(
@@ -142,96 +92,48 @@ def _cmd_evaluate(args) -> int:
             f"--iw-samples must be at least 1, got {args.iw_samples} (K importance samples of "
             "the bound; K=1 is the ELBO)"
         )
-    if args.output:
-        _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
-    _set_threads(args)
-    model, _ = textvae.load(args.run_dir)
-    cfg = model.config
-    # under `accelerate launch` / `torchrun` (WORLD_SIZE > 1) the sentences are sharded across
-    # the processes and the results gathered: the same JSON as one process (docs/scaling.md)
-    shard = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        shard = PartialState(cpu=not torch.cuda.is_available())  # gloo on a machine without GPU
-        model.to(shard.device)
-    from textvae.data import evaluation_dataset
-
-    dataset, source, full = evaluation_dataset(
-        cfg.data, model.tokenizer, args.split, args.data, args.max_sentences
-    )
-    k = args.iw_samples if args.iw_samples is not None else cfg.eval.iw_samples
-    # what runs names the file: bf16 on a device without native bfloat16 runs (and is named) fp32
-    precision = runnable_precision(
-        args.precision or cfg.eval.precision, next(model.parameters()).device
-    )
-    progress = _progress(args)
-    start = time.perf_counter()
-    result = evaluate(
-        model,
-        dataset,
-        iw_samples=k,
-        au_delta=args.au_delta or cfg.eval.au_delta,
-        batch_size=args.batch_size or cfg.eval.batch_size,
-        chunk_tokens=cfg.eval.chunk_tokens,
-        precision=precision,
+    request = EvaluationRequest(
+        split=args.split,
+        data=args.data,
+        max_sentences=args.max_sentences,
+        iw_samples=args.iw_samples,
+        batch_size=args.batch_size,
+        au_delta=args.au_delta,
+        precision=args.precision,
         seed=args.seed,
         skip_too_long=args.skip_too_long,
         flow_mi_sentences=args.flow_mi_sentences,
-        progress=progress,
-        num_processes=shard.num_processes if shard else 1,
-        process_index=shard.process_index if shard else 0,
+        output=args.output,
+        overwrite=args.overwrite,
+        generation=args.generation,
+        gen_sentences=args.gen_sentences,
+        gen_samples=args.gen_samples,
+        gen_responses=args.gen_responses,
+        gen_strategy=args.gen_strategy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_length=args.max_length,
+        progress=_progress(args),
     )
-    if shard is not None and not shard.is_main_process:
-        shard.wait_for_everyone()  # the main process generates, writes and prints
+    _set_threads(args)
+    result, output = evaluate_run(args.run_dir, request)
+    if output is None:  # a process other than the main one of several
         return 0
-    result["data"], result["split"] = source, args.split if args.data is None else None
-    result["max_sentences"] = None if full else len(dataset)
-    if args.generation and model.conditional:
-        from textvae.metrics import response_metrics
+    _print_evaluation(result, output)
+    return 0
 
-        n = args.gen_sentences
-        result.update(
-            response_metrics(
-                model,
-                dataset.contexts[:n],
-                dataset.texts[:n],
-                n_responses=args.gen_responses,
-                strategy=args.gen_strategy,
-                max_length=args.max_length,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                progress=progress,
-            )
-        )
-    elif args.generation:
-        from textvae.metrics import generation_metrics
 
-        result.update(
-            generation_metrics(
-                model,
-                dataset.texts[: args.gen_sentences],
-                n_samples=args.gen_samples,
-                strategy=args.gen_strategy,
-                max_length=args.max_length,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                seed=args.seed,
-                progress=progress,
-            )
-        )
-    seconds = time.perf_counter() - start
-    result["seconds"] = seconds
-    output = _write_json(result, _evaluation_path(args, model, len(dataset), full, k, precision))
-    processes = f", {shard.num_processes} processes" if shard is not None else ""
-    how = f"IW-NLL with K={k}" if model.has_latent else "exact likelihood (no latent)"
+def _print_evaluation(result: dict, output) -> None:
+    from textvae.fields import UNITS
+
+    has_latent = result["kl"] is not None
+    how = f"IW-NLL with K={result['iw_samples']}" if has_latent else "exact likelihood (no latent)"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = f", {world} processes" if world > 1 else ""
     print(
-        f"evaluated {source} ({result['n_sentences']} sentences, {how}, precision={precision}, "
-        f"{seconds:.0f} s{processes})"
+        f"evaluated {result['data']} ({result['n_sentences']} sentences, {how}, "
+        f"precision={result['precision']}, {result['seconds']:.0f} s{processes})"
     )
     for key, value in result.items():
         if key == "generation":
@@ -239,7 +141,7 @@ def _cmd_evaluate(args) -> int:
             continue
         if key in ("nll_per_sentence", "sentence_index", "n_words_per_sentence"):
             continue  # N numbers: in the JSON only
-        if value is None and not model.has_latent:
+        if value is None and not has_latent:
             continue  # a language model has no latent fields
         if key in ("kl_per_dim", "kl_per_layer"):
             if value is not None:
@@ -256,11 +158,11 @@ def _cmd_evaluate(args) -> int:
         note = ""
         if key == "mi" and value is not None and value > math.log(result["n_sentences"]) - 0.05:
             note = f" (saturated: the estimator's maximum is log N = {math.log(result['n_sentences']):.2f})"
-        print(f"  {key:<12} {shown:>14}  {UNITS.get(key, '')}{note}".rstrip())
+        unit = UNITS.get(key, "")
+        if key == "nll" and not has_latent:  # a language model's likelihood is exact
+            unit = "nats/sentence (exact)"
+        print(f"  {key:<12} {shown:>14}  {unit}{note}".rstrip())
     print(f"written: {output}")
-    if shard is not None:
-        shard.wait_for_everyone()
-    return 0
 
 
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")  # .txt .tsv .jsonl, not "u.s."
@@ -376,108 +278,32 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _probe_split(model, cfg, data: str | None, which: str | None, role: str, args):
-    """(texts, labels, source) of the probe's fit or score set."""
-    import dataclasses
-
-    from textvae.data import DataError, load_split, named_corpus
-
-    data_cfg = dataclasses.replace(cfg.data, train_limit=None, valid_limit=None)
-    if which is not None and Path(which).is_file():
-        data_cfg = dataclasses.replace(
-            data_cfg, corpus=None, label_field=args.label_field, text_field=args.text_field
-        )
-        corpus = load_split(data_cfg, role, path=which)
-    elif which is None and data is None and cfg.data.corpus is None:
-        corpus = load_split(data_cfg, role)  # the run's own files
-    else:
-        name = data or cfg.data.corpus
-        if name is None:
-            raise DataError("probe: give --data CORPUS, or --fit and --score files")
-        if which is None:
-            spec = named_corpus(name)
-            if spec is not None and spec.probe_splits is not None:  # yelp_sentiment: test, dev
-                which = spec.probe_splits[0 if role == "train" else 1]
-            elif name == cfg.data.corpus:
-                which = cfg.data.train_split if role == "train" else cfg.data.valid_split
-            else:
-                raise DataError(f"probe: say which splits of {name} to use (--fit, --score)")
-        data_cfg = dataclasses.replace(data_cfg, corpus=name, **{f"{role}_split": which})
-        corpus = load_split(data_cfg, role)
-    if corpus.labels is None:
-        raise DataError(
-            f"probe: {corpus.source} has no labels (give --label-field for "
-            "TSV/JSONL files, or a labelled corpus such as yelp_sentiment)"
-        )
-    return corpus.texts, corpus.labels, corpus.source
-
-
 def _cmd_probe(args) -> int:
-    import torch
-    from tqdm.auto import tqdm
+    from textvae.evaluation import ProbeRequest, parse_probe_sizes, probe
 
-    import textvae
-    from textvae.data import TextDataset
-    from textvae.metrics import probe_accuracy
-
-    if args.output:
-        _refuse_existing(Path(args.output), args.overwrite)  # before the work, not after it
+    request = ProbeRequest(
+        data=args.data,
+        fit=args.fit,
+        score=args.score,
+        label_field=args.label_field,
+        text_field=args.text_field,
+        sizes=parse_probe_sizes(args.labels),
+        repeats=args.repeats,
+        max_sentences=args.max_sentences,
+        seed=args.seed,
+        output=args.output,
+        overwrite=args.overwrite,
+        progress=_progress(args),
+    )
     _set_threads(args)
-    model, tokenizer = textvae.load(args.run_dir)
-    if not model.has_latent:
-        raise ValueError(f"{args.run_dir}: the model has no latent variable to probe")
-    cfg = model.config
-    sizes = []
-    for item in args.labels.split(","):
-        item = item.strip()
-        if item == "all":
-            sizes.append(None)
-        elif item.isdigit():
-            sizes.append(int(item))
-        else:
-            raise ValueError(f"--labels: '{item}' is not a count or 'all'")
-    features = {}
-    for role, which in (("train", args.fit), ("valid", args.score)):
-        texts, labels, source = _probe_split(model, cfg, args.data, which, role, args)
-        if args.max_sentences is not None:
-            texts, labels = texts[: args.max_sentences], labels[: args.max_sentences]
-        dataset = TextDataset(texts, tokenizer, labels)
-        mu = torch.empty(len(dataset), math.prod(model.latent_shape))
-        with torch.no_grad():
-            bar = tqdm(
-                total=len(dataset),
-                desc=f"encode {role}",
-                unit="sent",
-                leave=False,
-                disable=not _progress(args),
-            )
-            for indices in dataset.batches(256):
-                mu[indices] = model.posterior(dataset.collate(indices)).mean.float().flatten(1)
-                bar.update(len(indices))
-            bar.close()
-        features[role] = (mu, labels, source)
-    (fit_x, fit_y, fit_src), (score_x, score_y, score_src) = features["train"], features["valid"]
-    results = probe_accuracy(fit_x, fit_y, score_x, score_y, sizes, args.repeats, args.seed)
-    fit_file = args.fit is not None and Path(args.fit).is_file()
-    name = args.data or (Path(args.fit).stem if fit_file else cfg.data.corpus) or "data"
-    record = {
-        "fit": fit_src,
-        "score": score_src,
-        "fit_sentences": len(fit_y),
-        "score_sentences": len(score_y),
-        "features": f"posterior mean (D={math.prod(model.latent_shape)})",
-        "classifier": "sklearn StandardScaler + LogisticRegression(max_iter=2000)",
-        "seed": args.seed,
-        "results": results,
-    }
-    output = _write_json(record, args.output or _unused_path(Path(args.run_dir), f"probe-{name}"))
+    record, output = probe(args.run_dir, request)
     print(
-        f"probe: fit on {fit_src} ({len(fit_y)} sentences), scored on {score_src} "
-        f"({len(score_y)} sentences); features: posterior mean"
+        f"probe: fit on {record['fit']} ({record['fit_sentences']} sentences), scored on "
+        f"{record['score']} ({record['score_sentences']} sentences); features: posterior mean"
     )
     print("| labelled n | probe accuracy (%) | majority class (%) | subsets |")
     print("|---:|---:|---:|---:|")
-    for r in results:
+    for r in record["results"]:
         print(
             f"| {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} | "
             f"{100 * r['majority']:.1f} | {r['repeats']} |"
