@@ -15,13 +15,21 @@ flow posterior, DELLA's layer-wise latents and a resume mid-run. Compared betwee
 - ``samples``: ``samples.txt``;
 - ``eval``: the evaluation JSON without its timing and provenance fields.
 
-    OMP_NUM_THREADS=1 TEXTVAE_DATA_DIR=/work/shared/data python bench/identical.py \\
-        --trees before=/tmp/base after=. --out /tmp/identical
+    OMP_NUM_THREADS=1 TEXTVAE_DATA_DIR=../shared/data python bench/identical.py \\
+        --trees before=../base after=. --out runs/identical
 
-Prints one line per run and item (``identical`` or what differs) and exits 1 on any difference.
-A tree's runs are kept under ``--out/<name>/`` (a tree already run is not re-run: delete its
-folder to redo it). When the config keys move (issue 13's per-model configs), edit the
-overrides of :data:`RUNS` for the newer tree with ``--set name:key=value``.
+(``../base``: a second checkout, e.g. ``git worktree add ../base <commit>``.) Prints one line per
+run and item (``identical`` or what differs) and exits 1 on any difference. A tree's runs are
+kept under ``--out/<name>/`` (a tree already run is not re-run: delete its folder to redo it).
+
+:data:`RUNS` holds the keys of today's per-model configs (issue 13): the LSTM sizes
+``model.embed_dim`` / ``model.hidden_dim`` only for the LSTM runs (``t5_vae`` and ``della``
+refuse them), and DELLA's bag-of-words width as ``model.bow_hidden``. When the keys differ
+between the trees, change one tree's overrides with ``--set TREE:RUN:KEY=VALUE`` (added) and
+``--set TREE:RUN:~KEY`` (left out). Against a tree from before per-model configs, where
+``model.hidden_dim`` set DELLA's bag-of-words width and ``model.bow_hidden`` did not exist::
+
+    --set before:della-cyclical:~model.bow_hidden --set before:della-cyclical:model.hidden_dim=16
 """
 
 from __future__ import annotations
@@ -38,9 +46,8 @@ from pathlib import Path
 SPLITS = ("train", "valid", "test")
 WORDS = "the a cat dog sat ran on under mat log big small red blue".split()
 
+# every run's: the latent size and the training settings
 SMALL = [
-    "model.embed_dim=16",
-    "model.hidden_dim=16",
     "model.latent_dim=4",
     "train.batch_size=16",
     "train.optimizer=adam",
@@ -53,6 +60,8 @@ SMALL = [
     "train.max_steps=24",
     "train.seed=3",
 ]
+# the LSTM models' sizes (lstm_vae): the configs of t5_vae and della refuse these keys
+LSTM_SMALL = ["model.embed_dim=16", "model.hidden_dim=16", *SMALL]
 # the tiny backbones of tests/conftest.py, written out here: this script runs other trees'
 # code (older ones too), and bench scripts do not import the test package (its __init__
 # sets the suite's OpenMP wait policy)
@@ -77,7 +86,7 @@ TINY_GPT2 = [
 RUNS: dict[str, tuple[list[str], list[str] | None]] = {
     "lstm-bow-cyclical": (
         [
-            *SMALL,
+            *LSTM_SMALL,
             "model.bow_weight=0.5",
             "kl.schedule=cyclical",
             "kl.cycle_epochs=1",
@@ -90,7 +99,7 @@ RUNS: dict[str, tuple[list[str], list[str] | None]] = {
     ),
     "lstm-target-sentence-fb": (
         [
-            *SMALL,
+            *LSTM_SMALL,
             "model.pooling=max",
             "kl.schedule=linear",
             "kl.warmup_steps=10",
@@ -105,7 +114,7 @@ RUNS: dict[str, tuple[list[str], list[str] | None]] = {
     ),
     "lstm-ae-aggressive-resume": (
         [
-            *SMALL,
+            *LSTM_SMALL,
             "train.max_steps=12",
             "train.ae_pretrain_steps=8",
             "train.ae_reset_decoder=true",
@@ -136,7 +145,7 @@ RUNS: dict[str, tuple[list[str], list[str] | None]] = {
     ),
     "flow-iaf-total-fb": (
         [
-            *SMALL,
+            *LSTM_SMALL,
             "model.posterior_flow=iaf",
             "model.posterior_flow_steps=2",
             "model.flow_hidden=16",
@@ -154,6 +163,7 @@ RUNS: dict[str, tuple[list[str], list[str] | None]] = {
             "model.backbone=gpt2",
             "model.gpt2_tokenizer=bpe",
             "model.bow_weight=0.5",
+            "model.bow_hidden=16",
             "kl.schedule=cyclical",
             "kl.cycle_epochs=1",
             "kl.free_bits=0.1",

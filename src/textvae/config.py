@@ -41,10 +41,15 @@ class DataConfig:
     """Where the sentences come from and how they become token ids.
 
     Attributes:
-        corpus: a corpus found by name under ``$TEXTVAE_DATA_DIR``: a name registered in
-            ``textvae.registry.CORPORA`` (shipped: ``ptb``, ``yelp_sentiment``,
-            ``dailydialog``, see :mod:`textvae.corpora`; an unknown name is an error listing
-            them when the data is read), or null to use the explicit ``*_path`` files.
+        corpus: a corpus found by name: a name registered in ``textvae.registry.CORPORA``
+            (shipped: ``ptb``, ``yelp_sentiment``, ``dailydialog``, see
+            :mod:`textvae.corpora`; an unknown name is an error listing them when the data is
+            read), or null to use the explicit ``*_path`` files. Where its files are read
+            (:func:`textvae.data.corpus_folder`): ``$TEXTVAE_DATA_DIR/<name>`` when the
+            variable is set (PTB's missing files are downloaded there first); else PTB's copy
+            shipped inside the package (``src/textvae/corpora_data/ptb``, sha256-checked when
+            read), and the other corpora under ``~/.cache/textvae/data/<name>``
+            (``$XDG_CACHE_HOME/textvae/data`` when that is set).
         train_split / valid_split / test_split: which split of a named corpus plays each role
             (Yelp sentiment has only ``dev`` and ``test``: train on ``test``, validate on ``dev``;
             DailyDialog has only ``validation`` and ``test``: train on ``test``, validate and
