@@ -79,7 +79,9 @@ def test_compare_of_a_vae_and_a_language_model(tiny_config, tmp_path, monkeypatc
     }
     drawn = []
     original = report.plot_curves
-    monkeypatch.setattr(report, "plot_curves", lambda *a, **k: drawn.append(original(*a, **k)))
+    monkeypatch.setattr(
+        report.compare, "plot_curves", lambda *a, **k: drawn.append(original(*a, **k))
+    )
     compare_runs(list(runs.values()), tmp_path / "cmp")
     panels = _panels(drawn[0])
     like = next(labels for title, labels in panels.items() if title.startswith("likelihood"))
@@ -122,7 +124,9 @@ def test_report_draws_the_runs_free_bits_floor(tiny_config, tmp_path, monkeypatc
     run = train(tiny_config(**{"train.max_steps": 2, "kl.free_bits": 0.1}), tmp_path / "vae")
     drawn = []
     original = report.plot_kl_per_dim
-    monkeypatch.setattr(report, "plot_kl_per_dim", lambda *a, **k: drawn.append(original(*a, **k)))
+    monkeypatch.setattr(
+        report.run_report, "plot_kl_per_dim", lambda *a, **k: drawn.append(original(*a, **k))
+    )
     report.write_report(run, max_sentences=8, n_examples=1)
     floor = [x for x in drawn[0].axes[0].get_lines() if "free bits" in x.get_label()]
     assert list(floor[0].get_ydata()) == [0.1, 0.1]

@@ -90,6 +90,38 @@ class TextVAE(nn.Module):
         """The event shape of q(z|x) and p(z): (D,) (DELLA overrides it with (L, D))."""
         return (self.latent_dim,)
 
+    @classmethod
+    def latent_shape_of(cls, config) -> tuple[int | None, ...]:
+        """The event shape of z as the model ``config`` (its ``model`` section: the dataclass, or
+        a run's ``config.yaml`` as read) gives it, without building the model: (D,) here, ()
+        for a model without latent. DELLA answers (L, D), with L None where it is the layer
+        count of a pretrained backbone. What a table of several runs needs
+        (:func:`textvae.report.au_dimensions`); a built model's :attr:`latent_shape` is exact.
+        """
+        return (config.latent_dim,) if cls.has_latent else ()
+
+    @classmethod
+    def label_fraction(cls, config) -> float:
+        """The fraction of the training sentences whose corpus label the model trains on, for
+        the model ``config`` (its ``model`` section); 0.0: it trains on no labels (here).
+        Training keeps the labels of that fraction (:func:`textvae.data.semi_supervised_labels`)
+        and refuses a corpus without labels when it is > 0."""
+        return 0.0
+
+    @classmethod
+    def trains_on_labels(cls, config) -> bool:
+        """Whether the model of ``config`` (its ``model`` section) trains on corpus labels (a
+        classifier on z): :meth:`label_fraction` > 0."""
+        return cls.label_fraction(config) > 0
+
+    def describe(self, config) -> str:
+        """One line on the networks and the latent for ``report.md``'s setup, from the model
+        ``config`` (its ``model`` section): here the LSTM models' embedding and hidden sizes,
+        then :func:`latent_text`. A model on another backbone overrides it."""
+        return f"embedding {config.embed_dim}, hidden {config.hidden_dim}" + latent_text(
+            self, config
+        )
+
     def forward(
         self, batch: dict[str, torch.Tensor], settings: ObjectiveSettings | None = None
     ) -> dict[str, torch.Tensor]:
@@ -166,3 +198,14 @@ class TextVAE(nn.Module):
         device = next(self.parameters()).device
         batch = encode_texts(self.tokenizer, texts, contexts)
         return self.posterior({k: v.to(device) for k, v in batch.items()})
+
+
+def latent_text(model: TextVAE, config) -> str:
+    """The end of :meth:`TextVAE.describe`: ", latent D, pooling `...`" (and the word dropout of
+    a model that has one) for a model with a latent; "" without."""
+    if not model.has_latent:
+        return ""
+    text = f", latent {config.latent_dim}, pooling `{config.pooling}`"
+    return text + (
+        f", word dropout {config.word_dropout}" if hasattr(config, "word_dropout") else ""
+    )

@@ -88,7 +88,7 @@ from textvae.config import Config, ConfigError, check_at_least, check_choice
 from textvae.data import train_subword_tokenizer
 from textvae.decoders import BagOfWordsHead, sequence_log_prob, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
-from textvae.models.base import TextVAE
+from textvae.models.base import TextVAE, latent_text
 from textvae.models.parts import (
     SUBWORD_TOKENIZERS,
     BowPart,
@@ -414,6 +414,35 @@ class DELLA(TextVAE):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere
         return tokenizer
+
+    @classmethod
+    def latent_shape_of(cls, config) -> tuple[int | None, int]:
+        """(L, D) from the model ``config`` (:meth:`TextVAE.latent_shape_of`): L the layers of
+        ``model.latent_layers`` (all ``gpt2_n_layer`` when null; None when they are those of
+        ``model.pretrained``), 1 for a single-latent fusion."""
+        d = config.latent_dim
+        if config.fusion not in LAYERWISE_FUSIONS:
+            return (1, d)
+        if config.latent_layers is not None:
+            begin, end = parse_latent_layers(config.latent_layers)
+            return (end - begin + 1, d)
+        return (None if config.pretrained else config.gpt2_n_layer, d)
+
+    def describe(self, config: DELLAConfig) -> str:
+        """The GPT-2 (``model.pretrained``, or its sizes from scratch), the latent layers, the
+        fusion and the KL's reduction over layers, then the latent (:meth:`TextVAE.describe`)."""
+        m = config
+        sizes = (
+            f"`{m.pretrained}`"
+            if m.pretrained
+            else f"from scratch (n_embd {m.gpt2_n_embd}, {m.gpt2_n_layer} layers, "
+            f"{m.gpt2_n_head} heads)"
+        )
+        arch = (
+            f"GPT-2 {sizes}, {self.n_latent_layers} latent layers x {m.latent_dim}, fusion "
+            f"`{m.fusion}`, KL over layers: {m.kl_reduction}"
+        )
+        return arch + latent_text(self, m)
 
     def __init__(self, cfg: DELLAConfig, tokenizer):
         super().__init__(tokenizer)

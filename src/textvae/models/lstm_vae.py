@@ -72,6 +72,12 @@ class LSTMVAE(TextVAE):
 
     inference_modules = ("encoder", "posterior_head", "posterior_flow")
 
+    @classmethod
+    def label_fraction(cls, config) -> float:
+        """``model.classifier_label_fraction`` when the classifier on z is on
+        (``model.classifier_weight`` > 0), else 0.0 (:meth:`TextVAE.label_fraction`)."""
+        return config.classifier_label_fraction if config.classifier_weight > 0 else 0.0
+
     def __init__(self, cfg: LSTMVAEConfig, tokenizer):
         super().__init__(tokenizer)
         self.latent_dim = cfg.latent_dim

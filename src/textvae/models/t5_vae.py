@@ -41,7 +41,7 @@ from textvae.config import Config, ConfigError, check_at_least, check_choice
 from textvae.data import train_subword_tokenizer as train_t5_tokenizer  # the shared trainer
 from textvae.decoders import BagOfWordsHead, sequence_log_prob, shift_right
 from textvae.encoders import AttentionPool, delete_tokens, masked_pool
-from textvae.models.base import TextVAE
+from textvae.models.base import TextVAE, latent_text
 from textvae.models.parts import (
     SUBWORD_TOKENIZERS,
     BowPart,
@@ -185,6 +185,21 @@ class T5VAE(TextVAE):
                 f"model.pretrained={m.pretrained!r}: its tokenizer has no pad or EOS token"
             )
         return tokenizer
+
+    def describe(self, config: T5VAEConfig) -> str:
+        """The T5 (``model.pretrained``, or its sizes from scratch), how z reaches the decoder,
+        the encoder's token deletion and the latent (:meth:`TextVAE.describe`)."""
+        m = config
+        sizes = (
+            f"`{m.pretrained}`"
+            if m.pretrained
+            else f"from scratch (d_model {m.t5_d_model}, {m.t5_num_layers} + "
+            f"{m.t5_num_decoder_layers} layers, {m.t5_num_heads} heads, d_ff {m.t5_d_ff})"
+        )
+        arch = (
+            f"T5 {sizes}, z by {m.latent_injection}, encoder token deletion {m.encoder_token_drop}"
+        )
+        return arch + latent_text(self, m)
 
     def __init__(self, cfg: T5VAEConfig, tokenizer):
         super().__init__(tokenizer)
