@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -396,3 +397,23 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a JSON evaluation record ({err})") from err
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped training after a finished step (raised by
+    :func:`textvae.train.train`; here beside the run folder it describes, so that the sweep
+    recognises it without importing the training loop); ``checkpoints/last`` holds
+    that step, so ``train(None, run_dir, resume=True)`` continues exactly.
+
+    Attributes:
+        signum: the signal's number (``signal.SIGINT`` 2, ``signal.SIGTERM`` 15).
+        step: the optimizer steps done. run_dir: the run folder.
+    """
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, Path(run_dir)
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: training stopped after step {step}; the full state is in "
+            f"{self.run_dir / 'checkpoints' / 'last'}"
+        )

@@ -83,8 +83,8 @@ log = logging.getLogger(__name__)
 
 # What trains one trial: ``train(config, run_dir, resume=False, on_validation=None) -> run_dir``
 # with the signature of :func:`textvae.train.train`, which the CLI passes in. The sweep never
-# calls the training loop itself (it reads run folders through :mod:`textvae.rundir`); it
-# imports only its TrainingInterrupted, to stop a worker that a signal stopped.
+# imports the training loop (it reads run folders, and the TrainingInterrupted that stops a
+# worker a signal stopped, through :mod:`textvae.rundir`).
 Trainer = Callable[..., Path]
 
 TOP_KEYS = (
@@ -866,10 +866,10 @@ def _record_failure(trial, number: int, run_dir: Path, err: BaseException) -> bo
     queues it again at the next invocation, which resumes its run folder).
 
     Returns:
-        Whether a signal stopped it (training's :class:`~textvae.train.TrainingInterrupted`, or
+        Whether a signal stopped it (training's :class:`~textvae.rundir.TrainingInterrupted`, or
         KeyboardInterrupt outside training): then the worker starts no further trial.
     """
-    from textvae.train import TrainingInterrupted
+    from textvae.rundir import TrainingInterrupted
 
     trial.set_user_attr("error", f"{type(err).__name__}: {err}")
     if not isinstance(err, TrainingInterrupted | KeyboardInterrupt):
@@ -935,7 +935,7 @@ def _worker_main(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     os.set_blocking(signals.fileno(), False)
     signal.set_wakeup_fd(signals.fileno(), warn_on_full_buffer=False)
-    from textvae.train import TrainingInterrupted
+    from textvae.rundir import TrainingInterrupted
 
     try:
         run_worker(sweep_path, out_dir, url, worker, threads, deadline, train=train)
@@ -1029,7 +1029,7 @@ def run_sweep(
     """
     import optuna
 
-    from textvae.train import TrainingInterrupted
+    from textvae.rundir import TrainingInterrupted
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep = load_sweep(sweep_path)

@@ -95,6 +95,7 @@ from textvae.rundir import (
     FINISHED,
     RunDirError,
     RunLog,
+    TrainingInterrupted,
     checkpoint_dir,
     checkpoint_path,
     flat_config,
@@ -151,24 +152,6 @@ class TrainerState:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT or SIGTERM stopped training after a finished step; ``checkpoints/last`` holds
-    that step, so ``train(None, run_dir, resume=True)`` continues exactly.
-
-    Attributes:
-        signum: the signal's number (``signal.SIGINT`` 2, ``signal.SIGTERM`` 15).
-        step: the optimizer steps done. run_dir: the run folder.
-    """
-
-    def __init__(self, signum: int, step: int, run_dir: Path):
-        self.signum, self.step, self.run_dir = signum, step, Path(run_dir)
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name}: training stopped after step {step}; the full state is in "
-            f"{self.run_dir / 'checkpoints' / 'last'}"
-        )
 
 
 class _StopSignals:
