@@ -370,23 +370,7 @@ def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) ->
         ``{"points": [{"name", "rate", "distortion", "nll", "mi", "au"}, ...], "lm": [{"name",
         "nll"}, ...], "elbo_lines": [c, ...]}``: what was drawn, in nats per sentence.
     """
-    points = [
-        {
-            "name": n,
-            "rate": r["kl"],
-            "distortion": r["rec"],
-            "nll": r.get("nll"),
-            "mi": r.get("mi"),
-            "au": r.get("au"),
-        }
-        for n, r in rows.items()
-        if r.get("kl") is not None and r.get("rec") is not None
-    ]
-    lms = [
-        {"name": n, "nll": r["nll"]}
-        for n, r in rows.items()
-        if r.get("kl") is None and r.get("nll") is not None
-    ]
+    points, lms = _rate_distortion_rows(rows)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 6.5), constrained_layout=True)
     elbo_lines = _elbo_lines(ax, points, lms)
@@ -406,21 +390,49 @@ def plot_rate_distortion(rows: dict[str, dict], path: str | Path, title: str) ->
     ax.set_xlabel("rate R = KL(q(z|x) || p(z))  (nats/sentence)")
     ax.set_ylabel("distortion D = E_q[-log p(x|z)]  (nats/sentence)")
     ax.set_title(f"{title}\nlabels: IW-NLL (nats/sentence), MI (nats), active units", fontsize=10)
-    if points or lms:
-        ax.legend(fontsize=8, loc="upper right")
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "no run with an evaluation (kl, rec or nll)",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-            color="gray",
-        )
+    _legend_or_note(ax, bool(points or lms))
     fig.savefig(path)
     plt.close(fig)
     return {"points": points, "lm": lms, "elbo_lines": elbo_lines}
+
+
+def _rate_distortion_rows(rows: dict[str, dict]) -> tuple[list[dict], list[dict]]:
+    """The runs with a latent as points ``{"name", "rate", "distortion", "nll", "mi", "au"}``
+    and the runs without (``kl`` None, an ``nll``) as ``{"name", "nll"}``."""
+    points = [
+        {
+            "name": n,
+            "rate": r["kl"],
+            "distortion": r["rec"],
+            "nll": r.get("nll"),
+            "mi": r.get("mi"),
+            "au": r.get("au"),
+        }
+        for n, r in rows.items()
+        if r.get("kl") is not None and r.get("rec") is not None
+    ]
+    lms = [
+        {"name": n, "nll": r["nll"]}
+        for n, r in rows.items()
+        if r.get("kl") is None and r.get("nll") is not None
+    ]
+    return points, lms
+
+
+def _legend_or_note(ax, drawn: bool) -> None:
+    """The legend where runs were drawn, else a note that no run had an evaluation."""
+    if drawn:
+        ax.legend(fontsize=8, loc="upper right")
+        return
+    ax.text(
+        0.5,
+        0.5,
+        "no run with an evaluation (kl, rec or nll)",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+    )
 
 
 def _elbo_lines(ax, points: list[dict], lms: list[dict]) -> list[float]:

@@ -53,7 +53,6 @@ def write_report(
         FileNotFoundError: not a run folder; textvae.rundir.RunDirError: no best checkpoint.
     """
     import textvae
-    from textvae.metrics import evaluate
 
     run_dir = Path(run_dir)
     groups = read_log(run_dir)
@@ -67,29 +66,14 @@ def write_report(
     plot_curves(
         {name: groups}, tmp / "curves.png", f"{name}: training curves", {name: model.has_latent}
     )
-    quick = evaluate(
-        model,
-        data["dataset"],
-        iw_samples=0,
-        au_delta=cfg.eval.au_delta,
-        batch_size=cfg.eval.batch_size,
-        seed=seed,
-        skip_too_long=True,
-        progress=progress,
-    )
+    quick = _quick_evaluation(model, data["dataset"], seed, progress)
     evaluations = read_evaluations(run_dir)
     latent_dim = math.prod(model.latent_shape) if model.has_latent else None
-    where = f"{split}, first {len(data['texts'])}"
-    md = _heading(
-        name,
-        model,
-        quick,
-        latent_dim,
-        groups,
-        f"first {len(data['texts'])} sentences of the {split} split",
-    )
+    n = len(data["texts"])
+    sentences = f"first {n} sentences of the {split} split"
+    md = _heading(name, model, quick, latent_dim, groups, sentences)
     md += _setup(model, groups, quick)
-    md += _evaluation(evaluations, quick, where, latent_dim, model.has_latent)
+    md += _evaluation(evaluations, quick, f"{split}, first {n}", latent_dim, model.has_latent)
     md += _dispersion(quick) + _curves_section(model.has_latent)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -102,6 +86,24 @@ def write_report(
     (tmp / "report.md").write_text("\n".join(md) + "\n")
     commit_dir(tmp, final)
     return final
+
+
+def _quick_evaluation(model, dataset, seed: int, progress: bool) -> dict:
+    """The report's own pass: :func:`textvae.metrics.evaluate` without IW samples (sentences too
+    long for the model skipped), at the run's ``eval.au_delta`` and ``eval.batch_size``."""
+    from textvae.metrics import evaluate
+
+    cfg = model.config
+    return evaluate(
+        model,
+        dataset,
+        iw_samples=0,
+        au_delta=cfg.eval.au_delta,
+        batch_size=cfg.eval.batch_size,
+        seed=seed,
+        skip_too_long=True,
+        progress=progress,
+    )
 
 
 def _sentences(cfg, tokenizer, split: str, max_sentences: int, label_names) -> dict:
