@@ -1116,7 +1116,8 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
 
     from optuna.trial import TrialState
 
-    from textvae.report import evaluation_table, plot_rate_distortion
+    from textvae.models import MODELS
+    from textvae.report import au_dimensions, evaluation_table, plot_rate_distortion
 
     study = open_study(sweep, url)
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow")]
@@ -1150,12 +1151,8 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         if result:
             rows[label] = result
             config = OmegaConf.load(folder / CONFIG)
-            # DELLA's L x D latents: L depends on the backbone, so no denominator (as compare)
-            dims[label] = (
-                config.model.latent_dim
-                if result.get("au") is not None and not str(config.model.name).startswith("della")
-                else None
-            )
+            # the AU denominator from the model class (none where L x D depends on a backbone)
+            dims[label] = au_dimensions(MODELS[config.model.name], config.model)
         settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
         # an objective the evaluation did not report (e.g. classifier_accuracy of a run without
         # classifier) was stored as the worst value, ±inf: shown as missing, not as a score

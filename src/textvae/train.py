@@ -469,14 +469,16 @@ def _datasets(
     if resume and main:
         write_config(run_dir, config)
     train_labels = train_corpus.labels
-    # the classifier on z (a key of lstm_vae only) sees a fixed fraction of labels
-    if getattr(config.model, "classifier_weight", 0.0) > 0:
+    model_class = MODELS[config.model.name]
+    if model_class.trains_on_labels(config.model):  # e.g. lstm_vae's classifier on z
         if train_labels is None:
             raise DataError(
                 f"model.classifier_weight > 0 needs labels, and {train_corpus.source} "
                 "has none: use a labelled corpus (yelp_sentiment) or data.label_field"
             )
-        train_labels = semi_supervised_labels(train_labels, config.model.classifier_label_fraction)
+        train_labels = semi_supervised_labels(
+            train_labels, model_class.label_fraction(config.model)
+        )
     train_ds = TextDataset(train_corpus.texts, tokenizer, train_labels, train_corpus.contexts)
     n_valid = t.valid_limit_eval or len(valid_corpus.texts)
     valid_contexts = valid_corpus.contexts[:n_valid] if valid_corpus.contexts is not None else None
