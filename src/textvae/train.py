@@ -4,22 +4,9 @@ A run folder holds:
 
 - ``config.yaml``: the resolved config; ``tokenizer/``: ``save_pretrained`` output;
   ``data.json``: corpus sources and counts (blank lines skipped, sentences truncated/dropped).
-- ``log.jsonl``: one JSON object per line, each with the fields the remedies add to every
-  record (:meth:`~textvae.remedies.Remedy.log_fields`: ``phase``, ``ae`` or ``vae``, and
-  ``aggressive``, aggressive inference-network training on at that point): ``{"type": "train",
-  step, epoch, loss, rec, kl, beta, lr, tokens_per_s}`` every ``train.log_every`` steps (window
-  means; nats per sentence; plus ``bow`` with a bag-of-words head and the numbers the remedies
-  return from ``before_update``, e.g. ``inner_steps``, the mean encoder-only steps per step,
-  with ``train.aggressive``) and
-  ``{"type": "valid", step, epoch, beta, elbo, rec, kl, mi, mi_batch, au, au_delta, z_gap,
-  kl_per_dim}`` at each validation (single-sample ELBO on the validation split; ``z_gap`` is
-  the z-usage gap of :func:`textvae.metrics.z_usage_gap`; ``kl`` is a one-sample Monte Carlo
-  estimate and ``kl_per_dim`` null when the KL has no closed form, e.g. with a flow), the
-  remedies' warnings (``{"type": "warning", "warning": "posterior collapse", ...}``) plus
-  ``{"type": "event", ...}`` (``resume``, the remedies' events such as ``phase`` at the
-  autoencoder hand-off and ``aggressive off``, ``non-finite loss``, ``finished``, and
-  ``precision`` with ``requested`` and ``ran`` when bf16 ran as fp32 on a device without native
-  bfloat16).
+- ``log.jsonl``: one JSON object per line, appended (``train``, ``valid``, ``warning`` and
+  ``event`` records; their fields, units and when each is written: the table in
+  docs/training.md, "The log records").
 - ``checkpoints/last/``: the full training state (``accelerate.save_state``: model weights as
   safetensors, the optimizers, RNG states, LR schedules, the :class:`TrainerState` with the step
   that drives the schedules, the data position and each remedy's own state), written at every
