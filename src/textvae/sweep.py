@@ -58,6 +58,7 @@ test split only for the final evaluation of the chosen ones (selecting on test o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -72,8 +73,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from textvae import fields
 from textvae.config import Config, ConfigError, load_config
@@ -87,44 +90,6 @@ log = logging.getLogger(__name__)
 # worker a signal stopped, through :mod:`textvae.rundir`).
 Trainer = Callable[..., Path]
 
-TOP_KEYS = (
-    "name",
-    "out_dir",
-    "base",
-    "overrides",
-    "entries",
-    "space",
-    "budget",
-    "evaluation",
-    "objectives",
-    "study",
-)
-BUDGET_KEYS = ("trials", "max_steps", "max_epochs", "minutes")
-EVALUATION_KEYS = (
-    "split",
-    "max_sentences",
-    "iw_samples",
-    "precision",
-    "au_delta",
-    "batch_size",
-    "seed",
-    "checkpoint",
-    "output",
-    "generation",
-    "gen_sentences",
-    "gen_samples",
-    "gen_responses",
-    "skip_too_long",
-    "flow_mi_sentences",
-)
-STUDY_KEYS = (
-    "sampler",
-    "seed",
-    "heartbeat_seconds",
-    "pruner",
-    "pruner_startup_trials",
-    "population_size",
-)
 SAMPLERS = ("auto", "grid", "tpe", "random", "nsga2")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop training after a finished step
 
@@ -132,6 +97,127 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop training after a finished
 class SweepError(ValueError):
     """A sweep file is invalid (the message names the file and the key), or a sweep folder
     belongs to another sweep."""
+
+
+# The sweep file as written: dataclasses read by OmegaConf (OmegaConf.structured + merge, as
+# textvae.config reads a run's config), so unknown keys and ill-typed values are rejected with
+# the key's name; load_sweep checks what types cannot say and resolves them into a Sweep.
+
+
+@dataclass
+class ParamSpec:
+    """One parameter of ``space`` as written: ``{low, high[, log, step, type: int]}`` (a float,
+    or with ``type: int`` an int, range), ``{choices: [...]}`` (categorical) or ``{grid: [...]}``
+    (every value tried). ``choices`` and ``grid`` are lists of any values (checked by
+    :func:`_param`)."""
+
+    type: str | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: Any = None
+    grid: Any = None
+
+
+@dataclass
+class EntrySpec:
+    """A named entry written as a mapping (an entry may also be a bare list of overrides):
+    ``preset`` (relative to the sweep file; default the sweep's ``base``) and ``overrides`` (a
+    list of ``config.key=value`` strings or a mapping ``config.key: value``)."""
+
+    preset: str | None = None
+    overrides: Any = None
+
+
+@dataclass
+class Budget:
+    """``budget``: ``trials`` (a grid: its number of points, the default), ``max_steps`` or
+    ``max_epochs`` per trial (else the preset's) and ``minutes`` (no trial starts after that
+    many minutes of this invocation)."""
+
+    trials: int | None = None
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    minutes: float | None = None
+
+
+@dataclass
+class Evaluation:
+    """``evaluation``: how a trial is scored, as ``textvae evaluate``'s flags (null: the run
+    config's ``eval`` setting, or all sentences); ``output`` is the JSON's stem, by default
+    ``eval-<split>`` (filled in by :func:`load_sweep`)."""
+
+    split: str = "valid"
+    max_sentences: int | None = None
+    iw_samples: int | None = None
+    precision: str | None = None
+    au_delta: float | None = None
+    batch_size: int | None = None
+    seed: int | None = 0
+    checkpoint: str = "best"
+    output: str | None = None
+    generation: bool = False
+    gen_sentences: int = 1000
+    gen_samples: int = 500
+    gen_responses: int = 5
+    skip_too_long: bool = False
+    flow_mi_sentences: int | None = None
+
+
+@dataclass
+class Study:
+    """``study``: the Optuna sampler (``auto``: grid, TPE or NSGA-II), its seed, the heartbeat
+    that finds dead trials, the pruner (``none`` or ``median``) and NSGA-II's generation size
+    (default :func:`nsga2_population`)."""
+
+    sampler: str = "auto"
+    seed: int = 0
+    heartbeat_seconds: int = 30
+    pruner: str = "none"
+    pruner_startup_trials: int = 5
+    population_size: int | None = None
+
+
+@dataclass
+class SweepFile:
+    """A sweep file's keys (the module docstring shows one). A section given as null is absent.
+    ``entries`` maps a name to a list of overrides or an :class:`EntrySpec` mapping; an empty
+    ``objectives`` means ``{nll: minimize}``."""
+
+    name: str | None = None
+    out_dir: str | None = None
+    base: str | None = None
+    overrides: Any = None
+    entries: dict[Any, Any] = field(default_factory=dict)
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    budget: Budget = field(default_factory=Budget)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+    objectives: dict[str, str] = field(default_factory=dict)
+    study: Study = field(default_factory=Study)
+
+
+MAPPINGS = {  # what a section that is not a mapping should have been
+    "entries": "of entry names to override lists or {preset, overrides}",
+    "space": "of config keys to parameter specs",
+    "objectives": "field: minimize|maximize",
+    "budget": "with keys " + ", ".join(f.name for f in dataclasses.fields(Budget)),
+    "evaluation": "with keys " + ", ".join(f.name for f in dataclasses.fields(Evaluation)),
+    "study": "with keys " + ", ".join(f.name for f in dataclasses.fields(Study)),
+}
+PARAM_SHAPES = "{low, high[, log, step, type: int]}, {choices: [...]} or {grid: [...]}"
+CHOICES = {  # the choice-valued keys of a sweep file (None: the key may be null)
+    "evaluation.split": ("train", "valid", "test"),
+    "evaluation.checkpoint": ("best", "last"),
+    "evaluation.precision": (None, "fp32", "bf16"),
+    "study.sampler": SAMPLERS,
+    "study.pruner": ("none", "median"),
+}
+AT_LEAST = {  # the integer keys with a lower bound (null passes)
+    "study.heartbeat_seconds": 1,
+    "study.pruner_startup_trials": 0,
+    "study.population_size": 2,
+}
 
 
 @dataclass
@@ -149,7 +235,8 @@ class Param:
 
 @dataclass
 class Sweep:
-    """A parsed, validated sweep file (:func:`load_sweep`)."""
+    """A parsed, validated sweep file (:func:`load_sweep`): the :class:`SweepFile` resolved
+    (presets as paths, the sampler and the number of trials chosen, the budget as overrides)."""
 
     path: Path
     name: str
@@ -161,7 +248,7 @@ class Sweep:
     trials: int
     budget: list[str]
     minutes: float | None
-    evaluation: dict
+    evaluation: Evaluation
     objectives: dict[str, str]
     sampler: str
     seed: int
@@ -186,13 +273,58 @@ def _err(path: Path, key: str, message: str) -> SweepError:
     return SweepError(f"{path}: '{key}': {message}")
 
 
-def _overrides(path: Path, key: str, value) -> list[str]:
+def _structured(path: Path, schema: type, data: Any, prefix: str = "") -> Any:
+    """``data`` merged into the dataclass ``schema`` by OmegaConf, as an instance of it.
+
+    Raises:
+        SweepError: an unknown key (the valid ones listed) or a value of the wrong type, named
+            as ``prefix`` + its key.
+    """
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        owner = err.object_type if dataclasses.is_dataclass(err.object_type) else schema
+        valid = ", ".join(f.name for f in dataclasses.fields(owner))
+        raise _err(path, prefix + str(err.full_key), f"unknown key; valid keys: {valid}") from None
+    except OmegaConfBaseException as err:
+        message = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+        raise _err(path, prefix + str(err.full_key), f"invalid value: {message}") from None
+
+
+def _read(path: Path) -> tuple[DictConfig, SweepFile]:
+    """The sweep file as OmegaConf read it, and as a :class:`SweepFile`.
+
+    Raises:
+        SweepError: a missing or unparsable file, a section of the wrong shape, an unknown
+            key or an ill-typed value.
+    """
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry the line number in their text
+        raise SweepError(f"{path}: cannot parse YAML: {err}") from None
+    top = ", ".join(f.name for f in dataclasses.fields(SweepFile))
+    if not isinstance(raw, DictConfig):
+        raise SweepError(f"{path}: a sweep file is a mapping with keys {top}")
+    given = {key: value for key, value in raw.items() if value is not None}
+    # OmegaConf's merge names no key when a list meets a mapping: those shapes are checked here
+    for key, shape in MAPPINGS.items():
+        if key in given and not isinstance(given[key], DictConfig):
+            raise _err(path, key, f"expected a mapping {shape}")
+    for key, spec in given.get("space", {}).items():
+        if not isinstance(spec, DictConfig):
+            raise _err(path, f"space.{key}", f"expected a mapping: {PARAM_SHAPES}")
+    return raw, _structured(path, SweepFile, given)
+
+
+def _overrides(path: Path, key: str, value: Any) -> list[str]:
     """A list of ``key=value`` strings, or a mapping ``{key: value}`` turned into one."""
     if value is None:
         return []
-    if isinstance(value, DictConfig):
+    if isinstance(value, dict):
         return [f"{k}={_yaml_value(v)}" for k, v in value.items()]
-    if not isinstance(value, ListConfig) or not all(isinstance(v, str) and "=" in v for v in value):
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
         raise _err(
             path,
             key,
@@ -209,168 +341,81 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
-def _param(path: Path, key: str, spec) -> Param:
-    where = f"space.{key}"
-    if not isinstance(spec, DictConfig):
-        raise _err(
-            path,
-            where,
-            "expected a mapping: {low, high[, log, step, type: int]}, "
-            "{choices: [...]} or {grid: [...]}",
-        )
-    spec = OmegaConf.to_container(spec)
-    allowed = {"type", "low", "high", "log", "step", "choices", "grid"}
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise _err(path, where, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
-    kind = spec.get("type")
-    if "grid" in spec or kind == "grid":
-        values = spec.get("grid")
-        if not isinstance(values, list) or not values:
-            raise _err(path, where, "'grid' needs a non-empty list of values")
-        return Param(key, "grid", choices=values)
-    if "choices" in spec or kind == "categorical":
-        values = spec.get("choices")
-        if not isinstance(values, list) or not values:
-            raise _err(path, where, "'choices' needs a non-empty list of values")
-        return Param(key, "categorical", choices=values)
-    kind = kind or "float"
-    if kind not in ("float", "int"):
-        raise _err(path, where, f"type '{kind}' is not one of float, int, categorical, grid")
-    if "low" not in spec or "high" not in spec:
-        raise _err(path, where, "a float or int parameter needs 'low' and 'high'")
-    low, high = spec["low"], spec["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
-        raise _err(path, where, f"'low' and 'high' must be numbers (got {low!r}, {high!r})")
-    if low > high:
-        raise _err(path, where, f"low ({low}) is above high ({high})")
-    log_scale = bool(spec.get("log", False))
-    if log_scale and low <= 0:
-        raise _err(path, where, f"a log-scale parameter needs low > 0 (got {low})")
-    if log_scale and spec.get("step") is not None:
-        raise _err(path, where, "'step' and 'log' cannot be combined (Optuna)")
-    return Param(key, kind, low=low, high=high, log=log_scale, step=spec.get("step"))
+def _preset(path: Path, value: str, key: str) -> Path:
+    """A preset named in the sweep file: ``value`` relative to the file's folder."""
+    file = (path.resolve().parent / value).resolve()
+    if not file.is_file():
+        raise _err(path, key, f"preset not found: {file}")
+    return file
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read and validate a sweep file; every trial's config keys are checked against the
-    config schema before anything runs (a grid: every trial's full config).
-
-    Raises:
-        SweepError: unparsable YAML, an unknown or ill-typed key, an unknown config key in
-            ``overrides``/``entries``/``space`` (the message names the file and the key).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"sweep file not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry the line number in their text
-        raise SweepError(f"{path}: cannot parse YAML: {err}") from None
-    if not isinstance(raw, DictConfig):
-        raise SweepError(f"{path}: a sweep file is a mapping with keys {', '.join(TOP_KEYS)}")
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise _err(path, unknown[0], f"unknown key; valid keys: {', '.join(TOP_KEYS)}")
-    here = path.resolve().parent
-
-    def preset(value, key: str) -> Path:
-        file = (here / str(value)).resolve()
-        if not file.is_file():
-            raise _err(path, key, f"preset not found: {file}")
-        return file
-
-    base = preset(raw.base, "base") if raw.get("base") is not None else None
+def _entries(
+    path: Path, specs: dict, base: Path | None
+) -> dict[str, tuple[Path | None, list[str]]]:
+    """The named entries: name -> (its preset or None for ``base``, its overrides)."""
     entries: dict[str, tuple[Path | None, list[str]]] = {}
-    for name, spec in (raw.get("entries") or {}).items():
+    for name, spec in specs.items():
         key = f"entries.{name}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
             raise _err(
                 path, key, "an entry name is also a folder name: letters, digits, '.', '_', '-'"
             )
-        if isinstance(spec, DictConfig):
-            bad = sorted(set(spec) - {"preset", "overrides"})
-            if bad:
-                raise _err(
-                    path, key, f"unknown field(s) {bad}; an entry has 'preset' and/or 'overrides'"
-                )
-            entry_preset = preset(spec.preset, f"{key}.preset") if spec.get("preset") else None
-            entries[str(name)] = (
-                entry_preset,
-                _overrides(path, f"{key}.overrides", spec.get("overrides")),
-            )
+        if isinstance(spec, dict):
+            entry: EntrySpec = _structured(path, EntrySpec, spec, f"{key}.")
+            preset = _preset(path, entry.preset, f"{key}.preset") if entry.preset else None
+            entries[str(name)] = (preset, _overrides(path, f"{key}.overrides", entry.overrides))
         else:
             entries[str(name)] = (None, _overrides(path, key, spec))
         if entries[str(name)][0] is None and base is None:
             raise _err(path, key, "no preset: give the sweep a 'base' or the entry a 'preset'")
     if base is None and not entries:
         raise _err(path, "base", "a sweep needs a base preset (or entries that name presets)")
-    space_raw = raw.get("space")
-    space_raw = OmegaConf.create({}) if space_raw is None else space_raw
-    if not isinstance(space_raw, DictConfig):
-        raise _err(path, "space", "expected a mapping of config keys to parameter specs")
-    space = [_param(path, str(k), v) for k, v in space_raw.items()]
-    kinds = {p.kind == "grid" for p in space}
-    if len(kinds) > 1:
+    return entries
+
+
+def _param(path: Path, key: str, spec: ParamSpec) -> Param:
+    """One parameter of ``space``, its kind read from which fields ``spec`` has."""
+    where = f"space.{key}"
+    if spec.grid is not None or spec.type == "grid":
+        if not isinstance(spec.grid, list) or not spec.grid:
+            raise _err(path, where, "'grid' needs a non-empty list of values")
+        return Param(key, "grid", choices=spec.grid)
+    if spec.choices is not None or spec.type == "categorical":
+        if not isinstance(spec.choices, list) or not spec.choices:
+            raise _err(path, where, "'choices' needs a non-empty list of values")
+        return Param(key, "categorical", choices=spec.choices)
+    kind = spec.type or "float"
+    if kind not in ("float", "int"):
+        raise _err(path, where, f"type '{kind}' is not one of float, int, categorical, grid")
+    low, high = spec.low, spec.high
+    if low is None or high is None:
+        raise _err(path, where, "a float or int parameter needs 'low' and 'high'")
+    if low > high:
+        raise _err(path, where, f"low ({low:g}) is above high ({high:g})")
+    if spec.log and low <= 0:
+        raise _err(path, where, f"a log-scale parameter needs low > 0 (got {low:g})")
+    if spec.log and spec.step is not None:
+        raise _err(path, where, "'step' and 'log' cannot be combined (Optuna)")
+    return Param(key, kind, low=low, high=high, log=spec.log, step=spec.step)
+
+
+def _space(path: Path, specs: dict[str, ParamSpec]) -> list[Param]:
+    """The parameters, in the file's order; either all grids or none."""
+    space = [_param(path, key, spec) for key, spec in specs.items()]
+    if len({p.kind == "grid" for p in space}) > 1:
         raise _err(
             path,
             "space",
             "mixes grid and sampled parameters; Optuna's GridSampler needs "
             "every parameter on the grid (give each one 'grid: [...]', or none)",
         )
+    return space
 
-    budget_raw = raw.get("budget") or {}
-    bad = sorted(set(budget_raw) - set(BUDGET_KEYS))
-    if bad:
-        raise _err(path, f"budget.{bad[0]}", f"unknown key; valid: {', '.join(BUDGET_KEYS)}")
-    budget = [
-        f"train.{k}={budget_raw[k]}"
-        for k in ("max_steps", "max_epochs")
-        if budget_raw.get(k) is not None
-    ]
-    minutes = budget_raw.get("minutes")
-    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise _err(
-            path, "budget.minutes", f"must be a positive number of minutes (got {minutes!r})"
-        )
 
-    evaluation = {
-        "split": "valid",
-        "max_sentences": None,
-        "iw_samples": None,
-        "precision": None,
-        "au_delta": None,
-        "batch_size": None,
-        "seed": 0,
-        "checkpoint": "best",
-        "output": None,
-        "generation": False,
-        "gen_sentences": 1000,
-        "gen_samples": 500,
-        "gen_responses": 5,
-        "skip_too_long": False,
-        "flow_mi_sentences": None,
-    }
-    eval_raw = raw.get("evaluation") or {}
-    bad = sorted(set(eval_raw) - set(EVALUATION_KEYS))
-    if bad:
-        raise _err(
-            path, f"evaluation.{bad[0]}", f"unknown key; valid: {', '.join(EVALUATION_KEYS)}"
-        )
-    evaluation.update(OmegaConf.to_container(eval_raw) if eval_raw else {})
-    if evaluation["split"] not in ("train", "valid", "test"):
-        raise _err(path, "evaluation.split", f"'{evaluation['split']}' is not train, valid or test")
-    if evaluation["checkpoint"] not in ("best", "last"):
-        raise _err(path, "evaluation.checkpoint", "must be best or last")
-    if evaluation["precision"] not in (None, "fp32", "bf16"):
-        raise _err(path, "evaluation.precision", "must be fp32 or bf16")
-    evaluation["output"] = evaluation["output"] or f"eval-{evaluation['split']}"
-
-    objectives_raw = raw.get("objectives") or {"nll": "minimize"}
-    if not isinstance(objectives_raw, DictConfig | dict):
-        raise _err(path, "objectives", "expected a mapping field: minimize|maximize")
-    objectives = {}
-    for key, direction in objectives_raw.items():
+def _objectives(path: Path, written: dict[str, str]) -> dict[str, str]:
+    """Evaluation field -> ``minimize`` | ``maximize`` (default ``{nll: minimize}``)."""
+    objectives = written or {"nll": "minimize"}
+    for key, direction in objectives.items():
         if key not in fields.objective_fields():
             raise _err(
                 path,
@@ -379,46 +424,67 @@ def load_sweep(path: str | Path) -> Sweep:
             )
         if direction not in ("minimize", "maximize"):
             raise _err(path, f"objectives.{key}", f"'{direction}' is not minimize or maximize")
-        objectives[str(key)] = str(direction)
+    return dict(objectives)
 
-    study_raw = raw.get("study") or {}
-    bad = sorted(set(study_raw) - set(STUDY_KEYS))
-    if bad:
-        raise _err(path, f"study.{bad[0]}", f"unknown key; valid: {', '.join(STUDY_KEYS)}")
-    sampler = study_raw.get("sampler", "auto")
-    if sampler not in SAMPLERS:
-        raise _err(path, "study.sampler", f"'{sampler}' is not one of {', '.join(SAMPLERS)}")
+
+def _check_values(path: Path, spec: SweepFile) -> None:
+    """The choice-valued keys (:data:`CHOICES`), the bounded ones (:data:`AT_LEAST`) and
+    ``budget.minutes``."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(spec, section), name)
+        if value not in allowed:
+            names = ", ".join(str(a) for a in allowed if a is not None)
+            raise _err(path, key, f"'{value}' is not one of {names}")
+    for key, low in AT_LEAST.items():
+        section, name = key.split(".")
+        value = getattr(getattr(spec, section), name)
+        if value is not None and value < low:
+            raise _err(path, key, f"must be an integer >= {low} (got {value})")
+    minutes = spec.budget.minutes
+    if minutes is not None and minutes <= 0:
+        raise _err(
+            path, "budget.minutes", f"must be a positive number of minutes (got {minutes:g})"
+        )
+
+
+def _budget(budget: Budget) -> list[str]:
+    """The budget's overrides of each trial's config: ``train.max_steps`` / ``max_epochs``."""
+    steps = {"max_steps": budget.max_steps, "max_epochs": budget.max_epochs}
+    return [f"train.{key}={value}" for key, value in steps.items() if value is not None]
+
+
+def _sampler_and_trials(
+    path: Path, spec: SweepFile, n_grid: int, space: list[Param], objectives: dict[str, str]
+) -> tuple[str, int]:
+    """The sampler (``auto`` resolved) and the number of trials (a grid: its points)."""
     is_grid = all(p.kind == "grid" for p in space)
+    sampler = spec.study.sampler
     if sampler == "auto":
         sampler = "grid" if is_grid else ("tpe" if len(objectives) == 1 else "nsga2")
     if sampler == "grid" and not is_grid:
         raise _err(path, "study.sampler", "grid needs every space parameter to be a 'grid'")
-    if sampler != "grid" and space and all(p.kind == "grid" for p in space):
+    if sampler != "grid" and space and is_grid:
         raise _err(
             path,
             "study.sampler",
             f"'{sampler}' cannot sample 'grid' parameters; use 'choices' for a sampled categorical",
         )
-    n_grid = math.prod(
-        len(v) for v in ([list(entries)] if entries else []) + [p.choices for p in space]
-    )
-    trials = budget_raw.get("trials")
-    if sampler == "grid":
-        if trials is not None and trials != n_grid:
-            raise _err(
-                path,
-                "budget.trials",
-                f"the grid has {n_grid} points; leave 'trials' out or set it to {n_grid}",
-            )
-        trials = n_grid
-    elif trials is None or not isinstance(trials, int) or trials < 1:
-        raise _err(path, "budget.trials", "a sampled sweep needs a positive number of trials")
-    heartbeat = study_raw.get("heartbeat_seconds", 30)
-    if not isinstance(heartbeat, int) or heartbeat < 1:
-        raise _err(path, "study.heartbeat_seconds", "must be a positive integer")
-    pruner = study_raw.get("pruner", "none")
-    if pruner not in ("none", "median"):
-        raise _err(path, "study.pruner", f"'{pruner}' is not none or median")
+    trials = spec.budget.trials
+    if sampler != "grid":
+        if trials is None or trials < 1:
+            raise _err(path, "budget.trials", "a sampled sweep needs a positive number of trials")
+        return sampler, trials
+    if trials is not None and trials != n_grid:
+        raise _err(
+            path,
+            "budget.trials",
+            f"the grid has {n_grid} points; leave 'trials' out or set it to {n_grid}",
+        )
+    return sampler, n_grid
+
+
+def _check_pruner(path: Path, pruner: str, objectives: dict[str, str]) -> None:
     if pruner == "median" and list(objectives.values()) != ["minimize"]:
         raise _err(
             path,
@@ -427,33 +493,53 @@ def load_sweep(path: str | Path) -> Sweep:
             "trials, so it needs exactly one objective, minimized (Optuna cannot prune "
             "multi-objective studies)",
         )
-    startup = study_raw.get("pruner_startup_trials", 5)
-    if not isinstance(startup, int) or startup < 0:
-        raise _err(path, "study.pruner_startup_trials", "must be an integer >= 0")
-    population = study_raw.get("population_size")
-    if population is not None and (not isinstance(population, int) or population < 2):
-        raise _err(path, "study.population_size", "must be an integer >= 2 (NSGA-II)")
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and validate a sweep file; every trial's config keys are checked against the
+    config schema before anything runs (a grid: every trial's full config).
+
+    The file is merged into :class:`SweepFile` by OmegaConf (unknown keys and types); then the
+    presets must exist, the values lie in their ranges and choices, and the sampler and the
+    number of trials are resolved.
+
+    Raises:
+        SweepError: unparsable YAML, an unknown or ill-typed key, an unknown config key in
+            ``overrides``/``entries``/``space`` (the message names the file and the key).
+    """
+    path = Path(path)
+    raw, spec = _read(path)
+    base = _preset(path, spec.base, "base") if spec.base is not None else None
+    entries = _entries(path, spec.entries, base)
+    space = _space(path, spec.space)
+    _check_values(path, spec)
+    objectives = _objectives(path, spec.objectives)
+    n_grid = math.prod(len(v) for v in [list(entries) or [None]] + [p.choices for p in space])
+    sampler, trials = _sampler_and_trials(path, spec, n_grid, space, objectives)
+    _check_pruner(path, spec.study.pruner, objectives)
+    study, evaluation = spec.study, spec.evaluation
+    evaluation.output = evaluation.output or f"eval-{evaluation.split}"
+    population = study.population_size
     if population is None and sampler == "nsga2":
         population = nsga2_population(trials)
-
     sweep = Sweep(
         path=path,
-        name=str(raw.get("name") or path.stem),
-        out_dir=Path(raw.out_dir) if raw.get("out_dir") else None,
+        name=str(spec.name or path.stem),
+        out_dir=Path(spec.out_dir) if spec.out_dir else None,
         base=base,
-        overrides=_overrides(path, "overrides", raw.get("overrides")),
+        overrides=_overrides(path, "overrides", spec.overrides),
         entries=entries,
         space=space,
         trials=trials,
-        budget=budget,
-        minutes=minutes,
+        budget=_budget(spec.budget),
+        minutes=spec.budget.minutes,
         evaluation=evaluation,
         objectives=objectives,
         sampler=sampler,
-        seed=int(study_raw.get("seed", 0)),
-        heartbeat_seconds=heartbeat,
-        pruner=pruner,
-        pruner_startup_trials=startup,
+        seed=study.seed,
+        heartbeat_seconds=study.heartbeat_seconds,
+        pruner=study.pruner,
+        pruner_startup_trials=study.pruner_startup_trials,
         raw=OmegaConf.to_container(raw),
         population_size=population,
     )
@@ -515,7 +601,7 @@ def _json(path: Path, record: dict) -> None:
     write_json(path, record)
 
 
-def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
+def evaluate_run(run_dir: Path, evaluation: Evaluation) -> dict:
     """Evaluate a run folder as ``textvae evaluate`` does, with a sweep's evaluation settings;
     writes and returns ``RUN_DIR/<output>.json``."""
     import textvae
@@ -524,46 +610,44 @@ def evaluate_run(run_dir: Path, evaluation: dict) -> dict:
 
     e = evaluation
     start = time.perf_counter()
-    model, tokenizer = textvae.load(run_dir, which=e["checkpoint"])
+    model, tokenizer = textvae.load(run_dir, which=e.checkpoint)
     cfg = model.config
-    dataset, source, _ = evaluation_dataset(
-        cfg.data, tokenizer, e["split"], None, e["max_sentences"]
-    )
+    dataset, source, _ = evaluation_dataset(cfg.data, tokenizer, e.split, None, e.max_sentences)
     result = evaluate(
         model,
         dataset,
-        iw_samples=e["iw_samples"] if e["iw_samples"] is not None else cfg.eval.iw_samples,
-        au_delta=e["au_delta"] or cfg.eval.au_delta,
-        batch_size=e["batch_size"] or cfg.eval.batch_size,
+        iw_samples=e.iw_samples if e.iw_samples is not None else cfg.eval.iw_samples,
+        au_delta=e.au_delta or cfg.eval.au_delta,
+        batch_size=e.batch_size or cfg.eval.batch_size,
         chunk_tokens=cfg.eval.chunk_tokens,
-        precision=e["precision"] or cfg.eval.precision,
-        seed=e["seed"],
-        skip_too_long=e["skip_too_long"],
-        flow_mi_sentences=e["flow_mi_sentences"],
+        precision=e.precision or cfg.eval.precision,
+        seed=e.seed,
+        skip_too_long=e.skip_too_long,
+        flow_mi_sentences=e.flow_mi_sentences,
     )
-    result["data"], result["split"] = source, e["split"]
-    if e["generation"] and model.conditional:
-        g = e["gen_sentences"]
+    result["data"], result["split"] = source, e.split
+    if e.generation and model.conditional:
+        g = e.gen_sentences
         result.update(
             response_metrics(
                 model,
                 dataset.contexts[:g],
                 dataset.texts[:g],
-                n_responses=e["gen_responses"],
-                seed=e["seed"],
+                n_responses=e.gen_responses,
+                seed=e.seed,
             )
         )
-    elif e["generation"]:
+    elif e.generation:
         result.update(
             generation_metrics(
                 model,
-                dataset.texts[: e["gen_sentences"]],
-                n_samples=e["gen_samples"],
-                seed=e["seed"],
+                dataset.texts[: e.gen_sentences],
+                n_samples=e.gen_samples,
+                seed=e.seed,
             )
         )
     result["seconds"] = time.perf_counter() - start
-    _json(run_dir / f"{e['output']}.json", result)
+    _json(run_dir / f"{e.output}.json", result)
     return result
 
 
@@ -606,7 +690,7 @@ def run_trial(
     import json
 
     record_path = run_dir / "trial.json"
-    eval_path = run_dir / f"{sweep.evaluation['output']}.json"
+    eval_path = run_dir / f"{sweep.evaluation.output}.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     if record is None:
         preset, overrides = trial_overrides(sweep, entry, params)
@@ -1145,8 +1229,8 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         t = latest[number]
         folder = out_dir / t.user_attrs["run_dir"] if "run_dir" in t.user_attrs else None
         result = {}
-        if folder is not None and (folder / f"{sweep.evaluation['output']}.json").is_file():
-            result = json.loads((folder / f"{sweep.evaluation['output']}.json").read_text())
+        if folder is not None and (folder / f"{sweep.evaluation.output}.json").is_file():
+            result = json.loads((folder / f"{sweep.evaluation.output}.json").read_text())
         label = folder.name if folder is not None else f"trial-{number:04d}"
         if result:
             rows[label] = result
@@ -1185,11 +1269,11 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         f"Sweep file `{sweep.path}`; study `{sweep.name}` in `{_hide_password(url)}`; sampler "
         f"{sweep.sampler}{_population(sweep)}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
         f"(★: on the Pareto front{'' if len(sweep.objectives) > 1 else ', i.e. the best trial'}).",
-        f"Evaluation: split **{e['split']}** ({first.get('data', '–')}, "
-        f"{first.get('n_sentences', '–')} sentences), {e['checkpoint']} checkpoint, K = "
+        f"Evaluation: split **{e.split}** ({first.get('data', '–')}, "
+        f"{first.get('n_sentences', '–')} sentences), {e.checkpoint} checkpoint, K = "
         f"{', '.join(str(k) for k in ks) or '–'} (IW-NLL; a model without latent: exact), "
-        f"precision {first.get('precision', e['precision'])}, seed {e['seed']}; "
-        f"`{e['output']}.json` in each trial's run folder.",
+        f"precision {first.get('precision', e.precision)}, seed {e.seed}; "
+        f"`{e.output}.json` in each trial's run folder.",
     ]
     if sweep.entries:
         lines += [
@@ -1209,7 +1293,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
             lines.append(f"- {name}: {', '.join(parts) or 'the base preset'}")
     if sweep.budget:
         lines += ["", "Budget per trial: " + ", ".join(f"`{b}`" for b in sweep.budget) + "."]
-    if e["split"] == "test":
+    if e.split == "test":
         lines.append(
             "This sweep is scored on the **test** split: it evaluates fixed recipes; "
             "do not select among them on these numbers."
