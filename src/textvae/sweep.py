@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import multiprocessing
@@ -870,59 +871,6 @@ def run_worker(
     sweep, out = load_sweep(sweep_path), Path(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ran, stopped = 0, []
-
-    def objective(trial) -> list[float]:
-        trials = study.get_trials(deepcopy=False)
-        frozen = next(t for t in trials if t.number == trial.number)
-        number = _identity(frozen)
-        if frozen.system_attrs.get("failed_trial") is None and _overflows(sweep, frozen, trials):
-            trial.set_user_attr("overflow", True)
-            raise _Overflow(f"trial {number}: the budget of {sweep.trials} trials is used")
-        entry = trial.suggest_categorical("entry", list(sweep.entries)) if sweep.entries else None
-        params = {}
-        for p in sweep.space:
-            if p.kind in ("categorical", "grid"):
-                params[p.key] = trial.suggest_categorical(p.key, p.choices)
-            elif p.kind == "int":
-                params[p.key] = trial.suggest_int(
-                    p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
-                )
-            else:
-                params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
-        run_dir = usable_dir(trial_dir(sweep, out, number, entry))
-        trial.set_user_attr("run_dir", run_dir.name)
-        # which worker ran it: with a shared RDB study, workers on several machines each write
-        # their run folders under their own --out-dir
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{out.resolve()}")
-
-        def report(record: dict) -> None:
-            """Median pruning on the validation loss -ELBO (nats/sentence) at each validation."""
-            if record.get("elbo") is None or sweep.pruner == "none":
-                return
-            trial.report(-record["elbo"], record["step"])
-            if trial.should_prune():
-                raise optuna.TrialPruned(
-                    f"step {record['step']}: validation -ELBO "
-                    f"{-record['elbo']:.2f} is above the median"
-                )
-
-        try:
-            record = run_trial(sweep, run_dir, entry, params, report, train=train)
-        except optuna.TrialPruned:
-            raise
-        except (Exception, KeyboardInterrupt) as err:  # the next invocation retries it
-            if _record_failure(trial, number, run_dir, err):
-                stopped.append(err)
-            raise
-        trial.set_user_attr("train_s", record["train_s"])
-        trial.set_user_attr("eval_s", record["eval_s"])
-        values = []
-        for key, direction in sweep.objectives.items():
-            value = record["eval"].get(key)
-            worst = math.inf if direction == "minimize" else -math.inf
-            values.append(worst if value is None else float(value))
-        return values
-
     while deadline is None or time.time() < deadline:
         study = open_study(sweep, url)
         with warnings.catch_warnings():
@@ -938,11 +886,96 @@ def run_worker(
         # a sampler seed of its own for every trial, worker and invocation: a re-run must not
         # replay the random draws of the trials it already has (a grid keeps its one seed)
         study = open_study(sweep, url, seed=sweep.seed + 1000 * worker + len(trials))
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+        study.optimize(
+            functools.partial(_objective, study, sweep, out, train, stopped),
+            n_trials=1,
+            catch=(Exception,),
+        )
         ran += 1
         if stopped:  # SIGINT/SIGTERM: no further trial
             raise stopped[0]
     return ran
+
+
+def _objective(
+    study, sweep: Sweep, out: Path, train: Trainer, stopped: list[BaseException], trial
+) -> list[float]:
+    """Optuna's objective for one trial of :func:`run_worker`: train and evaluate its run folder
+    and return the objective values; a trial beyond the budget is refused (:class:`_Overflow`).
+    A trial that raised is recorded (:func:`_record_failure`) and, when a signal stopped it,
+    its error appended to ``stopped``."""
+    import optuna
+
+    trials = study.get_trials(deepcopy=False)
+    frozen = next(t for t in trials if t.number == trial.number)
+    number = _identity(frozen)
+    if frozen.system_attrs.get("failed_trial") is None and _overflows(sweep, frozen, trials):
+        trial.set_user_attr("overflow", True)
+        raise _Overflow(f"trial {number}: the budget of {sweep.trials} trials is used")
+    entry, params = _suggest(trial, sweep)
+    run_dir = usable_dir(trial_dir(sweep, out, number, entry))
+    trial.set_user_attr("run_dir", run_dir.name)
+    # which worker ran it: with a shared RDB study, workers on several machines each write
+    # their run folders under their own --out-dir
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{out.resolve()}")
+    try:
+        record = run_trial(sweep, run_dir, entry, params, _pruning(trial, sweep), train=train)
+    except optuna.TrialPruned:
+        raise
+    except (Exception, KeyboardInterrupt) as err:  # the next invocation retries it
+        if _record_failure(trial, number, run_dir, err):
+            stopped.append(err)
+        raise
+    trial.set_user_attr("train_s", record["train_s"])
+    trial.set_user_attr("eval_s", record["eval_s"])
+    return _objective_values(sweep, record["eval"])
+
+
+def _suggest(trial, sweep: Sweep) -> tuple[str | None, dict]:
+    """The trial's entry (None without entries) and parameters, drawn from Optuna's trial."""
+    entry = trial.suggest_categorical("entry", list(sweep.entries)) if sweep.entries else None
+    params = {}
+    for p in sweep.space:
+        if p.kind in ("categorical", "grid"):
+            params[p.key] = trial.suggest_categorical(p.key, p.choices)
+        elif p.kind == "int":
+            params[p.key] = trial.suggest_int(
+                p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
+            )
+        else:
+            params[p.key] = trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+    return entry, params
+
+
+def _pruning(trial, sweep: Sweep) -> Callable[[dict], None]:
+    """The ``on_validation`` callback of a trial's training: median pruning on the validation
+    loss -ELBO (nats/sentence) at each validation (nothing when ``study.pruner`` is none).
+
+    Raises (the callback):
+        optuna.TrialPruned: the trial's -ELBO is above the median at this step.
+    """
+    import optuna
+
+    def report(record: dict) -> None:
+        if record.get("elbo") is None or sweep.pruner == "none":
+            return
+        trial.report(-record["elbo"], record["step"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(
+                f"step {record['step']}: validation -ELBO {-record['elbo']:.2f} is above the median"
+            )
+
+    return report
+
+
+def _objective_values(sweep: Sweep, result: dict) -> list[float]:
+    """The objectives read from an evaluation; a null field counts as the worst value."""
+    values = []
+    for key, direction in sweep.objectives.items():
+        value = result.get(key)
+        worst = math.inf if direction == "minimize" else -math.inf
+        values.append(worst if value is None else float(value))
+    return values
 
 
 def _record_failure(trial, number: int, run_dir: Path, err: BaseException) -> bool:
@@ -1196,69 +1229,112 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
     """``OUT/sweep.md`` (one row per trial; the Pareto front marked ★) and
     ``OUT/rate_distortion.png``; returns ``{"trials": [...], "pareto": [numbers], "plot": ...}``.
     """
-    import json
+    from textvae.atomic import write_text
+    from textvae.report import evaluation_table, plot_rate_distortion
 
+    latest, best = _latest_trials(open_study(sweep, url))
+    shown, rows, dims = [], {}, {}
+    for number in _summary_order(sweep, latest):
+        row, result, au_dims = _summary_row(sweep, out_dir, number, latest[number], best)
+        shown.append(row)
+        if result:
+            rows[row["label"]], dims[row["label"]] = result, au_dims
+    lines = _summary_head(sweep, url, len(shown), rows) + _trials_table(sweep, shown)
+    lines += ["", UNITS_NOTE + ".", ""]
+    if rows:
+        lines += [evaluation_table(rows, dims), ""]
+    plot = plot_rate_distortion(rows, out_dir / "rate_distortion.png", f"sweep {sweep.name}")
+    lines += ["![rate-distortion plane of the trials](rate_distortion.png)", ""]
+    write_text(out_dir / "sweep.md", "\n".join(lines))
+    return {
+        "trials": shown,
+        "pareto": sorted(s["number"] for s in shown if s["pareto"]),
+        "plot": plot,
+    }
+
+
+def _latest_trials(study) -> tuple[dict, set[int]]:
+    """(identity -> its last attempt, the numbers of the trials on the Pareto front); trials
+    beyond the budget left out."""
     from optuna.trial import TrialState
 
-    from textvae.models import MODELS
-    from textvae.report import au_dimensions, evaluation_table, plot_rate_distortion
-
-    study = open_study(sweep, url)
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("overflow")]
     best = (
         {t.number for t in study.best_trials}
         if any(t.state == TrialState.COMPLETE for t in trials)
         else set()
     )
-    shown, rows, dims, latest = [], {}, {}, {}
+    latest = {}
     for t in sorted(trials, key=lambda t: (_identity(t), t.number)):
         latest[_identity(t)] = t  # a retried trial: its last attempt stands for it
+    return latest, best
+
+
+def _summary_order(sweep: Sweep, latest: dict) -> list[int]:
+    """The trial identities in the order of ``sweep.md``: by number, or for a grid in the
+    order the file declares the grid."""
     order = sorted(latest)
-    if sweep.sampler == "grid":  # rows in the order the file declares the grid
-        import itertools
+    if sweep.sampler != "grid":
+        return order
+    import itertools
 
-        grid = sweep.grid()
-        points = list(itertools.product(*grid.values()))
+    grid = sweep.grid()
+    points = list(itertools.product(*grid.values()))
 
-        def position(n: int) -> int:
-            point = tuple(latest[n].params.get(k) for k in grid)
-            return points.index(point) if point in points else len(points) + n
+    def position(n: int) -> int:
+        point = tuple(latest[n].params.get(k) for k in grid)
+        return points.index(point) if point in points else len(points) + n
 
-        order.sort(key=position)
-    for number in order:
-        t = latest[number]
-        folder = out_dir / t.user_attrs["run_dir"] if "run_dir" in t.user_attrs else None
-        result = {}
-        if folder is not None and (folder / f"{sweep.evaluation.output}.json").is_file():
-            result = json.loads((folder / f"{sweep.evaluation.output}.json").read_text())
-        label = folder.name if folder is not None else f"trial-{number:04d}"
-        if result:
-            rows[label] = result
-            config = OmegaConf.load(folder / CONFIG)
-            # the AU denominator from the model class (none where L x D depends on a backbone)
-            dims[label] = au_dimensions(MODELS[config.model.name], config.model)
-        settings = ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items())
-        # an objective the evaluation did not report (e.g. classifier_accuracy of a run without
-        # classifier) was stored as the worst value, ±inf: shown as missing, not as a score
-        values = ", ".join(
-            "–" if v is None or math.isinf(v) else f"{v:.3f}" for v in (t.values or [])
-        )
-        if t.state == TrialState.PRUNED and t.intermediate_values:
-            step = max(t.intermediate_values)
-            values = f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
-        shown.append(
-            {
-                "number": number,
-                "label": label,
-                "state": t.state.name,
-                "settings": settings,
-                "values": values,
-                "pareto": t.number in best,
-                "train_s": t.user_attrs.get("train_s"),
-                "eval_s": t.user_attrs.get("eval_s"),
-                "error": t.user_attrs.get("error"),
-            }
-        )
+    return sorted(order, key=position)
+
+
+def _summary_row(
+    sweep: Sweep, out_dir: Path, number: int, t, best: set[int]
+) -> tuple[dict, dict, int | None]:
+    """One trial of ``sweep.md``: (its row, its evaluation JSON or {}, its AU denominator)."""
+    import json
+
+    from textvae.models import MODELS
+    from textvae.report import au_dimensions
+
+    folder = out_dir / t.user_attrs["run_dir"] if "run_dir" in t.user_attrs else None
+    output = f"{sweep.evaluation.output}.json"
+    result, au_dims = {}, None
+    if folder is not None and (folder / output).is_file():
+        result = json.loads((folder / output).read_text())
+    if result:
+        config = OmegaConf.load(folder / CONFIG)
+        # the AU denominator from the model class (none where L x D depends on a backbone)
+        au_dims = au_dimensions(MODELS[config.model.name], config.model)
+    row = {
+        "number": number,
+        "label": folder.name if folder is not None else f"trial-{number:04d}",
+        "state": t.state.name,
+        "settings": ", ".join(f"`{k}={_yaml_value(v)}`" for k, v in t.params.items()),
+        "values": _values_cell(t),
+        "pareto": t.number in best,
+        "train_s": t.user_attrs.get("train_s"),
+        "eval_s": t.user_attrs.get("eval_s"),
+        "error": t.user_attrs.get("error"),
+    }
+    return row, result, au_dims
+
+
+def _values_cell(t) -> str:
+    """A trial's objective values for ``sweep.md`` (a pruned trial: where it was pruned)."""
+    from optuna.trial import TrialState
+
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        step = max(t.intermediate_values)
+        return f"pruned at step {step}: valid -ELBO {t.intermediate_values[step]:.2f}"
+    # an objective the evaluation did not report (e.g. classifier_accuracy of a run without
+    # classifier) was stored as the worst value, ±inf: shown as missing, not as a score
+    return ", ".join("–" if v is None or math.isinf(v) else f"{v:.3f}" for v in (t.values or []))
+
+
+def _summary_head(sweep: Sweep, url: str, n_shown: int, rows: dict) -> list[str]:
+    """``sweep.md``'s title and paragraphs: the study, the evaluation, the entries, the
+    budget."""
     e = sweep.evaluation
     first = next(iter(rows.values()), {})
     ks = sorted({r["iw_samples"] for r in rows.values() if r.get("iw_samples")})
@@ -1267,7 +1343,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         f"# Sweep {sweep.name}",
         "",
         f"Sweep file `{sweep.path}`; study `{sweep.name}` in `{_hide_password(url)}`; sampler "
-        f"{sweep.sampler}{_population(sweep)}; {len(shown)} of {sweep.trials} trials shown. Objectives: {objectives} "
+        f"{sweep.sampler}{_population(sweep)}; {n_shown} of {sweep.trials} trials shown. Objectives: {objectives} "
         f"(★: on the Pareto front{'' if len(sweep.objectives) > 1 else ', i.e. the best trial'}).",
         f"Evaluation: split **{e.split}** ({first.get('data', '–')}, "
         f"{first.get('n_sentences', '–')} sentences), {e.checkpoint} checkpoint, K = "
@@ -1275,22 +1351,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
         f"precision {first.get('precision', e.precision)}, seed {e.seed}; "
         f"`{e.output}.json` in each trial's run folder.",
     ]
-    if sweep.entries:
-        lines += [
-            "",
-            "Entries (on "
-            + (f"`{sweep.base.name}`" if sweep.base else "their presets")
-            + (
-                ", after the common overrides " + ", ".join(f"`{o}`" for o in sweep.overrides)
-                if sweep.overrides
-                else ""
-            )
-            + "):",
-            "",
-        ]
-        for name, (preset, own) in sweep.entries.items():
-            parts = ([f"preset `{preset.name}`"] if preset else []) + [f"`{o}`" for o in own]
-            lines.append(f"- {name}: {', '.join(parts) or 'the base preset'}")
+    lines += _entries_lines(sweep)
     if sweep.budget:
         lines += ["", "Budget per trial: " + ", ".join(f"`{b}`" for b in sweep.budget) + "."]
     if e.split == "test":
@@ -1298,7 +1359,31 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
             "This sweep is scored on the **test** split: it evaluates fixed recipes; "
             "do not select among them on these numbers."
         )
-    lines += [
+    return lines
+
+
+def _entries_lines(sweep: Sweep) -> list[str]:
+    """``sweep.md``'s list of the entries and their overrides (nothing without entries)."""
+    if not sweep.entries:
+        return []
+    common = ", ".join(f"`{o}`" for o in sweep.overrides)
+    lines = [
+        "",
+        "Entries (on "
+        + (f"`{sweep.base.name}`" if sweep.base else "their presets")
+        + (f", after the common overrides {common}" if sweep.overrides else "")
+        + "):",
+        "",
+    ]
+    for name, (preset, own) in sweep.entries.items():
+        parts = ([f"preset `{preset.name}`"] if preset else []) + [f"`{o}`" for o in own]
+        lines.append(f"- {name}: {', '.join(parts) or 'the base preset'}")
+    return lines
+
+
+def _trials_table(sweep: Sweep, shown: list[dict]) -> list[str]:
+    """``sweep.md``'s table of the trials (settings, objective values, wall times, ★)."""
+    lines = [
         "",
         f"| trial | state | settings | {', '.join(sweep.objectives)} | train s | eval s | Pareto |",
         "|---|---|---|---:|---:|---:|:---:|",
@@ -1309,19 +1394,7 @@ def write_summary(sweep: Sweep, out_dir: Path, url: str) -> dict:
             f"| {s['label']} | {state} | {s['settings'] or 'base'} | {s['values'] or '–'} "
             f"| {_num(s['train_s'])} | {_num(s['eval_s'])} | {'★' if s['pareto'] else ''} |"
         )
-    lines += ["", UNITS_NOTE + ".", ""]
-    if rows:
-        lines += [evaluation_table(rows, dims), ""]
-    plot = plot_rate_distortion(rows, out_dir / "rate_distortion.png", f"sweep {sweep.name}")
-    lines += ["![rate-distortion plane of the trials](rate_distortion.png)", ""]
-    from textvae.atomic import write_text
-
-    write_text(out_dir / "sweep.md", "\n".join(lines))
-    return {
-        "trials": shown,
-        "pareto": sorted(s["number"] for s in shown if s["pareto"]),
-        "plot": plot,
-    }
+    return lines
 
 
 def _num(value) -> str:
