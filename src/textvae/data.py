@@ -266,63 +266,72 @@ def read_file(
     path = Path(path)
     lines = _decode_lines(path)
     fmt = _infer_format(path, fmt)
+    if fmt == "text":
+        texts = [line for line in lines if line.strip()]
+        return texts, None, len(lines) - len(texts)
+    if fmt == "tsv":
+        return _read_tsv(path, lines, text_field, label_field)
+    if fmt == "jsonl":
+        return _read_jsonl(path, lines, text_field, label_field)
+    raise DataError(f"{path}: unknown format '{fmt}' (use text, tsv or jsonl)")
+
+
+def _read_tsv(
+    path: Path, lines: list[str], text_field: str, label_field: str | None
+) -> tuple[list[str], list[str] | None, int]:
+    """:func:`read_file` of a TSV file with a header row naming the columns."""
+    rows = list(csv.reader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise DataError(f"{path}: empty TSV file (a header row is required)")
+    header = rows[0]
+    for key in filter(None, (text_field, label_field)):
+        if key not in header:
+            raise DataError(f"{path}, line 1: no column '{key}' in header {header}")
+    ti = header.index(text_field)
+    li = header.index(label_field) if label_field else None
     texts: list[str] = []
     labels: list[str] | None = [] if label_field else None
     blank = 0
-    if fmt == "text":
-        for line in lines:
-            if line.strip():
-                texts.append(line)
-            else:
-                blank += 1
-        return texts, None, blank
-    if fmt == "tsv":
-        rows = list(
-            csv.reader(io.StringIO("\n".join(lines)), delimiter="\t", quoting=csv.QUOTE_NONE)
-        )
-        if not rows:
-            raise DataError(f"{path}: empty TSV file (a header row is required)")
-        header = rows[0]
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            blank += 1
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}, line {lineno}: {len(row)} columns, header has {len(header)}")
+        if not row[ti].strip():
+            blank += 1
+            continue
+        texts.append(row[ti])
+        if labels is not None and li is not None:
+            labels.append(row[li])
+    return texts, labels, blank
+
+
+def _read_jsonl(
+    path: Path, lines: list[str], text_field: str, label_field: str | None
+) -> tuple[list[str], list[str] | None, int]:
+    """:func:`read_file` of a JSONL file: one JSON object per line."""
+    texts: list[str] = []
+    labels: list[str] | None = [] if label_field else None
+    blank = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
         for key in filter(None, (text_field, label_field)):
-            if key not in header:
-                raise DataError(f"{path}, line 1: no column '{key}' in header {header}")
-        ti = header.index(text_field)
-        li = header.index(label_field) if label_field else None
-        for lineno, row in enumerate(rows[1:], start=2):
-            if not row or not "".join(row).strip():
-                blank += 1
-                continue
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}, line {lineno}: {len(row)} columns, header has {len(header)}"
-                )
-            if not row[ti].strip():
-                blank += 1
-                continue
-            texts.append(row[ti])
-            if labels is not None and li is not None:
-                labels.append(row[li])
-        return texts, labels, blank
-    if fmt == "jsonl":
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                blank += 1
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
-            for key in filter(None, (text_field, label_field)):
-                if not isinstance(record, dict) or key not in record:
-                    raise DataError(f"{path}, line {lineno}: no key '{key}'")
-            if not str(record[text_field]).strip():
-                blank += 1
-                continue
-            texts.append(str(record[text_field]))
-            if labels is not None:
-                labels.append(str(record[label_field]))
-        return texts, labels, blank
-    raise DataError(f"{path}: unknown format '{fmt}' (use text, tsv or jsonl)")
+            if not isinstance(record, dict) or key not in record:
+                raise DataError(f"{path}, line {lineno}: no key '{key}'")
+        if not str(record[text_field]).strip():
+            blank += 1
+            continue
+        texts.append(str(record[text_field]))
+        if labels is not None:
+            labels.append(str(record[label_field]))
+    return texts, labels, blank
 
 
 def read_dialogues(path: str | Path) -> tuple[list[list[str]], int]:
