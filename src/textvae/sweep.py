@@ -603,53 +603,23 @@ def _json(path: Path, record: dict) -> None:
 
 
 def evaluate_run(run_dir: Path, evaluation: Evaluation) -> dict:
-    """Evaluate a run folder as ``textvae evaluate`` does, with a sweep's evaluation settings;
-    writes and returns ``RUN_DIR/<output>.json``."""
-    import textvae
-    from textvae.data import evaluation_dataset
-    from textvae.metrics import evaluate, generation_metrics, response_metrics
+    """Evaluate a trial's run folder with the sweep's ``evaluation`` settings through the one
+    evaluation API (:func:`textvae.evaluation.evaluate_run`, as ``textvae evaluate``); the JSON
+    is ``RUN_DIR/<output>.json`` (the sweep reads it back by that name). Returns the record.
 
-    e = evaluation
-    start = time.perf_counter()
-    model, tokenizer = textvae.load(run_dir, which=e.checkpoint)
-    cfg = model.config
-    dataset, source, _ = evaluation_dataset(cfg.data, tokenizer, e.split, None, e.max_sentences)
-    result = evaluate(
-        model,
-        dataset,
-        iw_samples=e.iw_samples if e.iw_samples is not None else cfg.eval.iw_samples,
-        au_delta=e.au_delta or cfg.eval.au_delta,
-        batch_size=e.batch_size or cfg.eval.batch_size,
-        chunk_tokens=cfg.eval.chunk_tokens,
-        precision=e.precision or cfg.eval.precision,
-        seed=e.seed,
-        skip_too_long=e.skip_too_long,
-        flow_mi_sentences=e.flow_mi_sentences,
-    )
-    result["data"], result["split"] = source, e.split
-    if e.generation and model.conditional:
-        g = e.gen_sentences
-        result.update(
-            response_metrics(
-                model,
-                dataset.contexts[:g],
-                dataset.texts[:g],
-                n_responses=e.gen_responses,
-                seed=e.seed,
-            )
-        )
-    elif e.generation:
-        result.update(
-            generation_metrics(
-                model,
-                dataset.texts[: e.gen_sentences],
-                n_samples=e.gen_samples,
-                seed=e.seed,
-            )
-        )
-    result["seconds"] = time.perf_counter() - start
-    _json(run_dir / f"{e.output}.json", result)
-    return result
+    Raises:
+        FileExistsError: that JSON exists already (:func:`run_trial` reads it instead).
+    """
+    import dataclasses
+
+    from textvae.evaluation import EvaluationRequest
+    from textvae.evaluation import evaluate_run as evaluate_folder
+
+    settings = dataclasses.asdict(evaluation)
+    output = settings.pop("output")
+    request = EvaluationRequest(**settings, output=Path(run_dir) / f"{output}.json")
+    record, _ = evaluate_folder(run_dir, request)
+    return record
 
 
 def usable_dir(run_dir: Path) -> Path:
