@@ -138,3 +138,17 @@ def test_a_classifier_on_z_trains_on_its_fraction_of_labels():
     config = _tiny_config("lstm_vae", classifier_weight=1.0, classifier_label_fraction=0.25).model
     assert MODELS["lstm_vae"].trains_on_labels(config)
     assert MODELS["lstm_vae"].label_fraction(config) == 0.25
+
+
+def test_model_configs_check_no_training_keys():
+    """What a remedy may do with a model is the model class's to say (``supports_aggressive``,
+    ``ae_decoder_reset``) and the remedy's keys class's to check (textvae.remedy_keys): no
+    model file reads the ``train`` section."""
+    models = Path(textvae.__file__).parent / "models"
+    readers = sorted(
+        f"{p.name}:{node.lineno}"
+        for p in models.glob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "train"
+    )
+    assert readers == []

@@ -136,6 +136,13 @@ class AEPretrainingKeys(RemedyKeys):
             )
         if t.ae_pretrain_steps > 0:
             _needs_latent(config, "train.ae_pretrain_steps")
+        if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
+            if not MODELS[config.model.name].ae_decoder_reset:
+                raise ValueError(
+                    f"train.ae_reset_decoder: model.name={config.model.name!r}'s VAE phase "
+                    "starts from the autoencoder phase's weights (Park & Lee 2021; DELLA's "
+                    "encoder is its decoder); set train.ae_reset_decoder=false"
+                )
         if t.ae_freeze_decoder and not MODELS[config.model.name].decoder_modules:
             raise ValueError(
                 f"train.ae_freeze_decoder: model.name={config.model.name!r} names no pretrained "
@@ -170,3 +177,8 @@ class AggressiveTrainingKeys(RemedyKeys):
         _at_least(t, ("aggressive_max_inner", "aggressive_window"), 1)
         if t.aggressive:
             _needs_latent(config, "train.aggressive")
+            if not MODELS[config.model.name].supports_aggressive:
+                raise ValueError(
+                    f"model.name={config.model.name!r} does not support train.aggressive (the "
+                    "LSTM options have no Transformer counterpart here); set it to false"
+                )

@@ -54,6 +54,9 @@ class TextVAE(nn.Module):
     decoder_modules: tuple[str, ...] = ()
     backbone: str = "lstm"
     layerwise_latent: bool = False  # one latent per layer (``kl.free_bits_mode=per_layer``)
+    # what the training remedies may do with the model (checked by textvae.remedy_keys):
+    supports_aggressive: bool = True  # He et al. 2019's encoder-only inner loop
+    ae_decoder_reset: bool = True  # Li et al. 2019's decoder reset at the autoencoder hand-off
     config_class: type  # set by textvae.registry.register_model: the model's config dataclass
 
     @classmethod

@@ -390,6 +390,11 @@ class DELLA(TextVAE):
         ValueError: the tokenizer has more types than the GPT-2's vocabulary, or no EOS.
     """
 
+    # a Transformer backbone: no LSTM-style aggressive loop; the VAE phase starts from the
+    # autoencoder phase's weights (Park & Lee 2021; DELLA's encoder is its decoder)
+    supports_aggressive = False
+    ae_decoder_reset = False
+
     inference_modules = ("pool_attention", "pool_norm", "posterior_head")
     backbone = "gpt2"
     layerwise_latent = True  # kl.free_bits_mode=per_layer applies

@@ -287,18 +287,3 @@ class TransformerPart(ModelConfig):
     """
 
     pretrained: str | None = None
-
-    def validate(self, config: Config) -> None:
-        t = config.train
-        if t.aggressive:
-            raise ConfigError(
-                f"model.name={self.name!r} does not support train.aggressive (the "
-                "LSTM options have no Transformer counterpart here); set it to false"
-            )
-        if t.ae_pretrain_steps > 0 and t.ae_reset_decoder:
-            raise ConfigError(
-                f"train.ae_reset_decoder: model.name={self.name!r}'s VAE phase starts "
-                "from the autoencoder phase's weights (Park & Lee 2021; DELLA's encoder "
-                "is its decoder); set train.ae_reset_decoder=false"
-            )
-        super().validate(config)

@@ -157,6 +157,11 @@ class T5VAE(TextVAE):
         ValueError: the tokenizer has more types than the T5's vocabulary.
     """
 
+    # a Transformer backbone: no LSTM-style aggressive loop; the VAE phase starts from the
+    # autoencoder phase's weights (Park & Lee 2021; DELLA's encoder is its decoder)
+    supports_aggressive = False
+    ae_decoder_reset = False
+
     inference_modules = ("encoder", "pool_attention", "posterior_head")
     decoder_modules = ("shared", "decoder", "lm_head")
     latent_projection_modules = (
