@@ -4,6 +4,7 @@ naming, record ``max_sentences`` and never replace a file silently."""
 
 import json
 import random
+import re
 
 import pytest
 
@@ -228,7 +229,10 @@ def test_evaluate_run_on_two_processes_writes_the_one_process_json(runs, tmp_pat
         [*cmd, str(tmp_path / "2.json")], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    paths = sorted(json.loads(line)["path"] or "" for line in done.stdout.splitlines())
+    # each process prints one {"path": ...} object; the two may share a line of stdout (their
+    # writes interleave when the output is unbuffered), so read the objects, not the lines
+    found = re.findall(r'\{"path": (?:null|"[^"]*")\}', done.stdout)
+    paths = sorted(json.loads(obj)["path"] or "" for obj in found)
     assert paths == ["", str(tmp_path / "2.json")]  # only the main process wrote
     two = _without_timing(json.loads((tmp_path / "2.json").read_text()))
     one = _without_timing(one)
