@@ -79,6 +79,16 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _request(cls: type, args, **given):
+    """A request dataclass (:class:`textvae.evaluation.EvaluationRequest`, ``ProbeRequest``)
+    from the parsed options named as its fields, plus ``given``; a field with no option keeps
+    its default (e.g. ``checkpoint``)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)}, **given)
+
+
 def _cmd_evaluate(args) -> int:
     from textvae.evaluation import EvaluationRequest, evaluate_run
 
@@ -92,30 +102,7 @@ def _cmd_evaluate(args) -> int:
             f"--iw-samples must be at least 1, got {args.iw_samples} (K importance samples of "
             "the bound; K=1 is the ELBO)"
         )
-    request = EvaluationRequest(
-        split=args.split,
-        data=args.data,
-        max_sentences=args.max_sentences,
-        iw_samples=args.iw_samples,
-        batch_size=args.batch_size,
-        au_delta=args.au_delta,
-        precision=args.precision,
-        seed=args.seed,
-        skip_too_long=args.skip_too_long,
-        flow_mi_sentences=args.flow_mi_sentences,
-        output=args.output,
-        overwrite=args.overwrite,
-        generation=args.generation,
-        gen_sentences=args.gen_sentences,
-        gen_samples=args.gen_samples,
-        gen_responses=args.gen_responses,
-        gen_strategy=args.gen_strategy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_length=args.max_length,
-        progress=_progress(args),
-    )
+    request = _request(EvaluationRequest, args, progress=_progress(args))
     _set_threads(args)
     result, output = evaluate_run(args.run_dir, request)
     if output is None:  # a process other than the main one of several
@@ -281,19 +268,8 @@ def _cmd_generate(args) -> int:
 def _cmd_probe(args) -> int:
     from textvae.evaluation import ProbeRequest, parse_probe_sizes, probe
 
-    request = ProbeRequest(
-        data=args.data,
-        fit=args.fit,
-        score=args.score,
-        label_field=args.label_field,
-        text_field=args.text_field,
-        sizes=parse_probe_sizes(args.labels),
-        repeats=args.repeats,
-        max_sentences=args.max_sentences,
-        seed=args.seed,
-        output=args.output,
-        overwrite=args.overwrite,
-        progress=_progress(args),
+    request = _request(
+        ProbeRequest, args, sizes=parse_probe_sizes(args.labels), progress=_progress(args)
     )
     _set_threads(args)
     record, output = probe(args.run_dir, request)
