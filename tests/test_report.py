@@ -26,8 +26,9 @@ def _panel(fig, word: str):
 
 
 def _logs() -> dict[str, dict[str, list[dict]]]:
-    """A VAE and a language model as ``read_log`` gives them: the LM's training windows carry
-    kl 0.0 and a beta (train.py writes them), its validations rec = -elbo = its NLL."""
+    """A VAE and a language model as ``read_log`` gives them: the LM's training windows as logs
+    written before 2026-12-07 carry them (kl 0.0 and a beta; train.py now leaves both out), its
+    validations rec = -elbo = its NLL."""
     vae_train = [{"step": s, "rec": 60.0, "kl": 4.0, "beta": 1.0} for s in (5, 10)]
     vae_valid = [
         {"step": s, "elbo": -e, "rec": e - 4.0, "kl": 4.0, "mi": 2.0, "au": 5, "z_gap": 1.0}

@@ -241,8 +241,8 @@ def test_cosine_lr_follows_sgdr_over_the_vae_phase_and_resumes_exactly(tiny_conf
 def test_training_output_off_a_terminal_and_on_resume_of_a_finished_run(
     tiny_config, tmp_path, capsys, caplog
 ):
-    """No progress bar when stderr is not a terminal; an LM logs its validation NLL; resuming a
-    finished run says so and changes nothing."""
+    """No progress bar when stderr is not a terminal; an LM logs its validation NLL and no KL or
+    KL weight (it has neither); resuming a finished run says so and changes nothing."""
     caplog.set_level("INFO", logger="textvae.train")
     run = train(
         tiny_config(
@@ -254,6 +254,10 @@ def test_training_output_off_a_terminal_and_on_resume_of_a_finished_run(
     err = capsys.readouterr().err
     assert "\r" not in err and "train:" not in err  # pytest's stderr is not a terminal
     assert any(m.startswith("step 3: valid nll") for m in caplog.messages)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    logged = [r for r in records if r["type"] in ("train", "valid")]
+    assert {r["type"] for r in logged} == {"train", "valid"}
+    assert not any("beta" in r or ("kl" in r and r["type"] == "train") for r in logged)
     log_before = (run / "log.jsonl").read_text()
     caplog.clear()
     train(None, run, resume=True)

@@ -676,7 +676,7 @@ def _loop(run: _Run, total: int, stop_signals: _StopSignals, bar) -> None:
                 record = window.record(run, beta)
                 run.write_log(record)
                 bar.set_postfix(
-                    rec=f"{record['rec']:.2f}", kl=f"{record['kl']:.2f}", beta=f"{beta:.3f}"
+                    {k: f"{record[k]:.3g}" for k in ("rec", "kl", "beta") if k in record}
                 )
                 window = _Window()
             stop = state.step >= total
@@ -938,11 +938,11 @@ class _Window:
             "epoch": run.state.epoch,
             "loss": sums["loss"] / n,
             "rec": sums["rec"] / n,
-            "kl": sums["kl"] / n,
-            "beta": beta,
             "lr": run.optimizer.param_groups[0]["lr"],
             "tokens_per_s": sums["tokens"] / max(dt, 1e-9),
         }
+        if run.raw.has_latent:  # a model without latent has no KL term and no KL weight
+            record["kl"], record["beta"] = sums["kl"] / n, beta
         if run.raw.bow_head is not None:
             record["bow"] = sums["bow"] / n
         if self.n_cls:  # classifier cross-entropy, nats per labelled sentence
@@ -975,7 +975,7 @@ def _validate(run: _Run) -> dict:
         "type": "valid",
         "step": state.step,
         "epoch": state.epoch,
-        "beta": run.beta(),
+        **({"beta": run.beta()} if raw.has_latent else {}),
         **{k: m[k] for k in VALID_FIELDS},
     }
     run.write_log(record)
