@@ -63,6 +63,21 @@ def test_curves_draw_a_language_model_only_where_it_has_the_quantity(tmp_path):
     assert "lm" in caption and "no latent" in caption and "likelihood panel" in caption
 
 
+def test_likelihood_panel_leaves_out_the_autoencoder_phase(tmp_path):
+    """An autoencoder phase's -ELBO (KL unpaid, hundreds of nats) is not drawn in the likelihood
+    panel, so it does not set its scale; its KL still is, in the KL panel."""
+    logs = _logs()
+    ae = {"phase": "ae", "rec": 50.0, "kl": 900.0}
+    logs["vae"]["valid"].insert(0, {"step": 1, "elbo": -950.0, **ae, "mi": 2.0, "au": 5})
+    logs["vae"]["train"].insert(0, {"step": 1, "beta": 0.0, **ae})
+    fig = plot_curves(logs, tmp_path / "c.png", "curves", {"vae": True, "lm": False})
+    lines = {line.get_label(): list(line.get_ydata()) for line in _panel(fig, "likelihood").lines}
+    assert lines["vae -ELBO valid"] == [66.0, 65.0] and lines["vae -ELBO train"] == [64.0, 64.0]
+    assert max(_panel(fig, "likelihood").get_ylim()) < 100
+    kl = {line.get_label(): list(line.get_ydata()) for line in _panel(fig, "KL(").lines}
+    assert 900.0 in kl["vae valid"]
+
+
 def test_curves_of_one_language_model_are_its_exact_nll(tmp_path):
     fig = plot_curves({"lm": _logs()["lm"]}, tmp_path / "c.png", "lm", {"lm": False})
     (ax,) = fig.axes

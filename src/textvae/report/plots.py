@@ -74,13 +74,18 @@ def _likelihood_title(latent: list[bool]) -> str:
 
 def _likelihood(records: list[dict], latent: bool) -> tuple[list[int], list[float]]:
     """(steps, nats per sentence): -ELBO of a run with a latent (-``elbo`` of a validation,
-    ``rec + kl`` of a training window), the exact -log p(x) of one without (its ``rec``)."""
+    ``rec + kl`` of a training window), the exact -log p(x) of one without (its ``rec``).
+
+    A run's autoencoder phase (records with ``phase`` "ae", KL weight 0) is left out: its
+    -ELBO is a valid bound but the KL it does not pay grows to hundreds of nats, which would
+    set the panel's scale and flatten every other line (its rec and KL stay in their panels)."""
     if not latent:
         return _series(records, "rec")
     pairs = [
         (r["step"], -r["elbo"] if r.get("elbo") is not None else r["rec"] + r["kl"])
         for r in records
-        if r.get("elbo") is not None or (r.get("rec") is not None and r.get("kl") is not None)
+        if r.get("phase") != "ae"
+        and (r.get("elbo") is not None or (r.get("rec") is not None and r.get("kl") is not None))
     ]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
