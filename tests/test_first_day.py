@@ -251,6 +251,15 @@ def test_report_and_compare_name_their_evaluation_and_prefer_the_most_complete(
     md = (textvae.report.write_report(a, max_sentences=10, n_examples=1) / "report.md").read_text()
     assert "`eval-test-full-K4-fp32.json` (most complete)" in md
     assert "`eval-test-5-K9-fp32.json`" in md and "`eval-valid.json`" in md
+    # a run evaluated on the first 5 sentences only: compare takes a's evaluation of those 5
+    # (not its full one), so the two rows are of the same sentences and are paired
+    c = train(tiny_config(**{"train.max_steps": 2}), tmp_path / "c")
+    assert cli.main(["evaluate", str(c), "--iw-samples", "3", "--max-sentences", "5"]) == 0
+    capsys.readouterr()
+    assert cli.main(["compare", str(a), str(c), "--output", str(tmp_path / "ac")]) == 0
+    out = capsys.readouterr().out
+    assert "a: `eval-test-5-K9-fp32.json`; c: `eval-test-5-K3-fp32.json`" in out
+    assert "- c - a: " in out and "of 5 sentences lower" in out
 
 
 def test_compare_writes_beside_the_first_run_not_into_the_working_directory(

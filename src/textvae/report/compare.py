@@ -11,7 +11,7 @@ from pathlib import Path
 from textvae.report.paired import paired_differences
 from textvae.report.plots import plot_curves, plot_rate_distortion
 from textvae.report.tables import au_dimensions, evaluation_table, exact_nll
-from textvae.rundir import CONFIG, best_evaluation, read_log
+from textvae.rundir import CONFIG, best_evaluation, read_evaluations, read_log
 
 
 def default_compare_dir(run_dirs: list[str | Path]) -> Path:
@@ -80,6 +80,44 @@ def compare_runs(
     return text, output
 
 
+def _sentence_set(record: dict) -> tuple:
+    """What identifies the sentences an evaluation scored: its data file names, split and
+    ``max_sentences`` (the first N in dataset order; None = all)."""
+    data = record.get("data") or ""
+    return (
+        tuple(Path(f.strip()).name for f in data.split(",")),
+        record.get("split"),
+        record.get("max_sentences"),
+    )
+
+
+def _shared_evaluations(paths: list[Path], split: str) -> dict | None:
+    """For a split (not a file name): each run's most complete evaluation of the largest
+    sentence set that every run has evaluated, so that the runs are compared, and paired, on
+    the same sentences (e.g. one run evaluated on the full split and on its first 3,761
+    sentences, the other on those 3,761 only: both rows are of the 3,761). ``{run folder name:
+    (file name, record)}``, or None when the runs share no sentence set (then each run's own
+    most complete evaluation, :func:`textvae.rundir.best_evaluation`) or ``split`` names a
+    file."""
+    if split.startswith("eval-") or len(paths) < 2:
+        return None
+    evaluations = {
+        path.name: [(n, r) for n, r in read_evaluations(path).items() if r.get("split") == split]
+        for path in paths
+    }
+    sets = [
+        {_sentence_set(r): r.get("n_sentences") or 0 for _, r in e} for e in evaluations.values()
+    ]
+    common = set.intersection(*(set(s) for s in sets))
+    if not common:
+        return None
+    largest = max(common, key=lambda key: sets[0][key])
+    return {  # read_evaluations lists each run's most complete first: the largest K of the set
+        name: next((n, r) for n, r in e if _sentence_set(r) == largest)
+        for name, e in evaluations.items()
+    }
+
+
 def _read_runs(paths: list[Path], eval_name: str) -> dict:
     """Each run's log, evaluation of ``eval_name`` and model facts, keyed by folder name:
     ``{"rows": evaluation (empty if none), "files": the evaluation's file, "missing": [names
@@ -89,9 +127,10 @@ def _read_runs(paths: list[Path], eval_name: str) -> dict:
     from textvae.models import MODELS
 
     runs: dict = {"rows": {}, "dims": {}, "logs": {}, "missing": [], "files": {}, "latent": {}}
+    shared = _shared_evaluations(paths, eval_name)
     for path in paths:
         runs["logs"][path.name] = read_log(path)
-        found = best_evaluation(path, eval_name)
+        found = shared[path.name] if shared else best_evaluation(path, eval_name)
         if found is not None:
             runs["files"][path.name], runs["rows"][path.name] = found
         else:
@@ -108,8 +147,9 @@ def _notes(rows: dict[str, dict], files: dict[str, str], missing: list[str], eva
     """compare.md's notes under the table: the files read, units, differing tokenizers, runs
     without an evaluation, differing IW sample counts."""
     notes = [
-        "Evaluations (written by `textvae evaluate`; the most complete of the split "
-        f"`{eval_name}` in each run: more sentences, then larger K): "
+        "Evaluations (written by `textvae evaluate`; of the split "
+        f"`{eval_name}`, the largest set of sentences that every run has evaluated, else each "
+        "run's own largest; then the largest K): "
         + "; ".join(f"{n}: `{f}`" for n, f in files.items())
         + ". Nats per sentence with EOS counted; IW-NLL ± standard error over sentences"
         + (
