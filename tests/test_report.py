@@ -78,6 +78,24 @@ def test_likelihood_panel_leaves_out_the_autoencoder_phase(tmp_path):
     assert 900.0 in kl["vae valid"]
 
 
+def test_likelihood_panel_clips_the_hand_off_spike_and_says_so(tmp_path):
+    """Training windows right after an autoencoder hand-off (KL of hundreds of nats at beta ~ 0)
+    would set the likelihood panel's scale; the panel is scaled to its validations instead, the
+    spike stays in the data, and the x label says how many windows it clipped."""
+    logs = _logs()
+    calm = [{"step": s, "rec": 60.0, "kl": 4.0, "beta": 1.0} for s in range(11, 111)]
+    logs["vae"]["train"] += [{"step": 6, "rec": 60.0, "kl": 300.0, "beta": 0.01}, *calm]
+    fig = plot_curves(logs, tmp_path / "c.png", "curves", {"vae": True, "lm": False})
+    like = _panel(fig, "likelihood")
+    train = {line.get_label(): list(line.get_ydata()) for line in like.lines}["vae -ELBO train"]
+    assert 360.0 in train  # drawn, not dropped
+    assert max(like.get_ylim()) < 100  # but the validations (62-66) set the scale
+    assert "1 training window above the top, up to 360, clipped" in like.get_xlabel()
+    # without a spike nothing is clipped and the label is the plain one
+    fig = plot_curves(_logs(), tmp_path / "d.png", "curves", {"vae": True, "lm": False})
+    assert _panel(fig, "likelihood").get_xlabel() == "optimizer step"
+
+
 def test_curves_of_one_language_model_are_its_exact_nll(tmp_path):
     fig = plot_curves({"lm": _logs()["lm"]}, tmp_path / "c.png", "lm", {"lm": False})
     (ax,) = fig.axes

@@ -115,7 +115,31 @@ def _draw_run(axes: dict, label: str, groups: dict, latent: bool, colors: tuple,
             else:
                 style = dict(color=colors[1], marker="o", ms=4, lw=1.5)
                 text = "validation" if single else f"{name}valid" + ("" if latent else " (exact)")
-            ax.plot(x, y, label=text, **style)
+            ax.plot(x, y, label=text, gid=kind, **style)
+
+
+def _clip_to_validations(ax) -> None:
+    """Scale the likelihood panel to its validations, clipping training windows above them.
+
+    The first training windows of a VAE phase (a decoder just reset, beta near 0) pay KLs of
+    hundreds of nats; drawn in full, they set the panel's scale and flatten the validation lines
+    that the panel exists to compare. The panel's top is set just above its highest validation
+    point or the 98th percentile of its training windows, whichever is higher, and the x label
+    says how many windows lie above it; nothing is dropped from the data, and a panel with no
+    window above that top is left as it is."""
+    valid = [y for line in ax.get_lines() if line.get_gid() == "valid" for y in line.get_ydata()]
+    train = [y for line in ax.get_lines() if line.get_gid() == "train" for y in line.get_ydata()]
+    if not valid or not train:
+        return
+    ranked = sorted(train)
+    low = min(min(valid), ranked[0])
+    high = max(max(valid), ranked[int(0.98 * (len(ranked) - 1))])  # 98th percentile of windows
+    above = sum(y > high for y in train)
+    if not above:
+        return
+    ax.set_ylim(low - 0.05 * (high - low or 1.0), high + 0.1 * (high - low or 1.0))
+    windows = f"{above} training window{'s' if above > 1 else ''}"
+    ax.set_xlabel(f"optimizer step\n({windows} above the top, up to {max(train):.0f}, clipped)")
 
 
 def plot_curves(
@@ -160,6 +184,7 @@ def plot_curves(
         _draw_run(axes, label, groups, has_latent[label], pair, single)
     for key, text in panels:
         _finish_axes(axes[key], text, key, single)
+    _clip_to_validations(axes["likelihood"])
     without = [label for label, flag in zip(runs, latent, strict=True) if not flag]
     if big and without:
         title += (
