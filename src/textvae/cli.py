@@ -373,23 +373,8 @@ def _heavy(p: argparse.ArgumentParser, progress: bool = True) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from textvae import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="textvae",
-        description=__doc__,
-        formatter_class=_HelpFormatter,
-        epilog="Exit codes: 0 done, 1 an error (the message says what to do), 130 training "
-        "stopped by SIGINT (Ctrl-C) or 143 by SIGTERM after writing checkpoints/last "
-        "(continue with: textvae train --resume --run-dir RUN_DIR).",
-    )
-    parser.add_argument("--version", action="version", version=f"textvae {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
-
+def _add_train(command) -> None:
+    """The `textvae train` subcommand: its arguments and handler."""
     p = command("train", help="train a model from a preset YAML")
     p.add_argument("config", nargs="?", help="preset YAML (optional with --resume)")
     p.add_argument("overrides", nargs="*", help="dotted overrides key=value")
@@ -403,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     _heavy(p, progress=False)
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(command) -> None:
+    """The `textvae evaluate` subcommand: its arguments and handler."""
     p = command("evaluate", help="the evaluation protocol on a split or file")
     p.add_argument("run_dir")
     p.add_argument(
@@ -485,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-length", type=int, default=50, help="tokens per decoded sentence at most")
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_generate(command) -> None:
+    """The `textvae generate` subcommand: its arguments and handler."""
     p = command("generate", help="prior samples, reconstructions, interpolations, responses")
     p.add_argument("run_dir")
     p.add_argument(
@@ -525,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     _heavy(p, progress=False)
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_probe(command) -> None:
+    """The `textvae probe` subcommand: its arguments and handler."""
     p = command("probe", help="logistic-regression probe of a label from the posterior mean")
     p.add_argument("run_dir")
     p.add_argument("--data", help="corpus name (default: the run's corpus), e.g. yelp_sentiment")
@@ -561,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     _heavy(p)
     p.set_defaults(func=_cmd_probe)
 
+
+def _add_report(command) -> None:
+    """The `textvae report` subcommand: its arguments and handler."""
     p = command("report", help="RUN_DIR/report/: report.md and plots")
     p.add_argument("run_dir")
     p.add_argument(
@@ -577,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     _heavy(p)
     p.set_defaults(func=_cmd_report)
 
+
+def _add_compare(command) -> None:
+    """The `textvae compare` subcommand: its arguments and handler."""
     p = command("compare", help="evaluation fields side by side and overlaid curves")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument(
@@ -591,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_sweep(command) -> None:
+    """The `textvae sweep` subcommand: its arguments and handler."""
     p = command(
         "sweep",
         help="many runs from a sweep YAML: an Optuna search or a grid "
@@ -614,6 +617,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--out-dir", help="sweep folder (default: the file's out_dir, else runs/sweep-<name>)"
     )
     p.set_defaults(func=_cmd_sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from textvae import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="textvae",
+        description=__doc__,
+        formatter_class=_HelpFormatter,
+        epilog="Exit codes: 0 done, 1 an error (the message says what to do), 130 training "
+        "stopped by SIGINT (Ctrl-C) or 143 by SIGTERM after writing checkpoints/last "
+        "(continue with: textvae train --resume --run-dir RUN_DIR).",
+    )
+    parser.add_argument("--version", action="version", version=f"textvae {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    for add in (
+        _add_train,
+        _add_evaluate,
+        _add_generate,
+        _add_probe,
+        _add_report,
+        _add_compare,
+        _add_sweep,
+    ):
+        add(command)
     return parser
 
 
