@@ -990,14 +990,12 @@ def evaluate(
 ) -> dict:
     """Run the protocol over ``dataset``; returns a dict with exactly :data:`EVAL_KEYS`.
 
-    Composed of small estimators: each batch (:func:`_score_batch`, under its own seed) gets the
-    IW bound, rec and a sampled KL over the same importance samples
-    (:func:`_importance_sampled`), or the closed-form KL (:func:`_closed_form_kl`), E_q[z|x],
-    what its posterior family keeps for the MI (:func:`posterior_statistics`), the z-usage gap,
-    the encoder summary and the classifier counts; the whole set then gets each field group
-    from the batch records in batch order (:func:`_likelihood_fields`, :func:`_kl_fields`,
-    :func:`_mi_fields`, :func:`_au_fields`, :func:`_classifier_fields`,
-    :func:`_dispersion_field`).
+    Composed of small estimators: each batch (:func:`_score_batch`, its own seed) gets the IW
+    bound, rec and a sampled KL over the same importance samples (:func:`_importance_sampled`)
+    or the closed-form KL (:func:`_closed_form_kl`), E_q[z|x], the MI statistics of its
+    posterior family (:func:`posterior_statistics`), the z-usage gap, the encoder summary and
+    the classifier counts; the field groups (``_likelihood``/``_kl``/``_mi``/``_au``/
+    ``_classifier_fields``, ``_dispersion_field``) then come from the records in batch order.
 
     The IW samples of a batch go through the decoder as one (s * B, T) batch per chunk, with
     s = max(1, chunk_tokens // (B * T)); the encoder runs once per batch. ``iw_samples=0``
